@@ -1,0 +1,570 @@
+"""`TokenReductionConfig`: the one object that says how a model keeps fewer tokens.
+
+A config is a dataclass whose ``method`` string is both the registry key and the JSON
+discriminator, as ``quant_method`` is for transformers' quantization configs. Calling the base class
+with ``method=...`` returns the registered subclass::
+
+    >>> from hf_tokred import TokenReductionConfig
+    >>> cfg = TokenReductionConfig(method="streamingllm", sink_tokens=4, window=252)
+    >>> type(cfg).__name__, cfg.max_tokens
+    ('StreamingLLMConfig', 256)
+    >>> TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
+    True
+
+A new method is one file with a ``@register_method("key")`` dataclass whose fields are declared
+with :func:`param`, so that every field is validated with an error naming it and its allowed
+values. Several reducers acting at different places compose with :func:`compose`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, ClassVar
+
+from .errors import ConfigError, MissingFileError, UnknownMethodError
+
+CONFIG_NAME = "token_reduction_config.json"
+WEIGHTS_NAME = "token_reduction.safetensors"
+VERSION_KEY = "hf_tokred_version"
+
+# Where a reducer acts. One config may hold at most one reducer per stage: two KV policies (or two
+# sequence reducers) would fight over the same tokens, so composition rejects them.
+STAGES = ("sequence", "visual", "prompt", "kv_policy", "kv_storage", "diffusion", "decoding")
+
+_REGISTRY: dict[str, type[TokenReductionConfig]] = {}
+
+
+def register_method(key: str):
+    """Class decorator that registers a config subclass under ``key``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from hf_tokred.config import TokenReductionConfig, register_method, param
+        >>> @register_method("my_method")
+        ... @dataclass(kw_only=True)
+        ... class MyConfig(TokenReductionConfig):
+        ...     stage = "kv_policy"
+        ...     strength: float = param(0.5, float, low=0.0, high=1.0, help="how hard to prune")
+        >>> TokenReductionConfig(method="my_method", strength=0.2).strength
+        0.2
+    """
+    if not isinstance(key, str) or not key or not key.replace("_", "").isalnum():
+        raise ValueError(f"register_method: key must be a non-empty identifier-like string, got {key!r}")
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, TokenReductionConfig)):
+            raise TypeError("register_method decorates TokenReductionConfig subclasses")
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must be a @dataclass (put @register_method above @dataclass)")
+        if cls.stage not in STAGES and cls.stage != "composition":
+            raise TypeError(f"{cls.__name__}.stage must be one of {STAGES}, got {cls.stage!r}")
+        previous = _REGISTRY.get(key)
+        if previous is not None and previous.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {key!r} is already registered by {previous.__qualname__}")
+        cls.method_key = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return decorator
+
+
+def registered_methods() -> dict[str, type[TokenReductionConfig]]:
+    """Return a copy of the registry: method key -> config class.
+
+    Example:
+        >>> import hf_tokred
+        >>> "streamingllm" in hf_tokred.registered_methods()
+        True
+    """
+    return dict(_REGISTRY)
+
+
+def _lookup(method: Any) -> type[TokenReductionConfig]:
+    if not isinstance(method, str):
+        raise ConfigError(
+            f"method: expected a string naming a registered method ({', '.join(sorted(_REGISTRY))}), "
+            f"got {type(method).__name__}",
+            field="method",
+        )
+    try:
+        return _REGISTRY[method]
+    except KeyError:
+        raise UnknownMethodError(
+            f"method: unknown method {method!r}; registered methods are: {', '.join(sorted(_REGISTRY))}",
+            field="method",
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Field specifications
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What values a config field accepts. Built by :func:`param`."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+    optional: bool = False
+    sequence: bool = False
+    help: str = ""
+
+    def describe(self) -> str:
+        """Human-readable description of the allowed values, used in error messages."""
+        if self.choices is not None:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = {int: "an int", float: "a number", bool: "a bool", str: "a string"}.get(self.kind, self.kind.__name__)
+            if self.low is not None or self.high is not None:
+                lo = "-inf" if self.low is None else f"{self.low:g}"
+                hi = "inf" if self.high is None else f"{self.high:g}"
+                text += f" in {'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+        if self.sequence:
+            text = f"a list of {text.removeprefix('a ').removeprefix('an ')}"
+        if self.optional:
+            text += " or None"
+        return text
+
+
+def param(default, kind: type, *, low=None, high=None, low_open=False, high_open=False, choices=None,
+          optional=False, sequence=False, help: str = ""):
+    """Declare a validated config field (a ``dataclasses.field`` carrying a :class:`ParamSpec`).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from hf_tokred.config import param
+        >>> @dataclass
+        ... class Demo:
+        ...     keep: float = param(0.5, float, low=0.0, high=1.0, low_open=True, help="fraction kept")
+        >>> Demo().keep
+        0.5
+    """
+    spec = ParamSpec(kind, low, high, low_open, high_open, tuple(choices) if choices else None, optional, sequence, help)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"spec": spec, "help": help})
+    return field(default=default, metadata={"spec": spec, "help": help})
+
+
+def _check_scalar(name: str, value: Any, spec: ParamSpec):
+    def fail():
+        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+        return ConfigError(f"{name}: expected {spec.describe()}, got {shown}", field=name)
+
+    kind = spec.kind
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail()
+    elif kind is str:
+        if not isinstance(value, str):
+            raise fail()
+    elif not isinstance(value, kind):
+        raise fail()
+    if spec.choices is not None and value not in spec.choices:
+        raise fail()
+    if spec.low is not None and (value < spec.low or (spec.low_open and value == spec.low)):
+        raise fail()
+    if spec.high is not None and (value > spec.high or (spec.high_open and value == spec.high)):
+        raise fail()
+    return value
+
+
+def _check_field(name: str, value: Any, spec: ParamSpec):
+    if value is None:
+        if spec.optional:
+            return None
+        raise ConfigError(f"{name}: expected {spec.describe()}, got None", field=name)
+    if spec.sequence:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected {spec.describe()}, got {type(value).__name__}", field=name)
+        return [_check_scalar(f"{name}[{i}]", v, spec) for i, v in enumerate(value)]
+    return _check_scalar(name, value, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TokenReductionConfig:
+    """Base class of every token-reduction config; also the factory for them.
+
+    ``TokenReductionConfig(method="key", **params)`` returns the subclass registered under ``key``.
+    Subclasses declare their fields with :func:`param` and may override :meth:`validate` for checks
+    across fields. Class attributes describe the method: ``stage`` (where it acts, one of
+    :data:`STAGES`), ``model_kinds`` (adapter kinds it supports, see ``hf_tokred.model_patches``),
+    ``learned`` (has trainable parts), ``paper`` (arXiv id) and ``status``.
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig
+        >>> cfg = TokenReductionConfig(method="streamingllm", max_tokens=512)
+        >>> cfg.to_dict()["method"]
+        'streamingllm'
+    """
+
+    method: str | None = None
+
+    stage: ClassVar[str] = ""
+    model_kinds: ClassVar[tuple[str, ...]] = ()
+    learned: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+    status: ClassVar[str] = "stable"
+    method_key: ClassVar[str | None] = None
+
+    def __new__(cls, *args, **kwargs):
+        if args:
+            raise ConfigError(f"{cls.__name__} takes keyword arguments only (method=..., <field>=...)")
+        target = _lookup(kwargs.get("method")) if cls is TokenReductionConfig else cls
+        if cls is not TokenReductionConfig and cls.method_key is None:
+            raise ConfigError(f"{cls.__name__} is not a registered method; use @register_method")
+        allowed = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]}: not a field of method {target.method_key!r}; allowed fields: "
+                f"{', '.join(sorted(allowed - {'method'}))}",
+                field=unknown[0],
+            )
+        return object.__new__(target)
+
+    def __post_init__(self):
+        self.check()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check(self) -> TokenReductionConfig:
+        """Validate every field (again) and return ``self``; raises :class:`ConfigError`.
+
+        ``apply`` calls this, so a field changed after construction is still checked.
+        """
+        if self.method is None:
+            self.method = self.method_key
+        if self.method != self.method_key:
+            raise ConfigError(
+                f"method: {type(self).__name__} is registered as {self.method_key!r}, got {self.method!r}",
+                field="method",
+            )
+        for f in dataclasses.fields(self):
+            spec = f.metadata.get("spec")
+            if spec is not None:
+                setattr(self, f.name, _check_field(f.name, getattr(self, f.name), spec))
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        """Checks across fields; override in subclasses and raise :class:`ConfigError`."""
+
+    # -- structure --------------------------------------------------------------------------
+
+    def iter_reducers(self) -> list[TokenReductionConfig]:
+        """The single-stage reducers this config holds (itself, or the parts of a composition)."""
+        return [self]
+
+    def get(self, stage: str) -> TokenReductionConfig | None:
+        """The reducer acting at ``stage`` (e.g. ``"kv_policy"``), or None."""
+        return next((r for r in self.iter_reducers() if r.stage == stage), None)
+
+    def learned_modules(self, model, adapter) -> dict[str, Any]:
+        """Trainable parts this reducer adds to ``model``: ``{name: nn.Module}``; none by default.
+
+        ``apply`` attaches them as ``model.hf_tokred_modules[name]`` (so ``.to()``, Trainer, peft and
+        ``device_map`` see them), keeps them out of ``model.safetensors`` and saves them to
+        ``token_reduction.safetensors``. Place each module on the device of the layer it serves.
+        """
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """The user-set parameters (every field but ``method``), JSON-ready."""
+        return {k: v for k, v in self.to_dict().items() if k != "method"}
+
+    # -- serialization ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serializable dict; the inverse of :meth:`from_dict`."""
+        out: dict[str, Any] = {"method": self.method_key}
+        for f in dataclasses.fields(self):
+            if f.name == "method":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, TokenReductionConfig):
+                value = value.to_dict()
+            elif isinstance(value, (list, tuple)):
+                value = [v.to_dict() if isinstance(v, TokenReductionConfig) else v for v in value]
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        """The config as indented JSON, with the hf_tokred version that wrote it."""
+        from . import __version__
+
+        return json.dumps({**self.to_dict(), VERSION_KEY: __version__}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TokenReductionConfig:
+        """Build a config from a dict such as ``config.json["token_reduction"]``.
+
+        Raises :class:`ConfigError` (never anything else) for any malformed input.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig.from_dict({"method": "streamingllm", "max_tokens": 64}).max_tokens
+            64
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"token_reduction: expected a dict with a 'method' key, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop(VERSION_KEY, None)
+        if version is not None and not isinstance(version, str):
+            raise ConfigError(f"{VERSION_KEY}: expected a string, got {type(version).__name__}", field=VERSION_KEY)
+        if "method" not in data:
+            raise ConfigError(
+                f"method: missing; expected one of {', '.join(sorted(_REGISTRY))}", field="method"
+            )
+        target = _lookup(data["method"])
+        if cls is not TokenReductionConfig and not issubclass(target, cls):
+            raise ConfigError(f"method: {data['method']!r} is not a {cls.__name__}", field="method")
+        if not all(isinstance(k, str) for k in data):
+            raise ConfigError("token_reduction: every key must be a string")
+        return target(**data)
+
+    @classmethod
+    def coerce(cls, value: Any) -> TokenReductionConfig:
+        """Turn a config, a dict, or a preset/path/repo name into a validated config.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig.coerce({"method": "streamingllm", "max_tokens": 32}).method
+            'streamingllm'
+        """
+        if isinstance(value, TokenReductionConfig):
+            return value.check()
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if isinstance(value, (str, os.PathLike)):
+            return cls.from_pretrained(value)
+        raise ConfigError(
+            "token_reduction: expected a TokenReductionConfig, a dict, a preset name or a path, "
+            f"got {type(value).__name__}"
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``token_reduction_config.json`` into ``save_directory`` and return its path.
+
+        Example:
+            >>> import tempfile
+            >>> from hf_tokred import TokenReductionConfig
+            >>> d = tempfile.mkdtemp()
+            >>> _ = TokenReductionConfig(method="streamingllm", max_tokens=64).save_pretrained(d)
+            >>> TokenReductionConfig.from_pretrained(d).max_tokens
+            64
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> TokenReductionConfig:
+        """Load a config from a folder, a JSON file, a ``hub_configs/`` preset or a Hub repo.
+
+        Preset names are the Hub model id followed by the purpose, e.g.
+        ``"HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"`` (see :func:`list_presets`). A Hub
+        repo must hold ``token_reduction_config.json``; ``hub_kwargs`` (``revision``, ``token``,
+        ``cache_dir``, ``subfolder``...) go to ``huggingface_hub.hf_hub_download``.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> cfg = TokenReductionConfig.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512")
+            >>> cfg.max_tokens
+            512
+        """
+        name = os.fspath(name_or_path)
+        if os.path.isdir(name):
+            path = os.path.join(name, hub_kwargs.get("subfolder") or "", CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise MissingFileError(f"{path} does not exist: {name} holds no {CONFIG_NAME}")
+            return cls._from_json_file(path)
+        if os.path.isfile(name):
+            return cls._from_json_file(name)
+        preset = _preset_path(name)
+        if preset is not None:
+            return cls._from_json_file(preset)
+        return cls._from_json_file(_download(name, CONFIG_NAME, hub_kwargs))
+
+    @classmethod
+    def _from_json_file(cls, path: str) -> TokenReductionConfig:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable JSON token-reduction config ({err})") from None
+        return cls.from_dict(data)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None):
+        """Upload ``token_reduction_config.json`` to a Hub repo (created if needed).
+
+        Use it to publish a reduction recipe on its own; a model's ``push_to_hub`` uploads the
+        config together with the weights and a model card.
+
+        Example:
+            >>> cfg = TokenReductionConfig(method="streamingllm", max_tokens=512)  # doctest: +SKIP
+            >>> cfg.push_to_hub("me/smollm2-streaming-512")                       # doctest: +SKIP
+        """
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        operation = CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=self.to_json_string().encode())
+        return api.create_commit(repo_id, operations=[operation], revision=revision,
+                                 commit_message=commit_message or f"Upload {self.method_key} token-reduction config")
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+# ---------------------------------------------------------------------------------------------
+
+
+@register_method("composed")
+@dataclass(kw_only=True)
+class ComposedConfig(TokenReductionConfig):
+    """Several reducers acting at different stages, e.g. a sequence reducer plus a KV policy.
+
+    Each stage holds at most one reducer; two KV policies are rejected. Build one with
+    :func:`compose`.
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig, compose
+        >>> cfg = compose({"method": "streamingllm", "max_tokens": 64})
+        >>> [r.method for r in cfg.iter_reducers()]
+        ['streamingllm']
+    """
+
+    stage: ClassVar[str] = "composition"
+    reducers: list = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not isinstance(self.reducers, (list, tuple)) or not self.reducers:
+            raise ConfigError("reducers: expected a non-empty list of configs", field="reducers")
+        parts, seen = [], {}
+        for i, item in enumerate(self.reducers):
+            try:
+                part = item.check() if isinstance(item, TokenReductionConfig) else TokenReductionConfig.from_dict(item)
+            except ConfigError as err:
+                raise ConfigError(f"reducers[{i}].{err}", field=f"reducers[{i}].{err.field or ''}".rstrip(".")) from None
+            if isinstance(part, ComposedConfig):
+                raise ConfigError(f"reducers[{i}]: compositions cannot be nested", field=f"reducers[{i}]")
+            if part.stage in seen:
+                raise ConfigError(
+                    f"reducers: {seen[part.stage]!r} and {part.method!r} both act at stage {part.stage!r}; "
+                    "a composition holds at most one reducer per stage",
+                    field="reducers",
+                )
+            seen[part.stage] = part.method
+            parts.append(part)
+        self.reducers = parts
+
+    def iter_reducers(self) -> list[TokenReductionConfig]:
+        return list(self.reducers)
+
+    @property
+    def model_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        kinds = None
+        for r in self.reducers:
+            kinds = set(r.model_kinds) if kinds is None else kinds & set(r.model_kinds)
+        return tuple(sorted(kinds or ()))
+
+    @property
+    def learned(self) -> bool:  # type: ignore[override]
+        return any(r.learned for r in self.reducers)
+
+
+def compose(*configs: TokenReductionConfig | dict) -> TokenReductionConfig:
+    """Combine reducers that act at different stages into one config.
+
+    Example:
+        >>> from hf_tokred import compose
+        >>> compose({"method": "streamingllm", "max_tokens": 64}).method
+        'composed'
+    """
+    return ComposedConfig(reducers=list(configs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and Hub files
+# ---------------------------------------------------------------------------------------------
+
+
+def _presets_root():
+    return resources.files("hf_tokred.hub_configs")
+
+
+def list_presets() -> list[str]:
+    """Names of the JSON presets in ``hub_configs/``, e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512``.
+
+    Example:
+        >>> from hf_tokred import list_presets
+        >>> "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512" in list_presets()
+        True
+    """
+    names = []
+
+    def walk(node, prefix):
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".json"):
+                names.append(prefix + child.name[: -len(".json")])
+
+    walk(_presets_root(), "")
+    return sorted(names)
+
+
+def _preset_path(name: str) -> str | None:
+    parts = name.removesuffix(".json").split("/")
+    if len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+        return None
+    node = _presets_root()
+    for p in parts[:-1]:
+        node = node / p
+    node = node / f"{parts[-1]}.json"
+    return os.fspath(node) if node.is_file() else None
+
+
+def _download(repo_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
+    """Resolve ``filename`` in a Hub repo (or the local HF cache when offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    allowed = {"revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download"}
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
+    try:
+        return hf_hub_download(repo_id, filename, **kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
+        if not required:
+            return None
+        raise MissingFileError(
+            f"could not find {filename} for {repo_id!r}: it is not a local folder, not a preset "
+            f"(see hf_tokred.list_presets()), and the Hub lookup failed ({type(err).__name__})"
+        ) from None

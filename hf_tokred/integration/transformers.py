@@ -1,0 +1,298 @@
+"""transformers wiring: ``from_pretrained(..., token_reduction=cfg)``, save/load, ``generate()``.
+
+``import hf_tokred`` calls :func:`install`, which wraps ``PreTrainedModel.from_pretrained``,
+``save_pretrained`` and ``push_to_hub`` once. The wrappers only act on models that carry a
+reduction; every other model goes straight to the original methods.
+
+* The config is stored as a plain dict in ``config.json["token_reduction"]`` (a process that never
+  imports hf_tokred loads a clean dense model from the same folder) plus a full copy in
+  ``token_reduction_config.json``; learned parts go to ``token_reduction.safetensors``.
+* When a KV policy is attached, ``model.generate`` (an instance attribute, the same mechanism
+  transformers uses for Hub ``custom_generate``) builds a fresh :class:`TokenReductionCache` for each
+  call unless ``past_key_values`` is passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+from transformers import PreTrainedModel
+
+from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
+from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
+from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
+from ..kv.cache import TokenReductionCache
+from .wiring import MODULES_ATTR, STATE_ATTR, AppliedReduction, get_applied, register_wiring, wiring_for
+
+TAGS = ("token-reduction", "hf_tokred")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / remove
+# ---------------------------------------------------------------------------------------------
+
+
+def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
+    """Every check `apply` makes before it touches the model; returns the model's adapter."""
+    from ..model_patches import find_adapter, registered_adapters
+
+    adapter = find_adapter(model)
+    for reducer in config.iter_reducers():
+        wiring_for(reducer.stage)
+        if adapter.kind not in reducer.model_kinds:
+            fits = ", ".join(
+                f"{a.name} ({', '.join(a.examples or a.match)})" for a in registered_adapters() if a.kind in reducer.model_kinds
+            )
+            raise UnsupportedModelError(
+                f"{reducer.method} acts on {'/'.join(reducer.model_kinds)} models ({fits}); "
+                f"{type(model).__name__} is a {adapter.kind} model ({adapter.name})"
+            )
+        if reducer.stage == "kv_policy" and not (adapter.has_kv_cache and model.can_generate()):
+            raise UnsupportedModelError(
+                f"{reducer.method} is a KV-cache policy and {type(model).__name__} has no KV cache to reduce; "
+                "load a generative class such as AutoModelForCausalLM"
+            )
+    attn = model.config._attn_implementation
+    if STOCK_IMPLEMENTATIONS.get(attn, attn) not in REDUCED_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"attn_implementation: hf_tokred wraps {sorted(REDUCED_IMPLEMENTATIONS)}, the model uses {attn!r}; "
+            "load it with attn_implementation='sdpa' or 'eager'"
+        )
+    return adapter
+
+
+def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None = None, hub_kwargs: dict | None = None):
+    """Attach a reduction to a transformers model (``hf_tokred.apply`` for transformers models).
+
+    ``weights_from`` is a folder or Hub repo holding ``token_reduction.safetensors`` for reductions
+    with learned parts. Every check runs before the model is touched; if attaching fails half-way the
+    model is restored.
+    """
+    cfg = TokenReductionConfig.coerce(config)
+    adapter = check_supported(model, cfg)
+    weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {})
+    if get_applied(model) is not None:
+        remove_from_model(model)
+    attn = model.config._attn_implementation
+    applied = AppliedReduction(cfg, adapter, previous_attn_implementation=attn)
+    setattr(model, STATE_ATTR, applied)
+    try:
+        _attach_learned_modules(model, adapter, cfg, applied, weights_file)
+        for reducer in cfg.iter_reducers():
+            wiring_for(reducer.stage)(model, adapter, reducer, applied)
+        target = REDUCED_IMPLEMENTATIONS.get(attn, attn)
+        if attn != target:
+            model.set_attn_implementation(target)
+            if model.config._attn_implementation != target:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} does not let hf_tokred set its attention implementation "
+                    "(it does not use transformers' AttentionInterface)"
+                )
+        previous_tags = None if model.model_tags is None else list(model.model_tags)
+        model.add_model_tags([*TAGS, f"hf_tokred-{cfg.method}"])
+        applied.add_undo(lambda: setattr(model, "model_tags", previous_tags))
+        model.config.token_reduction = cfg.to_dict()
+    except BaseException:
+        remove_from_model(model)
+        raise
+    return model
+
+
+def remove_from_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`apply_to_model`; outputs are bit-identical to the model before it."""
+    applied = get_applied(model)
+    if applied is None:
+        return model
+    applied.run_undo()
+    if MODULES_ATTR in model._modules:
+        del model._modules[MODULES_ATTR]
+    model.__dict__.pop("generate", None)
+    if applied.previous_attn_implementation is not None and model.config._attn_implementation != applied.previous_attn_implementation:
+        model.set_attn_implementation(applied.previous_attn_implementation)
+    if "token_reduction" in model.config.__dict__:
+        del model.config.token_reduction
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def _resolve_weights(cfg, weights_from, hub_kwargs) -> str | None:
+    if not cfg.learned or weights_from is None:
+        return None
+    from transformers.utils import cached_file
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None}
+    path = cached_file(os.fspath(weights_from), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **kwargs)
+    if path is None:
+        raise MissingFileError(
+            f"{WEIGHTS_NAME} is missing from {weights_from}: the {cfg.method} reduction has learned parts saved "
+            "there; restore the file, or load with token_reduction=False for the dense model"
+        )
+    return path
+
+
+def _attach_learned_modules(model, adapter, cfg, applied, weights_file) -> None:
+    modules = {}
+    for reducer in cfg.iter_reducers():
+        modules.update(reducer.learned_modules(model, adapter))
+    if not modules:
+        return
+    model.add_module(MODULES_ATTR, torch.nn.ModuleDict(modules))
+    if weights_file is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(weights_file)
+        holder = model._modules[MODULES_ATTR]
+        expected = set(holder.state_dict())
+        if set(state) != expected:
+            raise ConfigError(
+                f"{WEIGHTS_NAME}: holds {sorted(set(state))[:6]}..., the {cfg.method} reduction expects "
+                f"{sorted(expected)[:6]}...",
+                field=WEIGHTS_NAME,
+            )
+        for name, tensor in holder.state_dict().items():
+            tensor.copy_(state[name].to(device=tensor.device, dtype=tensor.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV policies: a cache per generate() call
+# ---------------------------------------------------------------------------------------------
+
+
+@register_wiring("kv_policy")
+def _wire_kv_policy(model, adapter, reducer, applied) -> None:
+    model.generate = types.MethodType(_generate_with_reduction, model)
+
+
+def build_cache(model, config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:
+    """A fresh :class:`TokenReductionCache` for ``model`` (for ``generate(past_key_values=...)``).
+
+    ``config`` defaults to the KV policy attached with ``apply``/``from_pretrained``.
+
+    Example:
+        >>> cache = hf_tokred.build_cache(model)                      # doctest: +SKIP
+        >>> model.generate(**inputs, past_key_values=cache)           # doctest: +SKIP
+    """
+    applied = get_applied(model)
+    if config is None:
+        if applied is None:
+            raise TokenReductionError("build_cache: the model has no reduction attached; pass config= or apply one")
+        config = applied.config
+    cfg = TokenReductionConfig.coerce(config)
+    policy = cfg.get("kv_policy")
+    if policy is None:
+        raise ConfigError(f"build_cache: {cfg.method} holds no KV policy (stage 'kv_policy')", field="method")
+    if applied is None:
+        raise TokenReductionError("build_cache: apply the reduction first (hf_tokred.apply) so attention can evict")
+    return TokenReductionCache(model, policy)
+
+
+def _generate_with_reduction(self, *args, **kwargs):
+    applied = get_applied(self)
+    policy = applied.config.get("kv_policy") if applied is not None else None
+    generation_config = kwargs.get("generation_config") or self.generation_config
+    use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+    if policy is not None and kwargs.get("past_key_values") is None and use_cache is not False:
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise TokenReductionError(
+                f"{policy.method}: assisted decoding needs a cache it can crop, and an evicting cache cannot be "
+                "cropped; pass past_key_values=transformers.DynamicCache() to decode densely"
+            )
+        kwargs["past_key_values"] = TokenReductionCache(self, policy)
+    return type(self).generate(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained / push_to_hub
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, token_reduction=None, **kwargs):
+    out = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    model = out[0] if isinstance(out, tuple) else out
+    # Auto classes run AutoConfig first: when config.json already has the key, the kwarg lands on the config.
+    stored = model.config.__dict__.get("token_reduction")
+    request = token_reduction if token_reduction is not None else stored
+    if request is False:
+        model.config.__dict__.pop("token_reduction", None)
+    elif request is not None:
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        try:
+            cfg = TokenReductionConfig.coerce(request)
+        except ConfigError as err:
+            where = "the token_reduction argument" if token_reduction is not None else "config.json"
+            raise ConfigError(
+                f"{where} of {pretrained_model_name_or_path}: {err} (load with token_reduction=False for the dense model)",
+                field=err.field,
+            ) from None
+        model.config.__dict__.pop("token_reduction", None)
+        apply_to_model(model, cfg, weights_from=pretrained_model_name_or_path, hub_kwargs=hub_kwargs)
+    return out
+
+
+def _save_pretrained(original, self, save_directory, *args, **kwargs):
+    applied = get_applied(self)
+    if applied is None:
+        return original(self, save_directory, *args, **kwargs)
+    push = kwargs.pop("push_to_hub", False)
+    repo_id = kwargs.pop("repo_id", None)
+    # Learned parts stay out of model.safetensors, so a process without hf_tokred loads a clean model.
+    learned = self._modules.pop(MODULES_ATTR, None)
+    try:
+        result = original(self, save_directory, *args, **kwargs)
+    finally:
+        if learned is not None:
+            self._modules[MODULES_ATTR] = learned
+    if kwargs.get("is_main_process", True):
+        applied.config.save_pretrained(save_directory)
+        if learned is not None:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().contiguous().cpu() for k, v in learned.state_dict().items()}
+            save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    if push:
+        return self.push_to_hub(repo_id or os.path.basename(os.path.normpath(save_directory)), **{
+            k: kwargs[k] for k in ("token", "private", "commit_message") if k in kwargs})
+    return result
+
+
+def _push_to_hub(original, self, repo_id, *args, token_reduction_results=None, **kwargs):
+    if get_applied(self) is None:
+        if token_reduction_results is not None:
+            raise TokenReductionError("push_to_hub: token_reduction_results given but the model has no reduction")
+        return original(self, repo_id, *args, **kwargs)
+    from .hub import push_reduced_model
+
+    return push_reduced_model(self, repo_id, results=token_reduction_results, **kwargs)
+
+
+def install() -> None:
+    """Wrap ``PreTrainedModel.from_pretrained``/``save_pretrained``/``push_to_hub`` (idempotent)."""
+    if getattr(PreTrainedModel, "_hf_tokred_installed", False):
+        return
+    original_from = PreTrainedModel.from_pretrained.__func__
+    original_save = PreTrainedModel.save_pretrained
+    original_push = PreTrainedModel.push_to_hub
+
+    @functools.wraps(original_from)
+    def from_pretrained(cls, *args, **kwargs):
+        return _from_pretrained(original_from, cls, *args, **kwargs)
+
+    @functools.wraps(original_save)
+    def save_pretrained(self, *args, **kwargs):
+        return _save_pretrained(original_save, self, *args, **kwargs)
+
+    @functools.wraps(original_push)
+    def push_to_hub(self, *args, **kwargs):
+        return _push_to_hub(original_push, self, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    PreTrainedModel.save_pretrained = save_pretrained
+    PreTrainedModel.push_to_hub = push_to_hub
+    PreTrainedModel._hf_tokred_installed = True
+    PreTrainedModel._hf_tokred_originals = (original_from, original_save, original_push)
+

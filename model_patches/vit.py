@@ -1,0 +1,16 @@
+"""ViT encoders (transformers 5.x): blocks in ``vit.layers``, attention ``ViTLayer.attention``; the CLS token
+(index 0) is protected."""
+
+from . import ModelAdapter, register_adapter
+
+register_adapter(
+    ModelAdapter(
+        name="vit",
+        kind="encoder",
+        match=("vit",),
+        layers="layers",
+        attention="attention",
+        protected_tokens=1,
+        examples=("ViTModel", "ViTForImageClassification"),
+    )
+)
