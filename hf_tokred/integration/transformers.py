@@ -51,10 +51,9 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
                 f"{reducer.method} acts on {'/'.join(reducer.model_kinds)} models ({fits}); "
                 f"{type(model).__name__} is a {adapter.kind} model ({adapter.name})"
             )
-        if reducer.stage == "kv_policy" and not (adapter.has_kv_cache and model.can_generate()):
+        if reducer.stage == "kv_policy" and not adapter.has_kv_cache:
             raise UnsupportedModelError(
-                f"{reducer.method} is a KV-cache policy and {type(model).__name__} has no KV cache to reduce; "
-                "load a generative class such as AutoModelForCausalLM"
+                f"{reducer.method} is a KV-cache policy and {type(model).__name__} has no KV cache to reduce"
             )
     attn = model.config._attn_implementation
     if STOCK_IMPLEMENTATIONS.get(attn, attn) not in REDUCED_IMPLEMENTATIONS:
@@ -65,16 +64,18 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
     return adapter
 
 
-def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None = None, hub_kwargs: dict | None = None):
+def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None = None, hub_kwargs: dict | None = None,
+                   weights_required: bool = True):
     """Attach a reduction to a transformers model (``hf_tokred.apply`` for transformers models).
 
     ``weights_from`` is a folder or Hub repo holding ``token_reduction.safetensors`` for reductions
-    with learned parts. Every check runs before the model is touched; if attaching fails half-way the
-    model is restored.
+    with learned parts; when ``weights_required`` is False a missing file means fresh (untrained)
+    parts. Every check runs before the model is touched; if attaching fails half-way the model is
+    restored.
     """
     cfg = TokenReductionConfig.coerce(config)
     adapter = check_supported(model, cfg)
-    weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {})
+    weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {}, weights_required)
     if get_applied(model) is not None:
         remove_from_model(model)
     attn = model.config._attn_implementation
@@ -119,7 +120,7 @@ def remove_from_model(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _resolve_weights(cfg, weights_from, hub_kwargs) -> str | None:
+def _resolve_weights(cfg, weights_from, hub_kwargs, required) -> str | None:
     if not cfg.learned or weights_from is None:
         return None
     from transformers.utils import cached_file
@@ -127,7 +128,7 @@ def _resolve_weights(cfg, weights_from, hub_kwargs) -> str | None:
     kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None}
     path = cached_file(os.fspath(weights_from), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
                        _raise_exceptions_for_connection_errors=False, **kwargs)
-    if path is None:
+    if path is None and required:
         raise MissingFileError(
             f"{WEIGHTS_NAME} is missing from {weights_from}: the {cfg.method} reduction has learned parts saved "
             "there; restore the file, or load with token_reduction=False for the dense model"
@@ -165,7 +166,9 @@ def _attach_learned_modules(model, adapter, cfg, applied, weights_file) -> None:
 
 @register_wiring("kv_policy")
 def _wire_kv_policy(model, adapter, reducer, applied) -> None:
-    model.generate = types.MethodType(_generate_with_reduction, model)
+    # Base models (LlamaModel) cannot generate: they use the policy through build_cache().
+    if model.can_generate():
+        model.generate = types.MethodType(_generate_with_reduction, model)
 
 
 def build_cache(model, config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:
@@ -230,7 +233,10 @@ def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, 
                 field=err.field,
             ) from None
         model.config.__dict__.pop("token_reduction", None)
-        apply_to_model(model, cfg, weights_from=pretrained_model_name_or_path, hub_kwargs=hub_kwargs)
+        # A reduction saved with the model must find its learned parts; a new one passed as an argument
+        # starts them fresh unless the folder happens to hold them.
+        apply_to_model(model, cfg, weights_from=pretrained_model_name_or_path, hub_kwargs=hub_kwargs,
+                       weights_required=token_reduction is None)
     return out
 
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+# The suite never touches the network; huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import hf_tokred  # noqa: E402,F401  (installs the wrappers before any model is loaded)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    params = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=127,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def make_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    # never stop early on a random eos: generation lengths must be exact in tests
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    model = make_tiny_llama()
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+def make_tiny_tokenizer(path=None):
+    """A word-level fast tokenizer over a 128-token vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "<unk>"] + [f"w{i}" for i in range(124)] + ["</s>"]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    if path is not None:
+        tokenizer.save_pretrained(path)
+    return tokenizer
