@@ -1,5 +1,6 @@
-"""ViT encoders (transformers 5.x): blocks in ``vit.layers``, attention ``ViTLayer.attention``; the CLS token
-(index 0) is protected."""
+"""ViT encoders (transformers 5.x): blocks in ``vit.layers`` (``ViTModel.layers``; 4.x had ``encoder.layer``),
+attention ``ViTLayer.attention`` (``ViTAttention``, which calls transformers' attention interface itself);
+the CLS token (index 0) is protected."""
 
 from . import ModelAdapter, register_adapter
 

@@ -1,0 +1,630 @@
+"""diffusers wiring: diffusion reducers on UNet/DiT denoisers, and ``from_pretrained(..., token_reduction=cfg)``.
+
+A reduction attaches to the *denoiser* of a pipeline (``pipe.unet`` or ``pipe.transformer``) through
+diffusers' own ``HookRegistry``/``ModelHook``, never by copying a block's ``forward``:
+
+* a root hook on the denoiser (``hf_tokred_grid``) records, for every call, the token grid the
+  latent makes (latent height/width divided by the DiT patch size);
+* a hook on every self-attention module (``attn1``, named after the method, e.g. ``hf_tokred_todo``)
+  hands the attention a reduced copy of its own input as ``encoder_hidden_states``: the queries stay
+  full and the keys/values come from the reduced tokens. For the attention processors listed in
+  :data:`KV_PROCESSORS` that is exactly self-attention with reduced keys/values, because the
+  self-attention modules of these denoisers have no ``norm_cross``, ``group_norm`` or
+  ``spatial_norm`` (which the processors would apply to one input and not the other); both are
+  checked before anything is attached, and again on every call.
+
+The config is stored as ``_token_reduction`` in the denoiser's ``config.json`` (an underscore key:
+diffusers keeps it silently on load and writes it back on save, and a process without hf_tokred
+loads a dense model), so ``pipe.save_pretrained`` needs no wrapper. :func:`install` (run by
+``import hf_tokred``) wraps ``DiffusionPipeline.from_pretrained`` and ``ModelMixin.from_pretrained``
+so that ``token_reduction=cfg`` works and a saved reduction comes back on load.
+
+Example:
+    >>> import hf_tokred
+    >>> import hf_tokred.methods.diffusion.todo  # noqa: F401  (registers "todo")
+    >>> from diffusers import DiTTransformer2DModel
+    >>> dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+    ...                             sample_size=8, num_embeds_ada_norm=10)
+    >>> dit = hf_tokred.apply(dit, {"method": "todo", "downsample_factor": 2})
+    >>> dit.config["_token_reduction"]["method"]
+    'todo'
+    >>> sorted(dit.transformer_blocks[0].attn1._diffusers_hook.hooks)
+    ['hf_tokred_todo']
+    >>> _ = hf_tokred.remove(dit)
+    >>> "_token_reduction" in dit.config
+    False
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import FrozenDict
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    AttnProcessorNPU,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+from ..config import TokenReductionConfig, registered_methods
+from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
+from .wiring import STATE_ATTR, AppliedReduction, get_applied, register_wiring, wiring_for
+
+CONFIG_KEY = "_token_reduction"
+HOOK_PREFIX = "hf_tokred"
+GRID_HOOK = f"{HOOK_PREFIX}_grid"
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+# Processors that compute keys/values as ``to_k/to_v(encoder_hidden_states)`` when it is given and as
+# ``to_k/to_v(hidden_states)`` otherwise, with nothing else differing (checked against diffusers 0.42).
+# Exact types only: a subclass (IP-Adapter, PAG, fused QKV...) may treat encoder_hidden_states otherwise.
+KV_PROCESSORS = (AttnProcessor2_0, AttnProcessor, XFormersAttnProcessor, SlicedAttnProcessor, AttnProcessorNPU)
+
+# True while DiffusionPipeline.from_pretrained runs: its components are loaded through
+# ModelMixin.from_pretrained, and the pipeline wrapper re-attaches their saved reductions itself
+# (so that an error names the component's config file, and token_reduction=False reaches them all).
+_LOADING_PIPELINE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_tokred_loading_pipeline", default=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token grids
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenGrid:
+    """The finest token grid of the current denoiser call, written by the root hook and read by attention hooks.
+
+    ``height x width`` is the latent size divided by the patch size (1 for UNets). UNet levels below
+    it are the same grid halved (rounding up for strided convolutions, down for pooling).
+    """
+
+    height: int | None = None
+    width: int | None = None
+
+
+def find_token_level(height: int, width: int, num_tokens: int) -> tuple[int, int, int] | None:
+    """The level (1, 2, 4, ...) at which the ``height x width`` grid, halved per level, holds ``num_tokens`` tokens.
+
+    Returns ``(level, grid_height, grid_width)``, or None when no level matches. Halving rounds up
+    (strided convolution, the diffusers UNet downsampler) or down (pooling); rounding up is tried first.
+
+    Example:
+        >>> from hf_tokred.integration.diffusers import find_token_level
+        >>> find_token_level(64, 64, 64 * 64), find_token_level(64, 64, 16 * 16), find_token_level(15, 15, 8 * 8)
+        ((1, 64, 64), (4, 16, 16), (2, 8, 8))
+        >>> find_token_level(64, 64, 77) is None
+        True
+    """
+    level, up, down = 1, (height, width), (height, width)
+    while up[0] * up[1] >= num_tokens:
+        for h, w in (up, down):
+            if h * w == num_tokens:
+                return level, h, w
+        if up == (1, 1):
+            return None
+        level *= 2
+        up = ((up[0] + 1) // 2, (up[1] + 1) // 2)
+        down = (max(down[0] // 2, 1), max(down[1] // 2, 1))
+    return None
+
+
+class TokenGridHook(ModelHook):
+    """Root hook on the denoiser: records the token grid of every call in a shared :class:`TokenGrid`."""
+
+    def __init__(self, grid: TokenGrid, latent_argument: str, patch_size: int):
+        super().__init__()
+        self.grid = grid
+        self.latent_argument = latent_argument
+        self.patch_size = patch_size
+
+    def pre_forward(self, module, *args, **kwargs):
+        latent = args[0] if args else kwargs.get(self.latent_argument)
+        if not (isinstance(latent, torch.Tensor) and latent.ndim == 4):
+            shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise UnsupportedModelError(
+                f"{type(module).__name__} with a token reduction expects a 4-D latent (batch, channels, height, "
+                f"width) as {self.latent_argument!r}, got {shape}"
+            )
+        self.grid.height = latent.shape[-2] // self.patch_size
+        self.grid.width = latent.shape[-1] // self.patch_size
+        return args, kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention with reduced keys/values
+# ---------------------------------------------------------------------------------------------
+
+
+def kv_reduction_problem(attn: torch.nn.Module) -> str | None:
+    """Why ``attn`` cannot take reduced keys/values through ``encoder_hidden_states`` (None when it can).
+
+    Example:
+        >>> from diffusers.models.attention_processor import Attention
+        >>> from hf_tokred.integration.diffusers import kv_reduction_problem
+        >>> kv_reduction_problem(Attention(query_dim=16, heads=2, dim_head=8)) is None
+        True
+        >>> kv_reduction_problem(Attention(query_dim=16, heads=2, dim_head=8, norm_num_groups=4))
+        'it normalizes its queries with group_norm, which the reduced keys/values would skip'
+    """
+    if not isinstance(attn, Attention):
+        return f"it is a {type(attn).__name__}, not a diffusers Attention module"
+    if attn.is_cross_attention:
+        return "it is a cross-attention module"
+    if getattr(attn, "fused_projections", False):
+        return "its projections are fused (fuse_qkv_projections); call unfuse_qkv_projections() first"
+    for norm in ("group_norm", "spatial_norm", "norm_cross"):
+        if getattr(attn, norm, None) is not None:
+            return f"it normalizes its queries with {norm}, which the reduced keys/values would skip"
+    if type(attn.processor) not in KV_PROCESSORS:
+        return (
+            f"its attention processor {type(attn.processor).__name__} is not one known to take keys/values from "
+            f"encoder_hidden_states unchanged ({', '.join(p.__name__ for p in KV_PROCESSORS)})"
+        )
+    return None
+
+
+class KVReductionHook(ModelHook):
+    """Hook on a self-attention module: queries stay full, keys/values come from ``reduce(hidden_states)``.
+
+    ``reduce(hidden_states, grid_height, grid_width)`` returns the reduced tokens, or None to leave
+    this call dense. The hook only acts on self-attention calls (``encoder_hidden_states`` is None).
+    """
+
+    def __init__(self, grid: TokenGrid, method: str, reduce: Callable):
+        super().__init__()
+        self.grid = grid
+        self.method = method
+        self.reduce = reduce
+
+    def pre_forward(self, attn, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        if context is not None:
+            return args, kwargs
+        problem = kv_reduction_problem(attn)
+        if problem is not None:
+            raise UnsupportedModelError(f"{self.method}: cannot reduce this self-attention: {problem}")
+        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+        if mask is not None:
+            raise UnsupportedModelError(
+                f"{self.method}: self-attention masks are not supported (the mask covers the full token grid); "
+                "call the denoiser without attention_mask or remove the reduction"
+            )
+        if self.grid.height is None:
+            raise TokenReductionError(
+                f"{self.method}: the self-attention ran outside a call of the denoiser, so the token grid is unknown"
+            )
+        if hidden_states.ndim != 3:
+            raise UnsupportedModelError(
+                f"{self.method}: expected (batch, tokens, channels) self-attention input, got {tuple(hidden_states.shape)}"
+            )
+        found = find_token_level(self.grid.height, self.grid.width, hidden_states.shape[1])
+        if found is None:
+            raise UnsupportedModelError(
+                f"{self.method}: a self-attention got {hidden_states.shape[1]} tokens, which is no level of the "
+                f"{self.grid.height}x{self.grid.width} token grid of this call"
+            )
+        reduced = self.reduce(hidden_states, *found)
+        if reduced is None:
+            return args, kwargs
+        if len(args) > 1:
+            args = (args[0], reduced, *args[2:])
+        else:
+            kwargs = {**kwargs, "encoder_hidden_states": reduced}
+        return args, kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-method wiring for the "diffusion" stage
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiffusionWiring:
+    """How one diffusion method attaches: ``check(denoiser, adapter, reducer)`` raises before anything is
+    touched; ``attach(denoiser, adapter, reducer, applied, grid)`` registers the hooks and their undo."""
+
+    check: Callable
+    attach: Callable
+
+
+_DIFFUSION_WIRING: dict[str, DiffusionWiring] = {}
+
+
+def register_diffusion_wiring(method: str, *, check: Callable, attach: Callable) -> None:
+    """Register how the diffusion method ``method`` attaches to a denoiser.
+
+    Example:
+        >>> from hf_tokred.integration.diffusers import register_diffusion_wiring
+        >>> register_diffusion_wiring("my_method", check=lambda d, a, r: None,
+        ...                           attach=lambda d, a, r, applied, grid: None)   # doctest: +SKIP
+    """
+    _DIFFUSION_WIRING[method] = DiffusionWiring(check, attach)
+
+
+def self_attention_modules(denoiser: torch.nn.Module, adapter) -> list[Attention]:
+    """The self-attention modules of a denoiser (``attn1`` of every block that self-attends).
+
+    Example:
+        >>> from diffusers import DiTTransformer2DModel
+        >>> from hf_tokred.model_patches import find_adapter
+        >>> from hf_tokred.integration.diffusers import self_attention_modules
+        >>> dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+        ...                             sample_size=8, num_embeds_ada_norm=10)
+        >>> len(self_attention_modules(dit, find_adapter(dit)))
+        2
+    """
+    # Blocks built with only_cross_attention=True feed the text to attn1: those are not self-attention.
+    return [m for m in adapter.attention_modules(denoiser) if not getattr(m, "is_cross_attention", False)]
+
+
+def _check_kv_targets(denoiser, adapter, reducer) -> list[Attention]:
+    targets = self_attention_modules(denoiser, adapter)
+    if not targets:
+        raise UnsupportedModelError(f"{reducer.method}: {type(denoiser).__name__} has no self-attention layers")
+    for attn in targets:
+        problem = kv_reduction_problem(attn)
+        if problem is not None:
+            name = next((n for n, m in denoiser.named_modules() if m is attn), "?")
+            raise UnsupportedModelError(f"{reducer.method}: cannot reduce the self-attention {name}: {problem}")
+    return targets
+
+
+def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
+    from ..methods.diffusion.todo import downsample_tokens
+
+    factor, pooling, max_level = reducer.downsample_factor, reducer.downsample_method, reducer.max_downsample
+
+    def reduce(hidden_states, level, height, width):
+        if factor == 1 or level > max_level:
+            return None
+        return downsample_tokens(hidden_states, height, width, factor, pooling)
+
+    name = f"{HOOK_PREFIX}_{reducer.method}"
+    for attn in self_attention_modules(denoiser, adapter):
+        _register_hook(attn, KVReductionHook(grid, reducer.method, reduce), name, applied)
+
+
+register_diffusion_wiring("todo", check=_check_kv_targets, attach=_attach_todo)
+
+
+def _diffusion_wiring(reducer) -> DiffusionWiring:
+    try:
+        return _DIFFUSION_WIRING[reducer.method]
+    except KeyError:
+        raise UnsupportedModelError(f"{reducer.method}: no diffusers wiring is registered for this method") from None
+
+
+@register_wiring("diffusion")
+def _wire_diffusion(denoiser, adapter, reducer, applied) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser) if hasattr(denoiser, "_diffusers_hook") else None
+    grid_hook = registry.get_hook(GRID_HOOK) if registry is not None else None
+    if grid_hook is None:
+        latent_argument = list(inspect.signature(type(denoiser).forward).parameters)[1]
+        patch_size = denoiser.config.get("patch_size") or 1
+        grid_hook = TokenGridHook(TokenGrid(), latent_argument, patch_size)
+        _register_hook(denoiser, grid_hook, GRID_HOOK, applied)
+    _diffusion_wiring(reducer).attach(denoiser, adapter, reducer, applied, grid_hook.grid)
+
+
+def _register_hook(module: torch.nn.Module, hook: ModelHook, name: str, applied: AppliedReduction) -> None:
+    """Register ``hook`` as ``name`` and record its removal (which also drops a registry we created)."""
+    created = "_diffusers_hook" not in module.__dict__
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+    def undo():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None:
+            return
+        registry.remove_hook(name, recurse=False)
+        if created and not registry.hooks:
+            # diffusers leaves the bound original forward as an instance attribute and the empty registry
+            # behind; dropping both returns the module to exactly its state before apply().
+            del module._diffusers_hook
+            forward = module.__dict__.get("forward")
+            if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+                del module.__dict__["forward"]
+
+    applied.add_undo(undo)
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / remove
+# ---------------------------------------------------------------------------------------------
+
+
+def _supported_denoisers() -> str:
+    from ..model_patches import supported_names
+
+    return supported_names("diffusers")
+
+
+def _diffusion_methods() -> str:
+    return ", ".join(sorted(k for k, cls in registered_methods().items() if cls.stage == "diffusion")) or "none registered"
+
+
+def _model_components(pipe: DiffusionPipeline) -> list[tuple[str, ModelMixin]]:
+    found = []
+    for name in pipe.config.keys():
+        component = getattr(pipe, name, None) if not name.startswith("_") else None
+        if isinstance(component, ModelMixin):
+            found.append((name, component))
+    return found
+
+
+def find_denoiser(obj, component: str | None = None) -> ModelMixin:
+    """The denoiser a reduction attaches to: ``obj`` itself, or a pipeline's supported ``unet``/``transformer``.
+
+    Raises :class:`UnsupportedModelError` naming the supported denoisers when there is none.
+
+    Example:
+        >>> from hf_tokred.integration.diffusers import find_denoiser
+        >>> find_denoiser(pipe) is pipe.transformer       # a DiTPipeline   # doctest: +SKIP
+        True
+    """
+    from ..model_patches import find_adapter
+
+    if isinstance(obj, ModelMixin):
+        return obj
+    if not isinstance(obj, DiffusionPipeline):
+        raise UnsupportedModelError(
+            f"expected a diffusers DiffusionPipeline or a denoiser model, got {type(obj).__name__}; "
+            f"supported denoisers: {_supported_denoisers()}"
+        )
+    names = (component,) if component is not None else DENOISER_COMPONENTS
+    seen = []
+    for name in names:
+        candidate = getattr(obj, name, None)
+        if candidate is None:
+            continue
+        try:
+            find_adapter(candidate)
+        except UnsupportedModelError:
+            seen.append(f"{name}={type(candidate).__name__}")
+            continue
+        return candidate
+    what = f"its {', '.join(seen)} is not supported" if seen else f"it has no {' or '.join(names)} component"
+    raise UnsupportedModelError(
+        f"{type(obj).__name__} has no denoiser hf_tokred can reduce: {what}. Supported denoisers: {_supported_denoisers()}"
+    )
+
+
+def check_supported(denoiser: ModelMixin, config: TokenReductionConfig):
+    """Every check :func:`apply_to_diffusers` makes before touching the denoiser; returns its adapter.
+
+    Example:
+        >>> from hf_tokred.integration.diffusers import check_supported
+        >>> check_supported(pipe.unet, {"method": "todo"}).kind          # doctest: +SKIP
+        'unet'
+    """
+    from ..model_patches import find_adapter
+
+    cfg = TokenReductionConfig.coerce(config)
+    try:
+        adapter = find_adapter(denoiser)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"{type(denoiser).__name__} is not a denoiser hf_tokred can reduce. Supported denoisers: "
+            f"{_supported_denoisers()}"
+        ) from None
+    if adapter.library != "diffusers":
+        raise UnsupportedModelError(f"{type(denoiser).__name__} is not a diffusers denoiser")
+    for reducer in cfg.iter_reducers():
+        if reducer.stage != "diffusion":
+            raise UnsupportedModelError(
+                f"{reducer.method} is a {reducer.stage!r} reducer for transformers models; diffusers denoisers take "
+                f"diffusion reducers ({_diffusion_methods()})"
+            )
+        if adapter.kind not in reducer.model_kinds:
+            raise UnsupportedModelError(
+                f"{reducer.method} acts on {'/'.join(reducer.model_kinds)} denoisers; {type(denoiser).__name__} is a "
+                f"{adapter.kind} ({adapter.name}). Supported denoisers: {_supported_denoisers()}"
+            )
+        if reducer.learned:
+            raise UnsupportedModelError(f"{reducer.method}: reducers with learned parts are not wired for diffusers yet")
+        wiring_for(reducer.stage)
+        _diffusion_wiring(reducer).check(denoiser, adapter, reducer)
+    return adapter
+
+
+def apply_to_diffusers(obj, config, *, component: str | None = None):
+    """Attach a diffusion reduction to a pipeline or denoiser (``hf_tokred.apply`` for diffusers) and return ``obj``.
+
+    ``obj`` is a ``DiffusionPipeline`` (its ``unet`` or ``transformer``, or the one named by
+    ``component``, is reduced) or a denoiser model. Every check runs before the model is touched;
+    re-applying replaces the previous reduction, and if attaching fails half-way the previous state
+    is restored.
+
+    Example:
+        >>> import hf_tokred
+        >>> pipe = hf_tokred.apply(pipe, {"method": "todo", "downsample_factor": 2})   # doctest: +SKIP
+        >>> pipe.transformer.config["_token_reduction"]["downsample_factor"]         # doctest: +SKIP
+        2
+    """
+    cfg = TokenReductionConfig.coerce(config)
+    denoiser = find_denoiser(obj, component)
+    adapter = check_supported(denoiser, cfg)
+    previous = get_applied(denoiser)
+    if previous is not None:
+        remove_from_diffusers(denoiser)
+    applied = AppliedReduction(cfg, adapter)
+    setattr(denoiser, STATE_ATTR, applied)
+    try:
+        for reducer in cfg.iter_reducers():
+            wiring_for(reducer.stage)(denoiser, adapter, reducer, applied)
+        denoiser.register_to_config(**{CONFIG_KEY: cfg.to_dict()})
+    except BaseException:
+        remove_from_diffusers(denoiser)
+        if previous is not None:
+            apply_to_diffusers(denoiser, previous.config)
+        raise
+    finally:
+        _invalidate_registry_caches(denoiser)
+    return obj
+
+
+def remove_from_diffusers(obj):
+    """Detach the reduction from a pipeline or denoiser and return ``obj``; outputs are then bit-identical to dense.
+
+    Also drops ``_token_reduction`` from the denoiser's config, so a later ``save_pretrained`` writes a dense model.
+
+    Example:
+        >>> import hf_tokred
+        >>> _ = hf_tokred.remove(pipe)                       # doctest: +SKIP
+        >>> "_token_reduction" in pipe.transformer.config   # doctest: +SKIP
+        False
+    """
+    if isinstance(obj, DiffusionPipeline):
+        for _, component in _model_components(obj):
+            remove_from_diffusers(component)
+        return obj
+    if not isinstance(obj, ModelMixin):
+        raise UnsupportedModelError(f"hf_tokred.remove: expected a diffusers pipeline or model, got {type(obj).__name__}")
+    applied = get_applied(obj)
+    if applied is not None:
+        try:
+            applied.run_undo()
+        finally:
+            delattr(obj, STATE_ATTR)
+            _invalidate_registry_caches(obj)
+    if CONFIG_KEY in obj.config:
+        obj._internal_dict = FrozenDict({k: v for k, v in obj.config.items() if k != CONFIG_KEY})
+    return obj
+
+
+def _invalidate_registry_caches(denoiser) -> None:
+    # Ancestor registries cache the list of child registries; hooks we added or removed stale it.
+    registry = denoiser.__dict__.get("_diffusers_hook")
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# from_pretrained
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_request(token_reduction, source) -> TokenReductionConfig | bool | None:
+    """Validate the ``token_reduction=`` argument before anything is loaded."""
+    if token_reduction is None or token_reduction is False:
+        return token_reduction
+    if token_reduction is True:
+        raise ConfigError(
+            "token_reduction: expected a TokenReductionConfig, a dict, a preset name, or False for a dense model; got True",
+            field="token_reduction",
+        )
+    try:
+        return TokenReductionConfig.coerce(token_reduction)
+    except ConfigError as err:
+        raise ConfigError(f"the token_reduction argument for {source}: {err}", field=err.field) from None
+
+
+def _config_file(source, subfolder: str | None = None) -> str:
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return os.path.join(source, subfolder or "", "config.json")
+    return "/".join(p for p in (source, subfolder, "config.json") if p)
+
+
+def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
+    """Apply ``request``, or the reduction saved in the model's config, to a freshly loaded model."""
+    if request is False:
+        remove_from_diffusers(model)
+        return
+    if request is not None:
+        apply_to_diffusers(model, request)
+        return
+    stored = model.config.get(CONFIG_KEY)
+    if stored is None or get_applied(model) is not None:
+        return
+    hint = "load with token_reduction=False for the dense model"
+    try:
+        cfg = TokenReductionConfig.from_dict(stored)
+    except ConfigError as err:
+        raise ConfigError(f"{config_file}: {CONFIG_KEY}: {err} ({hint})", field=err.field) from None
+    try:
+        apply_to_diffusers(model, cfg)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{config_file}: {CONFIG_KEY}: {err} ({hint})") from None
+
+
+def _model_from_pretrained(original, cls, pretrained_model_name_or_path, *args, token_reduction=None, **kwargs):
+    request = _check_request(token_reduction, pretrained_model_name_or_path)
+    out = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    model = out[0] if isinstance(out, tuple) else out
+    if request is None and _LOADING_PIPELINE.get():
+        return out
+    if isinstance(model, ModelMixin):
+        _attach_on_load(model, request, _config_file(pretrained_model_name_or_path, kwargs.get("subfolder")))
+    return out
+
+
+def _pipeline_from_pretrained(original, cls, pretrained_model_name_or_path, *args, token_reduction=None, **kwargs):
+    request = _check_request(token_reduction, pretrained_model_name_or_path)
+    marker = _LOADING_PIPELINE.set(True)
+    try:
+        pipe = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    finally:
+        _LOADING_PIPELINE.reset(marker)
+    if isinstance(request, TokenReductionConfig):
+        apply_to_diffusers(pipe, request)
+    else:
+        for name, component in _model_components(pipe):
+            _attach_on_load(component, request, _config_file(pretrained_model_name_or_path, name))
+    return pipe
+
+
+def install() -> None:
+    """Wrap ``DiffusionPipeline.from_pretrained`` and ``ModelMixin.from_pretrained`` (idempotent; done by ``import hf_tokred``).
+
+    Afterwards ``from_pretrained(path, token_reduction=cfg)`` attaches ``cfg``, a saved reduction is
+    re-attached without the argument, and ``token_reduction=False`` loads the dense model.
+
+    Example:
+        >>> import hf_tokred                                    # calls install()
+        >>> pipe = DiffusionPipeline.from_pretrained(path, token_reduction={"method": "todo"})   # doctest: +SKIP
+    """
+    for owner, wrapper in ((ModelMixin, _model_from_pretrained), (DiffusionPipeline, _pipeline_from_pretrained)):
+        if owner.__dict__.get("_hf_tokred_installed", False):
+            continue
+        original = owner.__dict__["from_pretrained"].__func__
+
+        def from_pretrained(cls, *args, _original=original, _wrapper=wrapper, **kwargs):
+            return _wrapper(_original, cls, *args, **kwargs)
+
+        functools.update_wrapper(from_pretrained, original)
+        owner.from_pretrained = classmethod(from_pretrained)
+        owner._hf_tokred_original_from_pretrained = original
+        owner._hf_tokred_installed = True
+
+
+__all__ = [
+    "CONFIG_KEY",
+    "GRID_HOOK",
+    "KV_PROCESSORS",
+    "DiffusionWiring",
+    "KVReductionHook",
+    "TokenGrid",
+    "TokenGridHook",
+    "apply_to_diffusers",
+    "check_supported",
+    "find_denoiser",
+    "find_token_level",
+    "install",
+    "kv_reduction_problem",
+    "register_diffusion_wiring",
+    "remove_from_diffusers",
+    "self_attention_modules",
+]
