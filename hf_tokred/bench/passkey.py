@@ -240,7 +240,7 @@ class _Reduction:
 
 
 def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, progress: bool = True,
-                desc: str | None = None) -> dict:
+                desc: str | None = None, warmup: bool = True) -> dict:
     """Run passkey retrieval, dense (``config=None``) or with a KV policy, and measure it.
 
     With a config, each sample decodes with a fresh ``hf_tokred.build_cache(model, config)``; the
@@ -253,6 +253,9 @@ def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, 
       generated tokens (``cache.kv_bytes()`` for reduced caches), and ``kv_tokens``: tokens a layer holds;
     * ``prefill_s`` and ``decode_s``: mean wall seconds per sample (the first generated token is
       counted in the prefill), ``decode_tokens``: mean decode steps timed.
+
+    ``desc`` labels the progress bar. ``warmup`` first runs one short, untimed generation so that
+    one-time start-up costs do not land on the first sample's times.
 
     Example:
         >>> from hf_tokred.embedded import load_smollm2
@@ -273,6 +276,10 @@ def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, 
     label = desc or ("dense" if cfg is None else cfg.method)
     per_sample = []
     with _Reduction(model, cfg):
+        if warmup and samples:
+            ids = tokenizer(build_prompt(tokenizer, samples[0]), return_tensors="pt", add_special_tokens=False).input_ids
+            cache = DynamicCache() if cfg is None else hf_tokred.build_cache(model, cfg)
+            _generate_one(model, ids[:, :32].to(model.device), cache, 2)
         iterator = samples
         if progress:
             from tqdm.auto import tqdm

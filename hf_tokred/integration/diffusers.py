@@ -286,9 +286,11 @@ def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
     from ..methods.diffusion.todo import downsample_tokens
 
     factor, pooling, max_level = reducer.downsample_factor, reducer.downsample_method, reducer.max_downsample
+    if factor == 1:
+        return  # no reduction asked for: the attention modules stay exactly as they are
 
     def reduce(hidden_states, level, height, width):
-        if factor == 1 or level > max_level:
+        if level > max_level:
             return None
         return downsample_tokens(hidden_states, height, width, factor, pooling)
 
@@ -309,7 +311,7 @@ def _diffusion_wiring(reducer) -> DiffusionWiring:
 
 @register_wiring("diffusion")
 def _wire_diffusion(denoiser, adapter, reducer, applied) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser) if hasattr(denoiser, "_diffusers_hook") else None
+    registry = denoiser.__dict__.get("_diffusers_hook")
     grid_hook = registry.get_hook(GRID_HOOK) if registry is not None else None
     if grid_hook is None:
         latent_argument = list(inspect.signature(type(denoiser).forward).parameters)[1]
@@ -334,7 +336,10 @@ def _register_hook(module: torch.nn.Module, hook: ModelHook, name: str, applied:
             # behind; dropping both returns the module to exactly its state before apply().
             del module._diffusers_hook
             forward = module.__dict__.get("forward")
-            if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+            if (
+                getattr(forward, "__self__", None) is module
+                and getattr(forward, "__func__", None) is type(module).forward
+            ):
                 del module.__dict__["forward"]
 
     applied.add_undo(undo)
@@ -352,7 +357,9 @@ def _supported_denoisers() -> str:
 
 
 def _diffusion_methods() -> str:
-    return ", ".join(sorted(k for k, cls in registered_methods().items() if cls.stage == "diffusion")) or "none registered"
+    return (
+        ", ".join(sorted(k for k, cls in registered_methods().items() if cls.stage == "diffusion")) or "none registered"
+    )
 
 
 def _model_components(pipe: DiffusionPipeline) -> list[tuple[str, ModelMixin]]:
@@ -433,7 +440,9 @@ def check_supported(denoiser: ModelMixin, config: TokenReductionConfig):
                 f"{adapter.kind} ({adapter.name}). Supported denoisers: {_supported_denoisers()}"
             )
         if reducer.learned:
-            raise UnsupportedModelError(f"{reducer.method}: reducers with learned parts are not wired for diffusers yet")
+            raise UnsupportedModelError(
+                f"{reducer.method}: reducers with learned parts are not wired for diffusers yet"
+            )
         wiring_for(reducer.stage)
         _diffusion_wiring(reducer).check(denoiser, adapter, reducer)
     return adapter
@@ -468,7 +477,10 @@ def apply_to_diffusers(obj, config, *, component: str | None = None):
     except BaseException:
         remove_from_diffusers(denoiser)
         if previous is not None:
-            apply_to_diffusers(denoiser, previous.config)
+            try:
+                apply_to_diffusers(denoiser, previous.config)
+            except Exception:  # the first error is the one to report; the denoiser is left dense
+                pass
         raise
     finally:
         _invalidate_registry_caches(denoiser)
@@ -491,7 +503,9 @@ def remove_from_diffusers(obj):
             remove_from_diffusers(component)
         return obj
     if not isinstance(obj, ModelMixin):
-        raise UnsupportedModelError(f"hf_tokred.remove: expected a diffusers pipeline or model, got {type(obj).__name__}")
+        raise UnsupportedModelError(
+            f"hf_tokred.remove: expected a diffusers pipeline or model, got {type(obj).__name__}"
+        )
     applied = get_applied(obj)
     if applied is not None:
         try:
@@ -597,17 +611,21 @@ def install() -> None:
         >>> pipe = DiffusionPipeline.from_pretrained(path, token_reduction={"method": "todo"})   # doctest: +SKIP
     """
     for owner, wrapper in ((ModelMixin, _model_from_pretrained), (DiffusionPipeline, _pipeline_from_pretrained)):
+        # Checked in the class's own __dict__: a subclass must not inherit the "installed" mark.
         if owner.__dict__.get("_hf_tokred_installed", False):
             continue
         original = owner.__dict__["from_pretrained"].__func__
-
-        def from_pretrained(cls, *args, _original=original, _wrapper=wrapper, **kwargs):
-            return _wrapper(_original, cls, *args, **kwargs)
-
-        functools.update_wrapper(from_pretrained, original)
-        owner.from_pretrained = classmethod(from_pretrained)
+        owner.from_pretrained = classmethod(_wrap_from_pretrained(original, wrapper))
         owner._hf_tokred_original_from_pretrained = original
         owner._hf_tokred_installed = True
+
+
+def _wrap_from_pretrained(original, wrapper):
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        return wrapper(original, cls, *args, **kwargs)
+
+    return from_pretrained
 
 
 __all__ = [

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 from .wiring import get_applied
 
@@ -117,9 +118,14 @@ def push_reduced_model(model, repo_id: str, *, results: Any = None, commit_messa
         card = make_model_card(applied.config, base_model=base_model, repo_id=repo_id, results=results,
                                pipeline_tag=pipeline_tag)
         card.save(f"{tmp}/README.md")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(tmp).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(Path(tmp).rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(
+            repo_id,
+            operations=operations,
             commit_message=commit_message or f"Upload model with {applied.config.method} token reduction",
             commit_description=commit_description,
             revision=revision,

@@ -74,7 +74,10 @@ class ToDoConfig(TokenReductionConfig):
     # Not called ``method``: that name is the registry key of every config.
     downsample_method: str = param("nearest", str, choices=METHODS, help="how a cell of tokens is pooled")
     max_downsample: int = param(
-        1, int, low=1, help="reduce only token grids at most this much coarser than the finest one (UNet levels 1, 2, 4, 8)"
+        1,
+        int,
+        low=1,
+        help="reduce only token grids at most this much coarser than the finest one (UNet levels 1, 2, 4, 8)",
     )
 
 
@@ -89,8 +92,9 @@ def downsampled_size(height: int, width: int, factor: int) -> tuple[int, int]:
     return math.ceil(height / factor), math.ceil(width / factor)
 
 
-def downsample_tokens(hidden_states: torch.Tensor, height: int, width: int, factor: int,
-                      method: str = "nearest") -> torch.Tensor:
+def downsample_tokens(
+    hidden_states: torch.Tensor, height: int, width: int, factor: int, method: str = "nearest"
+) -> torch.Tensor:
     """Downsample a row-major ``height x width`` token grid by ``factor`` on each side.
 
     ``hidden_states`` is ``(batch, height * width, channels)`` with token ``y * width + x`` at row
@@ -134,8 +138,9 @@ def downsample_tokens(hidden_states: torch.Tensor, height: int, width: int, fact
         # The antialiased kernel has no half/bfloat16 CPU implementation; filter in float32 there.
         upcast = grid.device.type == "cpu" and grid.dtype in (torch.float16, torch.bfloat16)
         source = grid.float() if upcast else grid
-        pooled = F.interpolate(source, size=(new_height, new_width), mode="bilinear", align_corners=False,
-                               antialias=True).to(grid.dtype)
+        pooled = F.interpolate(
+            source, size=(new_height, new_width), mode="bilinear", align_corners=False, antialias=True
+        ).to(grid.dtype)
     return pooled.permute(0, 2, 3, 1).reshape(batch, new_height * new_width, channels)
 
 

@@ -1,0 +1,155 @@
+"""Hub: push_to_hub with a model card (transport replaced at the HfApi level) and offline loading
+through a real Hugging Face cache layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.hf_api import RepoUrl
+from transformers import LlamaForCausalLM
+
+import hf_tokred
+from hf_tokred import TokenReductionConfig
+from hf_tokred.integration.hub import make_model_card
+
+STREAM = {"method": "streamingllm", "sink_tokens": 2, "window": 6}
+
+
+class FakeHub:
+    """Records what would be uploaded: repo creation and commits (file name -> bytes)."""
+
+    def __init__(self):
+        self.repos, self.commits = [], []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            if isinstance(source, (str, os.PathLike)):
+                with open(source, "rb") as fh:
+                    files[op.path_in_repo] = fh.read()
+            elif isinstance(source, bytes):
+                files[op.path_in_repo] = source
+            else:
+                files[op.path_in_repo] = source.read()
+        self.commits.append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
+        return mock.MagicMock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+
+@pytest.fixture
+def fake_hub():
+    hub = FakeHub()
+    with (
+        mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
+        mock.patch.object(
+            HfApi, "create_commit", lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw)
+        ),
+    ):
+        yield hub
+
+
+def test_model_push_to_hub_uploads_side_cars_and_card(tiny_llama_dir, fake_hub):
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=STREAM)
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.push_to_hub("me/tiny-stream", token_reduction_results={"passkey accuracy": 0.9, "KV bytes": "0.5x"})
+    assert fake_hub.repos == ["me/tiny-stream"]
+    files = fake_hub.commits[-1]["files"]
+    assert {"config.json", "model.safetensors", "token_reduction_config.json", "README.md", "generation_config.json"} <= set(files)
+    assert json.loads(files["config.json"])["token_reduction"] == TokenReductionConfig(**STREAM).to_dict()
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"token-reduction", "hf_tokred", "hf_tokred-streamingllm"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "**streamingllm**" in card.text and "2309.17453" in card.text
+    assert "| `window` | `6` |" in card.text and "| `sink_tokens` | `2` |" in card.text
+    assert "| passkey accuracy | 0.9 |" in card.text
+
+
+def test_save_pretrained_push_to_hub_flag_routes_through_card(tiny_llama_dir, tmp_path, fake_hub):
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=STREAM)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/flagged")
+    assert fake_hub.repos == ["me/flagged"]
+    assert "token_reduction_config.json" in fake_hub.commits[-1]["files"]
+
+
+def test_config_push_to_hub(fake_hub):
+    TokenReductionConfig(**STREAM).push_to_hub("me/recipe")
+    files = fake_hub.commits[-1]["files"]
+    assert list(files) == ["token_reduction_config.json"]
+    assert TokenReductionConfig.from_dict(json.loads(files["token_reduction_config.json"])) == TokenReductionConfig(**STREAM)
+
+
+def test_results_table_from_rows():
+    card = make_model_card(TokenReductionConfig(**STREAM), base_model=None, repo_id="me/x",
+                           results=[{"keep": 0.5, "accuracy": 0.9}, {"keep": 0.25, "accuracy": 0.8}])
+    assert "| keep | accuracy |" in card.text and "| 0.25 | 0.8 |" in card.text
+    with pytest.raises(TypeError, match="token_reduction_results"):
+        make_model_card(TokenReductionConfig(**STREAM), base_model=None, repo_id="me/x", results=3)
+
+
+def _hf_cache_layout(cache_dir, repo_id, folder, sha="0123456789abcdef0123456789abcdef01234567"):
+    """Lay out `folder` as a snapshot of `repo_id` in a Hugging Face cache, as a download would."""
+    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    shutil.copytree(folder, repo_dir / "snapshots" / sha)
+
+
+def test_load_from_hub_cache_offline(tiny_llama_dir, tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=STREAM)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    make_tiny_tokenizer(saved)
+    ids = torch.arange(3, 15)[None]
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False)
+    torch.save(expected, tmp_path / "expected.pt")
+    _hf_cache_layout(tmp_path / "hub", "me/tiny-stream", saved)
+    script = textwrap.dedent(
+        f"""
+        import torch, hf_tokred
+        from transformers import AutoModelForCausalLM, pipeline
+        from hf_tokred import TokenReductionConfig
+        from hf_tokred.integration.wiring import get_applied
+        cache = {str(tmp_path / "hub")!r}
+        model = AutoModelForCausalLM.from_pretrained("me/tiny-stream", cache_dir=cache)
+        assert get_applied(model).config.window == 6
+        out = model.generate(torch.arange(3, 15)[None], max_new_tokens=10, do_sample=False)
+        assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
+        assert TokenReductionConfig.from_pretrained("me/tiny-stream", cache_dir=cache).window == 6
+        print("offline ok")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "offline ok" in result.stdout
+
+
+def test_learned_side_car_from_hub_cache_offline(tiny_llama_dir, tmp_path):
+    from test_transformers import LearnedKVConfig  # registers the test plugin method
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=LearnedKVConfig(max_tokens=16))
+    with torch.no_grad():
+        for p in model.hf_tokred_modules.parameters():
+            p.fill_(0.25)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    _hf_cache_layout(tmp_path / "hub", "me/tiny-learned", saved)
+    again = LlamaForCausalLM.from_pretrained("me/tiny-learned", cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    assert all(bool((p == 0.25).all()) for p in again.hf_tokred_modules.parameters())
+    assert hf_tokred.integration.wiring.get_applied(again).config.max_tokens == 16
