@@ -555,7 +555,12 @@ def _preset_path(name: str) -> str | None:
 def _download(repo_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
     """Resolve ``filename`` in a Hub repo (or the local HF cache when offline)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     allowed = {"revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download"}
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}

@@ -38,7 +38,7 @@ class ModelAdapter:
         match: transformers ``config.model_type`` values, or diffusers class names, this adapter covers.
         library: ``"transformers"`` or ``"diffusers"``.
         layers: qualified-name suffix of the ``nn.ModuleList`` of blocks (``"layers"``, ``"transformer_blocks"``).
-        attention: attribute of a block that holds its (self-)attention module.
+        attention: dotted path, inside a block, of the module that calls the attention function.
         has_kv_cache: the model decodes with a KV cache (KV policies need it).
         protected_tokens: leading tokens never merged or dropped (CLS, distillation token).
         examples: model classes users load, shown in error messages.
@@ -73,8 +73,13 @@ class ModelAdapter:
 
     def attention_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The attention module of every block (blocks without one are skipped)."""
-        found = [getattr(block, self.attention, None) for block in self.blocks(model)]
-        return [m for m in found if m is not None]
+        found = []
+        for block in self.blocks(model):
+            try:
+                found.append(block.get_submodule(self.attention))
+            except AttributeError:  # e.g. UNet blocks without self-attention
+                continue
+        return found
 
 
 _ADAPTERS: list[ModelAdapter] = []

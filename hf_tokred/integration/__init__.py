@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
+from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
 from . import transformers as _transformers
 from .transformers import build_cache
 

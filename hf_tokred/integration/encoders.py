@@ -16,6 +16,9 @@ For every block of the encoder (``adapter.blocks(model)``) we install:
 * a forward **hook** that merges the block's output with the reducer (``reducer.reduce_tokens``) and
   tracks each token's size (how many input tokens it stands for; 0 for padding).
 
+Both hooks are prepended, so hooks registered before ``apply`` (and ``output_hidden_states``) see the
+merged block outputs too.
+
 Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the
 model exactly. After a forward pass, :func:`token_sizes` gives the size of every output token (use it
 for size-weighted pooling of a reduced BERT's ``last_hidden_state``).
@@ -244,9 +247,9 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
         return hook
 
     for index, (block, attention) in enumerate(zip(blocks, attentions)):
-        pre = block.register_forward_pre_hook(make_pre_hook(index), with_kwargs=True)
+        pre = block.register_forward_pre_hook(make_pre_hook(index), with_kwargs=True, prepend=True)
         applied.add_undo(pre.remove)
-        post = block.register_forward_hook(make_hook(index))
+        post = block.register_forward_hook(make_hook(index), prepend=True)
         applied.add_undo(post.remove)
         observer = _KeyMetric(state, index)
         add_observer(attention, observer)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
-from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
+from ..config import WEIGHTS_NAME, TokenReductionConfig
 from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import TokenReductionCache
 from .wiring import MODULES_ATTR, STATE_ATTR, AppliedReduction, get_applied, register_wiring, wiring_for
