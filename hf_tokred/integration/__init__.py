@@ -68,11 +68,9 @@ def remove(model):
 
 def install() -> None:
     """Install the from_pretrained/save_pretrained wrappers (idempotent; done by ``import hf_tokred``)."""
+    from . import diffusers as _diffusers
+
     _transformers.install()
-    try:
-        from . import diffusers as _diffusers
-    except ImportError:  # diffusers integration not importable: transformers-only use still works
-        return
     _diffusers.install()
 
 

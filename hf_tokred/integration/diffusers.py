@@ -156,7 +156,7 @@ def kv_reduction_problem(attn: torch.nn.Module) -> str | None:
         >>> kv_reduction_problem(Attention(query_dim=16, heads=2, dim_head=8)) is None
         True
         >>> kv_reduction_problem(Attention(query_dim=16, heads=2, dim_head=8, norm_num_groups=4))
-        'it normalizes its queries with group_norm, which the reduced keys/values would skip'
+        'it applies group_norm to its input before the projections, and keys/values passed in would skip it'
     """
     if not isinstance(attn, Attention):
         return f"it is a {type(attn).__name__}, not a diffusers Attention module"
@@ -164,9 +164,11 @@ def kv_reduction_problem(attn: torch.nn.Module) -> str | None:
         return "it is a cross-attention module"
     if getattr(attn, "fused_projections", False):
         return "its projections are fused (fuse_qkv_projections); call unfuse_qkv_projections() first"
-    for norm in ("group_norm", "spatial_norm", "norm_cross"):
+    for norm in ("group_norm", "spatial_norm"):
         if getattr(attn, norm, None) is not None:
-            return f"it normalizes its queries with {norm}, which the reduced keys/values would skip"
+            return f"it applies {norm} to its input before the projections, and keys/values passed in would skip it"
+    if getattr(attn, "norm_cross", None) is not None:
+        return "it applies norm_cross to keys/values passed in, which its own self-attention keys never get"
     if type(attn.processor) not in KV_PROCESSORS:
         return (
             f"its attention processor {type(attn.processor).__name__} is not one known to take keys/values from "
@@ -178,8 +180,9 @@ def kv_reduction_problem(attn: torch.nn.Module) -> str | None:
 class KVReductionHook(ModelHook):
     """Hook on a self-attention module: queries stay full, keys/values come from ``reduce(hidden_states)``.
 
-    ``reduce(hidden_states, grid_height, grid_width)`` returns the reduced tokens, or None to leave
-    this call dense. The hook only acts on self-attention calls (``encoder_hidden_states`` is None).
+    ``reduce(hidden_states, level, grid_height, grid_width)`` gets the attention input and where it
+    sits (see :func:`find_token_level`) and returns the tokens keys/values are computed from, or None
+    to leave this call dense. Only self-attention calls (``encoder_hidden_states`` is None) are touched.
     """
 
     def __init__(self, grid: TokenGrid, method: str, reduce: Callable):
@@ -324,13 +327,27 @@ def _wire_diffusion(denoiser, adapter, reducer, applied) -> None:
 def _register_hook(module: torch.nn.Module, hook: ModelHook, name: str, applied: AppliedReduction) -> None:
     """Register ``hook`` as ``name`` and record its removal (which also drops a registry we created)."""
     created = "_diffusers_hook" not in module.__dict__
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+    installed_forward = module.__dict__["forward"]
 
     def undo():
         registry = module.__dict__.get("_diffusers_hook")
-        if registry is None:
+        if registry is None or name not in registry.hooks:
             return
+        outermost = registry._hook_order[-1] == name
+        current_forward = module.__dict__.get("forward")
         registry.remove_hook(name, recurse=False)
+        if (
+            outermost
+            and current_forward is not installed_forward
+            and module.__dict__.get("_old_forward") is installed_forward
+        ):
+            # accelerate (e.g. enable_model_cpu_offload) wrapped our forward after apply() and calls it as
+            # module._old_forward; diffusers' remove_hook just reassigned module.forward, which would drop the
+            # offload hook. Put accelerate's wrapper back around the unhooked forward.
+            module._old_forward = module.forward
+            module.forward = current_forward
         if created and not registry.hooks:
             # diffusers leaves the bound original forward as an instance attribute and the empty registry
             # behind; dropping both returns the module to exactly its state before apply().
@@ -542,7 +559,7 @@ def _check_request(token_reduction, source) -> TokenReductionConfig | bool | Non
     try:
         return TokenReductionConfig.coerce(token_reduction)
     except ConfigError as err:
-        raise ConfigError(f"the token_reduction argument for {source}: {err}", field=err.field) from None
+        raise type(err)(f"the token_reduction argument for {source}: {err}", field=err.field) from None
 
 
 def _config_file(source, subfolder: str | None = None) -> str:
@@ -567,7 +584,7 @@ def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
     try:
         cfg = TokenReductionConfig.from_dict(stored)
     except ConfigError as err:
-        raise ConfigError(f"{config_file}: {CONFIG_KEY}: {err} ({hint})", field=err.field) from None
+        raise type(err)(f"{config_file}: {CONFIG_KEY}: {err} ({hint})", field=err.field) from None
     try:
         apply_to_diffusers(model, cfg)
     except UnsupportedModelError as err:
