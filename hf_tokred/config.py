@@ -410,6 +410,10 @@ class TokenReductionConfig:
         preset = _preset_path(name)
         if preset is not None:
             return cls._from_json_file(preset)
+        if name.count("/") > 1:  # "org/model/purpose" can only be a preset, never a Hub repo id
+            raise MissingFileError(
+                f"{name!r} is not a folder, a file or a preset; presets are: {', '.join(list_presets())}"
+            )
         return cls._from_json_file(_download(name, CONFIG_NAME, hub_kwargs))
 
     @classmethod

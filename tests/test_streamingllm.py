@@ -52,6 +52,24 @@ def test_matches_masked_full_attention_reference(attn, prompt):
     assert (got - full).abs().max() > 1e-2  # the reduction really changed attention
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_decoders(family):
+    import transformers
+
+    config_class = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config}[family]
+    model_class = {"mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                   "qwen3": transformers.Qwen3ForCausalLM}[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=128)).eval()
+    sequence = torch.randint(3, 120, (1, 30), generator=torch.Generator().manual_seed(0))
+    reference = model(sequence, attention_mask=_streaming_mask(30, 6, SINKS, WINDOW)).logits
+    hf_tokred.apply(model, {"method": "streamingllm", "sink_tokens": SINKS, "window": WINDOW})
+    got, _ = _teacher_forced(model, sequence, 6)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+
 def test_generate_matches_reference_and_never_exceeds_budget(tiny_llama):
     prompt = torch.randint(3, 120, (1, 9), generator=torch.Generator().manual_seed(3))
     hf_tokred.apply(tiny_llama, {"method": "streamingllm", "sink_tokens": SINKS, "window": WINDOW})

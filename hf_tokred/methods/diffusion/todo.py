@@ -67,6 +67,8 @@ class ToDoConfig(TokenReductionConfig):
     stage: ClassVar[str] = "diffusion"
     model_kinds: ClassVar[tuple[str, ...]] = ("unet", "dit")
     paper: ClassVar[str] = "2402.13573"
+    # UNet2DConditionModel and DiT work and are tested; SDXL/PixArt/SD3/Flux and the benchmarks are to come.
+    status: ClassVar[str] = "beta"
 
     downsample_factor: int = param(
         2, int, low=1, help="each side of the key/value token grid is divided by this (1 = no reduction)"

@@ -79,6 +79,9 @@ class ToMeConfig(TokenReductionConfig):
     stage = "sequence"
     model_kinds = ("encoder",)
     paper = "2210.09461"
+    # ViT and BERT work and are tested; (r, inflect) schedules, restore_length, DeiT/CLIP/SigLIP/DINOv2 and
+    # the speed targets are still to come.
+    status = "beta"
 
     r: int | list[int] = field(default=8, metadata={"help": _R_HELP})
     prop_attn: bool = param(True, bool, help="proportional attention: add log(size) to the attention logits")
