@@ -12,7 +12,8 @@ inserted after ``int(40 * depth)`` repeats; every sentence is followed by one sp
 trailing space is stripped. The prompt is that user turn in the model's chat template with the
 generation prompt, followed by the start of the answer, ``"The pass key is"``. A sample is correct when
 the key's five digits appear in the next 8 greedily generated tokens. On SmolLM2-135M-Instruct the
-prompt is about 1,025 tokens and the full-cache model scores about 0.9.
+prompt is 1,047 tokens (its chat template adds a default system prompt of about 20 tokens to the
+~1,025 of the task) and the full-cache model scores 0.95 on the 20 samples of seed 0.
 
 Samples are reproducible: ``random.Random(seed)`` draws, per sample, ``key = randint(10000, 99999)``
 and then ``depth = random()``.
