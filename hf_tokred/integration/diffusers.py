@@ -58,8 +58,17 @@ from diffusers.models.attention_processor import (
 )
 
 from ..config import TokenReductionConfig, registered_methods
-from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
-from .wiring import STATE_ATTR, AppliedReduction, get_applied, register_wiring, wiring_for
+from ..errors import TokenReductionError, UnsupportedModelError
+from .wiring import (
+    DENSE_HINT,
+    STATE_ATTR,
+    AppliedReduction,
+    check_request,
+    config_from_saved,
+    get_applied,
+    register_wiring,
+    wiring_for,
+)
 
 CONFIG_KEY = "_token_reduction"
 HOOK_PREFIX = "hf_tokred"
@@ -547,21 +556,6 @@ def _invalidate_registry_caches(denoiser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_request(token_reduction, source) -> TokenReductionConfig | bool | None:
-    """Validate the ``token_reduction=`` argument before anything is loaded."""
-    if token_reduction is None or token_reduction is False:
-        return token_reduction
-    if token_reduction is True:
-        raise ConfigError(
-            "token_reduction: expected a TokenReductionConfig, a dict, a preset name, or False for a dense model; got True",
-            field="token_reduction",
-        )
-    try:
-        return TokenReductionConfig.coerce(token_reduction)
-    except ConfigError as err:
-        raise type(err)(f"the token_reduction argument for {source}: {err}", field=err.field) from None
-
-
 def _config_file(source, subfolder: str | None = None) -> str:
     source = os.fspath(source)
     if os.path.isdir(source):
@@ -580,19 +574,15 @@ def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
     stored = model.config.get(CONFIG_KEY)
     if stored is None or get_applied(model) is not None:
         return
-    hint = "load with token_reduction=False for the dense model"
-    try:
-        cfg = TokenReductionConfig.from_dict(stored)
-    except ConfigError as err:
-        raise type(err)(f"{config_file}: {CONFIG_KEY}: {err} ({hint})", field=err.field) from None
+    cfg = config_from_saved(stored, config_file)
     try:
         apply_to_diffusers(model, cfg)
     except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"{config_file}: {CONFIG_KEY}: {err} ({hint})") from None
+        raise UnsupportedModelError(f"{config_file}: {CONFIG_KEY}: {err} ({DENSE_HINT})") from None
 
 
 def _model_from_pretrained(original, cls, pretrained_model_name_or_path, *args, token_reduction=None, **kwargs):
-    request = _check_request(token_reduction, pretrained_model_name_or_path)
+    request = check_request(token_reduction, pretrained_model_name_or_path)
     out = original(cls, pretrained_model_name_or_path, *args, **kwargs)
     model = out[0] if isinstance(out, tuple) else out
     if request is None and _LOADING_PIPELINE.get():
@@ -603,7 +593,7 @@ def _model_from_pretrained(original, cls, pretrained_model_name_or_path, *args, 
 
 
 def _pipeline_from_pretrained(original, cls, pretrained_model_name_or_path, *args, token_reduction=None, **kwargs):
-    request = _check_request(token_reduction, pretrained_model_name_or_path)
+    request = check_request(token_reduction, pretrained_model_name_or_path)
     marker = _LOADING_PIPELINE.set(True)
     try:
         pipe = original(cls, pretrained_model_name_or_path, *args, **kwargs)

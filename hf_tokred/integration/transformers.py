@@ -25,7 +25,16 @@ from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
 from ..config import WEIGHTS_NAME, TokenReductionConfig
 from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import TokenReductionCache
-from .wiring import MODULES_ATTR, STATE_ATTR, AppliedReduction, get_applied, register_wiring, wiring_for
+from .wiring import (
+    MODULES_ATTR,
+    STATE_ATTR,
+    AppliedReduction,
+    check_request,
+    config_from_saved,
+    get_applied,
+    register_wiring,
+    wiring_for,
+)
 
 TAGS = ("token-reduction", "hf_tokred")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -215,28 +224,22 @@ def _generate_with_reduction(self, *args, **kwargs):
 
 
 def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, token_reduction=None, **kwargs):
+    request = check_request(token_reduction, pretrained_model_name_or_path)
     out = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
     model = out[0] if isinstance(out, tuple) else out
-    # Auto classes run AutoConfig first: when config.json already has the key, the kwarg lands on the config.
-    stored = model.config.__dict__.get("token_reduction")
-    request = token_reduction if token_reduction is not None else stored
-    if request is False:
-        model.config.__dict__.pop("token_reduction", None)
-    elif request is not None:
+    # Auto classes run AutoConfig first: when config.json already has the key, the user's argument lands
+    # on the config instead of reaching us. Only a dict can come from the file itself.
+    stored = model.config.__dict__.pop("token_reduction", None)
+    from_file = request is None and isinstance(stored, dict)
+    if request is None and stored is not None:
+        source = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+        request = config_from_saved(stored, source) if from_file else check_request(stored, pretrained_model_name_or_path)
+    if request is not None and request is not False:
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        try:
-            cfg = TokenReductionConfig.coerce(request)
-        except ConfigError as err:
-            where = "the token_reduction argument" if token_reduction is not None else "config.json"
-            raise ConfigError(
-                f"{where} of {pretrained_model_name_or_path}: {err} (load with token_reduction=False for the dense model)",
-                field=err.field,
-            ) from None
-        model.config.__dict__.pop("token_reduction", None)
         # A reduction saved with the model must find its learned parts; a new one passed as an argument
         # starts them fresh unless the folder happens to hold them.
-        apply_to_model(model, cfg, weights_from=pretrained_model_name_or_path, hub_kwargs=hub_kwargs,
-                       weights_required=token_reduction is None)
+        apply_to_model(model, request, weights_from=pretrained_model_name_or_path, hub_kwargs=hub_kwargs,
+                       weights_required=from_file)
     return out
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, MissingFileError, UnsupportedModelError
 
 STATE_ATTR = "_hf_tokred_applied"
 MODULES_ATTR = "hf_tokred_modules"
@@ -67,3 +67,43 @@ def wiring_for(stage: str) -> Callable:
 def get_applied(model) -> AppliedReduction | None:
     """The :class:`AppliedReduction` of a reduced model, or None."""
     return getattr(model, STATE_ATTR, None)
+
+
+DENSE_HINT = "load with token_reduction=False for the dense model"
+
+
+def check_request(token_reduction, source):
+    """Validate a ``from_pretrained(..., token_reduction=...)`` argument before anything is loaded.
+
+    Returns None (not given), False (load dense) or a validated config; raises :class:`ConfigError`
+    naming the source.
+
+    Example:
+        >>> check_request({"method": "streamingllm", "max_tokens": 8}, "repo").max_tokens
+        8
+    """
+    from ..config import TokenReductionConfig
+
+    if token_reduction is None or token_reduction is False:
+        return token_reduction
+    if token_reduction is True:
+        raise ConfigError(
+            "token_reduction: expected a TokenReductionConfig, a dict, a preset name, or False for a dense model; got True",
+            field="token_reduction",
+        )
+    try:
+        return TokenReductionConfig.coerce(token_reduction)
+    except ConfigError as err:
+        raise type(err)(f"the token_reduction argument for {source}: {err}", field=err.field) from None
+
+
+def config_from_saved(stored, config_file: str):
+    """Parse a reduction saved in a model's config file; errors name the file and the dense fallback."""
+    from ..config import TokenReductionConfig
+
+    try:
+        return TokenReductionConfig.coerce(stored)
+    except ConfigError as err:
+        raise type(err)(f"{config_file}: token_reduction: {err} ({DENSE_HINT})", field=err.field) from None
+    except MissingFileError as err:
+        raise MissingFileError(f"{config_file}: token_reduction: {err} ({DENSE_HINT})") from None
