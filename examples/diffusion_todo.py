@@ -27,7 +27,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 
 import hf_tokred
-import hf_tokred.methods.diffusion.todo  # noqa: F401  (registers "todo" until the registry imports it)
 from hf_tokred import TokenReductionConfig
 
 
