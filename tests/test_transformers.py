@@ -317,3 +317,41 @@ def test_model_tags_are_added_and_removed(tiny_llama):
 
 def test_tiny_config_helper_is_llama():
     assert tiny_llama_config().model_type == "llama"
+
+
+# --- composition on a model: a KV policy plus a reducer of another stage ------------------------------
+
+
+@register_method("test_decoding_probe")
+@dataclass(kw_only=True)
+class DecodingProbeConfig(TokenReductionConfig):
+    """A stand-in for a second stage (e.g. a drafter), wired through the public wiring registry."""
+
+    stage = "decoding"
+    model_kinds = ("decoder",)
+    tag: str = param("probe", str, help="label written on the model")
+
+
+def test_composition_attaches_every_part_and_remove_undoes_all(tiny_llama):
+    from hf_tokred.integration.wiring import register_wiring
+
+    @register_wiring("decoding")
+    def wire_probe(model, adapter, reducer, applied):
+        model.decoding_probe = reducer.tag
+        applied.add_undo(lambda: delattr(model, "decoding_probe"))
+
+    ids = _ids()
+    reference = _logits(tiny_llama, ids)
+    cfg = hf_tokred.compose(STREAM, DecodingProbeConfig(tag="on"))
+    hf_tokred.apply(tiny_llama, cfg)
+    assert tiny_llama.decoding_probe == "on"
+    out = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values.stored_lengths() == [8, 8]
+    assert tiny_llama.config.token_reduction == cfg.to_dict()
+    hf_tokred.remove(tiny_llama)
+    assert not hasattr(tiny_llama, "decoding_probe")
+    _untouched(tiny_llama, reference, ids)
+    # a part that does not fit the model rejects the whole composition before anything is attached
+    with pytest.raises(UnsupportedModelError, match="tome acts on encoder models"):
+        hf_tokred.apply(tiny_llama, hf_tokred.compose(STREAM, {"method": "tome", "r": 2}))
+    _untouched(tiny_llama, reference, ids)
