@@ -556,7 +556,7 @@ def _preset_path(name: str) -> str | None:
     return os.fspath(node) if node.is_file() else None
 
 
-def _download(repo_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
+def _download(repo_id: str, filename: str, hub_kwargs: dict) -> str:
     """Resolve ``filename`` in a Hub repo (or the local HF cache when offline)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -571,8 +571,6 @@ def _download(repo_id: str, filename: str, hub_kwargs: dict, required: bool = Tr
     try:
         return hf_hub_download(repo_id, filename, **kwargs)
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as err:
-        if not required:
-            return None
         raise MissingFileError(
             f"could not find {filename} for {repo_id!r}: it is not a local folder, not a preset "
             f"(see hf_tokred.list_presets()), and the Hub lookup failed ({type(err).__name__})"

@@ -677,7 +677,9 @@ def test_install_is_idempotent():
     wrapped = DiffusionPipeline.__dict__["from_pretrained"]
     hf_tokred.install()
     assert DiffusionPipeline.__dict__["from_pretrained"] is wrapped
-    assert os.path.basename(hf_diffusers._config_file("org/repo", "unet")) == "config.json"
+    from hf_tokred.integration.wiring import saved_config_path
+
+    assert os.path.basename(saved_config_path("org/repo", "unet")) == "config.json"
 
 
 def test_remove_keeps_an_accelerate_hook_added_after_apply():

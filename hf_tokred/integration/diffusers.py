@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +66,7 @@ from .wiring import (
     config_from_saved,
     get_applied,
     register_wiring,
+    saved_config_path,
     wiring_for,
 )
 
@@ -556,13 +556,6 @@ def _invalidate_registry_caches(denoiser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _config_file(source, subfolder: str | None = None) -> str:
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        return os.path.join(source, subfolder or "", "config.json")
-    return "/".join(p for p in (source, subfolder, "config.json") if p)
-
-
 def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
     """Apply ``request``, or the reduction saved in the model's config, to a freshly loaded model."""
     if request is False:
@@ -588,7 +581,7 @@ def _model_from_pretrained(original, cls, pretrained_model_name_or_path, *args, 
     if request is None and _LOADING_PIPELINE.get():
         return out
     if isinstance(model, ModelMixin):
-        _attach_on_load(model, request, _config_file(pretrained_model_name_or_path, kwargs.get("subfolder")))
+        _attach_on_load(model, request, saved_config_path(pretrained_model_name_or_path, kwargs.get("subfolder")))
     return out
 
 
@@ -603,7 +596,7 @@ def _pipeline_from_pretrained(original, cls, pretrained_model_name_or_path, *arg
         apply_to_diffusers(pipe, request)
     else:
         for name, component in _model_components(pipe):
-            _attach_on_load(component, request, _config_file(pretrained_model_name_or_path, name))
+            _attach_on_load(component, request, saved_config_path(pretrained_model_name_or_path, name))
     return pipe
 
 

@@ -33,6 +33,7 @@ from .wiring import (
     config_from_saved,
     get_applied,
     register_wiring,
+    saved_config_path,
     wiring_for,
 )
 
@@ -232,7 +233,7 @@ def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, 
     stored = model.config.__dict__.pop("token_reduction", None)
     from_file = request is None and isinstance(stored, dict)
     if request is None and stored is not None:
-        source = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+        source = saved_config_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
         request = config_from_saved(stored, source) if from_file else check_request(stored, pretrained_model_name_or_path)
     if request is not None and request is not False:
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,19 @@ def check_request(token_reduction, source):
         return TokenReductionConfig.coerce(token_reduction)
     except ConfigError as err:
         raise type(err)(f"the token_reduction argument for {source}: {err}", field=err.field) from None
+
+
+def saved_config_path(source, subfolder: str | None = None) -> str:
+    """The ``config.json`` a model was loaded from (a local path, or ``repo/sub/config.json``), for messages.
+
+    Example:
+        >>> saved_config_path("me/model", "unet")
+        'me/model/unet/config.json'
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return os.path.join(source, subfolder or "", "config.json")
+    return "/".join(p for p in (source, subfolder, "config.json") if p)
 
 
 def config_from_saved(stored, config_file: str):
