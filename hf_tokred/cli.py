@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -24,6 +25,9 @@ from . import __version__
 
 DEFAULT_PRESET = "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"
 DEFAULT_SAMPLES = 20
+
+# Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
+BENCH_COMMANDS: list[str] = []
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods
@@ -132,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Presets are JSON configs for known Hub models, usable as "
                                               "TokenReductionConfig.from_pretrained(NAME) or hf-tokred demo --config NAME.")
     presets.set_defaults(handler=_cmd_presets)
+
+    # Benchmark commands live beside their harness; each module's add_command(commands) adds one subcommand
+    # whose handler takes the parsed args and returns the exit status.
+    for module in BENCH_COMMANDS:
+        importlib.import_module(module).add_command(commands)
     return parser
 
 
