@@ -25,7 +25,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .integration import apply, build_cache, install, remove
+from .integration import apply, build_cache, compress_context, install, remove
 from .kv.cache import TokenReductionCache
 
 _register_attention()
@@ -42,6 +42,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "build_cache",
+    "compress_context",
     "compose",
     "list_presets",
     "register_method",

@@ -113,7 +113,7 @@ def test_left_padded_batch_equals_rows_alone(tiny_llama):
 def test_padding_is_evicted_before_real_tokens():
     positions = torch.arange(10).expand(1, 1, 10)
     valid = torch.tensor([[[False] * 4 + [True] * 6]])
-    keep = select_slots(torch.zeros(1, 1, 10), positions, valid, 5, 2, 2, 10)
+    keep, _ = select_slots(torch.zeros(1, 1, 10), positions, valid, 5, 2, 2, 10)
     # sinks are the first real tokens (4, 5), then the window (8, 9), then the best other real token
     assert keep.tolist() == [[[4, 5, 7, 8, 9]]]
 
@@ -137,7 +137,7 @@ def test_sampling_and_beam_search(tiny_llama):
     assert out.sequences.shape == (2, 22) and cache.stored_lengths() == [8, 8]
     layer = cache.layers[0]
     assert layer.positions.shape[0] == 6  # batch 2 x 3 beams
-    assert (layer.positions[..., :SINKS] == torch.arange(SINKS)).all()
+    assert (layer.positions.sort(dim=-1).values[..., :SINKS] == torch.arange(SINKS)).all()
 
 
 def test_reorder_cache_moves_positions_with_keys(tiny_llama):
@@ -151,7 +151,9 @@ def test_reorder_cache_moves_positions_with_keys(tiny_llama):
                    past_key_values=cache)
     layer = cache.layers[1]
     keys, positions = layer.keys.clone(), layer.positions.clone()
-    assert positions[0, 0].tolist() == [2, 5, 6, 7] and positions[1, 0].tolist() == [0, 5, 6, 7]
+    # slots are evicted in place, so compare the set of positions each row holds
+    held = positions.sort(dim=-1).values
+    assert held[0, 0].tolist() == [2, 5, 6, 7] and held[1, 0].tolist() == [0, 5, 6, 7]
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.keys, keys.flip(0)) and torch.equal(layer.positions, positions.flip(0))
 

@@ -95,7 +95,8 @@ def test_generate_builds_a_fresh_cache_per_call_and_build_cache_works(tiny_llama
     explicit = hf_tokred.build_cache(tiny_llama)
     out = tiny_llama.generate(ids, past_key_values=explicit, **kwargs)
     assert out.past_key_values is explicit
-    assert explicit.kv_bytes() == 2 * 2 * (1 * 2 * 8 * 16) * 4  # layers * (k, v) * elements * fp32
+    # layers * (k, v) * elements * fp32; 8 slots plus one spare the next step appends into
+    assert explicit.kv_bytes() == 2 * 2 * (1 * 2 * 9 * 16) * 4
     dense = tiny_llama.generate(ids, past_key_values=__import__("transformers").DynamicCache(), **kwargs)
     assert dense.past_key_values.get_seq_length() == 21
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
 from . import transformers as _transformers
-from .transformers import build_cache
+from .transformers import build_cache, compress_context
 
 
 def _is_diffusers_object(obj) -> bool:
@@ -74,4 +74,4 @@ def install() -> None:
     _diffusers.install()
 
 
-__all__ = ["apply", "build_cache", "install", "remove"]
+__all__ = ["apply", "build_cache", "compress_context", "install", "remove"]

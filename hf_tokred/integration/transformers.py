@@ -15,6 +15,7 @@ reduction; every other model goes straight to the original methods.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import types
 
@@ -202,6 +203,31 @@ def build_cache(model, config: TokenReductionConfig | dict | None = None) -> Tok
     if applied is None:
         raise TokenReductionError("build_cache: apply the reduction first (hf_tokred.apply) so attention can evict")
     return TokenReductionCache(model, policy)
+
+
+def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:
+    """Prefill ``input_ids`` (a context shared by later questions) into a fresh cache and compress it.
+
+    This is the *query-agnostic* mode: the policy decides what to keep without seeing the question.
+    Pass the returned cache to ``generate`` with the context followed by the question; ``generate`` only
+    feeds the tokens the cache has not seen. Prefill-once policies (SnapKV, PyramidKV) append the question
+    and the answer without further eviction; per-step policies keep evicting as they decode. A cache
+    serves one ``generate`` call: build one per question (``copy.deepcopy`` of a compressed cache works).
+
+    Example:
+        >>> model = hf_tokred.apply(model, {"method": "snapkv", "keep": 0.25})                  # doctest: +SKIP
+        >>> cache = hf_tokred.compress_context(model, context_ids)                              # doctest: +SKIP
+        >>> full = torch.cat([context_ids, question_ids], dim=-1)                               # doctest: +SKIP
+        >>> model.generate(full, past_key_values=cache, max_new_tokens=20)                      # doctest: +SKIP
+    """
+    cache = build_cache(model, config)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # only the cache is wanted
+    with torch.no_grad():
+        model(**kwargs)
+    return cache
 
 
 def _generate_with_reduction(self, *args, **kwargs):

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -32,25 +34,44 @@ from ..attention import STOCK_IMPLEMENTATIONS, AttentionObserver, mask_keep, mas
 from ..errors import TokenReductionError, UnsupportedModelError
 from .policy import KVPolicyConfig
 
+# Spare slots kept after an eviction, so the next steps append without copying the cache: a per-step policy
+# needs room for the tokens it adds before it evicts again; a prefill-once policy grows by this many at a time.
+PREFILL_POLICY_HEADROOM = 16
+
 
 class ReducingLayer(DynamicLayer, AttentionObserver):
-    """One layer of a :class:`TokenReductionCache`: a ``DynamicLayer`` that evicts by a policy."""
+    """One layer of a :class:`TokenReductionCache`: a ``DynamicLayer`` that evicts by a policy.
+
+    Attributes a policy reads: ``keys``/``values`` ``(batch, kv_heads, slots, dim)``, ``positions`` (logical
+    position of each slot) and ``valid`` (False for padding and empty slots) ``(batch, kv_heads, slots)``,
+    ``buffers`` (per-slot history tensors named by ``policy.buffers``), ``seen`` (tokens seen),
+    ``layer_idx``, ``num_layers`` and ``budget`` (this layer's budget, None = never evict).
+    """
 
     is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
 
-    def __init__(self, policy: KVPolicyConfig, layer_idx: int):
+    def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1):
         super().__init__()
         self.policy = policy
         self.layer_idx = layer_idx
+        self.num_layers = num_layers
         self._reset_counters()
 
     def _reset_counters(self):
         self.seen = 0  # logical tokens seen, padding included
-        self.positions: torch.Tensor | None = None  # (batch, kv_heads, stored) logical position of each slot
-        self.valid: torch.Tensor | None = None  # (batch, kv_heads, stored) False for padding
-        self.budget: int | None = None
+        self.calls = 0  # attention calls (chunks) so far; the first is the prefill
+        self.positions: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.budget: int | None = None  # this layer's budget (the largest row's), None = never evict
+        self.row_budgets: torch.Tensor | None = None  # (batch,) budget of each row
         self.compacted = False  # stored slots are no longer the contiguous run 0..seen-1
         self.awaiting_attention = False
+        self._key_buffer: torch.Tensor | None = None  # capacity buffers self.keys/values are views of
+        self._value_buffer: torch.Tensor | None = None
+
+    def _buffer_names(self) -> tuple[str, ...]:
+        return (*self.policy.buffers, "mass") if self.policy.evicted == "merge" else self.policy.buffers
 
     # -- transformers' layer contract ------------------------------------------------------
 
@@ -61,20 +82,58 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 "function, so the cache could not evict; keep the model's attn_implementation set by hf_tokred "
                 f"(one of {sorted(STOCK_IMPLEMENTATIONS)})"
             )
-        first = not self.is_initialized or self.keys.numel() == 0
-        keys, values = super().update(key_states, value_states)
         batch, heads, new = key_states.shape[:3]
-        step = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, heads, new)
-        ones = torch.ones(batch, heads, new, dtype=torch.bool, device=key_states.device)
+        first = self.seen == 0
+        if first:
+            budget = self.policy.budget(new)
+            self.budget = None if budget is None else self.policy.layer_budget(budget, self.layer_idx, self.num_layers)
+        if self.compacted:
+            keys, values = self._append(key_states, value_states)
+        else:
+            keys, values = super().update(key_states, value_states)
+        device = key_states.device
+        step = torch.arange(self.seen, self.seen + new, device=device).expand(batch, heads, new)
+        ones = torch.ones(batch, heads, new, dtype=torch.bool, device=device)
         if first:
             self.positions, self.valid = step, ones
-            self.budget = self.policy.budget(new)
         else:
             self.positions = torch.cat([self.positions, step], dim=-1)
             self.valid = torch.cat([self.valid, ones], dim=-1)
+        for name in self._buffer_names():
+            fill = torch.ones if name == "mass" else torch.zeros
+            old = self.buffers.get(name)
+            shape = (batch, heads, new, *(() if old is None else old.shape[3:]))
+            fresh = fill(shape, dtype=torch.float32, device=device)
+            self.buffers[name] = fresh if old is None else torch.cat([old, fresh], dim=2)
         self.seen += new
+        self.calls += 1
         self.awaiting_attention = True
         return keys, values
+
+    def _append(self, key_states, value_states):
+        """Write new slots into the spare capacity (no copy of the stored cache, unlike ``torch.cat``)."""
+        stored, new = self.stored_length(), key_states.shape[-2]
+        if self._key_buffer is None or self.keys.data_ptr() != self._key_buffer.data_ptr() or (
+            self._key_buffer.shape[-2] < stored + new
+        ):
+            self._allocate(stored + new + self._headroom())
+        self._key_buffer[..., stored : stored + new, :] = key_states
+        self._value_buffer[..., stored : stored + new, :] = value_states
+        self.keys = self._key_buffer[..., : stored + new, :]
+        self.values = self._value_buffer[..., : stored + new, :]
+        return self.keys, self.values
+
+    def _headroom(self) -> int:
+        return PREFILL_POLICY_HEADROOM if self.policy.compression == "prefill" else self.policy.compress_every
+
+    def _allocate(self, capacity: int) -> None:
+        stored = self.stored_length()
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            buffer = current.new_empty(*current.shape[:2], capacity, current.shape[-1])
+            buffer[..., :stored, :] = current
+            setattr(self, f"_{name[:-1]}_buffer", buffer)
+            setattr(self, name, buffer[..., :stored, :])
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -90,27 +149,40 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         """Slots this layer holds now."""
         return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
 
+    def kv_bytes(self) -> int:
+        """Bytes of the key/value tensors this layer holds, spare capacity included."""
+        if not self.stored_length():
+            return 0
+        held = (self._key_buffer, self._value_buffer) if self._holds_buffer() else (self.keys, self.values)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _holds_buffer(self) -> bool:
+        return self._key_buffer is not None and self.keys.data_ptr() == self._key_buffer.data_ptr()
+
     def reset(self) -> None:
         super().reset()
         self._reset_counters()
 
+    def _map_slot_state(self, fn) -> None:
+        """Apply a batch-dimension operation to the bookkeeping that travels with the slots."""
+        if self.positions is not None:
+            self.positions, self.valid = fn(self.positions), fn(self.valid)
+            self.buffers = {name: fn(t) for name, t in self.buffers.items()}
+        if self.row_budgets is not None:
+            self.row_budgets = fn(self.row_budgets)
+        self._key_buffer = self._value_buffer = None
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self._map_slot_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self._map_slot_state(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices, ...]
-            self.valid = self.valid[indices, ...]
+        self._map_slot_state(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise TokenReductionError(
@@ -153,48 +225,178 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     def observe(self, module, query, key, value, attention_mask) -> None:
         self.awaiting_attention = False
-        if self.budget is None or self.stored_length() <= self.budget:
+        policy = self.policy
+        if self.budget is None:
             return
         with torch.no_grad():
-            scores = self.policy.score(self.positions, query, self.keys).float()
-            self.evict(scores, self.budget)
+            if self.calls == 1:
+                self._set_row_budgets()
+            policy.accumulate(self, module, query)
+            if policy.compression == "prefill" and self.calls > 1:
+                return  # compressed once after the prompt; later tokens are appended
+            slack = 0 if policy.compression == "prefill" else policy.compress_every - 1
+            targets = (self.row_budgets - slack)[:, None]  # (batch, 1)
+            if not bool((self.valid.sum(dim=-1) > targets).any()):
+                return
+            physical = min(int(targets.max()), self.stored_length())
+            scores = policy.score(self, module, query).float()
+            limits = targets.expand(self.valid.shape[:2])
+            head_budgets = policy.head_budgets(self, module, query, physical)
+            if head_budgets is not None:
+                limits = torch.minimum(limits, head_budgets)
+            windows = [policy.recent_window(int(t)) for t in targets[:, 0].tolist()]
+            self.evict(scores, physical, None if bool((limits >= physical).all()) else limits,
+                       torch.tensor(windows, device=targets.device)[:, None, None])
 
-    def evict(self, scores: torch.Tensor, budget: int) -> None:
-        """Keep ``budget`` slots per row and head: sinks and the recent window first, padding last,
-        the rest by ``scores`` (higher kept)."""
-        keep = select_slots(
-            scores, self.positions, self.valid, budget, self.policy.sink_tokens,
-            self.policy.recent_window(budget), self.seen,
+    def _set_row_budgets(self) -> None:
+        """Budgets per row from each row's real prompt length (padding excluded), so that a row keeps as
+        many tokens in a padded batch as when run alone."""
+        lengths = self.valid[:, 0].sum(dim=-1).tolist()
+        budgets = {n: self.policy.layer_budget(self.policy.budget(n), self.layer_idx, self.num_layers) for n in set(lengths)}
+        self.row_budgets = torch.tensor([budgets[n] for n in lengths], device=self.valid.device)
+        self.budget = int(self.row_budgets.max())
+
+    def evict(self, scores: torch.Tensor, budget: int, head_budgets: torch.Tensor | None = None,
+              window: torch.Tensor | int | None = None) -> None:
+        """Keep ``budget`` slots per row and head: sinks and the recent window first, padding last, the rest by
+        ``scores`` (higher kept). With ``head_budgets`` ``(batch, kv_heads)``, a row/head keeps only its own number
+        of slots valid (the others stay as masked-out padding so every head has ``budget`` slots). ``window``
+        (an int or a ``(batch, 1, 1)`` tensor) defaults to the policy's recent window for ``budget``."""
+        window = self.policy.recent_window(budget) if window is None else window
+        keep, keep_valid = select_slots(
+            scores, self.positions, self.valid, budget, self.policy.sink_tokens, window, self.seen, head_budgets,
         )
-        index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, index)
-        self.values = self.values.gather(2, index)
-        self.positions = self.positions.gather(2, keep)
-        self.valid = self.valid.gather(2, keep)
+        if head_budgets is not None:  # slots beyond a head's own budget stay as masked-out padding
+            self.valid = self.valid.scatter(2, keep, keep_valid)
+        if self.policy.evicted == "merge":
+            self._merge_evicted(keep)
+        evicted = self.stored_length() - budget
+        if evicted == 0:
+            pass  # only validity changed (per-row or per-head budgets below the physical size)
+        elif self._holds_buffer() and evicted <= budget:
+            self._fill_holes(keep, budget)
+        else:
+            self._gather(keep)
         self.compacted = True
 
+    def _slot_tensors(self) -> dict[str, torch.Tensor]:
+        return {"positions": self.positions, "valid": self.valid, **{f"buffer:{k}": v for k, v in self.buffers.items()}}
 
-def select_slots(scores, positions, valid, budget, sink_tokens, window, seen):
-    """Indices (sorted by position) of the ``budget`` slots to keep, per row and head.
+    def _set_slot_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.positions, self.valid = tensors.pop("positions"), tensors.pop("valid")
+        self.buffers = {k[len("buffer:"):]: v for k, v in tensors.items()}
 
-    Protected slots (the first ``sink_tokens`` real tokens of each row and the last ``window``
-    positions) outrank every scored slot, and padding ranks below everything.
+    def _gather(self, keep: torch.Tensor) -> None:
+        """Copy the kept slots (in ``keep`` order) into fresh buffers with spare capacity."""
+        kept = keep.shape[-1]
+        index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            buffer = current.new_empty(*current.shape[:2], kept + self._headroom(), current.shape[-1])
+            buffer[..., :kept, :].copy_(current.gather(2, index))
+            setattr(self, f"_{name[:-1]}_buffer", buffer)
+            setattr(self, name, buffer[..., :kept, :])
+        self._set_slot_tensors({k: _gather_slots(t, keep) for k, t in self._slot_tensors().items()})
+
+    def _fill_holes(self, keep: torch.Tensor, budget: int) -> None:
+        """Evict in place: kept slots beyond ``budget`` move into the evicted slots below it, so only the
+        moved slots are copied (slot order then no longer follows position; nothing depends on it)."""
+        stored = self.stored_length()
+        evicted = stored - budget
+        kept = torch.zeros_like(self.valid).scatter_(2, keep, True)
+        # Slots below `budget` that are evicted (holes) and slots at or above it that are kept (movers) come
+        # in equal numbers per row and head; pair them in slot order, padding unused pairs with a no-op copy
+        # of the last slot onto itself (it is cut off below).
+        holes = (~kept[..., :budget]).to(torch.uint8).sort(dim=-1, descending=True, stable=True)
+        movers = kept[..., budget:].to(torch.uint8).sort(dim=-1, descending=True, stable=True)
+        hole_index = holes.indices[..., :evicted]
+        paired = holes.values[..., :evicted].bool()
+        last = torch.full_like(hole_index, stored - 1)
+        source = torch.where(paired, movers.indices + budget, last)
+        target = torch.where(paired, hole_index, last)
+        for name in ("keys", "values"):
+            tensor = getattr(self, name)
+            index = source[..., None].expand(-1, -1, -1, tensor.shape[-1])
+            tensor.scatter_(2, target[..., None].expand_as(index), tensor.gather(2, index))
+            setattr(self, name, tensor[..., :budget, :])
+        moved = {}
+        for key, tensor in self._slot_tensors().items():
+            tensor = tensor.clone()
+            index = _expand_index(source, tensor)
+            tensor.scatter_(2, _expand_index(target, tensor), tensor.gather(2, index))
+            moved[key] = tensor[:, :, :budget]
+        self._set_slot_tensors(moved)
+
+    def _merge_evicted(self, keep: torch.Tensor) -> None:
+        """Average every evicted real slot into the kept slot (same row and head) whose key is most similar,
+        weighted by ``mass`` (how many tokens each slot stands for)."""
+        stored, budget = self.stored_length(), keep.shape[-1]
+        kept = torch.zeros_like(self.valid).scatter_(2, keep, True)
+        dropped = (~kept).to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., : stored - budget]
+        mass = self.buffers["mass"] * self.valid
+        keys, values = self.keys.float(), self.values.float()
+        kept_keys, dropped_keys = _gather_slots(keys, keep), _gather_slots(keys, dropped)
+        similarity = torch.nn.functional.normalize(dropped_keys, dim=-1) @ torch.nn.functional.normalize(
+            kept_keys, dim=-1).transpose(-1, -2)
+        similarity = similarity.masked_fill(~_gather_slots(self.valid, keep)[:, :, None, :], float("-inf"))
+        partner = similarity.argmax(dim=-1)  # (batch, kv_heads, dropped) index into keep
+        dropped_mass = _gather_slots(mass, dropped)
+        kept_mass = _gather_slots(mass, keep)
+        total = kept_mass.scatter_add(2, partner, dropped_mass)
+        for name, full in (("keys", keys), ("values", values)):
+            weighted = _gather_slots(full, keep) * kept_mass[..., None]
+            index = partner[..., None].expand(-1, -1, -1, full.shape[-1])
+            weighted = weighted.scatter_add(2, index, _gather_slots(full, dropped) * dropped_mass[..., None])
+            merged = torch.where(total[..., None] > 0, weighted / total.clamp_min(1e-12)[..., None],
+                                 _gather_slots(full, keep))
+            tensor = getattr(self, name)
+            tensor.scatter_(2, keep[..., None].expand(-1, -1, -1, tensor.shape[-1]), merged.to(tensor.dtype))
+        self.buffers["mass"] = self.buffers["mass"].scatter(2, keep, torch.where(total > 0, total, kept_mass))
+
+
+def _expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return index.view(*index.shape, *([1] * (like.dim() - 3))).expand(*index.shape, *like.shape[3:])
+
+
+def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, h, index[b, h, i], ...]`` for a ``(batch, kv_heads, slots, ...)`` tensor."""
+    return tensor.gather(2, _expand_index(index, tensor))
+
+
+def select_slots(scores, positions, valid, budget, sink_tokens, window, seen, head_budgets=None):
+    """Indices (ascending) of the ``budget`` slots to keep per row and head, and which of them stay valid.
+
+    Protected slots (the ``sink_tokens`` earliest real tokens of each row and the last ``window``
+    positions) outrank every scored slot, padding ranks below everything, and ties go to the later
+    position. With ``head_budgets`` ``(batch, kv_heads)`` only each head's best ``head_budgets`` kept slots
+    stay valid. Slot order does not matter (positions say where each slot belongs).
 
     Example:
         >>> import torch
         >>> pos = torch.arange(10).expand(1, 1, 10)
         >>> valid = torch.ones(1, 1, 10, dtype=torch.bool)
-        >>> select_slots(torch.zeros(1, 1, 10), pos, valid, 5, 2, 3, 10).tolist()
+        >>> keep, keep_valid = select_slots(torch.zeros(1, 1, 10), pos, valid, 5, 2, 3, 10)
+        >>> keep.tolist()
         [[[0, 1, 7, 8, 9]]]
     """
-    sinks = valid & (valid.cumsum(-1) <= sink_tokens)
+    if sink_tokens > 0:
+        real_positions = torch.where(valid, positions, torch.iinfo(positions.dtype).max)
+        last_sink = real_positions.topk(min(sink_tokens, positions.shape[-1]), dim=-1, largest=False).values[..., -1:]
+        sinks = valid & (positions <= last_sink)
+    else:
+        sinks = torch.zeros_like(valid)
     recent = valid & (positions >= seen - window)
     ranked = torch.where(valid, scores, torch.finfo(scores.dtype).min)
     ranked = torch.where(sinks | recent, torch.inf, ranked)
-    # Among equal scores keep the later slot, so ties resolve towards recency deterministically.
-    order = torch.arange(ranked.shape[-1], device=ranked.device, dtype=ranked.dtype) * 1e-9
-    keep = (ranked + order).topk(budget, dim=-1).indices
-    return keep.sort(dim=-1).values
+    # Later positions first, then a stable sort by score: equal scores keep the later token.
+    by_position = positions.argsort(dim=-1, descending=True)
+    order = ranked.gather(-1, by_position).sort(dim=-1, descending=True, stable=True).indices
+    chosen = by_position.gather(-1, order[..., :budget])
+    keep, rank = chosen.sort(dim=-1)
+    keep_valid = valid.gather(-1, keep)
+    if head_budgets is not None:
+        keep_valid = keep_valid & (rank < head_budgets[..., None])
+    return keep, keep_valid
 
 
 class TokenReductionCache(Cache):
@@ -232,7 +434,18 @@ class TokenReductionCache(Cache):
         modules = adapter.attention_modules(model)
         self._attention_modules = {m.layer_idx: m for m in modules}
         self.policy = policy
-        super().__init__(layers=[ReducingLayer(policy, i) for i in range(text_config.num_hidden_layers)])
+        layers = text_config.num_hidden_layers
+        super().__init__(layers=[ReducingLayer(policy, i, layers) for i in range(layers)])
+
+    def __deepcopy__(self, memo):
+        # A copy (one compressed context reused for several questions) binds to the same model: share the
+        # attention modules instead of copying them.
+        memo[id(self._attention_modules)] = self._attention_modules
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            setattr(copied, name, copy.deepcopy(value, memo))
+        return copied
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         module = self._attention_modules.get(layer_idx)
@@ -246,8 +459,4 @@ class TokenReductionCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes of the key/value tensors the cache holds now."""
-        total = 0
-        for layer in self.layers:
-            if layer.stored_length():
-                total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        return total
+        return sum(layer.kv_bytes() for layer in self.layers)

@@ -1,9 +1,22 @@
 """Base class of KV-cache eviction policies.
 
 A policy is a config (its fields are what users set) plus one method to write, :meth:`KVPolicyConfig.score`.
-The shared machinery in :mod:`hf_tokred.kv.cache` decides *when* to compress (after every attention
-call, once the cache holds more than its budget), protects sinks, the recent window and never keeps
-padding over a real token, and gathers the kept slots. Policies only say *how* to score.
+Three concerns are kept apart:
+
+* **when** to compress: the class attribute ``compression``. ``"prefill"`` compresses each layer once,
+  right after the first chunk (the prompt) has been attended, and appends every later token (SnapKV,
+  PyramidKV, FastGen). ``"step"`` keeps the cache within its budget after every attention call; with
+  ``compress_every=m`` it evicts down to ``budget - m + 1`` so that eviction runs once every ``m``
+  decoding steps and the budget is never exceeded (H2O, Scissorhands, TOVA, StreamingLLM).
+* **how** to score: :meth:`KVPolicyConfig.score` (attention-free, from a recomputed window of queries
+  with :func:`hf_tokred.kv.scoring.attention_probs`, or from history buffers that
+  :meth:`KVPolicyConfig.accumulate` updates on every attention call).
+* **what** happens to evicted tokens: the ``evicted`` field, ``"drop"`` (the papers) or ``"merge"``
+  (each evicted key/value is averaged, weighted by how many tokens each slot stands for, into the kept
+  slot of the same row and head whose key is most similar).
+
+The shared machinery in :mod:`hf_tokred.kv.cache` protects the sinks and the recent window, never keeps
+padding over a real token, and gathers the kept slots.
 
 Example:
     >>> from hf_tokred import TokenReductionConfig
@@ -23,32 +36,57 @@ import torch
 from ..config import TokenReductionConfig, param
 from ..errors import ConfigError
 
+COMPRESSIONS = ("prefill", "step")
+
 
 @dataclass(kw_only=True)
 class KVPolicyConfig(TokenReductionConfig):
-    """Fields shared by every KV policy: a budget (``keep`` fraction or ``max_tokens``) and the
-    always-protected ``sink_tokens`` and recent ``window``."""
+    """Fields shared by every KV policy: a budget (``keep`` fraction or ``max_tokens``), the
+    always-protected ``sink_tokens`` and recent ``window``, ``compress_every`` and ``evicted``.
+
+    Subclasses set ``compression`` (``"prefill"`` or ``"step"``), write :meth:`score`, and may write
+    :meth:`accumulate` (history), :meth:`layer_budget` (per-layer budgets) and :meth:`head_budgets`
+    (per-head budgets). ``buffers`` names the per-slot history tensors a layer keeps for the policy;
+    they are gathered on eviction and reordered with the cache in beam search.
+    """
 
     stage: ClassVar[str] = "kv_policy"
     model_kinds: ClassVar[tuple[str, ...]] = ("decoder",)
+    compression: ClassVar[str] = "step"
+    buffers: ClassVar[tuple[str, ...]] = ()
 
     keep: float | None = param(None, float, low=0.0, high=1.0, low_open=True, optional=True,
                                help="fraction of the prompt's tokens the cache keeps (1.0 = dense)")
     max_tokens: int | None = param(None, int, low=1, optional=True, help="absolute cache budget per layer")
     sink_tokens: int = param(4, int, low=0, help="first tokens of each sequence that are never evicted")
     window: int | None = param(None, int, low=0, optional=True, help="most recent tokens that are never evicted")
+    compress_every: int = param(1, int, low=1, help="per-step policies: evict down to budget - compress_every + 1 "
+                                                    "so eviction runs once every compress_every steps")
+    evicted: str = param("drop", str, choices=("drop", "merge"),
+                         help="drop evicted tokens, or merge each into the most similar kept token")
 
     def validate(self) -> None:
         if self.keep is not None and self.max_tokens is not None:
             raise ConfigError("keep: set either keep or max_tokens, not both", field="keep")
         if self.keep is None and self.max_tokens is None:
             raise ConfigError(f"max_tokens: {self.method_key} needs a budget: set keep or max_tokens", field="max_tokens")
-        if self.max_tokens is not None and self.max_tokens <= self.sink_tokens + (self.window or 0):
+        self._check_budget_room()
+
+    def _check_budget_room(self) -> None:
+        if self.compression == "prefill" and self.compress_every != 1:
             raise ConfigError(
-                f"max_tokens: must exceed sink_tokens + window = {self.sink_tokens + (self.window or 0)}, "
-                f"got {self.max_tokens}",
+                f"compress_every: {self.method_key} compresses once after the prompt; compress_every applies to "
+                f"per-step policies only, got {self.compress_every}",
+                field="compress_every",
+            )
+        if self.max_tokens is not None and self.max_tokens < self.min_budget():
+            raise ConfigError(
+                f"max_tokens: must be at least {self.min_budget()} (the protected sinks and recent window plus "
+                f"compress_every), got {self.max_tokens}",
                 field="max_tokens",
             )
+
+    # -- when ---------------------------------------------------------------------------------
 
     def budget(self, prompt_length: int) -> int | None:
         """Tokens a layer keeps, given the length of the first (prefill) chunk; None = never evict."""
@@ -56,16 +94,36 @@ class KVPolicyConfig(TokenReductionConfig):
             return self.max_tokens
         if self.keep >= 1.0:
             return None
-        return max(math.ceil(self.keep * prompt_length), self.sink_tokens + (self.window or 0) + 1)
+        return max(math.ceil(self.keep * prompt_length), self.min_budget())
+
+    def min_budget(self) -> int:
+        """The smallest budget that leaves room for ``compress_every`` scored tokens beside the protected ones."""
+        return self.sink_tokens + self.recent_window(0) + self.compress_every
+
+    def layer_budget(self, budget: int, layer_idx: int, num_layers: int) -> int:
+        """Budget of one layer (PyramidKV overrides this); the default gives every layer ``budget``."""
+        return budget
 
     def recent_window(self, budget: int) -> int:
-        """Recent tokens protected for a given budget."""
+        """Recent tokens protected for a given (layer) budget."""
         return self.window or 0
 
-    def score(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    # -- how ----------------------------------------------------------------------------------
+
+    def accumulate(self, layer, module, query: torch.Tensor) -> None:
+        """Update the layer's history buffers after an attention call (history-based policies)."""
+        return None
+
+    def score(self, layer, module, query: torch.Tensor) -> torch.Tensor:
         """Importance of every stored slot, ``(batch, kv_heads, slots)``; higher is kept.
 
-        ``positions`` are the slots' logical positions; ``query``/``key`` are this step's post-RoPE
-        queries and all stored keys. The default prefers recent tokens.
+        ``layer`` is the :class:`~hf_tokred.kv.cache.ReducingLayer` (its ``keys``, ``values``,
+        ``positions``, ``valid``, ``buffers``, ``seen``, ``layer_idx``); ``query`` is this call's
+        post-RoPE queries ``(batch, heads, q, dim)``; ``module`` the attention module (``scaling``).
+        The default prefers recent tokens.
         """
-        return positions.float()
+        return layer.positions.float()
+
+    def head_budgets(self, layer, module, query: torch.Tensor, budget: int) -> torch.Tensor | None:
+        """Per-head budgets ``(batch, kv_heads)`` at most ``budget`` (FastGen), or None for one budget."""
+        return None

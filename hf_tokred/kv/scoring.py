@@ -1,0 +1,68 @@
+"""Attention probabilities recomputed for scoring, without eager attention.
+
+Scoring policies need the attention weights of a few queries (the last one for TOVA, an observation
+window for SnapKV, every query for H2O). The model's attention may be SDPA, which never materialises
+them, so we recompute ``softmax(q k^T * scaling)`` for just the queries needed, in chunks so the peak
+stays bounded. Which slot a query may see comes from the cache's own bookkeeping (a slot is visible
+when it is real, not padding, and not later than the query), so this is right for evicted,
+non-contiguous caches and left-padded batches alike.
+
+Example:
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> layer = SimpleNamespace(keys=torch.randn(1, 1, 4, 8), positions=torch.arange(4).expand(1, 1, 4),
+    ...                         valid=torch.ones(1, 1, 4, dtype=torch.bool), seen=4)
+    >>> probs = next(iter_attention_probs(SimpleNamespace(scaling=8 ** -0.5), torch.randn(1, 2, 4, 8), layer))
+    >>> probs.shape, bool(probs[0, 0, 0, 0, 1:].eq(0).all())     # (batch, kv_heads, group, queries, slots)
+    (torch.Size([1, 1, 2, 4, 4]), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+QUERY_CHUNK = 256
+
+
+def iter_attention_probs(module, query: torch.Tensor, layer, last: int | None = None,
+                         chunk: int = QUERY_CHUNK) -> Iterator[torch.Tensor]:
+    """Yield float32 attention probabilities ``(batch, kv_heads, group, c, slots)`` of this call's queries.
+
+    ``query`` is ``(batch, heads, q, dim)`` post-RoPE; ``last`` keeps only the last ``last`` queries.
+    Query heads are grouped by the KV head they share (GQA). Padding queries give all-zero rows.
+
+    Example:
+        >>> total = sum(p.sum(dim=(2, 3)) for p in iter_attention_probs(module, query, layer))  # doctest: +SKIP
+    """
+    batch, heads, q, dim = query.shape
+    keys = layer.keys
+    kv_heads = keys.shape[1]
+    first = q - (q if last is None else min(last, q))
+    scaling = getattr(module, "scaling", dim ** -0.5)
+    grouped = query.view(batch, kv_heads, heads // kv_heads, q, dim)
+    keys_t = keys.float().transpose(-1, -2)[:, :, None]
+    slot_pos = layer.positions[:, :, None, None, :]
+    slot_valid = layer.valid[:, :, None, None, :]
+    for start in range(first, q, chunk):
+        stop = min(start + chunk, q)
+        logits = (grouped[:, :, :, start:stop].float() @ keys_t) * scaling
+        query_pos = torch.arange(layer.seen - q + start, layer.seen - q + stop, device=query.device)
+        visible = slot_valid & (slot_pos <= query_pos[:, None])
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        yield probs.nan_to_num_(0.0)  # a padding query sees no real slot
+
+
+def attention_received(module, query: torch.Tensor, layer, last: int | None = None) -> torch.Tensor:
+    """Attention each slot received, summed over this call's (last ``last``) queries and averaged over the
+    query heads of each KV head: ``(batch, kv_heads, slots)``.
+
+    Example:
+        >>> scores = attention_received(module, query, layer, last=32)   # SnapKV's window   # doctest: +SKIP
+    """
+    total = None
+    for probs in iter_attention_probs(module, query, layer, last):
+        part = probs.sum(dim=3).mean(dim=2)
+        total = part if total is None else total + part
+    return total

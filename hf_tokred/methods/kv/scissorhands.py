@@ -1,0 +1,59 @@
+"""Scissorhands: persistence of importance (Liu et al., NeurIPS'23, arXiv 2305.17118).
+
+The paper observes that tokens which were important (received more than average attention) in the
+recent past stay important. Every token carries a counter of how many of the last ``history_window``
+queries gave it more attention than a uniform share (``1 / visible tokens``); when the cache reaches its
+budget, the tokens with the lowest counts are dropped, ``compress_every`` at a time (the paper's batched
+compression), so the budget is a hard cap.
+
+Where we depart from the paper: counts are kept per KV head (averaging the attention of the query heads
+that share it); tokens younger than the history window are protected by the recent window rather than
+by the paper's count normalisation; the sinks shared by every hf_tokred policy are protected too.
+
+Example:
+    >>> from hf_tokred import TokenReductionConfig
+    >>> cfg = TokenReductionConfig(method="scissorhands", keep=0.5)
+    >>> cfg.history_window, cfg.compress_every, cfg.recent_window(100)
+    (32, 8, 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...config import param, register_method
+from ...kv.policy import KVPolicyConfig
+from ...kv.scoring import iter_attention_probs
+
+
+@register_method("scissorhands")
+@dataclass(kw_only=True)
+class ScissorhandsConfig(KVPolicyConfig):
+    """Drop the tokens least often important over a history window (arXiv 2305.17118)."""
+
+    paper = "2305.17118"
+    compression = "step"
+    buffers = ("important",)
+
+    history_window: int = param(32, int, low=1, help="recent queries whose attention decides importance")
+    compress_every: int = param(8, int, low=1, help="tokens dropped at once when the cache reaches its budget")
+
+    def recent_window(self, budget: int) -> int:
+        return self.window if self.window is not None else self.history_window
+
+    def accumulate(self, layer, module, query):
+        history = layer.buffers["important"]
+        if history.dim() == 3:  # first call: one column per remembered query
+            history = history[..., None].expand(-1, -1, -1, self.history_window).clone()
+        columns = []
+        for probs in iter_attention_probs(module, query, layer, last=self.history_window):
+            probs = probs.mean(dim=2)  # (batch, kv_heads, queries, slots)
+            visible = (probs > 0).sum(dim=-1, keepdim=True).clamp_min(1)
+            columns.append((probs * visible > 1.0).float().transpose(-1, -2))
+        fresh = torch.cat(columns, dim=-1)
+        layer.buffers["important"] = torch.cat([history, fresh], dim=-1)[..., -self.history_window:]
+
+    def score(self, layer, module, query):
+        return layer.buffers["important"].sum(dim=-1)

@@ -1,0 +1,233 @@
+"""Every KV eviction policy on tiny Llama models: budgets, padding, decoding modes, attention backends."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+import hf_tokred
+from hf_tokred.errors import ConfigError
+
+POLICIES = ["streamingllm", "h2o", "scissorhands", "snapkv", "pyramidkv", "tova"]
+PREFILL_ONCE = {"snapkv", "pyramidkv"}
+
+
+def _config(method, **extra):
+    base = {"method": method, "sink_tokens": 2}
+    if method in ("snapkv", "pyramidkv"):
+        base.update(window_size=4, kernel_size=3)
+    if method == "scissorhands":
+        base.update(history_window=4, compress_every=2)
+    if method == "streamingllm" and "keep" not in extra:
+        extra = {"max_tokens": extra.pop("max_tokens", 12), **extra}
+    base.update(extra)
+    return base
+
+
+def _prompt(n=24, batch=1, seed=0):
+    return torch.randint(3, 120, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _layer_budgets(model, method, budget):
+    cfg = hf_tokred.TokenReductionConfig.coerce(_config(method, max_tokens=budget))
+    layers = model.config.num_hidden_layers
+    return [cfg.layer_budget(budget, i, layers) for i in range(layers)]
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_keep_one_is_bit_identical_to_dense(method):
+    model = make_tiny_llama()
+    prompt = _prompt()
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    dense = model.generate(prompt, past_key_values=DynamicCache(), **kwargs)
+    hf_tokred.apply(model, _config(method, keep=1.0))
+    reduced = model.generate(prompt, **kwargs)
+    assert isinstance(reduced.past_key_values, hf_tokred.TokenReductionCache)
+    assert torch.equal(reduced.sequences, dense.sequences)
+    for a, b in zip(reduced.scores, dense.scores):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_budget_is_kept_at_every_step(method):
+    model = make_tiny_llama(num_hidden_layers=3)
+    hf_tokred.apply(model, _config(method, max_tokens=12))
+    cache = hf_tokred.build_cache(model)
+    budgets = _layer_budgets(model, method, 12)
+    seen = []
+
+    class Watch(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(cache.stored_lengths())
+            return scores
+
+    model.generate(_prompt(30), max_new_tokens=10, do_sample=False, past_key_values=cache,
+                   logits_processor=LogitsProcessorList([Watch()]))
+    assert cache.get_seq_length() == 39
+    if method in PREFILL_ONCE:
+        # compressed once after the prompt to each layer's budget, then every generated token is appended
+        assert seen[0] == [min(b, 30) for b in budgets]
+        assert cache.stored_lengths() == [min(b, 30) + 9 for b in budgets]
+    else:
+        assert all(max(s) <= 12 for s in seen)
+    if method == "pyramidkv":
+        assert budgets[0] > budgets[1] > budgets[2]
+
+
+@pytest.mark.parametrize("method", POLICIES)
+@pytest.mark.parametrize("budget", [{"max_tokens": 12}, {"keep": 0.5}])
+def test_left_padded_batch_equals_rows_alone(method, budget):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config(method, **budget))
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 120, (n,), generator=g) for n in (26, 9, 17)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **kwargs)
+        assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):]), f"row {i}"
+        for step_b, step_a in zip(batched.scores, alone.scores):
+            torch.testing.assert_close(step_b[i], step_a[0], atol=1e-5, rtol=1e-5)
+        kept_b = batched.past_key_values.layers[1]
+        kept_a = alone.past_key_values.layers[1]
+        # the same real tokens are held, at the same logical positions (shifted by the row's padding)
+        pad = width - len(row)
+        held_b = torch.where(kept_b.valid[i], kept_b.positions[i] - pad, -1).sort(dim=-1).values
+        held_a = torch.where(kept_a.valid[0], kept_a.positions[0], -1).sort(dim=-1).values
+        assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_sdpa_and_eager_agree(method):
+    outs = []
+    for attn in ("sdpa", "eager"):
+        model = make_tiny_llama(attn_implementation=attn)
+        hf_tokred.apply(model, _config(method, max_tokens=12))
+        out = model.generate(_prompt(), max_new_tokens=10, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        outs.append(out)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[0].scores), torch.stack(outs[1].scores), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", POLICIES)
+def test_sampling_and_beam_search_reorder_buffers(method):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config(method, max_tokens=12))
+    prompt = _prompt(20, batch=2, seed=7)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=10, do_sample=True, num_return_sequences=2)
+    assert sampled.shape == (4, 30)
+    out = model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, return_dict_in_generate=True)
+    layer = out.past_key_values.layers[0]
+    assert out.sequences.shape == (2, 30) and layer.positions.shape[0] == 6
+    for name, buffer in layer.buffers.items():
+        assert buffer.shape[:3] == layer.valid.shape, name
+
+
+def test_beam_reorder_moves_history_with_slots():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config("h2o", max_tokens=12))
+    cache = hf_tokred.build_cache(model)
+    with torch.no_grad():
+        model(_prompt(20, batch=2), past_key_values=cache)
+    layer = cache.layers[0]
+    keys, history = layer.keys.clone(), layer.buffers["accumulated"].clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.keys, keys.flip(0)) and torch.equal(layer.buffers["accumulated"], history.flip(0))
+
+
+def test_h2o_accumulates_at_every_decoding_step():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config("h2o", max_tokens=40))
+    cache = hf_tokred.build_cache(model)
+    prompt = _prompt(20)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+        after_prefill = cache.layers[0].buffers["accumulated"].sum().item()
+        model(torch.tensor([[5]]), past_key_values=cache)
+    # every query's attention sums to one per query head: 20 prompt queries, then one more
+    heads = model.config.num_attention_heads
+    assert after_prefill == pytest.approx(20 * heads, rel=1e-4)
+    assert cache.layers[0].buffers["accumulated"].sum().item() == pytest.approx(21 * heads, rel=1e-4)
+
+
+def test_tova_keeps_the_tokens_the_last_query_attends_to():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config("tova", max_tokens=10, sink_tokens=0))
+    cache = hf_tokred.build_cache(model)
+    prompt = _prompt(24)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    with torch.no_grad():  # the same weights with eager attention, which returns its weights
+        out = make_tiny_llama(attn_implementation="eager")(prompt, output_attentions=True)
+    for index, layer in enumerate(cache.layers):
+        last = out.attentions[index][0, :, -1].mean(dim=0)  # the last query, averaged over the heads
+        expected = set(last.topk(10).indices.tolist())
+        assert set(layer.positions[0, 0].tolist()) == expected
+
+
+def test_snapkv_query_agnostic_mode():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config("snapkv", max_tokens=12))
+    context, question = _prompt(30), _prompt(5, seed=9)
+    cache = hf_tokred.compress_context(model, context)
+    assert cache.stored_lengths() == [12, 12] and cache.get_seq_length() == 30
+    full = torch.cat([context, question], dim=-1)
+    out = model.generate(full, past_key_values=copy.deepcopy(cache), max_new_tokens=6, do_sample=False,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 41)
+    assert out.past_key_values.stored_lengths() == [12 + 5 + 5] * 2  # question and answer appended
+    # the question never changed what the context kept
+    held = cache.layers[0].positions.sort(dim=-1).values
+    assert torch.equal(out.past_key_values.layers[0].positions[..., :12].sort(dim=-1).values, held)
+
+
+def test_merge_option_conserves_token_mass():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config("tova", max_tokens=10, evicted="merge"))
+    cache = hf_tokred.build_cache(model)
+    model.generate(_prompt(25), max_new_tokens=6, do_sample=False, past_key_values=cache)
+    for layer in cache.layers:
+        mass = (layer.buffers["mass"] * layer.valid).sum(dim=-1)
+        assert torch.allclose(mass, torch.full_like(mass, 30.0))  # every token seen is in some slot
+    dropped = hf_tokred.build_cache(model, _config("tova", max_tokens=10))
+    model.generate(_prompt(25), max_new_tokens=6, do_sample=False, past_key_values=dropped)
+    assert not torch.equal(cache.layers[1].values, dropped.layers[1].values)
+
+
+def test_kv_bytes_follow_the_budget():
+    model = make_tiny_llama()
+    dense = model.generate(_prompt(64), max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(),
+                           return_dict_in_generate=True).past_key_values
+    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+    hf_tokred.apply(model, _config("tova", keep=0.25))
+    cache = model.generate(_prompt(64), max_new_tokens=4, do_sample=False,
+                           return_dict_in_generate=True).past_key_values
+    assert cache.stored_lengths() == [16, 16]
+    assert cache.kv_bytes() <= (0.25 + 0.05) * dense_bytes
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        ({"method": "snapkv", "keep": 0.5, "kernel_size": 4}, "kernel_size"),
+        ({"method": "snapkv", "keep": 0.5, "compress_every": 4}, "compress_every"),
+        ({"method": "h2o", "max_tokens": 3}, "max_tokens"),
+        ({"method": "tova", "keep": 0.5, "evicted": "average"}, "evicted"),
+        ({"method": "pyramidkv", "keep": 0.5, "beta": 0.5}, "beta"),
+        ({"method": "scissorhands", "keep": 0.5, "history_window": 0}, "history_window"),
+        ({"method": "tova"}, "max_tokens"),
+    ],
+)
+def test_bad_values_name_the_field(cfg, field):
+    with pytest.raises(ConfigError) as err:
+        hf_tokred.TokenReductionConfig.from_dict(cfg)
+    assert err.value.field == field
