@@ -62,10 +62,17 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
                 f"{reducer.method} acts on {'/'.join(reducer.model_kinds)} models ({fits}); "
                 f"{type(model).__name__} is a {adapter.kind} model ({adapter.name})"
             )
-        if reducer.stage == "kv_policy" and not adapter.has_kv_cache:
+        if reducer.stage in ("kv_policy", "kv_storage") and not adapter.has_kv_cache:
             raise UnsupportedModelError(
-                f"{reducer.method} is a KV-cache policy and {type(model).__name__} has no KV cache to reduce"
+                f"{reducer.method} acts on the KV cache and {type(model).__name__} has no KV cache to reduce"
             )
+    policy, storage = config.get("kv_policy"), config.get("kv_storage")
+    if policy is not None and storage is not None and policy.evicted == "merge":
+        raise ConfigError(
+            f"evicted: {policy.method} with evicted='merge' averages stored keys in place, which compressed "
+            f"storage ({storage.method}) cannot do; use evicted='drop' with it",
+            field="evicted",
+        )
     attn = model.config._attn_implementation
     if STOCK_IMPLEMENTATIONS.get(attn, attn) not in REDUCED_IMPLEMENTATIONS:
         raise UnsupportedModelError(
@@ -176,8 +183,10 @@ def _attach_learned_modules(model, adapter, cfg, applied, weights_file) -> None:
 
 
 @register_wiring("kv_policy")
-def _wire_kv_policy(model, adapter, reducer, applied) -> None:
-    # Base models (LlamaModel) cannot generate: they use the policy through build_cache().
+@register_wiring("kv_storage")
+def _wire_kv_cache(model, adapter, reducer, applied) -> None:
+    # Base models (LlamaModel) cannot generate: they use the cache through build_cache(). A policy and a
+    # storage composed together share one override (the second install is the same method).
     if model.can_generate():
         model.generate = types.MethodType(_generate_with_reduction, model)
 
@@ -197,12 +206,15 @@ def build_cache(model, config: TokenReductionConfig | dict | None = None) -> Tok
             raise TokenReductionError("build_cache: the model has no reduction attached; pass config= or apply one")
         config = applied.config
     cfg = TokenReductionConfig.coerce(config)
-    policy = cfg.get("kv_policy")
-    if policy is None:
-        raise ConfigError(f"build_cache: {cfg.method} holds no KV policy (stage 'kv_policy')", field="method")
+    policy, storage = cfg.get("kv_policy"), cfg.get("kv_storage")
+    if policy is None and storage is None:
+        raise ConfigError(
+            f"build_cache: {cfg.method} holds no KV policy or KV storage (stages 'kv_policy', 'kv_storage')",
+            field="method",
+        )
     if applied is None:
         raise TokenReductionError("build_cache: apply the reduction first (hf_tokred.apply) so attention can evict")
-    return TokenReductionCache(model, policy)
+    return TokenReductionCache(model, policy, storage)
 
 
 def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -233,15 +245,17 @@ def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def _generate_with_reduction(self, *args, **kwargs):
     applied = get_applied(self)
     policy = applied.config.get("kv_policy") if applied is not None else None
+    storage = applied.config.get("kv_storage") if applied is not None else None
     generation_config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-    if policy is not None and kwargs.get("past_key_values") is None and use_cache is not False:
+    if (policy or storage) is not None and kwargs.get("past_key_values") is None and use_cache is not False:
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            label = "+".join(c.method for c in (policy, storage) if c is not None)
             raise TokenReductionError(
-                f"{policy.method}: assisted decoding needs a cache it can crop, and an evicting cache cannot be "
+                f"{label}: assisted decoding needs a cache it can crop, and this cache cannot be "
                 "cropped; pass past_key_values=transformers.DynamicCache() to decode densely"
             )
-        kwargs["past_key_values"] = TokenReductionCache(self, policy)
+        kwargs["past_key_values"] = TokenReductionCache(self, policy, storage)
     return type(self).generate(self, *args, **kwargs)
 
 

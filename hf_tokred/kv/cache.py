@@ -50,11 +50,14 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
 
-    def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1):
+    def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1, store=None,
+                 label: str | None = None):
         super().__init__()
         self.policy = policy
+        self.label = label or policy.method  # the reduction's name in error messages
         self.layer_idx = layer_idx
         self.num_layers = num_layers
+        self.store = store  # a KVStore (hf_tokred.kv.storage) holding the slots compressed, or None
         self._reset_counters()
 
     def _reset_counters(self):
@@ -87,7 +90,12 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         if first:
             budget = self.policy.budget(new)
             self.budget = None if budget is None else self.policy.layer_budget(budget, self.layer_idx, self.num_layers)
-        if self.compacted:
+        if self.store is not None:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.store.append(key_states, value_states)
+            self.keys, self.values = keys, values  # transient full-precision copies, released after attention
+        elif self.compacted:
             keys, values = self._append(key_states, value_states)
         else:
             keys, values = super().update(key_states, value_states)
@@ -147,10 +155,14 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     def stored_length(self) -> int:
         """Slots this layer holds now."""
+        if self.store is not None:
+            return self.store.length
         return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
 
     def kv_bytes(self) -> int:
         """Bytes of the key/value tensors this layer holds, spare capacity included."""
+        if self.store is not None:
+            return self.store.nbytes()
         if not self.stored_length():
             return 0
         held = (self._key_buffer, self._value_buffer) if self._holds_buffer() else (self.keys, self.values)
@@ -173,20 +185,29 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         self._key_buffer = self._value_buffer = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+        if self.store is not None:
+            self.store.select_batch(beam_idx)
+        else:
+            super().reorder_cache(beam_idx)
         self._map_slot_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
+        if self.store is not None:
+            self.store.repeat_batch(repeats)
+        else:
+            super().batch_repeat_interleave(repeats)
         self._map_slot_state(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
+        if self.store is not None:
+            self.store.select_batch(indices)
+        else:
+            super().batch_select_indices(indices)
         self._map_slot_state(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise TokenReductionError(
-            f"{self.policy.method}: an evicting cache cannot be cropped (assisted decoding and other crop users "
+            f"{self.label}: an evicting cache cannot be cropped (assisted decoding and other crop users "
             "are not supported); use the dense cache for them"
         )
 
@@ -225,6 +246,14 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     def observe(self, module, query, key, value, attention_mask) -> None:
         self.awaiting_attention = False
+        try:
+            self._evict_if_over_budget(module, query)
+        finally:
+            if self.store is not None:
+                self.store.release()
+                self.keys = self.values = None
+
+    def _evict_if_over_budget(self, module, query) -> None:
         policy = self.policy
         if self.budget is None:
             return
@@ -273,6 +302,9 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         evicted = self.stored_length() - budget
         if evicted == 0:
             pass  # only validity changed (per-row or per-head budgets below the physical size)
+        elif self.store is not None:
+            self.store.gather(keep)
+            self._set_slot_tensors({k: _gather_slots(t, keep) for k, t in self._slot_tensors().items()})
         elif self._holds_buffer() and evicted <= budget:
             self._fill_holes(keep, budget)
         else:
@@ -412,30 +444,38 @@ class TokenReductionCache(Cache):
         >>> cache.kv_bytes()                                            # doctest: +SKIP
     """
 
-    def __init__(self, model, policy: KVPolicyConfig):
+    def __init__(self, model, policy: KVPolicyConfig | None = None, storage=None):
         from ..model_patches import find_adapter
 
+        if policy is None and storage is None:
+            raise TokenReductionError("TokenReductionCache needs a KV policy, a KV storage, or both")
+        label = "+".join(c.method for c in (policy, storage) if c is not None)
         adapter = find_adapter(model)
         if not adapter.has_kv_cache:
-            raise UnsupportedModelError(f"{type(model).__name__} has no KV cache; {policy.method} needs one")
+            raise UnsupportedModelError(f"{type(model).__name__} has no KV cache; {label} needs one")
         attn = model.config._attn_implementation
         if attn not in STOCK_IMPLEMENTATIONS:
             raise TokenReductionError(
-                f"{policy.method}: the model's attn_implementation is {attn!r}; a TokenReductionCache needs "
+                f"{label}: the model's attn_implementation is {attn!r}; a TokenReductionCache needs "
                 f"hf_tokred's attention ({', '.join(sorted(STOCK_IMPLEMENTATIONS))}); use hf_tokred.apply(model, cfg)"
             )
         text_config = model.config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError(
-                f"{policy.method}: layers of types {sorted(set(layer_types) - {'full_attention'})} are not supported; "
+                f"{label}: layers of types {sorted(set(layer_types) - {'full_attention'})} are not supported; "
                 "only full-attention layers can evict"
             )
         modules = adapter.attention_modules(model)
         self._attention_modules = {m.layer_idx: m for m in modules}
-        self.policy = policy
+        if policy is None:  # storage only: a policy that never evicts
+            from ..config import TokenReductionConfig
+
+            policy = TokenReductionConfig(method="streamingllm", keep=1.0)
+        self.policy, self.storage, self.label = policy, storage, label
         layers = text_config.num_hidden_layers
-        super().__init__(layers=[ReducingLayer(policy, i, layers) for i in range(layers)])
+        stores = storage.make_stores(layers, model) if storage is not None else [None] * layers
+        super().__init__(layers=[ReducingLayer(policy, i, layers, store, label) for i, store in enumerate(stores)])
 
     def __deepcopy__(self, memo):
         # A copy (one compressed context reused for several questions) binds to the same model: share the
