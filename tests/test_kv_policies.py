@@ -12,8 +12,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import hf_tokred
 from hf_tokred.errors import ConfigError
 
-POLICIES = ["streamingllm", "h2o", "scissorhands", "snapkv", "pyramidkv", "tova"]
-PREFILL_ONCE = {"snapkv", "pyramidkv"}
+POLICIES = ["streamingllm", "h2o", "scissorhands", "snapkv", "pyramidkv", "tova", "fastgen"]
+PREFILL_ONCE = {"snapkv", "pyramidkv", "fastgen"}
 
 
 def _config(method, **extra):
@@ -22,6 +22,8 @@ def _config(method, **extra):
         base.update(window_size=4, kernel_size=3)
     if method == "scissorhands":
         base.update(history_window=4, compress_every=2)
+    if method == "fastgen":
+        base.update(profile_window=4, special_token_ids=[1], punctuation_token_ids=[5, 6, 7], recovery=0.6)
     if method == "streamingllm" and "keep" not in extra:
         extra = {"max_tokens": extra.pop("max_tokens", 12), **extra}
     base.update(extra)
@@ -231,3 +233,42 @@ def test_bad_values_name_the_field(cfg, field):
     with pytest.raises(ConfigError) as err:
         hf_tokred.TokenReductionConfig.from_dict(cfg)
     assert err.value.field == field
+
+
+def test_fastgen_gives_heads_their_own_budgets():
+    model = make_tiny_llama(num_attention_heads=8, num_key_value_heads=8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[:8] *= 40  # head 0 (head_dim 8) attends sharply, the others diffusely
+    hf_tokred.apply(model, _config("fastgen", max_tokens=30, recovery=0.45, frequent_ratio=0.1, local_ratio=0.1))
+    prompt = _prompt(40)
+    prompt[0, ::5] = 5  # punctuation every fifth token
+    cache = hf_tokred.compress_context(model, prompt)
+    kept = torch.stack([layer.valid.sum(dim=-1)[0] for layer in cache.layers])  # (layers, heads)
+    assert cache.stored_lengths() == [30, 30]
+    # head 0 needs only sinks, punctuation and 4 heavy hitters (2 + 8 + 4); the others fill the whole budget
+    assert kept[:, 0].tolist() == [14, 14] and bool((kept[:, 1:] == 30).all())
+    # the next step's attention masks each head's unused slots: same logits with sdpa and eager
+    step = torch.tensor([[9]])
+    with torch.no_grad():
+        sdpa = model(step, past_key_values=copy.deepcopy(cache)).logits
+        model.set_attn_implementation("hf_tokred_eager")
+        eager = model(step, past_key_values=copy.deepcopy(cache)).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_fastgen_reads_token_ids_from_the_tokenizer_beside_the_model(tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    from hf_tokred.methods.kv.fastgen import token_ids_from_tokenizer
+
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path)
+    tokenizer = make_tiny_tokenizer(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path, token_reduction={"method": "fastgen", "keep": 0.5})
+    cache = hf_tokred.build_cache(reloaded)
+    assert cache.policy.special_token_ids == token_ids_from_tokenizer(tokenizer)["special_token_ids"] == [0, 1, 2, 127]
+    bare = make_tiny_llama()
+    hf_tokred.apply(bare, {"method": "fastgen", "keep": 0.5})
+    with pytest.raises(hf_tokred.TokenReductionError, match="special_token_ids"):
+        hf_tokred.build_cache(bare)

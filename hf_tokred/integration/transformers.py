@@ -189,6 +189,16 @@ def _wire_kv_cache(model, adapter, reducer, applied) -> None:
     # storage composed together share one override (the second install is the same method).
     if model.can_generate():
         model.generate = types.MethodType(_generate_with_reduction, model)
+    if getattr(reducer, "needs_token_ids", False):
+        handle = model.register_forward_pre_hook(_record_input_ids, with_kwargs=True)
+        applied.add_undo(handle.remove)
+
+
+def _record_input_ids(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(cache, TokenReductionCache) and isinstance(input_ids, torch.Tensor):
+        cache.record_input_ids(input_ids)
 
 
 def build_cache(model, config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:

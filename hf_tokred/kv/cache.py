@@ -51,9 +51,11 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
 
     def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1, store=None,
-                 label: str | None = None):
+                 label: str | None = None, shared: dict | None = None):
         super().__init__()
         self.policy = policy
+        self.shared = {} if shared is None else shared  # state of the whole cache (the input ids it has seen)
+        self.scratch: dict = {}  # what a policy's score() leaves for its head_budgets() in the same step
         self.label = label or policy.method  # the reduction's name in error messages
         self.layer_idx = layer_idx
         self.num_layers = num_layers
@@ -265,7 +267,8 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 return  # compressed once after the prompt; later tokens are appended
             slack = 0 if policy.compression == "prefill" else policy.compress_every - 1
             targets = (self.row_budgets - slack)[:, None]  # (batch, 1)
-            if not bool((self.valid.sum(dim=-1) > targets).any()):
+            over = (self.valid.sum(dim=-1) > targets).any(dim=-1, keepdim=True)  # rows over their budget
+            if not bool(over.any()):
                 return
             physical = min(int(targets.max()), self.stored_length())
             scores = policy.score(self, module, query).float()
@@ -273,6 +276,8 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             head_budgets = policy.head_budgets(self, module, query, physical)
             if head_budgets is not None:
                 limits = torch.minimum(limits, head_budgets)
+            # A row within its budget keeps everything, as it would alone.
+            limits = torch.where(over, limits, physical)
             windows = [policy.recent_window(int(t)) for t in targets[:, 0].tolist()]
             self.evict(scores, physical, None if bool((limits >= physical).all()) else limits,
                        torch.tensor(windows, device=targets.device)[:, None, None])
@@ -472,10 +477,19 @@ class TokenReductionCache(Cache):
             from ..config import TokenReductionConfig
 
             policy = TokenReductionConfig(method="streamingllm", keep=1.0)
+        policy = policy.bind(model)
         self.policy, self.storage, self.label = policy, storage, label
+        self.shared: dict = {"token_ids": None}
         layers = text_config.num_hidden_layers
         stores = storage.make_stores(layers, model) if storage is not None else [None] * layers
-        super().__init__(layers=[ReducingLayer(policy, i, layers, store, label) for i, store in enumerate(stores)])
+        super().__init__(layers=[
+            ReducingLayer(policy, i, layers, store, label, self.shared) for i, store in enumerate(stores)
+        ])
+
+    def record_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Remember the token ids fed to the model (policies with ``needs_token_ids`` read them)."""
+        known = self.shared["token_ids"]
+        self.shared["token_ids"] = input_ids if known is None else torch.cat([known, input_ids.to(known.device)], -1)
 
     def __deepcopy__(self, memo):
         # A copy (one compressed context reused for several questions) binds to the same model: share the

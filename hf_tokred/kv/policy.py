@@ -54,6 +54,7 @@ class KVPolicyConfig(TokenReductionConfig):
     model_kinds: ClassVar[tuple[str, ...]] = ("decoder",)
     compression: ClassVar[str] = "step"
     buffers: ClassVar[tuple[str, ...]] = ()
+    needs_token_ids: ClassVar[bool] = False  # the cache records the input ids it sees (layer.shared["token_ids"])
 
     keep: float | None = param(None, float, low=0.0, high=1.0, low_open=True, optional=True,
                                help="fraction of the prompt's tokens the cache keeps (1.0 = dense)")
@@ -85,6 +86,10 @@ class KVPolicyConfig(TokenReductionConfig):
                 f"compress_every), got {self.max_tokens}",
                 field="max_tokens",
             )
+
+    def bind(self, model) -> KVPolicyConfig:
+        """The policy a cache for ``model`` uses (a copy with model-specific values filled in, or ``self``)."""
+        return self
 
     # -- when ---------------------------------------------------------------------------------
 
