@@ -12,7 +12,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import hf_tokred
 from hf_tokred.errors import ConfigError
 
-POLICIES = ["streamingllm", "h2o", "scissorhands", "snapkv", "pyramidkv", "tova", "fastgen"]
+POLICIES = ["streamingllm", "h2o", "scissorhands", "snapkv", "pyramidkv", "tova", "fastgen", "keydiff"]
 PREFILL_ONCE = {"snapkv", "pyramidkv", "fastgen"}
 
 
@@ -272,3 +272,16 @@ def test_fastgen_reads_token_ids_from_the_tokenizer_beside_the_model(tmp_path):
     hf_tokred.apply(bare, {"method": "fastgen", "keep": 0.5})
     with pytest.raises(hf_tokred.TokenReductionError, match="special_token_ids"):
         hf_tokred.build_cache(bare)
+
+
+@pytest.mark.parametrize("reference", ["keys", "values"])
+def test_keydiff_keeps_the_distinctive_tokens(reference):
+    from types import SimpleNamespace
+
+    cfg = hf_tokred.TokenReductionConfig(method="keydiff", max_tokens=4, sink_tokens=0, reference=reference)
+    common = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    vectors = torch.stack([common + 0.01 * i for i in range(6)] + [torch.tensor([0.0, 1.0, 0.0, 0.0])])
+    vectors = vectors.expand(1, 1, 7, 4)
+    layer = SimpleNamespace(keys=vectors, values=vectors, valid=torch.ones(1, 1, 7, dtype=torch.bool))
+    scores = cfg.score(layer, None, None)
+    assert scores[0, 0].argmax().item() == 6  # the one key unlike the mean is the most worth keeping

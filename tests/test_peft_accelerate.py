@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -39,14 +40,17 @@ def test_lora_adapter_on_reduced_model_and_merge(tiny_llama_dir, tmp_path):
     assert not torch.equal(plain.sequences, with_adapter.sequences)
 
 
-def test_device_map_with_offloaded_layer(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("reduction", [STREAM, {"method": "h2o", "max_tokens": 8, "sink_tokens": 1},
+                                       {"method": "snapkv", "max_tokens": 8, "window_size": 2, "sink_tokens": 1}],
+                         ids=["streamingllm", "h2o", "snapkv"])
+def test_device_map_with_offloaded_layer(tiny_llama_dir, tmp_path, reduction):
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     offloaded = AutoModelForCausalLM.from_pretrained(
-        tiny_llama_dir, token_reduction=STREAM, device_map=device_map, offload_folder=str(tmp_path / "offload")
+        tiny_llama_dir, token_reduction=reduction, device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
     assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded by accelerate
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=STREAM)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=reduction)
     ids = torch.randint(3, 120, (1, 10), generator=torch.Generator().manual_seed(0))
     out = offloaded.generate(ids, **GEN)
     expected = reference.generate(ids, **GEN)
@@ -55,7 +59,9 @@ def test_device_map_with_offloaded_layer(tiny_llama_dir, tmp_path):
         execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None) or "cpu"
         assert layer.keys.device == torch.device(execution_device)
         assert layer.positions.device == layer.keys.device and layer.valid.device == layer.keys.device
-    assert out.past_key_values.stored_lengths() == [8, 8]
+        assert all(buffer.device == layer.keys.device for buffer in layer.buffers.values())
+    # prefill-once SnapKV appends the generated tokens after compressing the prompt to 8
+    assert out.past_key_values.stored_lengths() == ([8 + 11] * 2 if reduction["method"] == "snapkv" else [8, 8])
 
 
 def test_remove_after_peft_restores_dense(tiny_llama):

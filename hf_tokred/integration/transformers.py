@@ -67,6 +67,14 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
                 f"{reducer.method} acts on the KV cache and {type(model).__name__} has no KV cache to reduce"
             )
     policy, storage = config.get("kv_policy"), config.get("kv_storage")
+    if storage is not None:
+        storage.check_model(model)  # e.g. a group size that does not divide the head dimension
+        if policy is not None and not storage.composes_with_eviction:
+            raise ConfigError(
+                f"method: {storage.method} cannot be composed with the eviction policy {policy.method} "
+                f"(kivi and kvquant storage can)",
+                field="method",
+            )
     if policy is not None and storage is not None and policy.evicted == "merge":
         raise ConfigError(
             f"evicted: {policy.method} with evicted='merge' averages stored keys in place, which compressed "

@@ -4,6 +4,7 @@ from .diffusion import todo  # noqa: F401
 from .encoder import tome  # noqa: F401
 from .kv import fastgen  # noqa: F401
 from .kv import h2o  # noqa: F401
+from .kv import keydiff  # noqa: F401
 from .kv import pyramidkv  # noqa: F401
 from .kv import scissorhands  # noqa: F401
 from .kv import snapkv  # noqa: F401
