@@ -27,7 +27,7 @@ DEFAULT_PRESET = "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"
 DEFAULT_SAMPLES = 20
 
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
-BENCH_COMMANDS: list[str] = []
+BENCH_COMMANDS: list[str] = ["hf_tokred.bench.kv", "hf_tokred.bench.diffusion", "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods

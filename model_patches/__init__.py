@@ -140,4 +140,4 @@ def find_adapter(model) -> ModelAdapter:
 
 
 # Importing registers the adapters.
-from . import bert, dit, llama, unet, vit  # noqa: E402,F401
+from . import bert, clip, deit, dinov2, dit, flux, llama, pixart, sd3, siglip, unet, vit  # noqa: E402,F401

@@ -1,5 +1,6 @@
 """DiT denoisers: ``transformer_blocks`` of ``BasicTransformerBlock``; self-attention ``attn1`` over
-(H/patch)x(W/patch) image tokens.
+(H/patch)x(W/patch) image tokens (the block's first argument ``hidden_states``), feed-forward ``ff``;
+class-conditional, so no cross-attention.
 
 The latent is the first argument of ``forward`` (``hidden_states``) and the patch size is
 ``config.patch_size``; every block attends over the same patch grid, which diffusion reducers treat
@@ -7,6 +8,7 @@ as level 1 (the finest grid), so ``max_downsample`` never switches a DiT block o
 """
 
 from . import ModelAdapter, register_adapter
+from .diffusion_blocks import BASIC_TRANSFORMER_BLOCK, DenoiserLayout, register_denoiser_layout
 
 register_adapter(
     ModelAdapter(
@@ -19,3 +21,4 @@ register_adapter(
         examples=("DiTTransformer2DModel",),
     )
 )
+register_denoiser_layout(DenoiserLayout(adapter="dit", blocks=(BASIC_TRANSFORMER_BLOCK,)))

@@ -32,6 +32,15 @@ IMAGE, PATCH, LAYERS = 32, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 64 patches + CLS
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they only wait at barriers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def vit_config(**kw):
     return ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,
                      num_attention_heads=4, intermediate_size=128, num_labels=3, **kw)
@@ -98,7 +107,7 @@ def untouched(model, attn="sdpa"):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "x", True, None, [2, -1], [1, 2.0]])
+@pytest.mark.parametrize("bad", [-1, 1.5, "x", True, [2, -1], [1, 2.0]])  # None means "8 unless ratio"
 def test_bad_r_is_rejected_naming_the_field(bad):
     with pytest.raises(ConfigError) as info:
         TokenReductionConfig(method="tome", r=bad)
@@ -107,14 +116,59 @@ def test_bad_r_is_rejected_naming_the_field(bad):
 
 
 def test_unknown_field_and_bad_prop_attn():
-    with pytest.raises(ConfigError, match="ratio: not a field of method 'tome'.*prop_attn, r"):
-        TokenReductionConfig(method="tome", ratio=0.5)
+    with pytest.raises(ConfigError, match="rate: not a field of method 'tome'.*prop_attn, r, ratio, restore_length"):
+        TokenReductionConfig(method="tome", rate=0.5)
     with pytest.raises(ConfigError, match="prop_attn: expected a bool"):
         TokenReductionConfig(method="tome", prop_attn="yes")
 
 
+def test_ratio_and_metric_fields():
+    cfg = TokenReductionConfig(method="tome", ratio=0.25)
+    assert cfg.r is None and cfg.schedule(3) == [0.25] * 3
+    assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
+    assert TokenReductionConfig(method="tome").r == 8 and TokenReductionConfig(method="tome").needs == {"metric"}
+    assert TokenReductionConfig(method="tome", metric="hidden").needs == frozenset()
+    with pytest.raises(ConfigError, match="ratio: give r or ratio, not both"):
+        TokenReductionConfig(method="tome", r=4, ratio=0.2)
+    with pytest.raises(ConfigError, match="ratio: expected a number in \\[0, 0.5\\]"):
+        TokenReductionConfig(method="tome", ratio=0.7)
+    with pytest.raises(ConfigError, match="metric: expected one of 'keys', 'hidden'"):
+        TokenReductionConfig(method="tome", metric="queries")
+
+
+def test_ratio_merges_each_rows_share_and_rows_equal_rows_alone():
+    model = make(BertModel, bert_config())
+    ids, mask = padded_batch()
+    hf_tokred.apply(model, TokenReductionConfig(method="tome", ratio=0.25))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+        sizes = token_sizes(model)
+        counts = model.__dict__[STATE_ATTR].row_counts
+        for row in range(len(ids)):
+            n = int(mask[row].sum())
+            alone = model(ids[row:row + 1, :n]).last_hidden_state
+            k = alone.shape[1]
+            expected = n
+            for _ in range(LAYERS):
+                expected -= min(int((expected - 1) * 0.25), (expected - 1) // 2)
+            assert k == expected == int(counts[-1][row])
+            assert torch.allclose(out[row, :k], alone[0], atol=1e-5)
+            assert (sizes[row, k:] == 0).all() and sizes[row].sum() == n
+
+
+def test_hidden_state_metric(vit, images):
+    with torch.no_grad():
+        hf_tokred.apply(vit, TokenReductionConfig(method="tome", r=6))
+        keys = vit(images).last_hidden_state
+        hf_tokred.apply(vit, TokenReductionConfig(method="tome", r=6, metric="hidden"))
+        hidden = vit(images).last_hidden_state
+    assert keys.shape == hidden.shape == (3, TOKENS - 6 * LAYERS, 64) and not torch.allclose(keys, hidden)
+    state = vit.__dict__[STATE_ATTR]
+    assert not state.needs and not state.stats  # no attention statistics computed
+
+
 def test_config_round_trip_and_schedule():
-    cfg = TokenReductionConfig(method="tome", r=(3, 2), prop_attn=False)
+    cfg = TokenReductionConfig(method="tome", r=[3, 2], prop_attn=False)
     assert isinstance(cfg, ToMeConfig) and cfg.r == [3, 2]
     assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.schedule(4) == [3, 2, 0, 0]
@@ -122,6 +176,15 @@ def test_config_round_trip_and_schedule():
     assert ToMeConfig.paper == "2210.09461" and ToMeConfig.stage == "sequence"
     with pytest.raises(ConfigError, match="r: the list has 3 values but the model has 2 blocks"):
         cfg.__class__(r=[1, 1, 1]).schedule(2)
+    # (r, inflect): the paper's linear schedule, stored as two fields so it survives JSON
+    pair = TokenReductionConfig(method="tome", r=(4, -0.5))
+    assert (pair.r, pair.inflect) == (4, -0.5)
+    assert pair.schedule(4) == [6, 4, 3, 2]  # int() truncation, as in the paper's parse_r
+    assert TokenReductionConfig.from_dict(pair.to_dict()).schedule(4) == pair.schedule(4)
+    assert TokenReductionConfig(method="tome", r=(4, 1.0)).schedule(3) == [0, 4, 8]
+    for bad in [(4, 2.0), (4, "x"), (1, 2, 3), (-1, 0.0)]:
+        with pytest.raises(ConfigError):
+            TokenReductionConfig(method="tome", r=bad)
 
 
 # ---------------------------------------------------------------------------------------------

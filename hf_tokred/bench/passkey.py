@@ -32,10 +32,11 @@ Example:
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .common import Prompt, cache_kv_bytes, run_prompts, tokenize_parts
 
 INSTRUCTION = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it."
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -155,93 +156,24 @@ def is_correct(sample: PasskeySample, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running: shared by generation tasks (one prompt, greedy answer, cache measured at the end)
+# Running (the shared machinery lives in hf_tokred.bench.common)
 # ---------------------------------------------------------------------------------------------
 
 
-class _StepClock:
-    """A ``generate()`` streamer that timestamps the prompt and every generated token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        self.times.append(time.perf_counter())
-
-
-def cache_kv_bytes(cache) -> int:
-    """Bytes of the key/value tensors a cache holds now (a ``TokenReductionCache`` or any layered Cache).
+def prompt_ids(tokenizer, sample: PasskeySample) -> tuple[torch.Tensor, int]:
+    """Token ids ``(1, n)`` of the full prompt and the number of them that form the context.
 
     Example:
-        >>> import torch
-        >>> from transformers import DynamicCache
-        >>> from hf_tokred.bench.passkey import cache_kv_bytes
-        >>> cache = DynamicCache()
-        >>> _ = cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
-        >>> cache_kv_bytes(cache)
-        320
+        >>> from hf_tokred.bench.passkey import PasskeySample, prompt_ids
+        >>> ids, n_context = prompt_ids(tokenizer, PasskeySample(key=12345, depth=0.5))   # doctest: +SKIP
+        >>> ids.shape[-1] - n_context                                                    # doctest: +SKIP
+        17
     """
-    if hasattr(cache, "kv_bytes"):
-        return int(cache.kv_bytes())
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def _stored_tokens(cache) -> int:
-    """Tokens the first layer holds now (what the budget caps)."""
-    if hasattr(cache, "stored_lengths"):
-        return max(cache.stored_lengths() or [0])
-    keys = getattr(cache.layers[0], "keys", None) if cache.layers else None
-    return 0 if not isinstance(keys, torch.Tensor) or keys.dim() < 3 else keys.shape[-2]
-
-
-def _generate_one(model, input_ids, cache, max_new_tokens: int):
-    """Greedy generation of one prompt; returns new token ids, prefill seconds, decode seconds."""
-    clock = _StepClock()
-    attention_mask = torch.ones_like(input_ids)
-    with torch.no_grad():
-        start = time.perf_counter()
-        output = model.generate(
-            input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=max_new_tokens,
-            do_sample=False, streamer=clock, pad_token_id=model.generation_config.pad_token_id,
-        )
-    # put() #0 is the prompt, put() #1 the token that the prefill produced, then one per decode step.
-    first = clock.times[1] if len(clock.times) > 2 else clock.times[-1]
-    return output[0, input_ids.shape[-1]:], first - start, clock.times[-1] - first
-
-
-class _Reduction:
-    """Context manager: attach ``config`` for the run when the model carries no reduction, then remove it."""
-
-    def __init__(self, model, config):
-        self.model, self.config, self.attached = model, config, False
-
-    def __enter__(self):
-        import hf_tokred
-        from hf_tokred.integration.wiring import get_applied
-
-        if self.config is not None and get_applied(self.model) is None:
-            hf_tokred.apply(self.model, self.config)
-            self.attached = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.attached:
-            import hf_tokred
-
-            hf_tokred.remove(self.model)
-        return False
+    return tokenize_parts(tokenizer, *build_prompt_parts(tokenizer, sample))
 
 
 def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, progress: bool = True,
-                desc: str | None = None, warmup: bool = True) -> dict:
+                desc: str | None = None, warmup: bool = True, mode: str = "aware") -> dict:
     """Run passkey retrieval, dense (``config=None``) or with a KV policy, and measure it.
 
     With a config, each sample decodes with a fresh ``hf_tokred.build_cache(model, config)``; the
@@ -256,7 +188,9 @@ def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, 
       counted in the prefill), ``decode_tokens``: mean decode steps timed.
 
     ``desc`` labels the progress bar. ``warmup`` first runs one short, untimed generation so that
-    one-time start-up costs do not land on the first sample's times.
+    one-time start-up costs do not land on the first sample's times. ``mode="agnostic"`` compresses
+    the context before the question is fed (see :mod:`hf_tokred.bench.common`); the default
+    ``"aware"`` prefills the whole prompt.
 
     Example:
         >>> from hf_tokred.embedded import load_smollm2
@@ -269,63 +203,16 @@ def run_passkey(model, tokenizer, samples: list[PasskeySample], *, config=None, 
         >>> reduced["kv_bytes"] < dense["kv_bytes"]                                    # doctest: +SKIP
         True
     """
-    from transformers import DynamicCache
-
     import hf_tokred
 
-    cfg = None if config is None else hf_tokred.TokenReductionConfig.coerce(config)
-    samples = list(samples)
-    label = desc or ("dense" if cfg is None else cfg.method)
-    per_sample = []
-    with _Reduction(model, cfg):
-        if warmup and samples:
-            ids = tokenizer(build_prompt(tokenizer, samples[0]), return_tensors="pt", add_special_tokens=False).input_ids
-            cache = DynamicCache() if cfg is None else hf_tokred.build_cache(model, cfg)
-            _generate_one(model, ids[:, :32].to(model.device), cache, 2)
-        iterator = samples
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(samples, desc=f"passkey [{label}]", unit="sample", leave=True)
-        for sample in iterator:
-            ids = tokenizer(build_prompt(tokenizer, sample), return_tensors="pt", add_special_tokens=False).input_ids
-            ids = ids.to(model.device)
-            cache = DynamicCache() if cfg is None else hf_tokred.build_cache(model, cfg)
-            new_tokens, prefill_s, decode_s = _generate_one(model, ids, cache, MAX_NEW_TOKENS)
-            answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            per_sample.append({
-                **asdict(sample),
-                "answer": answer,
-                "correct": is_correct(sample, answer),
-                "prompt_tokens": int(ids.shape[-1]),
-                "generated_tokens": int(new_tokens.shape[-1]),
-                "decode_tokens": max(int(new_tokens.shape[-1]) - 1, 0),
-                "kv_bytes": cache_kv_bytes(cache),
-                "kv_tokens": _stored_tokens(cache),
-                "prefill_s": prefill_s,
-                "decode_s": decode_s,
-            })
-            del cache
-
-    def mean(key):
-        return sum(r[key] for r in per_sample) / len(per_sample) if per_sample else 0.0
-
-    correct = [r["correct"] for r in per_sample]
-    return {
-        "task": "passkey",
-        "method": "dense" if cfg is None else cfg.method,
-        "config": None if cfg is None else cfg.to_dict(),
-        "samples": len(per_sample),
-        "accuracy": sum(correct) / len(correct) if correct else 0.0,
-        "correct": correct,
-        "mean_prompt_tokens": mean("prompt_tokens"),
-        "kv_bytes": int(round(mean("kv_bytes"))),
-        "kv_tokens": mean("kv_tokens"),
-        "prefill_s": mean("prefill_s"),
-        "decode_s": mean("decode_s"),
-        "decode_tokens": mean("decode_tokens"),
-        "per_sample": per_sample,
-    }
+    method = "dense" if config is None else hf_tokred.TokenReductionConfig.coerce(config).method
+    prompts = []
+    for sample in samples:
+        ids, n_context = prompt_ids(tokenizer, sample)
+        prompts.append(Prompt(ids, n_context, str(sample.key), MAX_NEW_TOKENS, asdict(sample)))
+    result = run_prompts(model, tokenizer, prompts, config=config, mode=mode, warmup=warmup, progress=progress,
+                         desc=f"passkey [{desc or method}]")
+    return {"task": "passkey", **result}
 
 
 __all__ = [
@@ -340,5 +227,6 @@ __all__ = [
     "cache_kv_bytes",
     "is_correct",
     "make_passkey_samples",
+    "prompt_ids",
     "run_passkey",
 ]

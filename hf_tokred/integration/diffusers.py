@@ -11,7 +11,14 @@ diffusers' own ``HookRegistry``/``ModelHook``, never by copying a block's ``forw
   :data:`KV_PROCESSORS` that is exactly self-attention with reduced keys/values, because the
   self-attention modules of these denoisers have no ``norm_cross``, ``group_norm`` or
   ``spatial_norm`` (which the processors would apply to one input and not the other); both are
-  checked before anything is attached, and again on every call.
+  checked before anything is attached, and again on every call. In joint (SD3) attention the
+  image keys/values are reduced at the ``to_k``/``to_v`` projections instead;
+* for ``tome_sd``, a hook on every transformer block within ``max_downsample`` computes the token
+  matching from the block's image tokens, and hooks on the modules inside it (self-attention, and
+  optionally cross-attention and the feed-forward) merge their input and unmerge their output.
+
+Where the image tokens sit in each block class (argument, submodules, joint attention, rotary
+tables, text prefixes) comes from ``hf_tokred.model_patches.diffusion_blocks``.
 
 The config is stored as ``_token_reduction`` in the denoiser's ``config.json`` (an underscore key:
 diffusers keeps it silently on load and writes it back on save, and a process without hf_tokred
@@ -52,6 +59,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     AttnProcessorNPU,
+    JointAttnProcessor2_0,
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
@@ -79,6 +87,9 @@ DENOISER_COMPONENTS = ("unet", "transformer")
 # ``to_k/to_v(hidden_states)`` otherwise, with nothing else differing (checked against diffusers 0.42).
 # Exact types only: a subclass (IP-Adapter, PAG, fused QKV...) may treat encoder_hidden_states otherwise.
 KV_PROCESSORS = (AttnProcessor2_0, AttnProcessor, XFormersAttnProcessor, SlicedAttnProcessor, AttnProcessorNPU)
+# Processors of joint (image + text) attention that project the image keys/values as
+# ``to_k/to_v(hidden_states)`` and nothing else reads the image key count (checked against diffusers 0.42).
+JOINT_KV_PROCESSORS = (JointAttnProcessor2_0,)
 
 # True while DiffusionPipeline.from_pretrained runs: its components are loaded through
 # ModelMixin.from_pretrained, and the pipeline wrapper re-attaches their saved reductions itself
@@ -101,6 +112,8 @@ class TokenGrid:
 
     height: int | None = None
     width: int | None = None
+    timestep: float | None = None
+    calls: int = 0
 
 
 def find_token_level(height: int, width: int, num_tokens: int) -> tuple[int, int, int] | None:
@@ -132,13 +145,29 @@ def find_token_level(height: int, width: int, num_tokens: int) -> tuple[int, int
 class TokenGridHook(ModelHook):
     """Root hook on the denoiser: records the token grid of every call in a shared :class:`TokenGrid`."""
 
-    def __init__(self, grid: TokenGrid, latent_argument: str, patch_size: int):
+    def __init__(
+        self,
+        grid: TokenGrid,
+        latent_argument: str,
+        patch_size: int,
+        timestep_argument: str | None = None,
+        timestep_position: int | None = None,
+        grid_of: Callable | None = None,
+    ):
         super().__init__()
         self.grid = grid
         self.latent_argument = latent_argument
         self.patch_size = patch_size
+        self.timestep_argument = timestep_argument
+        self.timestep_position = timestep_position
+        self.grid_of = grid_of
 
     def pre_forward(self, module, *args, **kwargs):
+        if self.grid_of is not None:  # packed latents (Flux): the layout reads the grid from the call
+            self.grid.height, self.grid.width = self.grid_of(module, args, kwargs)
+            self.grid.timestep = self._timestep(args, kwargs)
+            self.grid.calls += 1
+            return args, kwargs
         latent = args[0] if args else kwargs.get(self.latent_argument)
         if not (isinstance(latent, torch.Tensor) and latent.ndim == 4):
             shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
@@ -148,7 +177,22 @@ class TokenGridHook(ModelHook):
             )
         self.grid.height = latent.shape[-2] // self.patch_size
         self.grid.width = latent.shape[-1] // self.patch_size
+        self.grid.timestep = self._timestep(args, kwargs)
+        self.grid.calls += 1
         return args, kwargs
+
+    def _timestep(self, args, kwargs) -> float | None:
+        """The call's timestep as a float (the first row's, when it is a tensor), or None."""
+        if self.timestep_position is not None and len(args) > self.timestep_position:
+            value = args[self.timestep_position]
+        else:
+            value = kwargs.get(self.timestep_argument) if self.timestep_argument else None
+        if isinstance(value, torch.Tensor):
+            # A meta tensor (shape-only runs, e.g. counting FLOPs) has no value to read.
+            return float(value.flatten()[0]) if value.numel() and value.device.type != "meta" else None
+        if isinstance(value, (int, float)):
+            return float(value)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,32 +310,135 @@ def register_diffusion_wiring(method: str, *, check: Callable, attach: Callable)
     _DIFFUSION_WIRING[method] = DiffusionWiring(check, attach)
 
 
-def self_attention_modules(denoiser: torch.nn.Module, adapter) -> list[Attention]:
-    """The self-attention modules of a denoiser (``attn1`` of every block that self-attends).
+def self_attention_modules(denoiser: torch.nn.Module, adapter=None) -> list[Attention]:
+    """The self-attention modules of a denoiser, from its block layout (``model_patches.diffusion_blocks``).
+
+    ``attn1`` of every ``BasicTransformerBlock`` that self-attends (UNet, DiT, PixArt); ``attn`` (joint
+    image + text attention) and, in SD3.5's dual-attention blocks, ``attn2`` of SD3's blocks.
 
     Example:
         >>> from diffusers import DiTTransformer2DModel
-        >>> from hf_tokred.model_patches import find_adapter
         >>> from hf_tokred.integration.diffusers import self_attention_modules
         >>> dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
         ...                             sample_size=8, num_embeds_ada_norm=10)
-        >>> len(self_attention_modules(dit, find_adapter(dit)))
+        >>> len(self_attention_modules(dit))
         2
     """
-    # Blocks built with only_cross_attention=True feed the text to attn1: those are not self-attention.
-    return [m for m in adapter.attention_modules(denoiser) if not getattr(m, "is_cross_attention", False)]
+    return [attn for _, attn, _, _ in _self_attention_targets(denoiser)]
+
+
+def _self_attention_targets(denoiser) -> list[tuple[str, torch.nn.Module, object, int]]:
+    """``(qualified name, attention module, block layout, level)`` of every self-attention of ``denoiser``."""
+    from ..model_patches.diffusion_blocks import layout_blocks
+
+    found = []
+    for block_name, block, spec, level in layout_blocks(denoiser):
+        for name, attn in spec.submodules(block, spec.self_attention):
+            # Blocks built with only_cross_attention=True feed the text to attn1: those are not self-attention.
+            if getattr(attn, "is_cross_attention", False):
+                continue
+            found.append((f"{block_name}.{name}", attn, spec, level))
+    return found
+
+
+def joint_kv_reduction_problem(attn: torch.nn.Module) -> str | None:
+    """Why the image keys/values of a joint (SD3-style) attention cannot be reduced at ``to_k``/``to_v``.
+
+    Example:
+        >>> from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+        >>> from hf_tokred.integration.diffusers import joint_kv_reduction_problem
+        >>> attn = Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, processor=JointAttnProcessor2_0())
+        >>> joint_kv_reduction_problem(attn) is None
+        True
+    """
+    if not isinstance(attn, Attention):
+        return f"it is a {type(attn).__name__}, not a diffusers Attention module"
+    if getattr(attn, "fused_projections", False):
+        return "its projections are fused (fuse_qkv_projections); call unfuse_qkv_projections() first"
+    if type(attn.processor) not in JOINT_KV_PROCESSORS:
+        return (
+            f"its attention processor {type(attn.processor).__name__} is not one known to project the image "
+            f"keys/values with to_k/to_v alone ({', '.join(p.__name__ for p in JOINT_KV_PROCESSORS)})"
+        )
+    return None
 
 
 def _check_kv_targets(denoiser, adapter, reducer) -> list[Attention]:
-    targets = self_attention_modules(denoiser, adapter)
+    targets = _self_attention_targets(denoiser)
     if not targets:
         raise UnsupportedModelError(f"{reducer.method}: {type(denoiser).__name__} has no self-attention layers")
-    for attn in targets:
-        problem = kv_reduction_problem(attn)
+    for name, attn, spec, _ in targets:
+        if spec.rotary_argument is not None:
+            raise UnsupportedModelError(
+                f"{reducer.method}: cannot reduce the self-attention {name} of {type(denoiser).__name__}: its "
+                f"processor applies one rotary table ({spec.rotary_argument}) to queries and keys alike, so "
+                "keys/values cannot be downsampled without replacing it; tome_sd supports this denoiser"
+            )
+        problem = joint_kv_reduction_problem(attn) if spec.joint_attention else kv_reduction_problem(attn)
         if problem is not None:
-            name = next((n for n, m in denoiser.named_modules() if m is attn), "?")
             raise UnsupportedModelError(f"{reducer.method}: cannot reduce the self-attention {name}: {problem}")
-    return targets
+    _check_levels(denoiser, reducer, sorted({level for *_, level in targets}), "self-attention")
+    return [attn for _, attn, _, _ in targets]
+
+
+def _check_levels(denoiser, reducer, levels: list[int], what: str) -> None:
+    """Raise when ``max_downsample`` excludes every level that has ``what`` (SDXL: nothing at level 1)."""
+    from ..errors import ConfigError
+
+    if levels and levels[0] > reducer.max_downsample:
+        raise ConfigError(
+            f"max_downsample: {type(denoiser).__name__} has {what} only at levels {', '.join(map(str, levels))} "
+            f"(1 = the finest token grid; SDXL has no attention at level 1), so max_downsample="
+            f"{reducer.max_downsample} would reduce nothing; use max_downsample >= {levels[0]}",
+            field="max_downsample",
+        )
+
+
+class ProjectionReductionHook(ModelHook):
+    """Hook on the ``to_k``/``to_v`` projection of a joint attention: it projects ``reduce(image tokens)``.
+
+    For joint (image + text) attention the text arrives as ``encoder_hidden_states``, so reduced
+    image keys/values cannot be handed in there; the image key/value projections see the reduced
+    tokens instead, and the text keys/values and all queries stay as they are.
+    """
+
+    def __init__(self, grid: TokenGrid, method: str, reduce: Callable, attn: Attention):
+        super().__init__()
+        self.grid = grid
+        self.method = method
+        self.reduce = reduce
+        self.attn = attn
+
+    def pre_forward(self, projection, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs["input"]
+        problem = joint_kv_reduction_problem(self.attn)
+        if problem is not None:
+            raise UnsupportedModelError(f"{self.method}: cannot reduce this joint attention: {problem}")
+        found = _grid_level(self.grid, hidden_states, self.method, "joint attention")
+        reduced = self.reduce(hidden_states, *found)
+        if reduced is None:
+            return args, kwargs
+        if args:
+            return (reduced, *args[1:]), kwargs
+        return args, {**kwargs, "input": reduced}
+
+
+def _grid_level(grid: TokenGrid, hidden_states, method: str, where: str) -> tuple[int, int, int]:
+    """``(level, grid height, grid width)`` of a ``(batch, tokens, channels)`` input of this call."""
+    if grid.height is None:
+        raise TokenReductionError(
+            f"{method}: the {where} ran outside a call of the denoiser, so the token grid is unknown"
+        )
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3:
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+        raise UnsupportedModelError(f"{method}: expected (batch, tokens, channels) {where} input, got {shape}")
+    found = find_token_level(grid.height, grid.width, hidden_states.shape[1])
+    if found is None:
+        raise UnsupportedModelError(
+            f"{method}: a {where} got {hidden_states.shape[1]} tokens, which is no level of the "
+            f"{grid.height}x{grid.width} token grid of this call"
+        )
+    return found
 
 
 def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
@@ -307,11 +454,263 @@ def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
         return downsample_tokens(hidden_states, height, width, factor, pooling)
 
     name = f"{HOOK_PREFIX}_{reducer.method}"
-    for attn in self_attention_modules(denoiser, adapter):
-        _register_hook(attn, KVReductionHook(grid, reducer.method, reduce), name, applied)
+    for _, attn, spec, _ in _self_attention_targets(denoiser):
+        if spec.joint_attention:
+            for projection in (attn.to_k, attn.to_v):
+                _register_hook(projection, ProjectionReductionHook(grid, reducer.method, reduce, attn), name, applied)
+        else:
+            _register_hook(attn, KVReductionHook(grid, reducer.method, reduce), name, applied)
 
 
 register_diffusion_wiring("todo", check=_check_kv_targets, attach=_attach_todo)
+
+
+# ---------------------------------------------------------------------------------------------
+# ToMe for SD: merge -> attention / MLP -> unmerge, the matching computed once per block call
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockMatching:
+    """The token matching of the current call of one block, shared by the hooks inside it.
+
+    ``text_tokens`` is the length of the text prefix in front of the image tokens in the self-attention
+    input, for blocks that concatenate them (Flux's single-stream blocks), else 0.
+    """
+
+    matching: object = None
+    text_tokens: int = 0
+
+
+class ToMeSDState:
+    """Per-denoiser state of ``tome_sd``: the generator that picks destination tokens.
+
+    The generator is re-seeded at every block call from ``seed``, the call's timestep and the block's
+    index (see :func:`call_seed`), so a block's partition depends only on those: never on what ran
+    before, on the global RNG, on the batch, or on whether the block is recomputed (gradient
+    checkpointing runs a block's forward again during backward).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.generator = torch.Generator()
+
+    def generator_for(self, grid: TokenGrid, block_index: int) -> torch.Generator:
+        return self.generator.manual_seed(call_seed(self.config.seed, grid.timestep, block_index))
+
+
+def call_seed(seed: int, timestep: float | None, block_index: int = 0) -> int:
+    """The generator seed of one block call: ``seed`` mixed with the timestep (to 1/1000) and the block's index.
+
+    Example:
+        >>> from hf_tokred.integration.diffusers import call_seed
+        >>> call_seed(0, 999.0) == call_seed(0, 999.0), call_seed(0, 999.0) == call_seed(0, 979.0)
+        (True, False)
+        >>> call_seed(0, 999.0, block_index=1) == call_seed(0, 999.0, block_index=2)
+        False
+    """
+    key = 0 if timestep is None else int(round(timestep * 1000))
+    return (seed * 0x9E3779B97F4A7C15 + key * 0xBF58476D1CE4E5B9 + block_index) % (2**63)
+
+
+class ToMeSDBlockHook(ModelHook):
+    """Hook on a transformer block: computes the matching of its image tokens for the modules inside it."""
+
+    def __init__(self, grid: TokenGrid, state: ToMeSDState, layout, holder: BlockMatching, block_index: int = 0):
+        super().__init__()
+        self.grid = grid
+        self.state = state
+        self.layout = layout
+        self.holder = holder
+        self.block_index = block_index
+
+    def pre_forward(self, block, *args, **kwargs):
+        from ..methods.diffusion.tome_sd import bipartite_soft_matching_2d
+
+        cfg = self.state.config
+        self.holder.matching = None
+        tokens = self.layout.image_tokens(args, kwargs)
+        level, height, width = _grid_level(self.grid, tokens, cfg.method, "transformer block")
+        if level <= cfg.max_downsample:
+            if self.layout.text_prefix is not None:
+                text = _block_argument(block, self.layout.text_prefix, args, kwargs)
+                self.holder.text_tokens = text.shape[1]
+            generator = self.state.generator_for(self.grid, self.block_index) if cfg.use_rand else None
+            r = int(tokens.shape[1] * cfg.ratio)
+            # A rotary table shared by the batch needs one matching shared by the batch.
+            shared = self.layout.rotary_argument is not None
+            self.holder.matching = bipartite_soft_matching_2d(
+                tokens, height, width, cfg.sx, cfg.sy, r, generator, shared=shared
+            )
+        return args, kwargs
+
+    def post_forward(self, block, output):
+        self.holder.matching = None  # frees the index tensors between calls
+        return output
+
+
+def _block_argument(block, name: str, args: tuple, kwargs: dict):
+    """The argument ``name`` of a block call, given by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    position = list(inspect.signature(type(block).forward).parameters).index(name) - 1  # without self
+    return args[position]
+
+
+class TokenMergeHook(ModelHook):
+    """Hook on a module inside a merged block: merges its ``hidden_states`` input and unmerges its output.
+
+    For a joint attention returning ``(image, text)`` only the image output is unmerged. With a text
+    prefix (``holder.text_tokens``) only the image part of the input/output is merged/unmerged. With a
+    rotary table (``layout.rotary_argument``) the image rows of the table follow the kept tokens.
+    """
+
+    def __init__(self, holder: BlockMatching, method: str, what: str, self_attention: bool, layout=None):
+        super().__init__()
+        self.holder = holder
+        self.method = method
+        self.what = what
+        self.self_attention = self_attention
+        self.rotary_argument = getattr(layout, "rotary_argument", None) if self_attention else None
+        self.processors = getattr(layout, "attention_processors", ()) if self_attention else ()
+        self.active = None
+        self.text_tokens = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        matching = self.holder.matching
+        self.active = None
+        if matching is None:
+            return args, kwargs
+        if self.processors and type(getattr(module, "processor", None)).__name__ not in self.processors:
+            raise UnsupportedModelError(
+                f"{self.method}: the {self.what} uses the attention processor "
+                f"{type(getattr(module, 'processor', None)).__name__}, not one known to take merged image tokens "
+                f"({', '.join(self.processors)})"
+            )
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if self.self_attention:
+            mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+            if mask is not None:
+                raise UnsupportedModelError(
+                    f"{self.method}: self-attention masks are not supported (the mask covers the unmerged tokens); "
+                    "call the denoiser without attention_mask or remove the reduction"
+                )
+        text = self.holder.text_tokens if self.self_attention else 0
+        if (
+            not isinstance(hidden_states, torch.Tensor)
+            or hidden_states.ndim != 3
+            or hidden_states.shape[:2] != (matching.batch, text + matching.tokens)
+        ):
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else None
+            raise UnsupportedModelError(
+                f"{self.method}: the {self.what} got input of shape {shape}, not the block's "
+                f"({matching.batch}, {text + matching.tokens}, channels) tokens (feed-forward chunking, "
+                "set_chunk_feed_forward / enable_forward_chunking, cannot be combined with merge_mlp)"
+            )
+        if text:
+            merged = torch.cat([hidden_states[:, :text], matching.merge(hidden_states[:, text:])], dim=1)
+        else:
+            merged = matching.merge(hidden_states)
+        if args:
+            args = (merged, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": merged}
+        if self.rotary_argument is not None and kwargs.get(self.rotary_argument) is not None:
+            kwargs = {**kwargs, self.rotary_argument: _merge_rotary(kwargs[self.rotary_argument], matching)}
+        self.active, self.text_tokens = matching, text
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        matching, self.active = self.active, None
+        if matching is None:
+            return output
+        if isinstance(output, tuple):
+            return (self._unmerge(matching, output[0]), *output[1:])
+        return self._unmerge(matching, output)
+
+    def _unmerge(self, matching, output: torch.Tensor) -> torch.Tensor:
+        text = self.text_tokens
+        if text:
+            return torch.cat([output[:, :text], matching.unmerge(output[:, text:])], dim=1)
+        return matching.unmerge(output)
+
+
+def _merge_rotary(table, matching):
+    """Keep the rows of a ``[text, image]`` rotary table (a tensor or a tuple of them) that the merged tokens sit at."""
+    tensors = table if isinstance(table, (tuple, list)) else (table,)
+    text = tensors[0].shape[0] - matching.tokens
+    if text < 0:
+        raise UnsupportedModelError(
+            f"rotary table with {tensors[0].shape[0]} rows cannot cover {matching.tokens} image tokens"
+        )
+    rows = torch.cat([
+        torch.arange(text, device=tensors[0].device),
+        text + matching.kept_tokens[0].to(tensors[0].device),
+    ])
+    merged = tuple(t.index_select(0, rows) for t in tensors)
+    return merged if isinstance(table, (tuple, list)) else merged[0]
+
+
+def _tome_sd_targets(denoiser, reducer) -> list[tuple[torch.nn.Module, object, list[tuple[str, torch.nn.Module, bool]]]]:
+    """``(block, layout, [(what, module, is_self_attention)])`` of every block ``tome_sd`` merges in."""
+    from ..model_patches.diffusion_blocks import layout_blocks
+
+    blocks = layout_blocks(denoiser)
+    if not blocks:
+        raise UnsupportedModelError(f"{reducer.method}: {type(denoiser).__name__} has no transformer blocks")
+    _check_levels(denoiser, reducer, sorted({level for *_, level in blocks}), "transformer blocks")
+    in_range = [b for b in blocks if b[3] <= reducer.max_downsample]
+    found = []
+    for _, block, spec, _ in in_range:
+        modules = []
+        if reducer.merge_attn:
+            for name, attn in spec.submodules(block, spec.self_attention):
+                if getattr(attn, "is_cross_attention", False):
+                    continue
+                processor = type(getattr(attn, "processor", None)).__name__
+                if spec.attention_processors and processor not in spec.attention_processors:
+                    raise UnsupportedModelError(
+                        f"{reducer.method}: the self-attention {name} of {type(block).__name__} uses the attention "
+                        f"processor {processor}, not one known to take merged image tokens "
+                        f"({', '.join(spec.attention_processors)})"
+                    )
+                modules.append((f"self-attention {name}", attn, True))
+        if reducer.merge_crossattn:
+            for name, attn in spec.submodules(block, spec.cross_attention):
+                if getattr(attn, "is_cross_attention", False):
+                    modules.append((f"cross-attention {name}", attn, False))
+        if reducer.merge_mlp:
+            modules.extend((f"feed-forward {name}", ff, False) for name, ff in spec.submodules(block, spec.feed_forward))
+        if modules:
+            found.append((block, spec, modules))
+    if not found:
+        asked = [w for w, on in (("self-attention", reducer.merge_attn), ("cross-attention", reducer.merge_crossattn),
+                                 ("feed-forward", reducer.merge_mlp)) if on]
+        raise UnsupportedModelError(
+            f"{reducer.method}: the blocks of {type(denoiser).__name__} at levels <= max_downsample="
+            f"{reducer.max_downsample} have no {' or '.join(asked)} to merge"
+        )
+    return found
+
+
+def _check_tome_sd(denoiser, adapter, reducer) -> None:
+    _tome_sd_targets(denoiser, reducer)
+
+
+def _attach_tome_sd(denoiser, adapter, reducer, applied, grid) -> None:
+    if reducer.ratio == 0:
+        return  # nothing is merged: the blocks stay exactly as they are
+    state = ToMeSDState(reducer)
+    name = f"{HOOK_PREFIX}_{reducer.method}"
+    for index, (block, spec, modules) in enumerate(_tome_sd_targets(denoiser, reducer)):
+        holder = BlockMatching()
+        _register_hook(block, ToMeSDBlockHook(grid, state, spec, holder, index), name, applied)
+        for what, module, is_self_attention in modules:
+            hook = TokenMergeHook(holder, reducer.method, what, is_self_attention, spec)
+            _register_hook(module, hook, name, applied)
+
+
+register_diffusion_wiring("tome_sd", check=_check_tome_sd, attach=_attach_tome_sd)
 
 
 def _diffusion_wiring(reducer) -> DiffusionWiring:
@@ -323,12 +722,19 @@ def _diffusion_wiring(reducer) -> DiffusionWiring:
 
 @register_wiring("diffusion")
 def _wire_diffusion(denoiser, adapter, reducer, applied) -> None:
+    from ..model_patches.diffusion_blocks import denoiser_layout
+
     registry = denoiser.__dict__.get("_diffusers_hook")
     grid_hook = registry.get_hook(GRID_HOOK) if registry is not None else None
     if grid_hook is None:
-        latent_argument = list(inspect.signature(type(denoiser).forward).parameters)[1]
+        parameters = list(inspect.signature(type(denoiser).forward).parameters)[1:]  # without self
+        latent_argument = parameters[0]
+        timestep_position = parameters.index("timestep") if "timestep" in parameters else None
         patch_size = denoiser.config.get("patch_size") or 1
-        grid_hook = TokenGridHook(TokenGrid(), latent_argument, patch_size)
+        grid_hook = TokenGridHook(
+            TokenGrid(), latent_argument, patch_size, "timestep" if timestep_position is not None else None,
+            timestep_position, denoiser_layout(denoiser).grid_of,
+        )
         _register_hook(denoiser, grid_hook, GRID_HOOK, applied)
     _diffusion_wiring(reducer).attach(denoiser, adapter, reducer, applied, grid_hook.grid)
 
@@ -633,14 +1039,22 @@ __all__ = [
     "GRID_HOOK",
     "KV_PROCESSORS",
     "DiffusionWiring",
+    "JOINT_KV_PROCESSORS",
+    "BlockMatching",
     "KVReductionHook",
+    "ProjectionReductionHook",
+    "ToMeSDBlockHook",
+    "ToMeSDState",
+    "TokenMergeHook",
     "TokenGrid",
     "TokenGridHook",
     "apply_to_diffusers",
+    "call_seed",
     "check_supported",
     "find_denoiser",
     "find_token_level",
     "install",
+    "joint_kv_reduction_problem",
     "kv_reduction_problem",
     "register_diffusion_wiring",
     "remove_from_diffusers",

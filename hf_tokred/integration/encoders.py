@@ -1,27 +1,39 @@
-"""Wiring of sequence reducers (stage ``"sequence"``, e.g. ToMe) into transformers encoders (ViT, BERT).
+"""Wiring of sequence reducers (stage ``"sequence"``: ToMe, EViT, ATS, ...) into transformers encoders.
 
-The sequence shrinks *between* blocks; nothing inside a block or its attention function changes shape.
-For every block of the encoder (``adapter.blocks(model)``) we install:
+A reducer (see :mod:`hf_tokred.methods.encoder.base`) decides, in some blocks, how the sequence shrinks;
+this module does everything else with hooks, never with a copied ``forward``. Where inside a block the
+sequence shrinks comes from the architecture's :class:`~hf_tokred.model_patches.encoder.EncoderAdapter`:
 
-* a forward **pre-hook** (``with_kwargs=True``). On the first block it resets the per-call state, reads
-  the key-padding pattern from the mask the model built (and re-orders a left-padded batch so real
-  tokens come first). On later blocks, once tokens have been merged, it replaces the attention mask the
-  model passes to the block (positional argument 1 in ``ViTModel`` and ``BertEncoder`` of transformers
-  5.23, built once by ``create_bidirectional_mask`` for the full length) with one for the current
-  tokens: padding masked out, plus the proportional-attention bias ``log(size)`` when the reducer asks.
-  Putting the bias into the block's arguments (rather than computing it inside the attention call)
-  keeps it right when gradient checkpointing recomputes a block during the backward pass;
-* an :class:`~hf_tokred.attention.AttentionObserver` on the block's attention module that keeps the
-  keys averaged over heads (ToMe's similarity metric), detached, for the blocks that merge;
-* a forward **hook** that merges the block's output with the reducer (``reducer.reduce_tokens``) and
-  tracks each token's size (how many input tokens it stands for; 0 for padding).
+* **pre-norm blocks** (ViT, DeiT, CLIP, SigLIP, DINOv2): a forward pre-hook on ``adapter.mlp_input`` (the
+  norm before the MLP) reduces the post-attention residual stream ``h`` to ``m``, so the MLP runs on the
+  reduced tokens; a forward hook on ``adapter.mlp_output`` expands the MLP branch ``f`` back to the block's
+  length (each input token gets its slot's value) so the block's own residual add still works; the block's
+  forward hook then returns ``m + f``, which equals the reduction (size-weighted average) of the block's
+  output ``h + expand(f)`` (in training, where dropout/drop-path differ per token, it reduces that output
+  instead). This is the paper's placement (between attention and MLP) and its arithmetic;
+* **post-norm blocks** (BERT): a forward hook on ``adapter.attention_output`` reduces its output, and the
+  rest of the block runs on the reduced tokens;
+* otherwise the block's output is reduced (forward hook on the block).
 
-Both hooks are prepended, so hooks registered before ``apply`` (and ``output_hidden_states``) see the
-merged block outputs too.
+Per block we also install a forward **pre-hook** on the block. On the first block it starts the call: it
+reads the key-padding pattern from the mask the model built, re-orders a left-padded batch so real tokens
+come first, and sets the sizes (1 per real token, 0 for padding) and the source map. Once the sequence has
+changed it replaces the attention mask the model passes to the block (built once, for the input length)
+with one for the current tokens: padding and filler slots masked out, plus ``log(size)`` (proportional
+attention) and ``log(key_weight)`` (soft masks) when asked. The mask travels in the block's arguments, so
+gradient checkpointing recomputes the block with the same mask.
 
-Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the
-model exactly. After a forward pass, :func:`token_sizes` gives the size of every output token (use it
-for size-weighted pooling of a reduced BERT's ``last_hidden_state``).
+An :class:`~hf_tokred.attention.AttentionObserver` on the attention module of every reducing block computes
+the statistics the reducer asks for (``needs``: keys averaged over heads, CLS-attention row, full attention,
+value norms) from the queries/keys/values the attention function already has: SDPA still does the heavy
+work, only the CLS row (O(N)) or, for methods that need it, the full attention map is recomputed.
+
+With ``restore_length=True`` the last block's output is expanded back to the input length and order through
+the source map (``origin``: for every input token, the current token carrying it, -1 once dropped; dropped
+tokens keep the state they had when dropped).
+
+Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the model
+exactly. After a forward pass: :func:`token_sizes`, :func:`token_counts`, :func:`source_map`, :func:`unmerge`.
 
 Example:
     >>> import hf_tokred, torch
@@ -37,15 +49,19 @@ Example:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from ..attention import AttentionObserver, add_observer, mask_keep, remove_observer
 from ..errors import TokenReductionError, UnsupportedModelError
-from .wiring import get_applied, register_wiring
+from .wiring import MODULES_ATTR, get_applied, register_wiring
 
 STATE_ATTR = "_hf_tokred_sequence_state"
 
-# Heads that predict one output per input token: merged (fewer, re-ordered) tokens make their outputs meaningless.
+# Heads that predict one output per input token: they need restore_length=True.
 _PER_TOKEN_HEADS = (
     "ForMaskedLM",
     "ForTokenClassification",
@@ -55,66 +71,217 @@ _PER_TOKEN_HEADS = (
     "LMHeadModel",
     "ForCausalLM",
 )
+# Models that read every block's hidden states at the input length (restore_length restores only the last).
+_ALL_LAYER_READERS = ("Backbone",)
+
+
+@dataclass
+class _Pending:
+    """One block's hard reduction between its reduction point and its output hook."""
+
+    plans: list
+    before: torch.Tensor  # the states at the reduction point, before reducing (for dropped tokens' archive)
+    merged: torch.Tensor  # the reduced states at the reduction point
+    size: torch.Tensor  # sizes after the reduction
+    slot_of: torch.Tensor | None = None  # composite (B, N) slot map, computed once
+    branch: torch.Tensor | None = None  # the MLP branch on reduced tokens (pre-norm blocks)
+
+    def composite_slots(self) -> torch.Tensor:
+        if self.slot_of is None:
+            slots = self.plans[0].slot_of()
+            for plan in self.plans[1:]:
+                slots = torch.where(slots >= 0, plan.slot_of().gather(1, slots.clamp(min=0)), -1)
+            self.slot_of = slots
+        return self.slot_of
+
+    def expand(self, y: torch.Tensor) -> torch.Tensor:
+        return y.gather(1, self.composite_slots().clamp(min=0)[..., None].expand(-1, -1, y.shape[-1]))
 
 
 class SequenceState:
     """Per-call state of one reduced encoder, shared by the hooks of all its blocks.
 
     Attributes (valid after a forward pass):
-        size: ``(B, N, 1)`` float32 token sizes (0 for padding), or None before any merge in this call.
-        valid: ``(B, N)`` bool real-token mask from the model's attention mask, or None without padding.
+        size: ``(B, N, 1)`` float32 token sizes (0 for padding and filler slots).
+        padded: some tokens may be padding or filler (so masks are needed).
+        origin: ``(B, N_in)`` long: for every input token (input order), the output token carrying it, or -1.
         token_counts: sequence length after each block of the last call.
+        row_counts: real (non-padding, non-filler) tokens per row after each block, ``(B,)`` long tensors.
+        records: free-form per-call storage for reducers (e.g. learned pruners' decisions for a loss).
     """
 
-    def __init__(self, reducer, schedule: list[int], protected: int):
+    def __init__(self, reducer, schedule: list, protected: int, class_tokens: int, point: str):
         self.reducer = reducer
         self.schedule = schedule
         self.protected = protected
+        self.class_tokens = class_tokens
+        self.point = point
         self.prop_attn = bool(getattr(reducer, "prop_attn", False))
+        self.restore_length = bool(getattr(reducer, "restore_length", False))
+        self.reduce_at = getattr(reducer, "reduce_at", "attention")
+        self.needs = frozenset(getattr(reducer, "needs", ()))
+        self.modules = None
         self.reset()
 
     def reset(self) -> None:
         """Forget everything about the previous call (run by the first block's pre-hook)."""
         self.size: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.mask_dtype: torch.dtype | None = None
-        self.metric: torch.Tensor | None = None
-        self.capture: int | None = None
+        self.padded = False
+        self.changed = False
+        self.input_valid: torch.Tensor | None = None
+        self.origin: torch.Tensor | None = None
+        self.archive: torch.Tensor | None = None
+        self.key_weight: torch.Tensor | None = None
+        self.keep_self = True
+        self.soft_eps = 1e-6
+        self.entry: dict[int, tuple] = {}
+        self.stats: dict[int, dict] = {}
+        self.pending: dict[int, Any] = {}
+        self.finished: set[int] = set()  # blocks whose output hook ran: a later mid-block call is a checkpoint replay
         self.token_counts: list[int] = []
+        self.row_counts: list[torch.Tensor] = []
+        self.records: dict[str, Any] = {}
 
-    def initial_size(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.valid is not None:
-            return self.valid.to(torch.float32)[..., None]
-        return torch.ones(*hidden.shape[:2], 1, dtype=torch.float32, device=hidden.device)
+    # -- the current tokens -------------------------------------------------------------------
+
+    def valid(self) -> torch.Tensor | None:
+        return self.size[..., 0] > 0 if self.padded else None
 
     def build_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The ``(B, 1, 1, N)`` attention mask for the current tokens: padding out, plus ``log(size)`` if asked."""
+        """The additive attention mask for the current tokens, ``(B, 1, 1, N)`` (``(B, 1, N, N)`` with a
+        self-keeping soft mask), or None when every token is real and nothing biases attention."""
         size = self.size[..., 0]
-        keep = size > 0 if self.valid is not None else None
+        base = None
         if self.prop_attn:
-            bias = size.log()
-            if keep is not None:
-                bias = torch.where(keep, bias, torch.finfo(dtype).min)
-            return bias.to(dtype)[:, None, None, :]
-        if keep is None:
-            return None
-        keep = keep[:, None, None, :]
-        if self.mask_dtype is None or self.mask_dtype == torch.bool:
-            return keep
-        zero = torch.zeros((), dtype=self.mask_dtype, device=keep.device)
-        return torch.where(keep, zero, torch.finfo(self.mask_dtype).min)
+            base = size.clamp_min(torch.finfo(torch.float32).tiny).log()
+        if self.padded:
+            base = (torch.zeros_like(size) if base is None else base).masked_fill(size <= 0, torch.finfo(torch.float32).min)
+        if self.key_weight is None:
+            return None if base is None else base[:, None, None, :].to(dtype)
+        soft = (self.key_weight.float() + self.soft_eps).log()
+        total = soft if base is None else base + soft
+        mask = total[:, None, None, :]
+        if self.keep_self:
+            # Every token still attends to itself (DynamicViT): the diagonal carries no soft weight.
+            n = size.shape[1]
+            mask = mask.expand(-1, -1, n, -1).clone()
+            index = torch.arange(n, device=size.device)
+            mask[:, 0, index, index] = torch.zeros_like(size) if base is None else base
+        return mask.to(dtype)
+
+    def advance(self, pending: _Pending) -> None:
+        """Record a hard reduction: sizes, padding, source map and (with ``restore_length``) dropped states."""
+        slots = pending.composite_slots()
+        origin = self.origin
+        new_origin = torch.where(origin >= 0, slots.gather(1, origin.clamp(min=0)), -1)
+        if self.restore_length:
+            dropped = (origin >= 0) & (new_origin < 0)
+            if bool(dropped.any()):
+                channels = pending.before.shape[-1]
+                states = pending.before.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, channels))
+                archive = self.archive if self.archive is not None else torch.zeros_like(states)
+                self.archive = torch.where(dropped[..., None], states, archive)
+        self.origin = new_origin
+        if self.key_weight is not None:
+            for plan in pending.plans:
+                self.key_weight = self.key_weight.gather(1, plan.keep)
+        self.size = pending.size
+        self.padded = self.padded or any(p.slot_valid is not None for p in pending.plans)
+        self.changed = True
+
+    def soften(self, soft) -> None:
+        """Record a soft mask: multiply its key weights into those of earlier soft masks."""
+        weight = soft.key_weight
+        self.key_weight = weight if self.key_weight is None else self.key_weight * weight
+        self.keep_self = soft.keep_self
+        self.soft_eps = soft.eps
+        self.changed = True
 
 
-class _KeyMetric(AttentionObserver):
-    """Keeps the keys averaged over heads (ToMe's metric) of one block while that block is running."""
+# ---------------------------------------------------------------------------------------------
+# Attention statistics
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, state: SequenceState, index: int):
+
+def _scaling(module, head_dim: int) -> float:
+    for name in ("scaling", "scale"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return head_dim ** -0.5
+
+
+def _attention_probs(query, key, mask, scaling, rows=None) -> torch.Tensor:
+    """Softmax attention (float32) of the first ``rows`` queries (all when None) over every key."""
+    q = query if rows is None else query[:, :, :rows]
+    logits = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        m = mask if mask.shape[-2] == 1 else mask[:, :, : q.shape[2]]
+        if m.dtype == torch.bool:
+            logits = logits.masked_fill(~m, -math.inf)
+        else:
+            logits = logits + m.float()
+    return logits.softmax(dim=-1)
+
+
+def attention_statistics(module, query, key, value, mask, needs, class_tokens: int,
+                         valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The statistics named in ``needs`` (see ``hf_tokred.methods.encoder.base.STATISTICS``), detached.
+
+    Without class tokens, ``cls_attention`` is the attention each token receives, averaged over heads and
+    over the real queries (SigLIP's fallback).
+
+    Example:
+        >>> import torch
+        >>> q = k = v = torch.randn(1, 2, 5, 4)
+        >>> s = attention_statistics(None, q, k, v, None, {"cls_attention", "metric"}, 1, None)
+        >>> s["cls_attention"].shape, s["metric"].shape
+        (torch.Size([1, 5]), torch.Size([1, 5, 4]))
+    """
+    out = {}
+    with torch.no_grad():
+        if "metric" in needs:
+            out["metric"] = key.detach().mean(dim=1)
+        if "value_norm" in needs:
+            out["value_norm"] = value.detach().float().square().sum(dim=(1, 3)).sqrt()
+        full = None
+        scaling = _scaling(module, query.shape[-1])
+        if "attention" in needs or ("cls_attention" in needs and class_tokens == 0):
+            full = _attention_probs(query.detach(), key.detach(), mask, scaling)
+            if "attention" in needs:
+                out["attention"] = full
+        if "cls_attention" in needs:
+            if class_tokens > 0:
+                rows = _attention_probs(query.detach(), key.detach(), mask, scaling, rows=class_tokens)
+                out["cls_attention"] = rows.mean(dim=(1, 2))
+            else:
+                received = full.mean(dim=1)  # (B, N queries, N keys)
+                if valid is None:
+                    out["cls_attention"] = received.mean(dim=1)
+                else:
+                    weight = valid.float()[:, :, None]
+                    out["cls_attention"] = (received * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+    return out
+
+
+class _Statistics(AttentionObserver):
+    """Computes a reducer's statistics in one block's attention; stores them for block ``target``."""
+
+    def __init__(self, state: SequenceState, target: int):
         self.state = state
-        self.index = index
+        self.target = target
 
     def observe(self, module, query, key, value, attention_mask) -> None:
-        if self.state.capture == self.index:
-            self.state.metric = key.detach().mean(dim=1)
+        state = self.state
+        entry = state.entry.get(self.target if state.reduce_at == "attention" else self.target - 1)
+        valid = None if entry is None else entry[1]
+        state.stats[self.target] = attention_statistics(module, query, key, value, attention_mask, state.needs,
+                                                        state.class_tokens, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------
 
 
 def _hidden_and_mask(args, kwargs):
@@ -153,37 +320,62 @@ def _key_padding(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
     return None if bool(valid.all()) else valid
 
 
-def _attention_module(block, adapter, index):
+def _submodule(block, path, index, adapter, role):
     try:
-        return block.get_submodule(adapter.attention)
+        return block.get_submodule(path)
     except AttributeError:
         raise UnsupportedModelError(
-            f"block {index} ({type(block).__name__}) has no attention module at {adapter.attention!r} "
-            f"(adapter {adapter.name})"
+            f"block {index} ({type(block).__name__}) has no {role} module at {path!r} (adapter {adapter.name}); "
+            "this transformers version lays the block out differently"
         ) from None
 
 
 def _check_model(model, adapter, reducer) -> None:
     name = type(model).__name__
-    for suffix in _PER_TOKEN_HEADS:
+    for suffix in _ALL_LAYER_READERS:
         if name.endswith(suffix):
             raise UnsupportedModelError(
-                f"{reducer.method} merges tokens, so its output has fewer tokens than the input; {name} predicts one "
-                f"output per input token and cannot use it. Use the base model or a pooled head "
-                f"({', '.join(adapter.examples)})"
+                f"{reducer.method} shortens the sequence inside the encoder; {name} reads the hidden states of every "
+                f"block at the input length and cannot use it. Use {', '.join(adapter.examples)}"
             )
+    if not getattr(reducer, "restore_length", False):
+        for suffix in _PER_TOKEN_HEADS:
+            if name.endswith(suffix):
+                raise UnsupportedModelError(
+                    f"{reducer.method} shortens the sequence; {name} predicts one output per input token: pass "
+                    f"restore_length=True (the last hidden state comes back at the input length), or use the base "
+                    f"model or a pooled head ({', '.join(adapter.examples)})"
+                )
     if getattr(model.config, "is_decoder", False):
         raise UnsupportedModelError(
             f"{reducer.method} acts on bidirectional encoders; {name} is configured as a decoder (is_decoder=True)"
         )
-    for attr in ("schedule", "reduce_tokens"):
+    for attr in ("schedule", "plan"):
         if not callable(getattr(reducer, attr, None)):
             raise UnsupportedModelError(f"{reducer.method}: a sequence reducer must define {attr}()")
+    if getattr(reducer, "reduce_at", "attention") not in ("attention", "input"):
+        raise UnsupportedModelError(f"{reducer.method}: reduce_at must be 'attention' or 'input'")
+
+
+def _plans(result, method: str):
+    """Normalise what ``plan()`` returned: (list of Reductions, SoftMask or None)."""
+    from ..methods.encoder.base import Reduction, SoftMask
+
+    if result is None:
+        return [], None
+    if isinstance(result, SoftMask):
+        return [], result
+    if isinstance(result, Reduction):
+        return [result], None
+    if isinstance(result, (list, tuple)) and all(isinstance(r, Reduction) for r in result):
+        return list(result), None
+    raise TokenReductionError(f"{method}: plan() must return a Reduction, a list of them, a SoftMask or None; "
+                              f"got {type(result).__name__}")
 
 
 @register_wiring("sequence")
 def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
-    """Install a sequence reducer (``reducer.schedule`` / ``reducer.reduce_tokens``) on every block of an encoder.
+    """Install a sequence reducer (``reducer.schedule`` / ``reducer.plan``) on every block of an encoder.
 
     Called by ``hf_tokred.apply`` for reducers of stage ``"sequence"``; all checks run before any hook is
     installed, and every hook is recorded in ``applied`` for ``remove()``.
@@ -196,95 +388,293 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
     blocks = adapter.blocks(model)
     if not blocks:
         raise UnsupportedModelError(f"{type(model).__name__}: no blocks found at {adapter.layers!r} (adapter {adapter.name})")
-    schedule = reducer.schedule(len(blocks))
-    attentions = [_attention_module(block, adapter, i) for i, block in enumerate(blocks)]
+    schedule = list(reducer.schedule(len(blocks)))
+    if len(schedule) != len(blocks):
+        raise TokenReductionError(f"{reducer.method}: schedule() gave {len(schedule)} entries for {len(blocks)} blocks")
+    point = getattr(adapter, "reduce_point", "block_output")
+    if reducer.reduce_at == "input":
+        point = "input"
+    attentions = [_submodule(block, adapter.attention, i, adapter, "attention") for i, block in enumerate(blocks)]
+    mids = []
+    for i, block in enumerate(blocks):
+        if point == "mlp":
+            mids.append((_submodule(block, adapter.mlp_input, i, adapter, "MLP input"),
+                         _submodule(block, adapter.mlp_output, i, adapter, "MLP output")))
+        elif point == "attention_output":
+            mids.append((_submodule(block, adapter.attention_output, i, adapter, "attention output"), None))
+        else:
+            mids.append((None, None))
+    protected = adapter.protected(model) if hasattr(adapter, "protected") else adapter.protected_tokens
+    class_tokens = getattr(adapter, "class_tokens", min(protected, 1))
 
-    state = SequenceState(reducer, schedule, adapter.protected_tokens)
+    state = SequenceState(reducer, schedule, protected, class_tokens, point)
     setattr(model, STATE_ATTR, state)
     applied.add_undo(lambda: model.__dict__.pop(STATE_ATTR, None))
     last = len(blocks) - 1
+    reducing = any(schedule)
+
+    def context(index, hidden, size, valid, training):
+        from ..methods.encoder.base import ReductionContext
+
+        stats = state.stats.pop(index, {})
+        return ReductionContext(
+            hidden=hidden, size=size, valid=valid, protected=protected, class_tokens=class_tokens, block=index,
+            num_blocks=len(blocks), amount=schedule[index], training=training, modules=model._modules.get(MODULES_ATTR),
+            state=state, **stats,
+        )
+
+    def decide(index, hidden, training):
+        """Run the reducer at block ``index``; returns (pending hard reduction or None, soft mask or None)."""
+        size, valid = state.entry[index]
+        if state.needs and index not in state.stats and state.reduce_at == "attention":
+            raise TokenReductionError(
+                f"{reducer.method}: the attention of block {index} reported no statistics; the model's attention "
+                f"implementation is {model.config._attn_implementation!r}, hf_tokred needs 'hf_tokred_sdpa' or "
+                "'hf_tokred_eager' (set by hf_tokred.apply)"
+            )
+        plans, soft = _plans(reducer.plan(context(index, hidden, size, valid, training)), reducer.method)
+        if not plans:
+            return None, soft
+        merged, new_size = hidden, size
+        for plan in plans:
+            merged, new_size = plan.apply(merged, new_size)
+        return _Pending(plans, hidden, merged, new_size), soft
+
+    def start(hidden, mask):
+        batch, n = hidden.shape[:2]
+        state.reset()
+        state.modules = model._modules.get(MODULES_ATTR)
+        valid = _key_padding(mask, batch, n) if mask is not None else None
+        state.input_valid = valid
+        state.padded = valid is not None
+        state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if valid is None
+                      else valid.to(torch.float32)[..., None])
+        state.origin = torch.arange(n, device=hidden.device).expand(batch, n)
+        if valid is not None and reducing:
+            hidden = _real_tokens_first(state, hidden)
+        return hidden
 
     def make_pre_hook(index):
         def pre_hook(module, args, kwargs):
             hidden, mask = _hidden_and_mask(args, kwargs)
             if index == 0:
-                state.reset()
-                state.mask_dtype = None if mask is None else mask.dtype
-                if mask is not None:
-                    state.valid = _key_padding(mask, hidden.shape[0], hidden.shape[1])
-                if state.valid is not None and any(schedule):
-                    hidden = _real_tokens_first(state, hidden)
-            state.capture = index if schedule[index] > 0 else None
-            if state.size is None:  # nothing merged or moved yet: the model's own mask is right
+                hidden = start(hidden, mask)
+            if point == "input" and schedule[index]:
+                state.entry[index] = (state.size, state.valid())
+                pending, soft = decide(index, hidden, module.training)
+                if pending is not None:
+                    state.advance(pending)
+                    hidden = pending.merged
+                if soft is not None:
+                    state.soften(soft)
+            state.entry[index] = (state.size, state.valid())
+            if not state.changed:
                 return None
             return _with_hidden_and_mask(args, kwargs, hidden, state.build_mask(hidden.dtype))
 
         return pre_hook
 
-    def make_hook(index):
+    def make_mlp_input_hook(index, block):
+        def hook(module, args):
+            pending, soft = decide(index, args[0], block.training)
+            state.pending[index] = (pending, soft)
+            if pending is None:
+                return None
+            return (pending.merged, *args[1:])
+
+        return hook
+
+    def make_mlp_output_hook(index):
         def hook(module, args, output):
-            metric, state.metric, state.capture = state.metric, None, None
+            if index in state.finished:  # gradient-checkpointing replay: nothing reads the reduction afterwards
+                pending = state.pending.pop(index, (None, None))[0]
+            else:
+                pending = state.pending.get(index, (None, None))[0]
+            if pending is None:
+                return None
+            pending.branch = output
+            return pending.expand(output)
+
+        return hook
+
+    def make_attention_output_hook(index, block):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            pending, soft = decide(index, hidden, block.training)
+            if index not in state.finished:  # not a gradient-checkpointing replay
+                state.pending[index] = (pending, soft)
+            if pending is None:
+                return None
+            return (pending.merged, *output[1:]) if isinstance(output, tuple) else pending.merged
+
+        return hook
+
+    def make_hook(index, block):
+        def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             changed = False
-            if schedule[index] > 0:
-                if metric is None:
-                    raise TokenReductionError(
-                        f"{reducer.method}: the attention of block {index} did not report its keys; the model's "
-                        f"attention implementation is {model.config._attn_implementation!r}, hf_tokred needs "
-                        "'hf_tokred_sdpa' or 'hf_tokred_eager' (set by hf_tokred.apply)"
-                    )
-                size = state.size if state.size is not None else state.initial_size(hidden)
-                valid = size[..., 0] > 0 if state.valid is not None else None
-                hidden, state.size = reducer.reduce_tokens(hidden, size, metric, schedule[index], state.protected, valid)
+            pending, soft = state.pending.pop(index, (None, None))
+            if point == "block_output" and schedule[index]:
+                pending, soft = decide(index, hidden, block.training)
+            if pending is not None:
+                if point == "mlp":
+                    if pending.branch is not None and not block.training:
+                        hidden = pending.merged + pending.branch
+                    else:
+                        size = state.entry[index][0]
+                        for plan in pending.plans:
+                            hidden, size = plan.apply(hidden, size)
+                elif point == "block_output":
+                    hidden = pending.merged
+                state.advance(pending)
+                changed = True
+            if soft is not None:
+                state.soften(soft)
+            state.stats.pop(index, None)
+            state.finished.add(index)
+            if index == last and state.restore_length and state.changed:
+                hidden = _restore(state, hidden)
                 changed = True
             state.token_counts.append(hidden.shape[1])
-            if index == last and state.size is None:
-                state.size = state.initial_size(hidden)
+            state.row_counts.append((state.size[..., 0] > 0).sum(dim=1))
             if not changed:
                 return None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
-    for index, (block, attention) in enumerate(zip(blocks, attentions)):
-        pre = block.register_forward_pre_hook(make_pre_hook(index), with_kwargs=True, prepend=True)
-        applied.add_undo(pre.remove)
-        post = block.register_forward_hook(make_hook(index), prepend=True)
-        applied.add_undo(post.remove)
-        observer = _KeyMetric(state, index)
-        add_observer(attention, observer)
-        applied.add_undo(lambda attention=attention, observer=observer: remove_observer(attention, observer))
+    def statistics_target(index):
+        """The block whose plan uses the statistics of block ``index``'s attention, or None."""
+        if not state.needs:
+            return None
+        if state.reduce_at == "attention":
+            return index if schedule[index] else None
+        return index + 1 if index < last and schedule[index + 1] else None
+
+    for index, (block, attention, (mid_in, mid_out)) in enumerate(zip(blocks, attentions, mids)):
+        handles = [
+            block.register_forward_pre_hook(make_pre_hook(index), with_kwargs=True, prepend=True),
+            block.register_forward_hook(make_hook(index, block), prepend=True),
+        ]
+        if schedule[index] and point == "mlp":
+            handles.append(mid_in.register_forward_pre_hook(make_mlp_input_hook(index, block), prepend=True))
+            handles.append(mid_out.register_forward_hook(make_mlp_output_hook(index), prepend=True))
+        elif schedule[index] and point == "attention_output":
+            handles.append(mid_in.register_forward_hook(make_attention_output_hook(index, block), prepend=True))
+        for handle in handles:
+            applied.add_undo(handle.remove)
+        target = statistics_target(index)
+        if target is not None:
+            observer = _Statistics(state, target)
+            add_observer(attention, observer)
+            applied.add_undo(lambda attention=attention, observer=observer: remove_observer(attention, observer))
 
 
 def _real_tokens_first(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
-    """Move padding after the real tokens (left-padded batches) so that rows split into A/B as when run alone."""
-    valid = state.valid
+    """Move padding after the real tokens (left-padded batches) so that rows reduce as when run alone."""
+    valid = state.input_valid
     prefix = torch.arange(valid.shape[1], device=valid.device) < valid.sum(dim=1, keepdim=True)
     if torch.equal(prefix, valid):
         return hidden
     permutation = (~valid).to(torch.uint8).argsort(dim=1, stable=True)
-    state.valid = prefix
-    state.size = state.initial_size(hidden)
+    state.size = prefix.to(torch.float32)[..., None]
+    state.origin = torch.empty_like(permutation).scatter_(
+        1, permutation, torch.arange(valid.shape[1], device=valid.device).expand_as(permutation))
+    state.changed = True
     return hidden.gather(1, permutation[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _restore(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
+    """The last block's output at the input length and order (see ``restore_length``)."""
+    origin = state.origin
+    full = hidden.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    if state.archive is not None:
+        full = torch.where((origin >= 0)[..., None], full, state.archive.to(full.dtype))
+    batch, n = origin.shape
+    state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if state.input_valid is None
+                  else state.input_valid.to(torch.float32)[..., None])
+    state.origin = torch.arange(n, device=hidden.device).expand(batch, n)
+    state.padded = state.input_valid is not None
+    return full
+
+
+def _state(model, what: str) -> SequenceState:
+    state = model.__dict__.get(STATE_ATTR) if get_applied(model) is not None else None
+    if state is None:
+        raise TokenReductionError(f"{what}: {type(model).__name__} has no sequence reduction (e.g. tome) attached")
+    if state.size is None:
+        raise TokenReductionError(f"{what}: run a forward pass first")
+    return state
 
 
 def token_sizes(model) -> torch.Tensor:
     """Sizes ``(B, N_out)`` of the output tokens of the last forward pass of a model reduced by a sequence reducer.
 
-    A size counts the input tokens a merged token stands for (0 for padding); each row sums to its number of real
-    input tokens. Use it for size-weighted pooling: ``(h * s[..., None]).sum(1) / s.sum(1, keepdim=True)``.
+    A size counts the input tokens a token stands for (0 for padding and filler slots); with a merging
+    method each row sums to its number of real input tokens (pruning drops some). Use it for size-weighted
+    pooling: ``(h * s[..., None]).sum(1) / s.sum(1, keepdim=True)``. With ``restore_length`` every real
+    input position has size 1.
 
     Example:
         >>> out = model(**batch).last_hidden_state                               # doctest: +SKIP
         >>> s = token_sizes(model)                                               # doctest: +SKIP
         >>> pooled = (out * s[..., None]).sum(1) / s.sum(1, keepdim=True)        # doctest: +SKIP
     """
-    state = model.__dict__.get(STATE_ATTR) if get_applied(model) is not None else None
-    if state is None:
-        raise TokenReductionError(f"token_sizes: {type(model).__name__} has no sequence reduction (e.g. tome) attached")
-    if state.size is None:
-        raise TokenReductionError("token_sizes: run a forward pass first")
-    return state.size[..., 0]
+    return _state(model, "token_sizes").size[..., 0]
 
 
-__all__ = ["SequenceState", "token_sizes", "wire_sequence_reducer"]
+def token_counts(model) -> list[int]:
+    """The sequence length after each block in the last forward pass.
+
+    Example:
+        >>> hf_tokred.integration.encoders.token_counts(vit)      # doctest: +SKIP
+        [61, 57, 53, 49]
+    """
+    return list(_state(model, "token_counts").token_counts)
+
+
+def source_map(model) -> torch.Tensor:
+    """``(B, N_out, N_in)`` bool: which input tokens each output token of the last forward pass carries.
+
+    Input tokens are in input order (a left-padded batch's re-ordering is undone). A token dropped by a
+    pruning method belongs to no output token.
+
+    Example:
+        >>> m = hf_tokred.integration.encoders.source_map(vit)    # doctest: +SKIP
+        >>> m.sum(-1)                                             # = token_sizes(vit) for merging methods  # doctest: +SKIP
+    """
+    state = _state(model, "source_map")
+    origin = state.origin
+    batch, n_in = origin.shape
+    n_out = state.size.shape[1]
+    out = torch.zeros(batch, n_out + 1, n_in, dtype=torch.bool, device=origin.device)
+    rows = torch.where(origin >= 0, origin, n_out)
+    out.scatter_(1, rows[:, None, :], True)
+    return out[:, :n_out]
+
+
+def unmerge(model, tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Expand ``tensor`` ``(B, N_out, ...)`` from the last forward pass's output tokens to the input tokens.
+
+    Every input token gets the value of the output token carrying it; tokens dropped by pruning get ``fill``.
+    Use it on anything computed per output token (a dense head's predictions, attention maps).
+
+    Example:
+        >>> out = vit(pixels).last_hidden_state                              # doctest: +SKIP
+        >>> full = hf_tokred.integration.encoders.unmerge(vit, out)          # (B, N_in, C)  # doctest: +SKIP
+    """
+    state = _state(model, "unmerge")
+    origin = state.origin
+    if tensor.shape[:2] != (origin.shape[0], state.size.shape[1]):
+        raise TokenReductionError(
+            f"unmerge: expected a tensor of shape ({origin.shape[0]}, {state.size.shape[1]}, ...) (the output tokens "
+            f"of the last forward pass), got {tuple(tensor.shape)}"
+        )
+    index = origin.clamp(min=0).reshape(*origin.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    full = tensor.gather(1, index)
+    dropped = (origin < 0).reshape(*origin.shape, *([1] * (tensor.dim() - 2)))
+    return full.masked_fill(dropped, fill)
+
+
+__all__ = ["SequenceState", "attention_statistics", "source_map", "token_counts", "token_sizes", "unmerge",
+           "wire_sequence_reducer"]

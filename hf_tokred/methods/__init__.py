@@ -1,12 +1,29 @@
 """Every method, one file each; importing this package registers them all."""
 
-from .diffusion import todo  # noqa: F401
-from .encoder import tome  # noqa: F401
-from .kv import fastgen  # noqa: F401
-from .kv import h2o  # noqa: F401
-from .kv import keydiff  # noqa: F401
-from .kv import pyramidkv  # noqa: F401
-from .kv import scissorhands  # noqa: F401
-from .kv import snapkv  # noqa: F401
-from .kv import streamingllm  # noqa: F401
-from .kv import tova  # noqa: F401
+from .diffusion import (
+    todo,  # noqa: F401
+    tome_sd,  # noqa: F401
+)
+from .encoder import (
+    atc,  # noqa: F401
+    ats,  # noqa: F401
+    diffrate,  # noqa: F401
+    dynamicvit,  # noqa: F401
+    evit,  # noqa: F401
+    tome,  # noqa: F401
+    tps,  # noqa: F401
+    zero_tprune,  # noqa: F401
+)
+from .kv import (
+    fastgen,  # noqa: F401
+    h2o,  # noqa: F401
+    keydiff,  # noqa: F401
+    kivi,  # noqa: F401
+    kvquant,  # noqa: F401
+    minicache,  # noqa: F401
+    pyramidkv,  # noqa: F401
+    scissorhands,  # noqa: F401
+    snapkv,  # noqa: F401
+    streamingllm,  # noqa: F401
+    tova,  # noqa: F401
+)

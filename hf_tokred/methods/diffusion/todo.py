@@ -17,6 +17,8 @@ Where we depart from the paper:
   (``F.interpolate(mode="nearest-exact")``), so grids that do not divide by the factor still work;
   ``linear`` is an antialiased bilinear filter, so that it differs from ``avg`` at factor 2.
 * Only self-attention (``attn1``) is reduced; cross-attention to the text is left alone, as in the paper.
+  In SD3's joint attention only the image keys/values are downsampled (at ``to_k``/``to_v``); the text
+  keys/values and every query stay.
 * ``max_downsample`` follows tomesd: the finest token grid is level 1 (the latent for UNets, the
   patch grid for DiTs), UNet levels are 1, 2, 4, 8, and only levels ``<= max_downsample`` are reduced.
   The paper's reference code also switches the factor at timestep thresholds; we use one factor for
@@ -67,7 +69,7 @@ class ToDoConfig(TokenReductionConfig):
     stage: ClassVar[str] = "diffusion"
     model_kinds: ClassVar[tuple[str, ...]] = ("unet", "dit")
     paper: ClassVar[str] = "2402.13573"
-    # UNet2DConditionModel and DiT work and are tested; SDXL/PixArt/SD3/Flux and the benchmarks are to come.
+    # UNet (SD1.5/SDXL layouts), DiT, PixArt and SD3 work and are tested; Flux (RoPE over the joint sequence) is not wired.
     status: ClassVar[str] = "beta"
 
     downsample_factor: int = param(

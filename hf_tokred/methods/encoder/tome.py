@@ -10,12 +10,11 @@ The CLS token is never merged and stays at index 0.
 
 Where we depart from the paper:
 
-* **Merge point.** The paper merges between a block's attention and its MLP. hf_tokred never copies a
-  model's ``forward``, and the residual stream inside a transformers block cannot be shortened from
-  outside, so we merge at the block's output (after the MLP), with the metric from the same block's
-  attention. Token counts per block are the paper's (``N - r``, ``N - 2r``, ...); the MLP of each block
-  runs on the tokens before that block's merge (a little less speed-up), and the merged value is the
-  size-weighted average of the block's outputs rather than of its post-attention states.
+* **Merge point.** As in the paper, tokens merge between a block's attention and its MLP, so the MLP runs
+  on the merged tokens. Without copying a ``forward``: the wiring merges the input of the norm before the
+  MLP, expands the MLP branch back to the block's length for the block's own residual add, and returns the
+  merged residual plus the MLP branch, which is the paper's arithmetic (see ``integration/encoders.py``).
+  Post-norm BERT merges the attention sub-layer's output (after its LayerNorm).
 * **Token order.** Like the paper, a merge keeps the protected tokens (CLS) first, then the unmerged
   A tokens, then the B tokens. In padded batches we then move padding after every real token, and a
   left-padded batch is re-ordered real-tokens-first before the first merge, so a padded row sees the
@@ -30,13 +29,16 @@ Where we depart from the paper:
   (padded) length, as in the paper, and is the same for every row so the batch stays rectangular. A
   row with fewer real tokens than that merges all it can among its real tokens (exactly as when run
   alone) and makes up the difference by merging padding.
-* The ``(r, inflect)`` schedule of the reference code is not offered; pass a list of per-block values.
+* ``(r, inflect)`` is stored as two fields (``r`` and ``inflect``) so that it survives JSON; a tuple
+  ``r=(16, -0.5)`` is accepted and split.
 
 Example:
     >>> from hf_tokred import TokenReductionConfig
     >>> cfg = TokenReductionConfig(method="tome", r=4)
     >>> cfg.schedule(3), TokenReductionConfig(method="tome", r=[8, 4]).schedule(3)
     ([4, 4, 4], [8, 4, 0])
+    >>> TokenReductionConfig(method="tome", r=(8, -1.0)).schedule(5)     # decreasing schedule
+    [16, 12, 8, 4, 0]
 """
 
 from __future__ import annotations
@@ -46,45 +48,64 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...config import TokenReductionConfig, param, register_method
+from ...config import param, register_method
 from ...errors import ConfigError
+from .base import EncoderReducerConfig, Reduction, ReductionContext
 
-_R_HELP = "tokens merged in every block (an int >= 0), or a list of ints >= 0 with one value per block"
+METRICS = ("keys", "hidden")
+_R_HELP = ("tokens merged in every block (an int >= 0), an (r, inflect) pair with inflect in [-1, 1], "
+           "or a list of ints >= 0 with one value per block")
 
 # Scores given to pairs that involve padding (cosine similarities lie in [-1, 1]); see the module docstring.
 _PAD_PAD = -2.0
 _PAD_INTO_REAL = -3.0
 _REAL_INTO_PAD = -4.0
+_CAPPED = -3.5  # a real pair beyond its row's cap (ratio on padded batches): after padding pairs
 
 
 @register_method("tome")
 @dataclass(kw_only=True)
-class ToMeConfig(TokenReductionConfig):
-    """Token Merging (arXiv 2210.09461) for ViT/BERT encoders; see the module docstring for where we depart from
-    the paper.
+class ToMeConfig(EncoderReducerConfig):
+    """Token Merging (arXiv 2210.09461) for encoders; see the module docstring for where we depart from the paper.
 
     Fields:
-        r: tokens merged per block: an int >= 0 for every block, or a list of ints with one value per block
-            (shorter lists are padded with zeros, as in the paper's code; a longer list is rejected on apply).
+        r: tokens merged per block: an int >= 0 for every block; an ``(r, inflect)`` pair (the paper's
+            schedule: linear from ``r * (1 - inflect)`` in the first block to ``2r - r * (1 - inflect)`` in
+            the last, so ``inflect=-1`` decreases, ``0`` is constant, ``+1`` increases); or a list of ints with
+            one value per block (shorter lists are padded with zeros; a longer list is rejected on apply).
+        inflect: the schedule's slope, in [-1, 1] (set from an ``(r, inflect)`` pair; ignored with a list).
+        ratio: instead of ``r``, the fraction (at most 0.5) of each row's unprotected real tokens merged in every
+            block: ``floor(ratio * n)``, so texts of different lengths lose the same share. In a padded batch
+            each row merges its own count (the rest of the batch's merges pair padding with padding).
+        metric: ``"keys"`` (the paper: the block's keys averaged over heads) or ``"hidden"`` (the block's
+            post-attention hidden states; no attention statistics needed).
         prop_attn: add ``log(size)`` to the attention logits (proportional attention; the paper's default for
             off-the-shelf models). It needs a float attention mask, which keeps SDPA off its flash kernel.
+        restore_length: return ``last_hidden_state`` at the input length (every input token gets the state
+            of the merged token it went into).
 
     Example:
         >>> from hf_tokred import TokenReductionConfig
         >>> cfg = TokenReductionConfig(method="tome", r=16, prop_attn=False)
         >>> cfg.to_dict()
-        {'method': 'tome', 'r': 16, 'prop_attn': False}
+        {'method': 'tome', 'restore_length': False, 'prop_attn': False, 'r': 16, 'inflect': 0.0, 'ratio': None, 'metric': 'keys'}
     """
 
-    stage = "sequence"
-    model_kinds = ("encoder",)
     paper = "2210.09461"
-    # ViT and BERT work and are tested; (r, inflect) schedules, restore_length, DeiT/CLIP/SigLIP/DINOv2 and
-    # the speed targets are still to come.
     status = "beta"
 
-    r: int | list[int] = field(default=8, metadata={"help": _R_HELP})
     prop_attn: bool = param(True, bool, help="proportional attention: add log(size) to the attention logits")
+    r: int | list[int] | None = field(default=None, metadata={"help": _R_HELP + " (default 8 unless ratio is set)"})
+    inflect: float = param(0.0, float, low=-1.0, high=1.0, help="slope of the (r, inflect) schedule")
+    ratio: float | None = param(None, float, low=0.0, high=0.5, optional=True,
+                                help="instead of r: fraction of each row's unprotected tokens merged per block")
+    metric: str = param("keys", str, choices=METRICS,
+                        help="similarity for matching: the block's keys (paper) or its hidden states")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """Attention statistics the wiring computes: the keys, unless matching on hidden states."""
+        return frozenset({"metric"}) if self.metric == "keys" else frozenset()
 
     def validate(self) -> None:
         def fail(name, value):
@@ -99,7 +120,24 @@ class ToMeConfig(TokenReductionConfig):
                 raise fail(name, value)
             return int(value)
 
-        if isinstance(self.r, (list, tuple)):
+        if self.ratio is not None:
+            if self.r is not None:
+                raise ConfigError(f"ratio: give r or ratio, not both (got r={self.r!r}, ratio={self.ratio!r})",
+                                  field="ratio")
+            if self.inflect != 0.0:
+                raise ConfigError("inflect: the (r, inflect) schedule needs an int r, not ratio", field="inflect")
+            return
+        if self.r is None:
+            self.r = 8
+        if isinstance(self.r, tuple):
+            if len(self.r) != 2 or isinstance(self.r[1], bool) or not isinstance(self.r[1], numbers.Real):
+                raise fail("r", self.r)
+            r, inflect = self.r
+            self.r = check("r", r)
+            if not -1.0 <= float(inflect) <= 1.0:
+                raise ConfigError(f"inflect: expected a number in [-1, 1], got {inflect!r}", field="inflect")
+            self.inflect = float(inflect)
+        elif isinstance(self.r, list):
             self.r = [check(f"r[{i}]", v) for i, v in enumerate(self.r)]
         else:
             self.r = check("r", self.r)
@@ -114,21 +152,51 @@ class ToMeConfig(TokenReductionConfig):
             >>> TokenReductionConfig(method="tome", r=[2, 1]).schedule(4)
             [2, 1, 0, 0]
         """
-        if isinstance(self.r, int):
+        if self.ratio is not None:
+            return [self.ratio] * num_blocks
+        if isinstance(self.r, list):
+            if len(self.r) > num_blocks:
+                raise ConfigError(
+                    f"r: the list has {len(self.r)} values but the model has {num_blocks} blocks; "
+                    f"give at most {num_blocks} values",
+                    field="r",
+                )
+            return list(self.r) + [0] * (num_blocks - len(self.r))
+        if self.inflect == 0.0 or num_blocks == 1:
             return [self.r] * num_blocks
-        if len(self.r) > num_blocks:
-            raise ConfigError(
-                f"r: the list has {len(self.r)} values but the model has {num_blocks} blocks; "
-                f"give at most {num_blocks} values",
-                field="r",
-            )
-        return list(self.r) + [0] * (num_blocks - len(self.r))
+        first = int(self.r * (1.0 - self.inflect))
+        last = 2 * self.r - first
+        step = (last - first) / (num_blocks - 1)
+        return [max(int(first + step * i), 0) for i in range(num_blocks)]
+
+    def plan(self, ctx: ReductionContext) -> Reduction | None:
+        """Bipartite soft matching on the block's keys; merges ``ctx.amount`` pairs (see :func:`bipartite_soft_matching`).
+
+        Example:
+            >>> import torch
+            >>> from hf_tokred import TokenReductionConfig
+            >>> from hf_tokred.methods.encoder.base import ReductionContext
+            >>> x = torch.randn(1, 9, 8)
+            >>> ctx = ReductionContext(hidden=x, size=torch.ones(1, 9, 1), valid=None, protected=1, class_tokens=1,
+            ...                        block=0, num_blocks=1, amount=2, metric=x)
+            >>> r = TokenReductionConfig(method="tome", r=2).plan(ctx)
+            >>> r.apply(x, ctx.size)[1].sum().item(), r.num_slots
+            (9.0, 7)
+        """
+        metric = ctx.metric if self.metric == "keys" else ctx.hidden.detach()
+        row_r = None
+        if isinstance(ctx.amount, float):  # ratio: each row merges its own share, the batch stays rectangular
+            row_r = torch.floor(ctx.real_counts().double() * ctx.amount).long()
+            r = int(row_r.max())
+            row_r = row_r if ctx.valid is not None and bool((row_r != r).any()) else None
+        else:
+            r = ctx.amount
+        merge = bipartite_soft_matching(metric, r, protected=ctx.protected, valid_mask=ctx.valid, row_r=row_r)
+        return merge.to_reduction() if merge.r else None
 
     def reduce_tokens(self, x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int,
                       valid_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ToMe step: match on ``metric`` and merge ``r`` tokens of ``x`` (size-weighted); returns ``(x, size)``.
-
-        This is what the encoder wiring calls after every block.
+        """One ToMe step on plain tensors: match on ``metric``, merge ``r`` tokens of ``x``; returns ``(x, size)``.
 
         Example:
             >>> import torch
@@ -175,6 +243,23 @@ class TokenMerge:
         """The number of tokens this merge removes."""
         return self.src.shape[1]
 
+    def to_reduction(self) -> Reduction:
+        """The same merge as a :class:`~hf_tokred.methods.encoder.base.Reduction` (what the wiring applies).
+
+        Example:
+            >>> import torch
+            >>> m = bipartite_soft_matching(torch.randn(2, 7, 4), r=2, protected=1)
+            >>> m.to_reduction().keep.shape
+            torch.Size([2, 5])
+        """
+        batch, m = self.order.shape
+        position = torch.empty(batch, self.num_tokens, dtype=torch.long, device=self.order.device)
+        position.scatter_(1, self.order, torch.arange(m, device=self.order.device).expand(batch, m))
+        if self.r == 0:
+            return Reduction(keep=self.order, num_tokens=self.num_tokens)
+        position.scatter_(1, self.src, 0)  # merged-away tokens are not in the order; their slot is their dst's
+        return Reduction(keep=self.order, num_tokens=self.num_tokens, src=self.src, dst=position.gather(1, self.dst))
+
     def merge(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Apply the merge to ``x`` of shape ``(B, N, C)``: reduce each source into its destination, then reorder.
 
@@ -198,7 +283,7 @@ class TokenMerge:
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0,
-                            valid_mask: torch.Tensor | None = None) -> TokenMerge:
+                            valid_mask: torch.Tensor | None = None, row_r: torch.Tensor | None = None) -> TokenMerge:
     """ToMe's bipartite soft matching on ``metric`` ``(B, N, C)`` (the paper uses keys averaged over heads).
 
     Tokens at even indices form set A, odd indices set B. Each A token is paired with its most similar B
@@ -209,6 +294,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0,
     below every real pair, padding is never merged into a real token except with weight zero (see
     :func:`merge_wavg` with size 0), a real token never into padding, and real tokens come before padding
     in the output order. The matching runs without gradients, as in the paper.
+
+    ``row_r`` ``(B,)`` caps the merges between real tokens per row (``ToMe(ratio=...)`` on padded batches):
+    a row's real pairs beyond its cap rank below its padding pairs, so it merges padding instead.
 
     Example:
         >>> import torch
@@ -233,17 +321,24 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0,
         metric = torch.nn.functional.normalize(metric.float(), dim=-1)
         a_idx = torch.arange(0, n, 2, device=device)
         b_idx = torch.arange(1, n, 2, device=device)
-        scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # (B, |A|, |B|)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # (B, |A|, |B|), A/B as strided views
         if valid_mask is not None:
             va = valid_mask[:, a_idx, None]
             vb = valid_mask[:, None, b_idx]
             tier = torch.where(va, _REAL_INTO_PAD, torch.where(vb, _PAD_INTO_REAL, _PAD_PAD))
             scores = torch.where(va & vb, scores, tier.to(scores.dtype))
-        scores[:, a_idx < protected, :] = -torch.inf
-        scores[:, :, b_idx < protected] = -torch.inf
+        if protected:
+            scores[:, : (protected + 1) // 2, :] = -torch.inf  # A tokens 0, 2, ... below `protected`
+            scores[:, :, : protected // 2] = -torch.inf  # B tokens 1, 3, ... below `protected`
 
         best, partner = scores.max(dim=-1)  # each A token's most similar B token
         ranked = best.argsort(dim=-1, descending=True, stable=True)
+        if row_r is not None:
+            position = torch.empty_like(ranked).scatter_(
+                1, ranked, torch.arange(ranked.shape[1], device=device).expand_as(ranked))
+            capped = (best > _PAD_PAD) & (position >= row_r[:, None])
+            best = best.masked_fill(capped, _CAPPED)
+            ranked = best.argsort(dim=-1, descending=True, stable=True)
         src_rows = ranked[:, :r]
         src = a_idx[src_rows]
         dst = b_idx[partner.gather(1, src_rows)]

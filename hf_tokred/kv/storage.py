@@ -1,0 +1,402 @@
+"""How a :class:`~hf_tokred.kv.cache.TokenReductionCache` layer *stores* its keys and values.
+
+An eviction policy (stage ``"kv_policy"``) decides *which* tokens stay; a storage (stage
+``"kv_storage"``) decides *how* the kept ones are held between decoding steps: packed low-bit codes
+(KIVI, KVQuant) or one merged copy shared by adjacent layers (MiniCache). The two compose: the cache
+asks the store for the step's keys/values, runs attention, lets the store drop its transient copies,
+and then evicts by asking the store to keep a subset of its slots.
+
+The contract (one store per layer, created by :meth:`KVStorageConfig.make_stores`):
+
+* ``append(keys, values)`` adds this step's ``(B, H_kv, n, D)`` keys/values and returns *all* of them in
+  the compute dtype for this step's attention. Old slots may come back dequantized (lossy); the ``n``
+  new ones come back exactly as given, as in the papers (the prompt's attention is full precision).
+* ``release()`` is called right after the step's attention and drops transient full-precision copies.
+* ``gather(index)`` keeps slots ``index`` ``(B, H_kv, K)`` (sorted ascending per row and head),
+  ``select_batch(index)`` / ``repeat_batch(n)`` reorder or repeat the batch (beam search).
+* ``length`` is the number of slots held, ``nbytes()`` the resident bytes between steps (what the
+  tensors the store holds take), ``step_peak_bytes`` the most bytes a single ``append`` held at once
+  (resident + the returned full-precision tensors + the largest dequantization chunk's scratch), and
+  ``max_transient_bytes`` the transient part alone.
+
+The low-bit stores dequantize in chunks of ``chunk_tokens`` slots straight into the output tensors, so
+the transient peak of a step is the returned keys/values plus one chunk, never several full-size
+float intermediates.
+
+Example:
+    >>> import torch
+    >>> from hf_tokred.kv.storage import DenseStore
+    >>> store = DenseStore()
+    >>> k, v = store.append(torch.ones(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    >>> store.length, store.nbytes()
+    (3, 384)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import TokenReductionConfig, param
+from ..errors import ConfigError
+
+SCALE_DTYPE = torch.float16  # scales, zero points and sparse outliers, as in the papers (fp16)
+
+
+def tensor_bytes(*tensors) -> int:
+    """Bytes taken by the given tensors (``None`` entries count 0).
+
+    Example:
+        >>> import torch
+        >>> tensor_bytes(torch.zeros(4, dtype=torch.uint8), None, torch.zeros(2))
+        12
+    """
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit packing: 8 codes of ``bits`` bits -> ``bits`` bytes, along the last dimension
+# ---------------------------------------------------------------------------------------------
+
+PACKABLE_BITS = (1, 2, 3, 4, 8)
+
+
+def packed_width(dim: int, bits: int) -> int:
+    """Bytes that ``dim`` codes of ``bits`` bits take once packed.
+
+    Example:
+        >>> packed_width(64, 3)
+        24
+    """
+    return dim * bits // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last dimension into ``uint8``.
+
+    Every run of 8 codes becomes ``bits`` bytes (little-endian bit order), so 3-bit codes pack
+    without waste. The last dimension must be a multiple of 8.
+
+    Example:
+        >>> import torch
+        >>> codes = torch.tensor([[0, 1, 2, 3, 3, 2, 1, 0]], dtype=torch.uint8)
+        >>> pack_codes(codes, 2).tolist()
+        [[228, 27]]
+        >>> torch.equal(unpack_codes(pack_codes(codes, 2), 2), codes)
+        True
+    """
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits: expected one of {PACKABLE_BITS}, got {bits}")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    dim = codes.shape[-1]
+    if dim % 8:
+        raise ValueError(f"pack_codes: the last dimension ({dim}) must be a multiple of 8")
+    runs = codes.reshape(*codes.shape[:-1], dim // 8, 8).to(torch.int64)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (runs << shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    packed = (word >> byte_shifts) & 0xFF
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], dim // 8 * bits)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``uint8`` codes, last dimension ``packed.shape[-1] * 8 // bits``.
+
+    Example:
+        >>> import torch
+        >>> unpack_codes(torch.tensor([[228, 27]], dtype=torch.uint8), 2).tolist()
+        [[0, 1, 2, 3, 3, 2, 1, 0]]
+    """
+    if bits == 8:
+        return packed
+    width = packed.shape[-1]
+    runs = packed.reshape(*packed.shape[:-1], width // bits, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (runs << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    codes = (word >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], width // bits * 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uniform asymmetric quantization (KIVI)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of ``x`` over dimension ``dim`` (the group).
+
+    Elements where the boolean ``ignore`` (broadcastable to ``x``) is True do not widen the group's
+    range (they are held exactly elsewhere); their codes are clamped into it.
+
+    Returns ``(codes, scale, zero)``: ``uint8`` codes shaped like ``x`` and fp16 ``scale``/``zero`` with
+    ``dim`` kept as size 1, such that ``codes * scale + zero`` approximates ``x``. The rounding uses the
+    fp16-rounded scale and zero that are stored, so dequantization is consistent.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+        >>> codes, scale, zero = quantize_uniform(x, 2, dim=-1)
+        >>> codes.tolist(), dequantize_uniform(codes, scale, zero, torch.float32).tolist()
+        ([[0, 1, 2, 3]], [[0.0, 1.0, 2.0, 3.0]])
+    """
+    levels = (1 << bits) - 1
+    xf = x.float()
+    if ignore is None:
+        low = xf.amin(dim=dim, keepdim=True)
+        high = xf.amax(dim=dim, keepdim=True)
+    else:
+        low = torch.where(ignore, torch.inf, xf).amin(dim=dim, keepdim=True)
+        high = torch.where(ignore, -torch.inf, xf).amax(dim=dim, keepdim=True)
+        everything = torch.isinf(low)  # a group made only of ignored elements
+        low = torch.where(everything, 0.0, low)
+        high = torch.where(everything, 0.0, high)
+    scale = ((high - low) / levels).to(SCALE_DTYPE)
+    zero = low.to(SCALE_DTYPE)
+    scale_f = scale.float()
+    safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
+    codes = ((xf - zero.float()) / safe).round_().clamp_(0, levels).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize_uniform(codes, scale, zero, dtype) -> torch.Tensor:
+    """``codes * scale + zero`` in ``dtype`` (computed in float32).
+
+    Example:
+        >>> import torch
+        >>> dequantize_uniform(torch.tensor([3], dtype=torch.uint8), torch.tensor([0.5]), torch.tensor([1.0]), torch.float32)
+        tensor([2.5000])
+    """
+    return (codes.float() * scale.float() + zero.float()).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-uniform codebooks (KVQuant)
+# ---------------------------------------------------------------------------------------------
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted 1-D ``codebook`` for every element of ``x`` (``uint8``).
+
+    Example:
+        >>> import torch
+        >>> nearest_code(torch.tensor([-0.9, 0.1, 0.6]), torch.tensor([-1.0, 0.0, 0.5, 1.0])).tolist()
+        [0, 1, 2]
+    """
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    return torch.bucketize(x.float().contiguous(), midpoints.float().contiguous()).to(torch.uint8)
+
+
+def fit_codebook(samples: torch.Tensor, entries: int, iterations: int = 25, max_samples: int = 200_000,
+                 seed: int = 0) -> torch.Tensor:
+    """A sorted 1-D codebook of ``entries`` values fitted to ``samples`` by Lloyd's k-means.
+
+    Starts from the samples' evenly spaced quantiles, so the result is deterministic; at most
+    ``max_samples`` randomly drawn samples are used.
+
+    Example:
+        >>> import torch
+        >>> book = fit_codebook(torch.cat([torch.zeros(100) - 1, torch.ones(100)]), 2)
+        >>> book.tolist()
+        [-1.0, 1.0]
+    """
+    flat = samples.detach().float().flatten()
+    flat = flat[torch.isfinite(flat)]
+    if flat.numel() == 0:
+        raise ValueError("fit_codebook: no finite samples")
+    if flat.numel() > max_samples:
+        generator = torch.Generator().manual_seed(seed)
+        flat = flat[torch.randperm(flat.numel(), generator=generator)[:max_samples].to(flat.device)]
+    flat, _ = flat.sort()
+    quantiles = (torch.arange(entries, dtype=torch.float32) + 0.5) / entries
+    centers = flat[(quantiles * (flat.numel() - 1)).round().long().to(flat.device)].clone()
+    for _ in range(iterations):
+        assign = torch.bucketize(flat, (centers[1:] + centers[:-1]) / 2)
+        sums = torch.zeros(entries).index_add_(0, assign.cpu(), flat.cpu())
+        counts = torch.zeros(entries).index_add_(0, assign.cpu(), torch.ones_like(flat).cpu())
+        updated = torch.where(counts > 0, sums / counts.clamp(min=1), centers.cpu())
+        updated, _ = updated.sort()
+        if torch.allclose(updated, centers.cpu()):
+            centers = updated
+            break
+        centers = updated
+    return centers.sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores
+# ---------------------------------------------------------------------------------------------
+
+
+class KVStore:
+    """One layer's key/value storage (see the module docstring for the contract).
+
+    Subclasses implement :meth:`append`, :meth:`gather`, :meth:`select_batch`, :meth:`repeat_batch`,
+    :attr:`length` and :meth:`nbytes`. ``step_peak_bytes`` records the largest number of bytes one
+    ``append`` held at once.
+
+    Example:
+        >>> import torch
+        >>> store = DenseStore()
+        >>> _ = store.append(torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8))
+        >>> store.gather(torch.tensor([[[1]]]))
+        >>> store.length
+        1
+    """
+
+    step_peak_bytes: int = 0
+    max_transient_bytes: int = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        return None
+
+    def gather(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def repeat_batch(self, repeats: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def _record_peak(self, transient: int) -> None:
+        """Note the bytes of the transient tensors one ``append`` held on top of the resident ones."""
+        self.max_transient_bytes = max(self.max_transient_bytes, int(transient))
+        self.step_peak_bytes = max(self.step_peak_bytes, self.nbytes() + int(transient))
+
+
+def _gather_slots(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """``tensor[b, h, index[b, h, k], ...]`` for a ``(B, H, S, ...)`` tensor."""
+    if tensor is None:
+        return None
+    expanded = index.reshape(*index.shape, *([1] * (tensor.dim() - 3))).expand(*index.shape, *tensor.shape[3:])
+    return tensor.gather(2, expanded)
+
+
+class DenseStore(KVStore):
+    """Full-precision storage: ``torch.cat`` on append, exactly like ``DynamicLayer``.
+
+    It is the reference the compressed stores are measured against, and what a no-op setting (for
+    example ``kivi`` with ``bits=16``) uses, so outputs are bit-identical to the dense cache.
+
+    Example:
+        >>> import torch
+        >>> store = DenseStore()
+        >>> k, v = store.append(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+        >>> k.shape, store.nbytes()
+        (torch.Size([1, 2, 3, 4]), 192)
+    """
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        self._record_peak(0)
+        return self.keys, self.values
+
+    def gather(self, index):
+        self.keys = _gather_slots(self.keys, index)
+        self.values = _gather_slots(self.values, index)
+
+    def select_batch(self, index):
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+
+    def repeat_batch(self, repeats):
+        if self.keys is not None:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+
+@dataclass(kw_only=True)
+class KVStorageConfig(TokenReductionConfig):
+    """Base of the KV storage methods (stage ``"kv_storage"``): they say how kept tokens are held.
+
+    Subclasses implement :meth:`make_stores`. ``chunk_tokens`` bounds the per-step transient memory of
+    dequantization (slots dequantized at a time).
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig
+        >>> TokenReductionConfig(method="kivi", bits=2).stage
+        'kv_storage'
+    """
+
+    stage: ClassVar[str] = "kv_storage"
+    model_kinds: ClassVar[tuple[str, ...]] = ("decoder",)
+    composes_with_eviction: ClassVar[bool] = True  # may hold the slots of a kv_policy that evicts
+
+
+    chunk_tokens: int = param(1024, int, low=1, help="slots dequantized at a time (bounds the per-step peak)")
+
+    def check_model(self, model) -> None:
+        """Raise :class:`ConfigError` if the storage cannot serve ``model`` (run by ``apply`` before it
+        touches the model); nothing to check by default."""
+
+    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+        """One :class:`KVStore` per decoder layer of ``model`` (cross-layer stores may share state)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def head_dim(model) -> int:
+        """The attention head dimension of a decoder ``model``."""
+        config = model.config.get_text_config(decoder=True)
+        head_dim = getattr(config, "head_dim", None)
+        return int(head_dim or config.hidden_size // config.num_attention_heads)
+
+    def check_head_dim(self, head_dim: int, group_size: int | None = None) -> None:
+        """Raise :class:`ConfigError` when the model's head dimension cannot be packed or grouped."""
+        if head_dim % 8:
+            raise ConfigError(
+                f"method: {self.method} packs 8 codes at a time and needs a head dimension divisible by 8; "
+                f"the model's is {head_dim}",
+                field="method",
+            )
+        if group_size is not None and head_dim % group_size:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+            raise ConfigError(
+                f"group_size: must divide the head dimension {head_dim} (one of {divisors}), got {group_size}",
+                field="group_size",
+            )
+
+
+__all__ = [
+    "DenseStore",
+    "KVStorageConfig",
+    "KVStore",
+    "dequantize_uniform",
+    "fit_codebook",
+    "nearest_code",
+    "pack_codes",
+    "packed_width",
+    "quantize_uniform",
+    "tensor_bytes",
+    "unpack_codes",
+]

@@ -1,0 +1,348 @@
+"""KIVI: tuning-free asymmetric 2-bit KV-cache quantization (Liu et al., ICML'24, arXiv 2402.02750).
+
+Keys are quantized **per channel** (one scale and zero point per channel for each group of
+``group_size`` consecutive tokens), values **per token** (one scale and zero point per group of
+``group_size`` channels), both with asymmetric min/max rounding to ``bits`` bits. The most recent
+``residual`` to ``residual + group_size - 1`` tokens stay in full precision; whenever the
+full-precision tail grows past that, its oldest whole groups are quantized. Codes are stored
+**packed** (four 2-bit or two 4-bit codes per byte), scales and zero points in fp16.
+
+Where we depart from the paper:
+
+* The paper fuses dequantization into its attention kernels. Here each step dequantizes the stored
+  codes (in chunks of ``chunk_tokens`` slots, straight into the tensors attention reads) and hands
+  full-precision keys/values to the model's stock attention; the resident memory is the packed
+  codes, the per-step transient is one full-precision copy, as in transformers' ``QuantizedCache``.
+* Unlike transformers' ``QuantizedCache`` (which quantizes keys and values per channel and
+  re-quantizes the whole cache whenever its residual fills), values are per token, as in the paper,
+  and every token is quantized exactly once.
+* Eviction (a ``kv_policy`` composed with ``kivi``) keeps packed codes without re-quantizing them:
+  a key group that loses tokens keeps its scale, groups that lose every token are dropped. When the
+  kept quantized slots differ in number between heads, the surplus of the heads that kept more is
+  moved (losslessly, as their dequantized values) into the full-precision tail.
+* ``sink_tokens`` (default 1) keeps the first tokens of each sequence exactly (full precision, on the
+  side) and leaves them out of their key group's range. The paper quantizes them like any token; on
+  SmolLM2-135M the 2-bit keys of the attention-sink token alone raise perplexity by several percent
+  (KVQuant's later revisions and IntactKV keep the sink exact for the same reason). ``sink_tokens=0``
+  is the paper's behaviour. With left padding the first stored slots are padding, so their exact copy
+  is wasted and the row's real first token is quantized.
+* ``bits=16`` stores full precision (a no-op, bit-identical to the dense cache).
+
+Example:
+    >>> from hf_tokred import TokenReductionConfig
+    >>> cfg = TokenReductionConfig(method="kivi", bits=2, group_size=32, residual=128)
+    >>> cfg.bits, cfg.residual
+    (2, 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...config import param, register_method
+from ...errors import ConfigError
+from ...kv.storage import (
+    SCALE_DTYPE,
+    DenseStore,
+    KVStorageConfig,
+    KVStore,
+    _gather_slots,
+    dequantize_uniform,
+    pack_codes,
+    packed_width,
+    quantize_uniform,
+    tensor_bytes,
+    unpack_codes,
+)
+
+
+@register_method("kivi")
+@dataclass(kw_only=True)
+class KIVIConfig(KVStorageConfig):
+    """KIVI storage: ``bits`` (2 or 4; 16 = full precision), ``group_size`` (tokens per key group and
+    channels per value group; must divide the head dimension) and the full-precision ``residual``."""
+
+    paper = "2402.02750"
+
+    bits: int = param(2, int, choices=(2, 4, 16), help="bits per stored key/value element (16 = no quantization)")
+    group_size: int = param(32, int, low=1, help="tokens per key group and channels per value group")
+    residual: int = param(128, int, low=0, help="most recent tokens kept in full precision")
+    sink_tokens: int = param(1, int, low=0, help="first tokens kept exactly (attention sinks; 0 = as in the paper)")
+
+    def check_model(self, model) -> None:
+        """Raise :class:`ConfigError` if the model's head dimension does not fit ``group_size``."""
+        if self.bits != 16:
+            self.check_head_dim(self.head_dim(model), self.group_size)
+
+    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+        self.check_model(model)
+        if self.bits == 16:
+            return [DenseStore() for _ in range(num_layers)]
+        return [KIVIStore(self.bits, self.group_size, self.residual, self.chunk_tokens, self.sink_tokens) for _ in range(num_layers)]
+
+
+def _group_of_slots(counts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Key-group index of each slot, from the tokens per group ``counts`` ``(B, H, G)``."""
+    bounds = counts.cumsum(-1).contiguous()
+    return torch.searchsorted(bounds, slots.contiguous(), right=True).clamp_(max=max(counts.shape[-1] - 1, 0))
+
+
+class KIVIStore(KVStore):
+    """One layer's KIVI storage (see the module docstring).
+
+    Holds packed key codes with per-channel scales for groups of tokens (``key_counts`` says how many
+    slots each group covers), packed value codes with per-token scales for groups of channels, and a
+    full-precision tail.
+
+    Example:
+        >>> import torch
+        >>> store = KIVIStore(bits=2, group_size=4, residual=2)
+        >>> k, v = store.append(torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8))
+        >>> store.quantized_length, store.residual_length
+        (8, 4)
+    """
+
+    def __init__(self, bits: int, group_size: int, residual: int, chunk_tokens: int = 1024, sink_tokens: int = 0):
+        self.bits, self.group_size, self.residual, self.chunk_tokens = bits, group_size, residual, chunk_tokens
+        self.sink_tokens = sink_tokens
+        self.key_codes = self.key_scale = self.key_zero = self.key_counts = None
+        self.value_codes = self.value_scale = self.value_zero = None
+        self.tail_keys = self.tail_values = None
+        # exact copies of the first `sink_tokens` slots: their current slot (-1 once evicted) and vectors
+        self.exact_slots = self.exact_keys = self.exact_values = None
+
+    # -- shape helpers -----------------------------------------------------------------------
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if self.key_codes is None else self.key_codes.shape[2]
+
+    @property
+    def residual_length(self) -> int:
+        return 0 if self.tail_keys is None else self.tail_keys.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.quantized_length + self.residual_length
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*(getattr(self, name) for name in self._tensors()))
+
+    def _init(self, keys: torch.Tensor) -> None:
+        batch, heads, _, dim = keys.shape
+        if dim % self.group_size or dim % 8:
+            raise ConfigError(
+                f"group_size: must divide the head dimension {dim} (and the head dimension must be a multiple "
+                f"of 8), got {self.group_size}",
+                field="group_size",
+            )
+        device = keys.device
+        width = packed_width(dim, self.bits)
+        self.dim, self.dtype = dim, keys.dtype
+        self.key_codes = torch.empty(batch, heads, 0, width, dtype=torch.uint8, device=device)
+        self.value_codes = torch.empty(batch, heads, 0, width, dtype=torch.uint8, device=device)
+        self.key_scale = torch.empty(batch, heads, 0, dim, dtype=SCALE_DTYPE, device=device)
+        self.key_zero = torch.empty_like(self.key_scale)
+        self.key_counts = torch.empty(batch, heads, 0, dtype=torch.int32, device=device)
+        self.value_scale = torch.empty(batch, heads, 0, dim // self.group_size, dtype=SCALE_DTYPE, device=device)
+        self.value_zero = torch.empty_like(self.value_scale)
+        self.tail_keys = keys[:, :, :0]
+        self.tail_values = keys[:, :, :0]
+        self.exact_slots = torch.empty(batch, heads, 0, dtype=torch.int32, device=device)
+        self.exact_keys = keys[:, :, :0]
+        self.exact_values = keys[:, :, :0]
+
+    # -- dequantization ----------------------------------------------------------------------
+
+    def _dequantize_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """Keys of quantized ``slots`` ``(B, H, n)`` in the compute dtype."""
+        codes = unpack_codes(_gather_slots(self.key_codes, slots), self.bits)
+        group = _group_of_slots(self.key_counts, slots)
+        scale = _gather_slots(self.key_scale, group)
+        zero = _gather_slots(self.key_zero, group)
+        return dequantize_uniform(codes, scale, zero, self.dtype)
+
+    def _dequantize_key_range(self, start: int, end: int) -> torch.Tensor:
+        batch, heads = self.key_codes.shape[:2]
+        slots = torch.arange(start, end, device=self.key_codes.device).expand(batch, heads, end - start)
+        return self._dequantize_keys(slots)
+
+    def _dequantize_values(self, codes_packed, scale, zero) -> torch.Tensor:
+        codes = unpack_codes(codes_packed, self.bits)
+        shape = codes.shape
+        grouped = codes.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        return dequantize_uniform(grouped, scale[..., None], zero[..., None], self.dtype).reshape(shape)
+
+    # -- the store contract ------------------------------------------------------------------
+
+    def append(self, keys, values):
+        if self.key_codes is None:
+            self._init(keys)
+        quantized, tail, new = self.quantized_length, self.residual_length, keys.shape[2]
+        if quantized == 0 and tail == 0:
+            out_keys, out_values = keys, values
+            transient = 0
+        else:
+            batch, heads, _, dim = keys.shape
+            out_keys = keys.new_empty(batch, heads, quantized + tail + new, dim)
+            out_values = values.new_empty(batch, heads, quantized + tail + new, dim)
+            scratch = 0
+            for start in range(0, quantized, self.chunk_tokens):
+                end = min(start + self.chunk_tokens, quantized)
+                chunk_k = self._dequantize_key_range(start, end)
+                chunk_v = self._dequantize_values(self.value_codes[:, :, start:end], self.value_scale[:, :, start:end],
+                                                  self.value_zero[:, :, start:end])
+                # unpacking goes through int64 words (8 bytes per code) and float32 products
+                scratch = max(scratch, tensor_bytes(chunk_k, chunk_v) + chunk_k.numel() * 2 * (8 + 4))
+                out_keys[:, :, start:end] = chunk_k
+                out_values[:, :, start:end] = chunk_v
+                del chunk_k, chunk_v
+            out_keys[:, :, quantized:quantized + tail] = self.tail_keys
+            out_values[:, :, quantized:quantized + tail] = self.tail_values
+            out_keys[:, :, quantized + tail:] = keys
+            out_values[:, :, quantized + tail:] = values
+            transient = tensor_bytes(out_keys, out_values) + scratch
+            self._restore_exact(out_keys, out_values)
+        taken = self.exact_slots.shape[-1]
+        if taken < self.sink_tokens and new:
+            count = min(self.sink_tokens - taken, new)
+            first = quantized + tail
+            slots = torch.arange(first, first + count, dtype=torch.int32, device=keys.device)
+            self.exact_slots = torch.cat([self.exact_slots, slots.expand(*keys.shape[:2], count)], dim=2)
+            self.exact_keys = torch.cat([self.exact_keys, keys[:, :, :count].clone()], dim=2)
+            self.exact_values = torch.cat([self.exact_values, values[:, :, :count].clone()], dim=2)
+        if new:
+            self.tail_keys = torch.cat([self.tail_keys, keys], dim=2)
+            self.tail_values = torch.cat([self.tail_values, values], dim=2)
+            self._flush()
+        self._record_peak(transient)
+        return out_keys, out_values
+
+    def _restore_exact(self, out_keys, out_values) -> None:
+        """Write the exact copies of sink slots over their dequantized values."""
+        if self.exact_slots is None or not self.exact_slots.shape[-1]:
+            return
+        b, h, e = (self.exact_slots >= 0).nonzero(as_tuple=True)
+        slots = self.exact_slots[b, h, e].long()
+        out_keys[b, h, slots] = self.exact_keys[b, h, e]
+        out_values[b, h, slots] = self.exact_values[b, h, e]
+
+    def _exact_mask(self, start: int, end: int) -> torch.Tensor | None:
+        """``(B, H, end - start)``: which tail slots ``start..end`` are held exactly."""
+        if self.exact_slots is None or not self.exact_slots.shape[-1]:
+            return None
+        first = self.quantized_length + start
+        slots = torch.arange(first, first + end - start, device=self.exact_slots.device)
+        return (self.exact_slots[..., None, :] == slots[:, None]).any(-1)
+
+    def _flush(self) -> None:
+        """Quantize the oldest whole groups of the tail while it holds ``residual + group_size`` or more."""
+        tail, group = self.residual_length, self.group_size
+        count = (tail - self.residual) // group * group if tail >= self.residual + group else 0
+        if count == 0:
+            return
+        step = max(self.chunk_tokens // group, 1) * group
+        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = [], [], [], [], [], []
+        for start in range(0, count, step):
+            end = min(start + step, count)
+            block_k = self.tail_keys[:, :, start:end]
+            batch, heads, n, dim = block_k.shape
+            exact = self._exact_mask(start, end)
+            ignore = None if exact is None else exact.reshape(batch, heads, n // group, group, 1)
+            codes, scale, zero = quantize_uniform(block_k.reshape(batch, heads, n // group, group, dim), self.bits,
+                                                  dim=3, ignore=ignore)
+            key_codes.append(pack_codes(codes.reshape(batch, heads, n, dim), self.bits))
+            key_scale.append(scale.squeeze(3))
+            key_zero.append(zero.squeeze(3))
+            block_v = self.tail_values[:, :, start:end].reshape(batch, heads, n, dim // group, group)
+            codes, scale, zero = quantize_uniform(block_v, self.bits, dim=-1)
+            value_codes.append(pack_codes(codes.reshape(batch, heads, n, dim), self.bits))
+            value_scale.append(scale.squeeze(-1))
+            value_zero.append(zero.squeeze(-1))
+        batch, heads = self.key_codes.shape[:2]
+        groups = count // group
+        self.key_codes = torch.cat([self.key_codes, *key_codes], dim=2)
+        self.key_scale = torch.cat([self.key_scale, *key_scale], dim=2)
+        self.key_zero = torch.cat([self.key_zero, *key_zero], dim=2)
+        counts = torch.full((batch, heads, groups), group, dtype=torch.int32, device=self.key_counts.device)
+        self.key_counts = torch.cat([self.key_counts, counts], dim=2)
+        self.value_codes = torch.cat([self.value_codes, *value_codes], dim=2)
+        self.value_scale = torch.cat([self.value_scale, *value_scale], dim=2)
+        self.value_zero = torch.cat([self.value_zero, *value_zero], dim=2)
+        self.tail_keys = self.tail_keys[:, :, count:].clone()
+        self.tail_values = self.tail_values[:, :, count:].clone()
+
+    def gather(self, index):
+        if self.key_codes is None:
+            return
+        quantized, old_length = self.quantized_length, self.length
+        index = index.to(self.key_codes.device)
+        kept_quantized = int((index < quantized).sum(-1).min()) if index.shape[-1] else 0
+        head = index[..., :kept_quantized]
+        rest = index[..., kept_quantized:]
+        # Kept slots that leave the quantized part (heads that kept more of it than the fewest did, and
+        # the old tail) become the new full-precision tail; dequantized values move there losslessly.
+        from_codes = rest < quantized
+        code_slot = rest.clamp(max=max(quantized - 1, 0))
+        tail_slot = (rest - quantized).clamp(min=0, max=max(self.residual_length - 1, 0))
+        if quantized and bool(from_codes.any()):
+            moved_k = self._dequantize_keys(code_slot)
+            moved_v = self._dequantize_values(_gather_slots(self.value_codes, code_slot),
+                                              _gather_slots(self.value_scale, code_slot),
+                                              _gather_slots(self.value_zero, code_slot))
+        else:
+            moved_k = moved_v = None
+        if self.residual_length:
+            kept_k = _gather_slots(self.tail_keys, tail_slot)
+            kept_v = _gather_slots(self.tail_values, tail_slot)
+            if moved_k is not None:
+                kept_k = torch.where(from_codes[..., None], moved_k, kept_k)
+                kept_v = torch.where(from_codes[..., None], moved_v, kept_v)
+        else:
+            kept_k, kept_v = moved_k, moved_v
+        if kept_k is None:
+            kept_k = self.tail_keys[:, :, :0]
+            kept_v = self.tail_values[:, :, :0]
+        # Quantized part: codes and per-token value scales follow their slots; a key group keeps its
+        # scale as long as one of its tokens is kept.
+        if quantized:
+            group = _group_of_slots(self.key_counts, head)
+            counts = torch.zeros_like(self.key_counts).scatter_add_(2, group, torch.ones_like(group, dtype=torch.int32))
+            order = torch.sort((counts == 0).to(torch.uint8), dim=-1, stable=True).indices
+            groups = int((counts > 0).sum(-1).max()) if head.shape[-1] else 0
+            order = order[..., :groups]
+            self.key_counts = counts.gather(2, order)
+            self.key_scale = _gather_slots(self.key_scale, order)
+            self.key_zero = _gather_slots(self.key_zero, order)
+            self.key_codes = _gather_slots(self.key_codes, head)
+            self.value_codes = _gather_slots(self.value_codes, head)
+            self.value_scale = _gather_slots(self.value_scale, head)
+            self.value_zero = _gather_slots(self.value_zero, head)
+        self.tail_keys, self.tail_values = kept_k.contiguous(), kept_v.contiguous()
+        if self.exact_slots.shape[-1]:
+            new_slot = torch.full((*index.shape[:2], old_length + 1), -1, dtype=torch.int32,
+                                  device=index.device)
+            new_slot.scatter_(2, index, torch.arange(index.shape[-1], dtype=torch.int32, device=index.device).expand_as(index))
+            old = torch.where(self.exact_slots >= 0, self.exact_slots, new_slot.shape[-1] - 1).long()
+            self.exact_slots = new_slot.gather(2, old)
+
+    def _tensors(self) -> list[str]:
+        return ["key_codes", "key_scale", "key_zero", "key_counts", "value_codes", "value_scale", "value_zero",
+                "tail_keys", "tail_values", "exact_slots", "exact_keys", "exact_values"]
+
+    def select_batch(self, index):
+        for name in self._tensors():
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+    def repeat_batch(self, repeats):
+        for name in self._tensors():
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+
+
+__all__ = ["KIVIConfig", "KIVIStore"]

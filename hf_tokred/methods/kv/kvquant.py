@@ -1,0 +1,423 @@
+"""KVQuant: non-uniform, pre-RoPE, dense-and-sparse KV-cache quantization (Hooper et al., NeurIPS'24,
+arXiv 2401.18079).
+
+* **Keys per channel, before RoPE.** Keys arrive post-RoPE; the store undoes the rotation with each
+  slot's position (``hf_tokred.model_patches.rope``), normalizes every channel by a range calibrated
+  offline, quantizes, and re-applies the rotation after dequantization.
+* **Values per token**, normalized online by each token's own min/max.
+* **Non-uniform codebooks** (``2**bits`` levels per layer, one for keys, one for values), fitted by
+  k-means on calibration text with :func:`calibrate`. They are learned artefacts: they live in
+  ``model.hf_tokred_modules["kvquant"]`` and save to / load from ``token_reduction.safetensors``.
+* **Dense-and-sparse outliers**: the ``ceil(outlier_fraction * head_dim)`` largest-magnitude elements
+  of every key and value vector (in normalized units) are kept exactly in fp16 with their channel
+  index, and excluded from the normalization range.
+* Codes are packed (eight 3-bit codes in three bytes).
+
+Where we depart from the paper: the codebooks come from plain k-means (the paper weights it by
+Fisher-information sensitivity, which needs gradients); outliers are a fixed number per vector (the
+paper uses a global threshold, so the count per token varies) so that storage stays rectangular
+and eviction is a plain gather; dequantization happens per step in chunks rather than in a fused
+kernel. For left-padded rows the un-rotation uses the slot's index in the row (padding included), a
+fixed rotation offset per row that the un-rotate/re-rotate round trip cancels exactly. The first
+``sink_tokens`` (default 1) are kept exactly, as the paper's later revision does for the attention
+sink: on SmolLM2-135M the sink's pre-RoPE keys lie far outside the calibrated channel ranges (relative
+error above 100% in deep layers when quantized).
+
+Example:
+    >>> from hf_tokred import TokenReductionConfig
+    >>> cfg = TokenReductionConfig(method="kvquant", bits=3)
+    >>> cfg.outlier_fraction
+    0.01
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...config import param, register_method
+from ...errors import ConfigError, TokenReductionError
+from ...kv.storage import (
+    SCALE_DTYPE,
+    KVStorageConfig,
+    KVStore,
+    _gather_slots,
+    fit_codebook,
+    nearest_code,
+    pack_codes,
+    tensor_bytes,
+    unpack_codes,
+)
+
+MODULE_NAME = "kvquant"
+
+
+@register_method("kvquant")
+@dataclass(kw_only=True)
+class KVQuantConfig(KVStorageConfig):
+    """KVQuant storage: ``bits`` (2, 3 or 4) and the ``outlier_fraction`` of each vector kept exactly.
+    Needs :func:`calibrate` once per model (the result saves with ``save_pretrained``)."""
+
+    paper = "2401.18079"
+    learned = True
+
+    bits: int = param(3, int, choices=(2, 3, 4), help="bits per stored key/value element")
+    outlier_fraction: float = param(0.01, float, low=0.0, high=0.5, high_open=True,
+                                    help="fraction of each key/value vector kept exactly (dense-and-sparse)")
+    sink_tokens: int = param(1, int, low=0, help="first tokens kept exactly (attention sinks, as in the paper's v4)")
+
+    def outliers(self, head_dim: int) -> int:
+        """Outliers kept per vector for a head dimension."""
+        return math.ceil(self.outlier_fraction * head_dim - 1e-9)
+
+    def check_model(self, model) -> None:
+        self.check_head_dim(self.head_dim(model))
+
+    def learned_modules(self, model, adapter):
+        self.check_model(model)
+        config = model.config.get_text_config(decoder=True)
+        heads = config.num_key_value_heads or config.num_attention_heads
+        device = next(model.parameters()).device
+        return {MODULE_NAME: KVQuantCalibration(config.num_hidden_layers, heads, self.head_dim(model), self.bits).to(device)}
+
+    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+        from ...model_patches.rope import rotary_for
+
+        self.check_model(model)
+        calibration = getattr(model, "hf_tokred_modules", {})
+        calibration = calibration[MODULE_NAME] if MODULE_NAME in calibration else None
+        if calibration is None:
+            raise TokenReductionError("kvquant: the model carries no kvquant calibration; attach it with hf_tokred.apply")
+        if not bool(calibration.calibrated):
+            raise TokenReductionError(
+                "kvquant: the codebooks are not calibrated yet; run "
+                "hf_tokred.methods.kv.kvquant.calibrate(model, texts, tokenizer) once (save_pretrained keeps the result)"
+            )
+        if calibration.key_codebook.shape[-1] != 1 << self.bits:
+            raise ConfigError(
+                f"bits: the calibration holds {calibration.key_codebook.shape[-1]}-level codebooks, bits={self.bits} "
+                f"needs {1 << self.bits}; calibrate again",
+                field="bits",
+            )
+        rotary = rotary_for(model)
+        outliers = self.outliers(self.head_dim(model))
+        return [KVQuantStore(calibration, layer, rotary, self.bits, outliers, self.chunk_tokens,
+                             self.sink_tokens) for layer in range(num_layers)]
+
+
+class KVQuantCalibration(torch.nn.Module):
+    """The learned part of KVQuant: per-layer codebooks and pre-RoPE per-channel key ranges.
+
+    Buffers (saved to ``token_reduction.safetensors``): ``key_center``/``key_half`` ``(layers, kv_heads,
+    head_dim)`` (pre-RoPE channel centre and half-range), ``key_codebook``/``value_codebook``
+    ``(layers, 2**bits)`` (sorted levels in ``[-1, 1]``) and ``calibrated`` (1 once calibrated).
+
+    Example:
+        >>> KVQuantCalibration(2, 1, 8, 3).key_codebook.shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, bits: int):
+        super().__init__()
+        levels = torch.linspace(-1, 1, 1 << bits).expand(layers, -1).clone()
+        self.register_buffer("key_center", torch.zeros(layers, kv_heads, head_dim))
+        self.register_buffer("key_half", torch.ones(layers, kv_heads, head_dim))
+        self.register_buffer("key_codebook", levels)
+        self.register_buffer("value_codebook", levels.clone())
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.uint8))
+
+
+def _top_outliers(normalized: torch.Tensor, count: int) -> torch.Tensor:
+    """Channel index (``int64``) of the ``count`` largest-magnitude elements of each vector."""
+    return normalized.abs().topk(count, dim=-1).indices
+
+
+def quantize_keys(pre_rope: torch.Tensor, center, half, codebook, bits: int, outliers: int):
+    """Quantize pre-RoPE keys ``(B, H, n, D)``: packed codes, outlier channels, exact outlier values.
+
+    Example:
+        >>> import torch
+        >>> keys = torch.randn(1, 1, 4, 8)
+        >>> codes, index, exact = quantize_keys(keys, torch.zeros(1, 8), torch.ones(1, 8) * 3,
+        ...                                     torch.linspace(-1, 1, 8), 3, 1)
+        >>> codes.shape, index.shape, exact.dtype
+        (torch.Size([1, 1, 4, 3]), torch.Size([1, 1, 4, 1]), torch.float16)
+    """
+    normalized = (pre_rope.float() - center[None, :, None, :]) / half[None, :, None, :]
+    if outliers:
+        index = _top_outliers(normalized, outliers)
+        exact = pre_rope.float().gather(-1, index).to(SCALE_DTYPE)
+        normalized = normalized.scatter(-1, index, 0.0)
+    else:
+        index = exact = None
+    codes = pack_codes(nearest_code(normalized.clamp_(-1, 1), codebook), bits)
+    return codes, None if index is None else index.to(torch.uint8), exact
+
+
+def dequantize_keys(codes, index, exact, center, half, codebook, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_keys`: float32 pre-RoPE keys."""
+    levels = codebook.float()[unpack_codes(codes, bits).long()]
+    keys = levels * half[None, :, None, :] + center[None, :, None, :]
+    if index is not None:
+        keys.scatter_(-1, index.long(), exact.float())
+    return keys
+
+
+def quantize_values(values: torch.Tensor, codebook, bits: int, outliers: int):
+    """Quantize values ``(B, H, n, D)`` per token: packed codes, fp16 ``(centre, half-range)``, outliers.
+
+    Example:
+        >>> import torch
+        >>> codes, scale, index, exact = quantize_values(torch.randn(1, 1, 4, 8), torch.linspace(-1, 1, 8), 3, 1)
+        >>> scale.shape
+        torch.Size([1, 1, 4, 2])
+    """
+    vf = values.float()
+    inlier = torch.ones_like(vf, dtype=torch.bool)
+    if outliers:
+        index = _top_outliers(vf - vf.median(dim=-1, keepdim=True).values, outliers)
+        exact = vf.gather(-1, index).to(SCALE_DTYPE)
+        inlier.scatter_(-1, index, False)
+    else:
+        index = exact = None
+    high = torch.where(inlier, vf, -torch.inf).amax(-1, keepdim=True)
+    low = torch.where(inlier, vf, torch.inf).amin(-1, keepdim=True)
+    scale = torch.cat([(high + low) / 2, (high - low) / 2], dim=-1).to(SCALE_DTYPE)
+    center, half = scale.float().unbind(-1)
+    half = torch.where(half > 0, half, torch.ones_like(half))
+    normalized = ((vf - center[..., None]) / half[..., None]).clamp_(-1, 1)
+    codes = pack_codes(nearest_code(normalized, codebook), bits)
+    return codes, scale, None if index is None else index.to(torch.uint8), exact
+
+
+def dequantize_values(codes, scale, index, exact, codebook, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_values` (float32)."""
+    levels = codebook.float()[unpack_codes(codes, bits).long()]
+    center, half = scale.float().unbind(-1)
+    values = levels * half[..., None] + center[..., None]
+    if index is not None:
+        values.scatter_(-1, index.long(), exact.float())
+    return values
+
+
+class KVQuantStore(KVStore):
+    """One layer's KVQuant storage. Every slot is quantized independently (keys by calibrated channel
+    ranges, values by their own range), so eviction and batch reordering are plain gathers.
+
+    Example:
+        >>> store = KVQuantStore(calibration, 0, rotary, bits=3, outliers=1)       # doctest: +SKIP
+    """
+
+    _TENSORS = ("key_codes", "key_index", "key_exact", "value_codes", "value_scale", "value_index", "value_exact",
+                "positions")
+    _SINK_TENSORS = ("sink_slots", "sink_keys", "sink_values")
+
+    def __init__(self, calibration: KVQuantCalibration, layer: int, rotary, bits: int, outliers: int,
+                 chunk_tokens: int = 1024, sink_tokens: int = 0):
+        self.calibration, self.layer, self.rotary = calibration, layer, rotary
+        self.bits, self.outliers, self.chunk_tokens, self.sink_tokens = bits, outliers, chunk_tokens, sink_tokens
+        for name in self._TENSORS + self._SINK_TENSORS:
+            setattr(self, name, None)
+        self.seen = 0
+
+    def _params(self, device):
+        c = self.calibration
+        return (c.key_center[self.layer].float().to(device), c.key_half[self.layer].float().to(device),
+                c.key_codebook[self.layer].float().to(device), c.value_codebook[self.layer].float().to(device))
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_codes is None else self.key_codes.shape[2]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*(getattr(self, name) for name in self._TENSORS + self._SINK_TENSORS))
+
+    def _quantize(self, keys, values, positions):
+        center, half, key_book, value_book = self._params(keys.device)
+        pre = self.rotary.unrotate(keys, positions)
+        key_codes, key_index, key_exact = quantize_keys(pre, center, half, key_book, self.bits, self.outliers)
+        value_codes, value_scale, value_index, value_exact = quantize_values(values, value_book, self.bits, self.outliers)
+        return {"key_codes": key_codes, "key_index": key_index, "key_exact": key_exact, "value_codes": value_codes,
+                "value_scale": value_scale, "value_index": value_index, "value_exact": value_exact,
+                "positions": positions.to(torch.int32)}
+
+    def _dequantize(self, start: int, end: int, dtype):
+        center, half, key_book, value_book = self._params(self.key_codes.device)
+        part = {name: None if getattr(self, name) is None else getattr(self, name)[:, :, start:end] for name in self._TENSORS}
+        pre = dequantize_keys(part["key_codes"], part["key_index"], part["key_exact"], center, half, key_book, self.bits)
+        keys = self.rotary.rotate(pre, part["positions"].long())
+        values = dequantize_values(part["value_codes"], part["value_scale"], part["value_index"], part["value_exact"],
+                                   value_book, self.bits)
+        return keys.to(dtype), values.to(dtype), tensor_bytes(pre) * 4  # pre, cos, sin, rotated keys
+
+    def append(self, keys, values):
+        batch, heads, new, dim = keys.shape
+        if dim % 8:
+            raise ConfigError(f"method: kvquant needs a head dimension divisible by 8, got {dim}", field="method")
+        stored = self.length
+        positions = torch.arange(self.seen, self.seen + new, device=keys.device).expand(batch, heads, new)
+        self.seen += new
+        if stored == 0:
+            out_keys, out_values, transient = keys, values, 0
+        else:
+            out_keys = keys.new_empty(batch, heads, stored + new, dim)
+            out_values = values.new_empty(batch, heads, stored + new, dim)
+            scratch = 0
+            for start in range(0, stored, self.chunk_tokens):
+                end = min(start + self.chunk_tokens, stored)
+                chunk_k, chunk_v, extra = self._dequantize(start, end, keys.dtype)
+                scratch = max(scratch, extra + tensor_bytes(chunk_k, chunk_v))
+                out_keys[:, :, start:end] = chunk_k
+                out_values[:, :, start:end] = chunk_v
+                del chunk_k, chunk_v
+            out_keys[:, :, stored:] = keys
+            out_values[:, :, stored:] = values
+            transient = tensor_bytes(out_keys, out_values) + scratch
+            if self.sink_slots is not None:  # exact copies of the attention-sink slots still stored
+                b, h, e = (self.sink_slots >= 0).nonzero(as_tuple=True)
+                slots = self.sink_slots[b, h, e].long()
+                out_keys[b, h, slots] = self.sink_keys[b, h, e]
+                out_values[b, h, slots] = self.sink_values[b, h, e]
+        taken = 0 if self.sink_slots is None else self.sink_slots.shape[-1]
+        if taken < self.sink_tokens and new:
+            count = min(self.sink_tokens - taken, new)
+            slots = torch.arange(stored, stored + count, dtype=torch.int32, device=keys.device).expand(batch, heads, count)
+            pieces = (slots, keys[:, :, :count].clone(), values[:, :, :count].clone())
+            for name, piece in zip(self._SINK_TENSORS, pieces):
+                old = getattr(self, name)
+                setattr(self, name, piece if old is None else torch.cat([old, piece], dim=2))
+        if new:
+            parts = [self._quantize(keys[:, :, s:s + self.chunk_tokens], values[:, :, s:s + self.chunk_tokens],
+                                    positions[:, :, s:s + self.chunk_tokens]) for s in range(0, new, self.chunk_tokens)]
+            for name in self._TENSORS:
+                pieces = [p[name] for p in parts]
+                if pieces[0] is None:
+                    continue
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, *pieces], dim=2) if old is not None else torch.cat(pieces, dim=2))
+        self._record_peak(transient)
+        return out_keys, out_values
+
+    def gather(self, index):
+        if self.sink_slots is not None:
+            new_slot = torch.full((*index.shape[:2], self.length + 1), -1, dtype=torch.int32, device=index.device)
+            new_slot.scatter_(2, index, torch.arange(index.shape[-1], dtype=torch.int32, device=index.device).expand_as(index))
+            old = torch.where(self.sink_slots >= 0, self.sink_slots, new_slot.shape[-1] - 1).long()
+            self.sink_slots = new_slot.gather(2, old)
+        for name in self._TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, _gather_slots(tensor, index.to(tensor.device)))
+
+    def select_batch(self, index):
+        for name in self._TENSORS + self._SINK_TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+    def repeat_batch(self, repeats):
+        for name in self._TENSORS + self._SINK_TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_batches(texts, tokenizer, max_length: int):
+    if isinstance(texts, (str, torch.Tensor)):
+        texts = [texts]
+    for text in texts:
+        if isinstance(text, str):
+            if tokenizer is None:
+                raise ConfigError("tokenizer: calibrate() needs a tokenizer for text inputs", field="tokenizer")
+            ids = tokenizer(text, return_tensors="pt").input_ids
+        else:
+            ids = torch.as_tensor(text, dtype=torch.long)
+            ids = ids[None] if ids.dim() == 1 else ids
+        if ids.shape[-1] == 0:
+            continue
+        yield ids[:, :max_length]
+
+
+@torch.no_grad()
+def calibrate(model, texts, tokenizer=None, *, max_length: int = 2048, max_tokens_per_layer: int = 32768):
+    """Fit KVQuant's key channel ranges and codebooks on ``texts`` (strings, or token-id lists/tensors).
+
+    The model must carry a ``kvquant`` reduction (``hf_tokred.apply`` or ``from_pretrained(...,
+    token_reduction=...)``). Each text (cut to ``max_length`` tokens) runs once through the model; the
+    cached keys are un-rotated to their pre-RoPE basis. Per layer, key channels get the range between
+    their ``outlier_fraction / 2`` and ``1 - outlier_fraction / 2`` quantiles; then the per-vector
+    outliers are set aside and a ``2**bits``-level codebook is fitted by k-means to the normalized keys,
+    and another to the values normalized per token. Returns the calibration module (also kept on
+    ``model.hf_tokred_modules["kvquant"]``, so ``save_pretrained`` writes it).
+
+    Example:
+        >>> from hf_tokred.methods.kv.kvquant import calibrate
+        >>> model = hf_tokred.apply(model, {"method": "kvquant", "bits": 3})      # doctest: +SKIP
+        >>> calibrate(model, ["some representative text ..."], tokenizer)          # doctest: +SKIP
+    """
+    from transformers import DynamicCache
+
+    from ...integration.wiring import get_applied
+    from ...model_patches.rope import rotary_for
+
+    applied = get_applied(model)
+    config = None if applied is None else applied.config.get("kv_storage")
+    modules = getattr(model, "hf_tokred_modules", None)
+    if not isinstance(config, KVQuantConfig) or modules is None or MODULE_NAME not in modules:
+        raise TokenReductionError("calibrate: attach a kvquant reduction first (hf_tokred.apply(model, {'method': 'kvquant'}))")
+    calibration = modules[MODULE_NAME]
+    rotary = rotary_for(model)
+    layers = calibration.key_center.shape[0]
+    keys_seen: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    values_seen: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    device = next(model.parameters()).device
+    for ids in _token_batches(texts, tokenizer, max_length):
+        cache = DynamicCache()
+        model(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
+        for layer in range(layers):
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            batch, heads, slots, _ = keys.shape
+            positions = torch.arange(slots, device=keys.device).expand(batch, heads, slots)
+            keys_seen[layer].append(rotary.unrotate(keys, positions).transpose(1, 2).reshape(-1, heads, keys.shape[-1]))
+            values_seen[layer].append(values.float().transpose(1, 2).reshape(-1, heads, values.shape[-1]))
+    if not keys_seen[0]:
+        raise ConfigError("texts: calibrate() needs at least one non-empty text", field="texts")
+    outliers = config.outliers(calibration.key_center.shape[-1])
+    entries = calibration.key_codebook.shape[-1]
+    quantile = config.outlier_fraction / 2
+    for layer in range(layers):
+        keys = torch.cat(keys_seen[layer])[:max_tokens_per_layer]  # (tokens, heads, dim)
+        values = torch.cat(values_seen[layer])[:max_tokens_per_layer]
+        flat = keys.permute(1, 2, 0).reshape(-1, keys.shape[0]).float()
+        low = torch.quantile(flat.cpu(), quantile, dim=1).reshape(keys.shape[1:]).to(keys.device)
+        high = torch.quantile(flat.cpu(), 1 - quantile, dim=1).reshape(keys.shape[1:]).to(keys.device)
+        center = (high + low) / 2
+        half = ((high - low) / 2).clamp_min(1e-6)
+        normalized = (keys - center) / half
+        if outliers:
+            normalized = normalized.scatter(-1, _top_outliers(normalized, outliers), float("nan"))
+        calibration.key_codebook[layer] = fit_codebook(normalized.clamp(-1, 1), entries).to(calibration.key_codebook)
+        calibration.key_center[layer] = center.to(calibration.key_center)
+        calibration.key_half[layer] = half.to(calibration.key_half)
+        vf = values
+        inlier = torch.ones_like(vf, dtype=torch.bool)
+        if outliers:
+            inlier.scatter_(-1, _top_outliers(vf - vf.median(dim=-1, keepdim=True).values, outliers), False)
+        high_v = torch.where(inlier, vf, -torch.inf).amax(-1, keepdim=True)
+        low_v = torch.where(inlier, vf, torch.inf).amin(-1, keepdim=True)
+        normalized_v = (vf - (high_v + low_v) / 2) / ((high_v - low_v) / 2).clamp_min(1e-6)
+        normalized_v = torch.where(inlier, normalized_v, float("nan"))
+        calibration.value_codebook[layer] = fit_codebook(normalized_v.clamp(-1, 1), entries).to(calibration.value_codebook)
+    calibration.calibrated.fill_(1)
+    return calibration
+
+
+__all__ = ["KVQuantCalibration", "KVQuantConfig", "KVQuantStore", "calibrate", "dequantize_keys",
+           "dequantize_values", "quantize_keys", "quantize_values"]

@@ -1,0 +1,80 @@
+"""``hf-tokred diffusion`` at a tiny size, and the tome_sd image-pair example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_tokred.cli import main
+
+pytest.importorskip("tomesd", reason="the benchmark's tomesd variant needs tomesd==0.1.3 (the test extra)")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_diffusion_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = main(["diffusion", "--size", "tiny", "--repeats", "2", "--threads", "1", "--ratio", "0.5",
+                   "--ratio", "0.7", "--json", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "tiny unet" in printed and "tiny dit" in printed and "FLOP speed-up" in printed
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1
+    unet, dit = report["runs"]
+    assert [(r["method"], r["setting"]) for r in unet["results"]] == [
+        ("dense", "-"),
+        ("tomesd 0.1.3", "ratio=0.5"), ("tome_sd (ours)", "ratio=0.5"),
+        ("tomesd 0.1.3", "ratio=0.7"), ("tome_sd (ours)", "ratio=0.7"),
+        ("todo (ours)", "downsample_factor=2"),
+    ]
+    assert [r["method"] for r in dit["results"]] == ["dense", "tome_sd (ours)", "tome_sd (ours)", "todo (ours)"]
+    for run in (unet, dit):
+        dense, *reduced = run["results"]
+        assert dense["relative_error"] == 0 and dense["flop_speedup"] == 1
+        assert len(dense["times_s"]) == 2
+        for result in reduced:
+            assert result["gflops"] < dense["gflops"] and result["relative_error"] > 0, result
+    by_setting = {(r["method"], r["setting"]): r for r in unet["results"]}
+    # Same merge, same FLOPs (the similarity matmul included) and nearly the same output as tomesd.
+    ours, theirs = by_setting[("tome_sd (ours)", "ratio=0.5")], by_setting[("tomesd 0.1.3", "ratio=0.5")]
+    assert ours["gflops"] == pytest.approx(theirs["gflops"], rel=1e-3)
+    assert by_setting[("tome_sd (ours)", "ratio=0.7")]["gflops"] < ours["gflops"]
+    assert "PASS" in printed or "FAIL" in printed  # the checks are printed whatever the (tiny, noisy) timings
+
+
+def test_diffusion_benchmark_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["diffusion", "--ratio", "0.9"])
+    assert err.value.code == 2
+    assert "0.75" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["diffusion", "--model", "flux"])
+
+
+def test_tome_pair_example(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("diffusion_tome_pair", EXAMPLES / "diffusion_tome_pair.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.set_num_threads(1)
+    out = tmp_path / "pair.png"
+    example.main(["--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "dense tokens per self-attention:   [64, 64]" in printed
+    assert "merged tokens per self-attention:  [32, 32]" in printed
+    assert printed.count("True") == 2
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (8 * (32 + 2 + 32), 8 * 32)

@@ -1,0 +1,306 @@
+"""DynamicViT (learned predictors, Gumbel soft masks in training, hard drop at inference): tiny ViT and BERT,
+training with the plain loop, transformers.Trainer and accelerate, save/load and Hub push of trained predictors."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import RepoUrl
+from safetensors import safe_open
+from transformers import AutoModel, BertConfig, BertModel, TrainingArguments, ViTConfig, ViTModel
+
+import hf_tokred
+from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
+from hf_tokred.integration.encoders import source_map, token_counts, token_sizes
+from hf_tokred.methods.encoder.dynamicvit import DynamicViTConfig, TokenPredictor, ratio_loss, stage_records
+from hf_tokred.training import DynamicViTTrainer, dynamicvit_loss, freeze_backbone, predictors, train_dynamicvit
+
+IMAGE, PATCH, LAYERS = 32, 4, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP barriers stall them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_vit():
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, intermediate_size=128)
+    config._attn_implementation = "sdpa"
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def make_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def padded_batch(seed=2, lengths=(30, 17, 9)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model):
+    """Give the predictors distinct random weights (as if trained) so that their choices matter."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in predictors(model).parameters():
+            p.normal_(0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and predictor
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_fields_and_errors():
+    cfg = TokenReductionConfig(method="dynamicvit", keep_rate=0.7)
+    assert isinstance(cfg, DynamicViTConfig) and cfg.learned and cfg.paper == "2106.02034"
+    assert cfg.reducing_layers(12) == [3, 6, 9] and cfg.schedule(4) == [None, 0.7, 0.7, 0.7]
+    assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
+    for field, bad in (("keep_rate", 0.0), ("keep_rate", 1.5), ("gumbel_tau", 0.0), ("layers", [1, 1])):
+        with pytest.raises(ConfigError) as info:
+            TokenReductionConfig(method="dynamicvit", **{field: bad})
+        assert info.value.field == field
+    with pytest.raises(ConfigError, match="layers: block 7 does not exist"):
+        hf_tokred.apply(make_vit(), {"method": "dynamicvit", "layers": [7]})
+
+
+def test_predictor_uses_only_kept_tokens_for_its_global_part():
+    torch.manual_seed(0)
+    predictor = TokenPredictor(16)
+    x = torch.randn(1, 6, 16)
+    policy = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 0.0]])
+    changed = x.clone()
+    changed[0, 3] = torch.randn(16)  # a dropped token changes: nobody else's score moves
+    a, b = predictor(x, policy), predictor(changed, policy)
+    keep = policy[0].bool()
+    assert torch.equal(a[0, keep], b[0, keep]) and not torch.equal(a[0, 3], b[0, 3])
+    assert torch.allclose(a.exp().sum(-1), torch.ones(1, 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: hard drop
+# ---------------------------------------------------------------------------------------------
+
+
+def test_keep_rate_one_is_bit_identical_and_remove_restores(images):
+    model = make_vit()
+    with torch.no_grad():
+        dense = model(pixel_values=images).last_hidden_state
+        hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 1.0})
+        assert torch.equal(model(pixel_values=images).last_hidden_state, dense)
+        hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5})
+        assert model(pixel_values=images).last_hidden_state.shape[1] < dense.shape[1]
+        hf_tokred.remove(model)
+        assert torch.equal(model(pixel_values=images).last_hidden_state, dense)
+        assert not hasattr(model, "hf_tokred_modules")
+
+
+def test_hard_drop_counts_cls_kept_and_batch_equals_rows(images):
+    model = make_vit()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5})  # stages before blocks 1, 2, 3
+    randomize(model)
+    assert not predictors(model).training  # an eval-mode model gets eval-mode predictors
+    with torch.no_grad():
+        out = model(pixel_values=images).last_hidden_state
+        assert token_counts(model) == [65, 33, 17, 9]
+        origin = source_map(model)
+        assert origin[:, 0, 0].all() and (token_sizes(model) == 1).all()
+        rows = torch.cat([model(pixel_values=images[i:i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(rows, out, rtol=1e-5, atol=1e-5)
+    # the kept tokens differ between images: the predictors decide per image
+    assert not torch.equal(origin[0], origin[1])
+
+
+def test_padded_bert_batch_equals_each_row_alone():
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1, 3]})
+    randomize(model)
+    batch = padded_batch()
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        sizes = token_sizes(model)
+        for row, length in enumerate((30, 17, 9)):
+            alone = model(input_ids=batch["input_ids"][row:row + 1, :length]).last_hidden_state[0]
+            real = sizes[row] > 0
+            # CLS + ceil(0.6 * ceil(0.6 * (length - 1)))
+            assert alone.shape[0] == int(real.sum()) == 1 + -(-3 * -(-3 * (length - 1) // 5) // 5)
+            torch.testing.assert_close(out[row][real], alone, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: soft masks, losses, the three ways to train
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_mode_keeps_every_token_and_masks_dropped_keys():
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "layers": [1, 2]})
+    batch = padded_batch()
+    predictors(model).train()
+    torch.manual_seed(0)
+    out = model(**batch).last_hidden_state
+    assert out.shape == (3, 30, 64)  # nothing dropped in training
+    records = stage_records(model)
+    assert [r.target for r in records] == [0.5, 0.25]
+    policy = records[-1].policy
+    assert (policy[:, 0] == 1).all() and (policy * (1 - batch["attention_mask"])).sum() == 0
+    assert set(policy.detach().unique().tolist()) <= {0.0, 1.0}  # hard Gumbel decisions, straight-through
+    loss = ratio_loss(records)
+    loss.backward()
+    grads = [p.grad for p in predictors(model).parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert torch.all(policy <= records[0].policy)  # a dropped token stays dropped
+    # the soft mask reaches the attention: the hidden states differ from a dense pass
+    with hf_tokred.training.dense_pass(model), torch.no_grad():
+        dense = model(**batch).last_hidden_state
+    assert not torch.allclose(out, dense)
+
+
+def test_loss_needs_training_mode_and_a_dynamicvit_model():
+    model = make_bert()
+    with pytest.raises(TokenReductionError, match="no dynamicvit reduction"):
+        train_dynamicvit(model, [padded_batch()], steps=1)
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5})
+    with pytest.raises(TokenReductionError, match="eval mode"):
+        dynamicvit_loss(model, padded_batch())
+
+
+def test_train_then_save_load_gives_identical_outputs(tmp_path):
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1, 2]})
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "hf_tokred" not in k}
+    before = {k: v.clone() for k, v in predictors(model).state_dict().items()}
+    batches = [padded_batch(seed) for seed in range(3)]
+    losses = train_dynamicvit(model, batches, steps=12, lr=3e-3)
+    assert len(losses) == 12 and all(map(lambda v: v == v, losses))
+    after = predictors(model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in backbone.items())  # backbone frozen
+    assert not model.training
+    test = padded_batch(7)
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as fh:
+        assert not [k for k in fh.keys() if "hf_tokred" in k or "out_conv" in k]
+    with safe_open(tmp_path / "token_reduction.safetensors", "pt") as fh:
+        assert sorted(fh.keys()) == sorted(f"dynamicvit.{k}" for k in after)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    for k, v in predictors(again).state_dict().items():
+        assert torch.equal(v, after[k])
+    with torch.no_grad():
+        assert torch.equal(again(**test).last_hidden_state, out)
+
+
+class FakeHub:
+    """Records what push_to_hub would upload (file name -> bytes)."""
+
+    def __init__(self):
+        self.files = {}
+
+    def create_repo(self, api, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            if isinstance(source, (str, os.PathLike)):
+                with open(source, "rb") as fh:
+                    self.files[op.path_in_repo] = fh.read()
+            else:
+                self.files[op.path_in_repo] = source if isinstance(source, bytes) else source.read()
+        return mock.MagicMock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+
+def test_push_to_hub_uploads_trained_predictors_that_load_back(tmp_path):
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1]})
+    randomize(model)
+    test = padded_batch(7)
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+    hub = FakeHub()
+    with (mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
+          mock.patch.object(HfApi, "create_commit",
+                            lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw))):
+        model.push_to_hub("me/bert-dynamicvit")
+    assert {"token_reduction.safetensors", "token_reduction_config.json", "config.json"} <= set(hub.files)
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    for name, data in hub.files.items():
+        (folder / name).write_bytes(data)
+    again = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**test).last_hidden_state, out)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def test_trainer_trains_only_the_predictors(tmp_path):
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1, 2]})
+    freeze_backbone(model)
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "hf_tokred" not in k}
+    before = {k: v.clone() for k, v in predictors(model).state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, learning_rate=3e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True)
+    trainer = DynamicViTTrainer(model=model, args=args, train_dataset=_Rows(padded_batch(4)))
+    result = trainer.train()
+    assert result.global_step == 3 and result.training_loss == result.training_loss
+    after = predictors(model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_accelerate_loop():
+    from accelerate import Accelerator
+
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1]})
+    params = freeze_backbone(model)
+    before = {k: v.clone() for k, v in predictors(model).state_dict().items()}
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    predictors(model).train()
+    for seed in range(2):
+        loss = dynamicvit_loss(accelerator.unwrap_model(prepared), padded_batch(seed))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = predictors(model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,189 @@
+"""Compressed KV storage on plain tensors: packing, quantization, stores' gather/select, SLERP merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_tokred.kv.storage import (
+    DenseStore,
+    dequantize_uniform,
+    fit_codebook,
+    nearest_code,
+    pack_codes,
+    quantize_uniform,
+    tensor_bytes,
+    unpack_codes,
+)
+from hf_tokred.methods.kv.kivi import KIVIStore
+from hf_tokred.methods.kv.kvquant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from hf_tokred.methods.kv.minicache import MergedLayerStore, MergedPair, slerp_merge
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the shared 2-core machine: small tensor ops are far faster single-threaded
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_pack_unpack_round_trip_and_size(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 64), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    # packing is per slot: gathering packed slots equals packing gathered codes
+    index = torch.tensor([4, 0, 2])
+    assert torch.equal(packed[:, :, index], pack_codes(codes[:, :, index], bits))
+
+
+def test_pack_rejects_bad_width():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_codes(torch.zeros(1, 12, dtype=torch.uint8), 2)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_uniform_quantization_error_is_half_a_step(bits):
+    x = torch.randn(4, 32, 16) * 3
+    codes, scale, zero = quantize_uniform(x, bits, dim=1)
+    assert codes.max() <= 2**bits - 1
+    error = (dequantize_uniform(codes, scale, zero, torch.float32) - x).abs()
+    assert bool((error <= scale.float() / 2 + 1e-2).all())
+    # ignored elements do not widen the range
+    ignore = torch.zeros(4, 32, 1, dtype=torch.bool)
+    ignore[:, 0] = True
+    x[:, 0] = 1000.0
+    _, scale_ignored, _ = quantize_uniform(x, bits, dim=1, ignore=ignore)
+    assert float(scale_ignored.float().max()) < 10
+
+
+def test_codebook_fit_and_nearest_code():
+    samples = torch.cat([torch.full((500,), -0.5), torch.full((500,), 0.25), torch.full((10,), 0.9)])
+    book = fit_codebook(samples, 4)
+    assert torch.equal(book, book.sort().values)
+    assert {-0.5, 0.25} <= {round(v, 4) for v in book.tolist()}
+    assert book[nearest_code(torch.tensor([-0.49, 0.26, 0.8]), book).long()].tolist() == pytest.approx([-0.5, 0.25, 0.9])
+
+
+def _fill(store, keys, values, prefill):
+    out = store.append(keys[:, :, :prefill], values[:, :, :prefill])
+    for t in range(prefill, keys.shape[2]):
+        out = store.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    return out
+
+
+def test_kivi_store_layout_error_and_packed_bytes():
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 300, 64), torch.randn(2, 3, 300, 64)
+    store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=0)
+    first, _ = store.append(keys[:, :, :200], values[:, :, :200])
+    assert torch.equal(first, keys[:, :, :200])  # the prompt attends in full precision
+    for t in range(200, 300):
+        out_k, out_v = store.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    # the tail keeps between residual and residual + group_size - 1 tokens; the rest is quantized in whole groups
+    assert store.length == 300 and store.quantized_length % 32 == 0
+    assert 64 <= store.residual_length < 64 + 32
+    assert torch.equal(out_k[:, :, -store.residual_length:], keys[:, :, -store.residual_length:])
+    assert torch.equal(out_k[:, :, -1], keys[:, :, -1])  # the step's new token comes back exactly
+    error = (out_k[:, :, :store.quantized_length] - keys[:, :, :store.quantized_length]).abs().mean()
+    assert 0.05 < float(error) < 0.5
+    # two-bit codes: four per byte
+    assert store.key_codes.shape[-1] == 16 and store.key_codes.dtype == torch.uint8
+    dense_bytes = tensor_bytes(keys, values)
+    assert store.nbytes() < 0.5 * dense_bytes
+
+
+def test_kivi_chunked_dequantization_is_identical_and_bounded():
+    torch.manual_seed(1)
+    keys, values = torch.randn(1, 2, 400, 16), torch.randn(1, 2, 400, 16)
+    small, large = KIVIStore(4, 8, 16, chunk_tokens=24), KIVIStore(4, 8, 16, chunk_tokens=4096)
+    a, b = _fill(small, keys, values, 300), _fill(large, keys, values, 300)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert small.max_transient_bytes < large.max_transient_bytes
+
+
+def test_kivi_gather_keeps_packed_codes_exactly():
+    torch.manual_seed(2)
+    keys, values = torch.randn(2, 3, 300, 64), torch.randn(2, 3, 300, 64)
+    keys[:, :, 0] *= 40  # an attention-sink-like outlier token, held exactly
+    store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1)
+    _fill(store, keys, values, 250)
+    before_k, before_v = store.append(keys[:, :, :0], values[:, :, :0])
+    assert torch.equal(before_k[:, :, 0], keys[:, :, 0])
+    # per-row, per-head selections of different sizes in the quantized part (ragged) keep the sink
+    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(299)[:149].sort().values]) for _ in range(6)])
+    index = index.reshape(2, 3, 150)
+    store.gather(index)
+    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
+    expand = index[..., None].expand(-1, -1, -1, 64)
+    assert torch.equal(after_k, before_k.gather(2, expand)) and torch.equal(after_v, before_v.gather(2, expand))
+    assert store.length == 150
+    # evicting the sink slot drops its exact copy
+    store.gather(torch.arange(1, 150).expand(2, 3, 149))
+    assert bool((store.exact_slots == -1).all())
+
+
+def test_kivi_batch_select_and_repeat():
+    torch.manual_seed(3)
+    keys, values = torch.randn(2, 2, 100, 16), torch.randn(2, 2, 100, 16)
+    store = KIVIStore(4, 8, 8)
+    full_k, _ = _fill(store, keys, values, 90)
+    store.select_batch(torch.tensor([1, 0]))
+    store.repeat_batch(2)
+    out_k, _ = store.append(keys[:, :, :0].repeat(2, 1, 1, 1), values[:, :, :0].repeat(2, 1, 1, 1))
+    assert torch.equal(out_k[0], full_k[1]) and torch.equal(out_k[1], full_k[1]) and torch.equal(out_k[2], full_k[0])
+
+
+def test_kvquant_key_and_value_round_trip_with_exact_outliers():
+    torch.manual_seed(4)
+    keys = torch.randn(1, 2, 10, 16)
+    keys[0, 0, 3, 5] = 50.0
+    center, half = torch.zeros(2, 16), torch.full((2, 16), 2.5)
+    book = torch.linspace(-1, 1, 8)
+    codes, index, exact = quantize_keys(keys, center, half, book, 3, 1)
+    assert codes.shape == (1, 2, 10, 6)
+    restored = dequantize_keys(codes, index, exact, center, half, book, 3)
+    assert restored[0, 0, 3, 5] == 50.0  # the outlier is stored exactly (fp16)
+    inlier = keys.abs() < 2.5
+    assert float((restored - keys).abs()[inlier].max()) <= 2.5 / 7 + 1e-3
+    values = torch.randn(1, 2, 10, 16)
+    codes, scale, index, exact = quantize_values(values, book, 3, 1)
+    restored = dequantize_values(codes, scale, index, exact, book, 3)
+    assert float((restored - values).abs().max()) < 0.5
+
+
+def test_slerp_merge_keeps_directions_on_the_sphere():
+    a, b = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    merged, norm_a, norm_b, distance = slerp_merge(a, b, 0.5)
+    assert torch.allclose(merged.norm(dim=-1), torch.ones(3, 5), atol=1e-5)
+    assert torch.allclose(norm_a, a.norm(dim=-1)) and bool(((distance >= 0) & (distance <= 1)).all())
+    same, _, _, zero = slerp_merge(a, 2 * a, 0.3)
+    assert torch.allclose(same, a / a.norm(dim=-1, keepdim=True), atol=1e-5) and float(zero.max()) < 1e-3
+
+
+def test_minicache_pair_restores_magnitudes_and_retained_tokens():
+    torch.manual_seed(5)
+    pair = MergedPair(DenseStore(), 0.5, retention_threshold=0.3)
+    shallow, deep = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
+    k1, v1, k2, v2 = (torch.randn(1, 2, 20, 8) for _ in range(4))
+    k2[:, :, :10] = 3 * k1[:, :, :10]  # half the tokens agree in direction across the two layers
+    v2[:, :, :10] = 2 * v1[:, :, :10]
+    assert shallow.append(k1, v1)[0] is k1 and deep.append(k2, v2)[0] is k2
+    assert shallow.length == deep.length == 20 and deep.nbytes() == 0 < shallow.nbytes()
+    a_k, a_v = shallow.append(k1[:, :, :0], v1[:, :, :0])
+    b_k, b_v = deep.append(k2[:, :, :0], v2[:, :, :0])
+    # agreeing tokens come back exactly (up to fp16 magnitudes) in both layers
+    assert torch.allclose(a_k[:, :, :10], k1[:, :, :10], rtol=2e-3, atol=2e-3)
+    assert torch.allclose(b_k[:, :, :10], k2[:, :, :10], rtol=2e-3, atol=2e-3)
+    retained = pair.retained_slots[pair.retained_slots >= 0]
+    assert retained.numel() > 0 and bool((retained >= 10).all())
+    # a retained token is exact in both layers
+    b, h = (pair.retained_slots >= 0).nonzero()[0].tolist()[:2]
+    slot = int(pair.retained_slots[b, h][pair.retained_slots[b, h] >= 0][0])
+    assert torch.allclose(b_k[b, h, slot], k2[b, h, slot]) and torch.allclose(a_k[b, h, slot], k1[b, h, slot], atol=2e-3)
+    # merged (non-retained) disagreeing tokens are changed
+    merged = [s for s in range(10, 20) if s not in pair.retained_slots[0, 0].tolist()]
+    assert merged and not torch.allclose(b_k[0, 0, merged], k2[0, 0, merged])
