@@ -32,3 +32,17 @@ def test_streaming_generation_example():
     out = _run("streaming_generation.py", "--new-tokens", "300")
     assert "tokens held per layer: 256" in out
     assert "'max_tokens': 256" in out
+
+
+def test_diffusion_tome_pair_example(tmp_path):
+    out = _run("diffusion_tome_pair.py", "--out", str(tmp_path / "pair.png"))
+    assert "same seed, same image again:       True" in out
+    assert "remove() restores dense output:    True" in out
+    assert (tmp_path / "pair.png").stat().st_size > 0
+
+
+@pytest.mark.real_model
+def test_train_dynamicvit_example(tmp_path):
+    out = _run("train_dynamicvit.py", "--steps", "2", "--train-texts", "16", "--eval-texts", "16",
+               "--out", str(tmp_path / "minilm-dynamicvit"))
+    assert "reloaded outputs identical: True" in out

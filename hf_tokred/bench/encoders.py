@@ -105,7 +105,7 @@ Targets: mean cosine >= {TARGET_COSINE} at about {TARGET_SAVED:.0%} fewer FLOPs 
 ToMe r=16 >= {TARGET_TOME_SPEEDUP}x dense; measured speed-up >= {TARGET_SPEEDUP_RATIO} x the FLOP-predicted one.
 
 examples:
-  hf-tokred encoders                                   both parts, every method (about 15 minutes on 2 cores)
+  hf-tokred encoders --threads 1                       both parts, every method (about 30 minutes on 2 cores)
   hf-tokred encoders --part quality --plot curve.png   the quality curve and its plot
   hf-tokred encoders --part speed --method tome --repeats 9
   hf-tokred encoders --json encoders.json              also write every number to a JSON file

@@ -47,6 +47,7 @@ STORAGE_CONFIGS: dict[str, dict | None] = {
     "kivi-2": {"method": "kivi", "bits": 2},
     "kivi-2-g16": {"method": "kivi", "bits": 2, "group_size": 16},
     "kvquant-3": {"method": "kvquant", "bits": 3},
+    "kvquant-3-o4": {"method": "kvquant", "bits": 3, "outlier_fraction": 0.04},
     "minicache": {"method": "minicache"},
     "minicache+kivi-4": {"method": "minicache", "quantize": {"method": "kivi", "bits": 4}},
     "snapkv-0.5+kivi-2": {"method": "composed", "reducers": [{"method": "snapkv", "keep": 0.5},

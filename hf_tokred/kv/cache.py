@@ -278,7 +278,11 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 limits = torch.minimum(limits, head_budgets)
             # A row within its budget keeps everything, as it would alone.
             limits = torch.where(over, limits, physical)
-            windows = [policy.recent_window(int(t)) for t in targets[:, 0].tolist()]
+            # A prompt chunk fed after the first (a question appended to a compressed context) is kept whole:
+            # only older tokens make room for it. Single decoding steps follow the policy as is.
+            chunk = query.shape[-2] if self.calls > 1 and query.shape[-2] > 1 else 0
+            windows = [max(policy.recent_window(int(t)), min(chunk, int(t) - policy.sink_tokens - 1))
+                       for t in targets[:, 0].tolist()]
             self.evict(scores, physical, None if bool((limits >= physical).all()) else limits,
                        torch.tensor(windows, device=targets.device)[:, None, None])
 

@@ -65,6 +65,7 @@ class KIVIConfig(KVStorageConfig):
     channels per value group; must divide the head dimension) and the full-precision ``residual``."""
 
     paper = "2402.02750"
+    status = "beta"
 
     bits: int = param(2, int, choices=(2, 4, 16), help="bits per stored key/value element (16 = no quantization)")
     group_size: int = param(32, int, low=1, help="tokens per key group and channels per value group")

@@ -61,6 +61,7 @@ class KVQuantConfig(KVStorageConfig):
     Needs :func:`calibrate` once per model (the result saves with ``save_pretrained``)."""
 
     paper = "2401.18079"
+    status = "beta"
     learned = True
 
     bits: int = param(3, int, choices=(2, 3, 4), help="bits per stored key/value element")

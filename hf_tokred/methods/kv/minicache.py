@@ -48,6 +48,7 @@ class MiniCacheConfig(KVStorageConfig):
     tokens stay unmerged); ``quantize`` optionally holds a ``kivi`` config for the stored vectors."""
 
     paper = "2405.14366"
+    status = "beta"
     composes_with_eviction = False  # the two layers of a pair would evict different tokens of one cache
 
     start_layer: int | None = param(None, int, low=0, optional=True,
