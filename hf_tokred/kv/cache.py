@@ -89,7 +89,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             )
         batch, heads, new = key_states.shape[:3]
         first = self.seen == 0
-        if first:
+        if first:  # None means never evict; the per-row budgets are set once the padding is known (observe)
             budget = self.policy.budget(new)
             self.budget = None if budget is None else self.policy.layer_budget(budget, self.layer_idx, self.num_layers)
         if self.store is not None:
@@ -123,9 +123,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     def _append(self, key_states, value_states):
         """Write new slots into the spare capacity (no copy of the stored cache, unlike ``torch.cat``)."""
         stored, new = self.stored_length(), key_states.shape[-2]
-        if self._key_buffer is None or self.keys.data_ptr() != self._key_buffer.data_ptr() or (
-            self._key_buffer.shape[-2] < stored + new
-        ):
+        if not self._holds_buffer() or self._key_buffer.shape[-2] < stored + new:
             self._allocate(stored + new + self._headroom())
         self._key_buffer[..., stored : stored + new, :] = key_states
         self._value_buffer[..., stored : stored + new, :] = value_states
