@@ -419,6 +419,7 @@ def run_benchmark(model, tokenizer, settings: KVBenchSettings) -> dict:
     from hf_tokred.integration.wiring import get_applied
 
     settings = check_settings(settings) if not settings.configs else settings
+    settings.configs = {key: _with_token_ids(cfg, tokenizer) for key, cfg in settings.configs.items()}
     if get_applied(model) is not None:
         raise TokenReductionError("kv benchmark: the model already carries a reduction; pass the dense model "
                                   "(hf_tokred.remove(model))")
@@ -464,6 +465,16 @@ def run_benchmark(model, tokenizer, settings: KVBenchSettings) -> dict:
     }
     record["winners"] = winners(rows)
     return record
+
+
+def _with_token_ids(cfg, tokenizer):
+    """Policies that read token classes (FastGen) get them from the benchmark's tokenizer, since the embedded
+    model's ``_name_or_path`` is its Hub id, which is not readable offline."""
+    if getattr(cfg, "needs_token_ids", False) and getattr(cfg, "special_token_ids", 1) is None:
+        from hf_tokred.methods.kv.fastgen import token_ids_from_tokenizer
+
+        return dataclasses.replace(cfg, **token_ids_from_tokenizer(tokenizer))
+    return cfg
 
 
 def _row(task, mode, policy, keep, result, dense) -> dict:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -232,7 +233,7 @@ def fit_codebook(samples: torch.Tensor, entries: int, iterations: int = 25, max_
 # ---------------------------------------------------------------------------------------------
 
 
-class KVStore:
+class KVStore(abc.ABC):
     """One layer's key/value storage (see the module docstring for the contract).
 
     Subclasses implement :meth:`append`, :meth:`gather`, :meth:`select_batch`, :meth:`repeat_batch`,
@@ -251,27 +252,33 @@ class KVStore:
     step_peak_bytes: int = 0
     max_transient_bytes: int = 0
 
+    @abc.abstractmethod
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Add this step's keys/values; return all of them for the step's attention."""
 
     def release(self) -> None:
         return None
 
+    @abc.abstractmethod
     def gather(self, index: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Keep slots ``index`` ``(B, H_kv, K)``, sorted ascending."""
 
+    @abc.abstractmethod
     def select_batch(self, index: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Reorder or select along the batch."""
 
+    @abc.abstractmethod
     def repeat_batch(self, repeats: int) -> None:
-        raise NotImplementedError
+        """Repeat every row ``repeats`` times."""
 
     @property
+    @abc.abstractmethod
     def length(self) -> int:
-        raise NotImplementedError
+        """Slots held."""
 
+    @abc.abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Resident bytes between steps."""
 
     def _record_peak(self, transient: int) -> None:
         """Note the bytes of the transient tensors one ``append`` held on top of the resident ones."""
@@ -361,8 +368,10 @@ class KVStorageConfig(TokenReductionConfig):
         touches the model); nothing to check by default."""
 
     def make_stores(self, num_layers: int, model) -> list[KVStore]:
-        """One :class:`KVStore` per decoder layer of ``model`` (cross-layer stores may share state)."""
-        raise NotImplementedError
+        """One :class:`KVStore` per decoder layer of ``model`` (cross-layer stores may share state).
+
+        The base gives every layer a full-precision :class:`DenseStore`; storages override it."""
+        return [DenseStore() for _ in range(num_layers)]
 
     @staticmethod
     def head_dim(model) -> int:
