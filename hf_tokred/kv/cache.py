@@ -311,7 +311,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             pass  # only validity changed (per-row or per-head budgets below the physical size)
         elif self.store is not None:
             self.store.gather(keep)
-            self._set_slot_tensors({k: _gather_slots(t, keep) for k, t in self._slot_tensors().items()})
+            self._gather_slot_state(keep)
         elif self._holds_buffer() and evicted <= budget:
             self._fill_holes(keep, budget)
         else:
@@ -327,14 +327,11 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     def _gather(self, keep: torch.Tensor) -> None:
         """Copy the kept slots (in ``keep`` order) into fresh buffers with spare capacity."""
-        kept = keep.shape[-1]
-        index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        for name in ("keys", "values"):
-            current = getattr(self, name)
-            buffer = current.new_empty(*current.shape[:2], kept + self._headroom(), current.shape[-1])
-            buffer[..., :kept, :].copy_(current.gather(2, index))
-            setattr(self, f"_{name[:-1]}_buffer", buffer)
-            setattr(self, name, buffer[..., :kept, :])
+        self.keys, self.values = _gather_slots(self.keys, keep), _gather_slots(self.values, keep)
+        self._allocate(keep.shape[-1] + self._headroom())
+        self._gather_slot_state(keep)
+
+    def _gather_slot_state(self, keep: torch.Tensor) -> None:
         self._set_slot_tensors({k: _gather_slots(t, keep) for k, t in self._slot_tensors().items()})
 
     def _fill_holes(self, keep: torch.Tensor, budget: int) -> None:
