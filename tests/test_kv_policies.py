@@ -285,3 +285,32 @@ def test_keydiff_keeps_the_distinctive_tokens(reference):
     layer = SimpleNamespace(keys=vectors, values=vectors, valid=torch.ones(1, 1, 7, dtype=torch.bool))
     scores = cfg.score(layer, None, None)
     assert scores[0, 0].argmax().item() == 6  # the one key unlike the mean is the most worth keeping
+
+
+def test_scissorhands_counts_rank_first_and_attention_share_breaks_ties():
+    from types import SimpleNamespace
+
+    cfg = hf_tokred.TokenReductionConfig(method="scissorhands", max_tokens=40, history_window=4)
+    shares = torch.tensor([[0.0, 0.0, 2.0, 0.1],  # important once
+                           [0.9, 0.9, 0.9, 0.9],  # never important, but close every time
+                           [0.1, 0.0, 0.0, 0.0],  # never important, barely attended
+                           [3.0, 3.0, 3.0, 3.0]])  # important for every remembered query
+    layer = SimpleNamespace(buffers={"attention_share": shares[None, None]})
+    scores = cfg.score(layer, None, None)[0, 0]
+    assert scores.argsort(descending=True).tolist() == [3, 0, 1, 2]
+    assert scores[0].floor() == 1 and scores[1].floor() == 0  # the count is the integer part
+
+
+def test_fastgen_cuts_an_over_budget_head_by_attention_not_by_token_kind():
+    from types import SimpleNamespace
+
+    cfg = hf_tokred.TokenReductionConfig(method="fastgen", max_tokens=6, sink_tokens=1, recovery=0.999,
+                                         profile_window=1, special_token_ids=[1], punctuation_token_ids=[5])
+    keys = torch.nn.functional.normalize(torch.randn(1, 1, 12, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    query = (20 * (keys[:, :, 7] + keys[:, :, 9]))[:, :, None]  # the last query attends to tokens 7 and 9
+    token_ids = torch.tensor([[1, 5, 20, 5, 21, 5, 22, 23, 5, 24, 5, 25]])  # punctuation (5) everywhere
+    layer = SimpleNamespace(keys=keys, positions=torch.arange(12).expand(1, 1, 12), seen=12, scratch={},
+                            valid=torch.ones(1, 1, 12, dtype=torch.bool), shared={"token_ids": token_ids})
+    scores = cfg.score(layer, SimpleNamespace(scaling=1.0), query)
+    top = set(scores[0, 0].topk(3).indices.tolist())
+    assert top == {0, 7, 9}  # the sink, then the attended tokens ahead of any punctuation

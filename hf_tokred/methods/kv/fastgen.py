@@ -44,9 +44,9 @@ from ...errors import TokenReductionError
 from ...kv.policy import KVPolicyConfig
 from ...kv.scoring import attention_received
 
-# Score offsets that order a head's kept tokens: special and punctuation first, then the local window,
-# then heavy hitters by attention (probabilities sum to at most the window size, far below these).
-_SPECIAL, _LOCAL = 2.0e6, 1.0e6
+# Score offsets that order a head's kept tokens: special tokens first, then the members of the head's chosen
+# policy, each group by attention received (probabilities sum to at most the window size, far below these).
+_SPECIAL, _MEMBER = 2.0e6, 1.0e6
 
 
 @register_method("fastgen")
@@ -113,9 +113,11 @@ class FastGenConfig(KVPolicyConfig):
             sizes = torch.where(fits, ladder[index].sum(dim=-1), sizes)
         layer.scratch["head_budgets"] = sizes
         layer.scratch["policies"] = chosen  # 0 special, 1 +punct, 2 +frequent, 3 +local, 4 full
-        uses_local = (chosen >= 3)[..., None]
-        return (received + _SPECIAL * (special | punctuation).float()
-                + _LOCAL * (local & uses_local).float())
+        members = torch.stack([*ladder, valid], dim=-1).gather(-1, chosen[..., None, None].expand(*valid.shape, 1))[..., 0]
+        # When a head's policy holds more tokens than the budget allows, its special tokens stay and its other
+        # members are cut by the attention they receive, never by kind (punctuation is not worth more than
+        # an attended content token).
+        return received + _SPECIAL * special.float() + _MEMBER * members.float()
 
     def head_budgets(self, layer, module, query, budget):
         return layer.scratch.pop("head_budgets").clamp(min=1, max=budget)

@@ -6,7 +6,9 @@ queries gave it more attention than a uniform share (``1 / visible tokens``); wh
 budget, the tokens with the lowest counts are dropped, ``compress_every`` at a time (the paper's batched
 compression), so the budget is a hard cap.
 
-Where we depart from the paper: counts are kept per KV head (averaging the attention of the query heads
+Where we depart from the paper: tokens with equal counts are ranked by the mean attention share they
+received over the window (the paper leaves ties unresolved, and on a long prompt most tokens tie at zero);
+counts are kept per KV head (averaging the attention of the query heads
 that share it); tokens younger than the history window are protected by the recent window rather than
 by the paper's count normalisation; the sinks shared by every hf_tokred policy are protected too.
 
@@ -35,7 +37,7 @@ class ScissorhandsConfig(KVPolicyConfig):
 
     paper = "2305.17118"
     compression = "step"
-    buffers = ("important",)
+    buffers = ("attention_share",)
 
     history_window: int = param(32, int, low=1, help="recent queries whose attention decides importance")
     compress_every: int = param(8, int, low=1, help="tokens dropped at once when the cache reaches its budget")
@@ -44,16 +46,20 @@ class ScissorhandsConfig(KVPolicyConfig):
         return self.window if self.window is not None else self.history_window
 
     def accumulate(self, layer, module, query):
-        history = layer.buffers["important"]
+        history = layer.buffers["attention_share"]
         if history.dim() == 3:  # first call: one column per remembered query
             history = history[..., None].expand(-1, -1, -1, self.history_window).clone()
         columns = []
         for probs in iter_attention_probs(module, query, layer, last=self.history_window):
             probs = probs.mean(dim=2)  # (batch, kv_heads, queries, slots)
             visible = (probs > 0).sum(dim=-1, keepdim=True).clamp_min(1)
-            columns.append((probs * visible > 1.0).float().transpose(-1, -2))
+            columns.append((probs * visible).transpose(-1, -2))  # attention as a multiple of a uniform share
         fresh = torch.cat(columns, dim=-1)
-        layer.buffers["important"] = torch.cat([history, fresh], dim=-1)[..., -self.history_window:]
+        layer.buffers["attention_share"] = torch.cat([history, fresh], dim=-1)[..., -self.history_window:]
 
     def score(self, layer, module, query):
-        return layer.buffers["important"].sum(dim=-1)
+        shares = layer.buffers["attention_share"]
+        # The paper's count of queries that found the token important, with the mean (capped) share as a
+        # tie-break below one count: with integer counts alone, the many tokens no recent query found important
+        # all tie and recency decides, which evicts an early fact however close it came.
+        return (shares > 1.0).sum(dim=-1) + shares.clamp(max=1.0).mean(dim=-1) * (1 - 1e-3)
