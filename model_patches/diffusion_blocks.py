@@ -6,7 +6,7 @@ block carries the image tokens, which submodules those are, and whether the self
 *joint* (it also takes the text as ``encoder_hidden_states`` and returns ``(image, text)``, as in
 SD3) differ per block class; that knowledge lives here, never in a method or a copied ``forward``.
 
-Each denoiser adapter (``unet.py``, ``dit.py``, ``pixart.py``, ``sd3.py``) registers a
+Each denoiser adapter (``unet.py``, ``dit.py``, ``pixart.py``, ``sd3.py``, ``flux.py``) registers a
 :class:`DenoiserLayout`: its block classes and, for UNets, the resolution level of every block
 (1 = the finest token grid), known from the model's structure before any call.
 
@@ -50,7 +50,12 @@ class BlockLayout:
         text_prefix: block argument whose token count is the length of a text prefix in front of the image
             tokens in the self-attention's input (Flux's single-stream blocks concatenate them).
         attention_processors: names of the attention processor classes known to work with merged image
-            tokens (empty: any).
+            tokens or reduced keys/values (empty: any).
+        kv_at_kernel: the self-attention's processor rotates queries and keys itself (``rotary_argument``) and
+            then calls ``torch.nn.functional.scaled_dot_product_attention`` (through diffusers'
+            ``dispatch_attention_fn`` and a PyTorch-native backend) on ``[text, image]`` keys/values: reduced
+            image keys/values are taken there, after the rotation, so every key keeps its own position's
+            rotation (Flux). The image tokens are the last ``height * width`` of that sequence.
     """
 
     block_class: str
@@ -63,6 +68,7 @@ class BlockLayout:
     rotary_argument: str | None = None
     text_prefix: str | None = None
     attention_processors: tuple[str, ...] = ()
+    kv_at_kernel: bool = False
 
     def image_tokens(self, args: tuple, kwargs: dict):
         """The image tokens from a call's ``(args, kwargs)``."""

@@ -10,9 +10,14 @@ image tokens are the first argument ``hidden_states`` and the text is ``encoder_
 * ``FluxSingleTransformerBlock`` concatenates ``[text, image]`` itself and calls ``attn`` on that sequence;
   its MLP (``proj_mlp``) runs beside the attention on the whole sequence, so only the attention is merged.
 * Both attentions take ``image_rotary_emb``, a ``(cos, sin)`` table with one row per position of
-  ``[text, image]``, shared by the whole batch; merged image tokens keep their own rows, which is why
-  ``tome_sd`` merges every row of a Flux batch alike (see ``hf_tokred.methods.diffusion.tome_sd``).
+  ``[text, image]``, shared by the whole batch, and diffusers' ``FluxAttnProcessor`` applies it to queries
+  and keys before calling the attention kernel on ``[text, image]``. ``tome_sd`` hands the attention the
+  table rows of the tokens each batch row keeps (one attention call per batch row when the rows keep
+  different tokens); ``todo`` downsamples the image keys/values at the kernel call, after the rotation
+  (``kv_at_kernel``), so a kept key carries its own position's rotation.
 """
+
+from hf_tokred.errors import UnsupportedModelError
 
 from . import ModelAdapter, register_adapter
 from .diffusion_blocks import BlockLayout, DenoiserLayout, register_denoiser_layout
@@ -37,6 +42,12 @@ def flux_token_grid(model, args: tuple, kwargs: dict) -> tuple[int, int]:
     rows, cols = ids[:, 1], ids[:, 2]
     height = int(rows.max() - rows.min()) + 1
     width = int(cols.max() - cols.min()) + 1
+    if height * width != ids.shape[0]:
+        # e.g. Flux Kontext appends reference-image tokens whose ids overlap the target grid
+        raise UnsupportedModelError(
+            f"Flux: the {ids.shape[0]} rows of img_ids are not one {height}x{width} token grid (reference-image "
+            "tokens, as in Flux Kontext, are not supported by the token reductions)"
+        )
     return height, width
 
 
@@ -67,6 +78,7 @@ register_denoiser_layout(
                 feed_forward=("ff",),
                 rotary_argument="image_rotary_emb",
                 attention_processors=FLUX_PROCESSORS,
+                kv_at_kernel=True,
             ),
             BlockLayout(
                 block_class="FluxSingleTransformerBlock",
@@ -76,6 +88,7 @@ register_denoiser_layout(
                 rotary_argument="image_rotary_emb",
                 text_prefix="encoder_hidden_states",
                 attention_processors=FLUX_PROCESSORS,
+                kv_at_kernel=True,
             ),
         ),
     )

@@ -12,10 +12,14 @@ diffusers' own ``HookRegistry``/``ModelHook``, never by copying a block's ``forw
   self-attention modules of these denoisers have no ``norm_cross``, ``group_norm`` or
   ``spatial_norm`` (which the processors would apply to one input and not the other); both are
   checked before anything is attached, and again on every call. In joint (SD3) attention the
-  image keys/values are reduced at the ``to_k``/``to_v`` projections instead;
+  image keys/values are reduced at the ``to_k``/``to_v`` projections instead, and in attention that
+  rotates queries and keys itself (Flux) at its ``scaled_dot_product_attention`` call, after the
+  rotation (:class:`KernelKVReductionHook`);
 * for ``tome_sd``, a hook on every transformer block within ``max_downsample`` computes the token
   matching from the block's image tokens, and hooks on the modules inside it (self-attention, and
-  optionally cross-attention and the feed-forward) merge their input and unmerge their output.
+  optionally cross-attention and the feed-forward) merge their input and unmerge their output
+  (an attention taking a rotary table gets the table rows of each batch row's kept tokens,
+  :class:`RotaryTokenMergeHook`).
 
 Where the image tokens sit in each block class (argument, submodules, joint attention, rotary
 tables, text prefixes) comes from ``hf_tokred.model_patches.diffusion_blocks``.
@@ -368,13 +372,17 @@ def _check_kv_targets(denoiser, adapter, reducer) -> list[Attention]:
     if not targets:
         raise UnsupportedModelError(f"{reducer.method}: {type(denoiser).__name__} has no self-attention layers")
     for name, attn, spec, _ in targets:
-        if spec.rotary_argument is not None:
-            raise UnsupportedModelError(
-                f"{reducer.method}: cannot reduce the self-attention {name} of {type(denoiser).__name__}: its "
-                f"processor applies one rotary table ({spec.rotary_argument}) to queries and keys alike, so "
-                "keys/values cannot be downsampled without replacing it; tome_sd supports this denoiser"
+        if spec.kv_at_kernel:
+            problem = kernel_kv_reduction_problem(attn, spec.attention_processors)
+        elif spec.rotary_argument is not None:
+            problem = (
+                f"its processor applies one rotary table ({spec.rotary_argument}) to queries and keys alike, and the "
+                "block layout names no point after the rotation where keys/values can be reduced"
             )
-        problem = joint_kv_reduction_problem(attn) if spec.joint_attention else kv_reduction_problem(attn)
+        elif spec.joint_attention:
+            problem = joint_kv_reduction_problem(attn)
+        else:
+            problem = kv_reduction_problem(attn)
         if problem is not None:
             raise UnsupportedModelError(f"{reducer.method}: cannot reduce the self-attention {name}: {problem}")
     _check_levels(denoiser, reducer, sorted({level for *_, level in targets}), "self-attention")
@@ -441,6 +449,157 @@ def _grid_level(grid: TokenGrid, hidden_states, method: str, where: str) -> tupl
     return found
 
 
+# Attention backends of diffusers' ``dispatch_attention_fn`` that compute attention with
+# ``torch.nn.functional.scaled_dot_product_attention`` (checked against diffusers 0.42).
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+
+
+def kernel_kv_reduction_problem(attn: torch.nn.Module, processors: tuple[str, ...] = ()) -> str | None:
+    """Why the image keys/values of ``attn`` cannot be reduced at its attention kernel call (None when they can).
+
+    The reduction happens where the processor calls ``torch.nn.functional.scaled_dot_product_attention``
+    (after its projections, norms and rotary embedding), so the processor must be one of ``processors``
+    (class names; empty: any), must not run context-parallel, and its attention backend, when one is set
+    with ``attn.set_attention_backend``, must be one of :data:`SDPA_BACKENDS`. (With no backend set,
+    diffusers' active default is used; a call that never reaches SDPA is an error at run time.)
+
+    Example:
+        >>> from diffusers import FluxTransformer2DModel
+        >>> from hf_tokred.integration.diffusers import kernel_kv_reduction_problem
+        >>> flux = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        ...                               num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+        ...                               axes_dims_rope=(2, 2, 4))
+        >>> attn = flux.transformer_blocks[0].attn
+        >>> kernel_kv_reduction_problem(attn, ("FluxAttnProcessor",)) is None
+        True
+        >>> attn.set_attention_backend("flex")
+        >>> kernel_kv_reduction_problem(attn, ("FluxAttnProcessor",))[:37]
+        "its attention backend 'flex' does not"
+    """
+    processor = getattr(attn, "processor", None)
+    if processor is None:
+        return f"it is a {type(attn).__name__} without an attention processor"
+    processor_name = type(processor).__name__
+    if processors and processor_name not in processors:
+        return (
+            f"its attention processor {processor_name} is not one known to rotate queries and keys and then call "
+            f"the attention kernel on [text, image] ({', '.join(processors)})"
+        )
+    if getattr(processor, "_parallel_config", None) is not None:
+        return "it runs context-parallel (its key/value sequence is split across devices)"
+    backend = getattr(processor, "_attention_backend", None)
+    backend = getattr(backend, "value", backend)
+    if backend is not None and backend not in SDPA_BACKENDS:
+        return (
+            f"its attention backend {backend!r} does not call torch.nn.functional.scaled_dot_product_attention, "
+            f"where the keys/values are reduced; use one of {', '.join(SDPA_BACKENDS)}"
+        )
+    return None
+
+
+class _KernelKVMode(torch.overrides.TorchFunctionMode):
+    """Active during one attention call: hands its ``scaled_dot_product_attention`` call reduced keys/values.
+
+    The same mechanism as diffusers' own ``AttentionScoreSkipFunctionMode`` (``diffusers.hooks.layer_skip``):
+    torch routes the kernel call through this mode, so the processor itself is neither copied nor replaced.
+    (A custom attention backend cannot be registered instead: ``dispatch_attention_fn`` looks backends up by
+    the closed ``AttentionBackendName`` enum.)
+    """
+
+    def __init__(self, reduce_kv: Callable):
+        super().__init__()
+        self.reduce_kv = reduce_kv
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        args = list(args)
+        names = ("query", "key", "value")
+        query, key, value = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+        key, value = self.reduce_kv(query, key, value)
+        for i, n, tensor in ((1, "key", key), (2, "value", value)):
+            if i < len(args):
+                args[i] = tensor
+            else:
+                kwargs[n] = tensor
+        return func(*args, **kwargs)
+
+
+def _reduce_image_kv(query, key, value, *, image_tokens: int, found: tuple[int, int, int], reduce: Callable, method):
+    """Reduce the image part (the last ``image_tokens``) of ``(batch, heads, text + image, head_dim)`` keys/values."""
+    if key.ndim != 4 or key.shape[2] != query.shape[2] or key.shape[2] < image_tokens:
+        raise UnsupportedModelError(
+            f"{method}: the attention kernel got queries {tuple(query.shape)} and keys {tuple(key.shape)}, not "
+            f"(batch, heads, text + {image_tokens} image tokens, head_dim) self-attention"
+        )
+    batch, heads, tokens, head_dim = key.shape
+    text = tokens - image_tokens
+
+    def reduced(x):
+        # (B, H, N, D) -> (B, N, H * D): each head's channels pooled over the grid like any other channel.
+        image = x[:, :, text:].transpose(1, 2).reshape(batch, image_tokens, heads * head_dim)
+        pooled = reduce(image, *found)
+        if pooled is None:
+            return x
+        pooled = pooled.reshape(batch, pooled.shape[1], heads, head_dim).transpose(1, 2)
+        return torch.cat([x[:, :, :text], pooled], dim=2)
+
+    return reduced(key), reduced(value)
+
+
+class KernelKVReductionHook(ModelHook):
+    """Hook on an attention that rotates queries and keys itself (Flux): image keys/values are reduced at the kernel.
+
+    During the attention call a :class:`torch.overrides.TorchFunctionMode` intercepts its one call of
+    ``torch.nn.functional.scaled_dot_product_attention``, whose ``(batch, heads, [text, image], head_dim)``
+    keys and values have been projected, normalized and rotated by the processor; the image part (the
+    last ``height * width`` tokens of this call's grid) is replaced by ``reduce(image, level, height,
+    width)`` and the text part and every query stay. Each kept key therefore carries the rotation of its
+    own position. A call that never reaches that function (another attention backend) is an error.
+    """
+
+    def __init__(self, grid: TokenGrid, method: str, reduce: Callable, processors: tuple[str, ...] = ()):
+        super().__init__()
+        self.grid = grid
+        self.method = method
+        self.reduce = reduce
+        self.processors = processors
+
+    def new_forward(self, attn, *args, **kwargs):
+        problem = kernel_kv_reduction_problem(attn, self.processors)
+        if problem is not None:
+            raise UnsupportedModelError(f"{self.method}: cannot reduce this self-attention: {problem}")
+        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+        if mask is not None:
+            raise UnsupportedModelError(
+                f"{self.method}: attention masks are not supported (the mask covers the full key sequence); "
+                "call the denoiser without attention_mask or remove the reduction"
+            )
+        if self.grid.height is None:
+            raise TokenReductionError(
+                f"{self.method}: the self-attention ran outside a call of the denoiser, so the token grid is unknown"
+            )
+        image_tokens = self.grid.height * self.grid.width
+        found = find_token_level(self.grid.height, self.grid.width, image_tokens)
+        reduce_kv = functools.partial(
+            _reduce_image_kv, image_tokens=image_tokens, found=found, reduce=self.reduce, method=self.method
+        )
+        mode = _KernelKVMode(reduce_kv)
+        with mode:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode.calls != 1:
+            backend = getattr(getattr(attn, "processor", None), "_attention_backend", None)
+            raise TokenReductionError(
+                f"{self.method}: the attention called torch.nn.functional.scaled_dot_product_attention {mode.calls} "
+                f"times, not once (attention backend: {getattr(backend, 'value', backend) or 'diffusers default'}); "
+                f"its keys/values are reduced at that call, so it needs one of the backends {', '.join(SDPA_BACKENDS)}"
+            )
+        return output
+
+
 def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
     from ..methods.diffusion.todo import downsample_tokens
 
@@ -455,7 +614,10 @@ def _attach_todo(denoiser, adapter, reducer, applied, grid) -> None:
 
     name = f"{HOOK_PREFIX}_{reducer.method}"
     for _, attn, spec, _ in _self_attention_targets(denoiser):
-        if spec.joint_attention:
+        if spec.kv_at_kernel:
+            hook = KernelKVReductionHook(grid, reducer.method, reduce, spec.attention_processors)
+            _register_hook(attn, hook, name, applied)
+        elif spec.joint_attention:
             for projection in (attn.to_k, attn.to_v):
                 _register_hook(projection, ProjectionReductionHook(grid, reducer.method, reduce, attn), name, applied)
         else:
@@ -537,11 +699,7 @@ class ToMeSDBlockHook(ModelHook):
                 self.holder.text_tokens = text.shape[1]
             generator = self.state.generator_for(self.grid, self.block_index) if cfg.use_rand else None
             r = int(tokens.shape[1] * cfg.ratio)
-            # A rotary table shared by the batch needs one matching shared by the batch.
-            shared = self.layout.rotary_argument is not None
-            self.holder.matching = bipartite_soft_matching_2d(
-                tokens, height, width, cfg.sx, cfg.sy, r, generator, shared=shared
-            )
+            self.holder.matching = bipartite_soft_matching_2d(tokens, height, width, cfg.sx, cfg.sy, r, generator)
         return args, kwargs
 
     def post_forward(self, block, output):
@@ -561,8 +719,8 @@ class TokenMergeHook(ModelHook):
     """Hook on a module inside a merged block: merges its ``hidden_states`` input and unmerges its output.
 
     For a joint attention returning ``(image, text)`` only the image output is unmerged. With a text
-    prefix (``holder.text_tokens``) only the image part of the input/output is merged/unmerged. With a
-    rotary table (``layout.rotary_argument``) the image rows of the table follow the kept tokens.
+    prefix (``holder.text_tokens``) only the image part of the input/output is merged/unmerged. An
+    attention taking a rotary table gets :class:`RotaryTokenMergeHook` instead.
     """
 
     def __init__(self, holder: BlockMatching, method: str, what: str, self_attention: bool, layout=None):
@@ -571,7 +729,6 @@ class TokenMergeHook(ModelHook):
         self.method = method
         self.what = what
         self.self_attention = self_attention
-        self.rotary_argument = getattr(layout, "rotary_argument", None) if self_attention else None
         self.processors = getattr(layout, "attention_processors", ()) if self_attention else ()
         self.active = None
         self.text_tokens = 0
@@ -615,8 +772,6 @@ class TokenMergeHook(ModelHook):
             args = (merged, *args[1:])
         else:
             kwargs = {**kwargs, "hidden_states": merged}
-        if self.rotary_argument is not None and kwargs.get(self.rotary_argument) is not None:
-            kwargs = {**kwargs, self.rotary_argument: _merge_rotary(kwargs[self.rotary_argument], matching)}
         self.active, self.text_tokens = matching, text
         return args, kwargs
 
@@ -635,20 +790,98 @@ class TokenMergeHook(ModelHook):
         return matching.unmerge(output)
 
 
-def _merge_rotary(table, matching):
-    """Keep the rows of a ``[text, image]`` rotary table (a tensor or a tuple of them) that the merged tokens sit at."""
+class RotaryTokenMergeHook(TokenMergeHook):
+    """:class:`TokenMergeHook` for a self-attention that takes a per-position rotary table (Flux's ``image_rotary_emb``).
+
+    Each batch row keeps its own tokens (its own matching), and a kept token must be rotated by its own
+    position's row of the ``[text, image]`` table. The table is one ``(positions, dim)`` tensor pair for
+    the whole call, so when the rows keep the same tokens (batch 1, or equal matchings) the attention runs
+    once with those rows of the table; otherwise it runs once per batch row, each with its row's table
+    rows, and the outputs are stacked. A batch row therefore gives what it gives alone.
+    """
+
+    def __init__(self, holder: BlockMatching, method: str, what: str, layout):
+        super().__init__(holder, method, what, True, layout)
+        self.rotary_argument = layout.rotary_argument
+        self.row_tables = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.row_tables = None
+        args, kwargs = super().pre_forward(module, *args, **kwargs)
+        matching = self.active
+        table = _call_argument(module, self.rotary_argument, args, kwargs)
+        if matching is None or table is None:
+            return args, kwargs
+        tables = _kept_rotary_rows(table, matching)
+        if len(tables) == 1:
+            return _replace_argument(module, self.rotary_argument, tables[0], args, kwargs)
+        self.row_tables = tables
+        return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        tables, self.row_tables = self.row_tables, None
+        if tables is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        outputs = []
+        for row, table in enumerate(tables):
+            row_args, row_kwargs = _replace_argument(module, self.rotary_argument, table, args, kwargs)
+            for name in ("hidden_states", "encoder_hidden_states"):
+                value = _call_argument(module, name, row_args, row_kwargs)
+                if isinstance(value, torch.Tensor):
+                    row_args, row_kwargs = _replace_argument(module, name, value[row : row + 1], row_args, row_kwargs)
+            outputs.append(self.fn_ref.original_forward(*row_args, **row_kwargs))
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*outputs))
+        return torch.cat(outputs, dim=0)
+
+
+@functools.cache
+def _argument_position(module_class: type, name: str) -> int | None:
+    """Positional index of ``name`` in ``module_class.forward`` (without ``self``), or None."""
+    parameters = list(inspect.signature(module_class.forward).parameters)[1:]
+    return parameters.index(name) if name in parameters else None
+
+
+def _call_argument(module, name: str, args: tuple, kwargs: dict):
+    """The argument ``name`` of a call of ``module``, given by keyword or by position (None when absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    position = _argument_position(type(module), name)
+    return args[position] if position is not None and position < len(args) else None
+
+
+def _replace_argument(module, name: str, value, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call of ``module`` with the argument ``name`` set to ``value``."""
+    position = _argument_position(type(module), name)
+    if name not in kwargs and position is not None and position < len(args):
+        return (*args[:position], value, *args[position + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+def _kept_rotary_rows(table, matching) -> list:
+    """The rows of a ``[text, image]`` rotary table (a tensor or a tuple of them) that the merged tokens sit at.
+
+    One table per batch row, or a single one when every row keeps the same tokens.
+    """
     tensors = table if isinstance(table, (tuple, list)) else (table,)
     text = tensors[0].shape[0] - matching.tokens
     if text < 0:
         raise UnsupportedModelError(
             f"rotary table with {tensors[0].shape[0]} rows cannot cover {matching.tokens} image tokens"
         )
-    rows = torch.cat([
-        torch.arange(text, device=tensors[0].device),
-        text + matching.kept_tokens[0].to(tensors[0].device),
-    ])
-    merged = tuple(t.index_select(0, rows) for t in tensors)
-    return merged if isinstance(table, (tuple, list)) else merged[0]
+    kept = matching.kept_tokens
+    # Both live on the model's device; in shape-only (meta) runs the table may come from CPU ids.
+    tensors = tuple(t.to(kept.device) for t in tensors)
+    # Meta tensors (e.g. counting FLOPs) cannot be compared: such a run goes per row, with the same FLOPs.
+    if kept.shape[0] == 1 or (kept.device.type != "meta" and bool((kept == kept[:1]).all())):
+        kept = kept[:1]
+    prefix = torch.arange(text, device=kept.device)
+    tables = []
+    for kept_row in kept:
+        rows = torch.cat([prefix, text + kept_row])
+        merged = tuple(t.index_select(0, rows) for t in tensors)
+        tables.append(merged if isinstance(table, (tuple, list)) else merged[0])
+    return tables
 
 
 def _tome_sd_targets(denoiser, reducer) -> list[tuple[torch.nn.Module, object, list[tuple[str, torch.nn.Module, bool]]]]:
@@ -706,7 +939,10 @@ def _attach_tome_sd(denoiser, adapter, reducer, applied, grid) -> None:
         holder = BlockMatching()
         _register_hook(block, ToMeSDBlockHook(grid, state, spec, holder, index), name, applied)
         for what, module, is_self_attention in modules:
-            hook = TokenMergeHook(holder, reducer.method, what, is_self_attention, spec)
+            if is_self_attention and spec.rotary_argument is not None:
+                hook = RotaryTokenMergeHook(holder, reducer.method, what, spec)
+            else:
+                hook = TokenMergeHook(holder, reducer.method, what, is_self_attention, spec)
             _register_hook(module, hook, name, applied)
 
 
@@ -1042,7 +1278,10 @@ __all__ = [
     "JOINT_KV_PROCESSORS",
     "BlockMatching",
     "KVReductionHook",
+    "KernelKVReductionHook",
     "ProjectionReductionHook",
+    "RotaryTokenMergeHook",
+    "SDPA_BACKENDS",
     "ToMeSDBlockHook",
     "ToMeSDState",
     "TokenMergeHook",
@@ -1055,6 +1294,7 @@ __all__ = [
     "find_token_level",
     "install",
     "joint_kv_reduction_problem",
+    "kernel_kv_reduction_problem",
     "kv_reduction_problem",
     "register_diffusion_wiring",
     "remove_from_diffusers",

@@ -19,6 +19,18 @@ Where we depart from the paper:
 * Only self-attention (``attn1``) is reduced; cross-attention to the text is left alone, as in the paper.
   In SD3's joint attention only the image keys/values are downsampled (at ``to_k``/``to_v``); the text
   keys/values and every query stay.
+* On Flux (``FluxTransformer2DModel``) the attention processor projects, RMS-normalizes and rotates
+  (RoPE, one table row per position of ``[text, image]``) queries and keys itself, so the input tokens
+  cannot be downsampled there: a reduced input would get the rotations of the wrong positions. Instead
+  the image part of the keys and values is downsampled at the attention kernel call, *after* the
+  rotation (the text keys/values and every query stay). With ``nearest`` a kept key is exactly the key
+  of its own grid position, rotated by its own position, as if the grid had been subsampled before the
+  attention. With ``avg``/``linear`` a pooled key is the (weighted) mean of its cell's *rotated* keys: a
+  query's logit against it is the same mean of its logits against the cell's keys, but it is not the key
+  of any one position (pooling before the rotation would instead rotate a mixture of the cell's keys by
+  one position's angles, and pooling the input would also mix the tokens before the per-head RMS norm).
+  The key/value projections run on every token there, so only the attention itself is cheaper. This
+  departs from the paper, which predates RoPE denoisers.
 * ``max_downsample`` follows tomesd: the finest token grid is level 1 (the latent for UNets, the
   patch grid for DiTs), UNet levels are 1, 2, 4, 8, and only levels ``<= max_downsample`` are reduced.
   The paper's reference code also switches the factor at timestep thresholds; we use one factor for
@@ -49,7 +61,7 @@ METHODS = ("nearest", "avg", "linear")
 @register_method("todo")
 @dataclass(kw_only=True)
 class ToDoConfig(TokenReductionConfig):
-    """Token downsampling of self-attention keys/values in UNet and DiT denoisers (arXiv 2402.13573).
+    """Token downsampling of self-attention keys/values in UNet and DiT-family denoisers (arXiv 2402.13573).
 
     ``downsample_factor`` shrinks each side of the token grid the keys/values come from (2: a quarter
     of the tokens; 1: no reduction, outputs bit-identical to the dense model). ``downsample_method``
@@ -69,7 +81,7 @@ class ToDoConfig(TokenReductionConfig):
     stage: ClassVar[str] = "diffusion"
     model_kinds: ClassVar[tuple[str, ...]] = ("unet", "dit")
     paper: ClassVar[str] = "2402.13573"
-    # UNet (SD1.5/SDXL layouts), DiT, PixArt and SD3 work and are tested; Flux (RoPE over the joint sequence) is not wired.
+    # UNet (SD1.5/SDXL layouts), DiT, PixArt, SD3 and Flux (keys/values reduced after RoPE) work and are tested.
     status: ClassVar[str] = "beta"
 
     downsample_factor: int = param(
@@ -131,8 +143,8 @@ def downsample_tokens(
         return hidden_states
     batch, _, channels = hidden_states.shape
     new_height, new_width = downsampled_size(height, width, factor)
-    # (B, h*w, C) -> (B, C, h, w): a view, so pooling reads the tokens in place.
-    grid = hidden_states.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    # (B, h*w, C) -> (B, C, h, w): a view when the tokens are laid out row by row (a copy otherwise).
+    grid = hidden_states.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     if method == "nearest":
         pooled = F.interpolate(grid, size=(new_height, new_width), mode="nearest-exact")
     elif method == "avg":

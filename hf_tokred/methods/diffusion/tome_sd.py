@@ -28,9 +28,12 @@ Where we depart from the paper and from tomesd 0.1.3:
   from ``sqrt(N)`` and never merges a patch-2 DiT with ``max_downsample=1``.
 * A denoiser where no block would be merged is an error at ``apply`` time (tomesd does nothing,
   silently, on SDXL, whose first UNet level has no attention).
-* On denoisers whose attention takes a per-position rotary table shared by the batch (Flux), merged
-  tokens keep their own table rows, so every row of the batch must merge alike: the matching is
-  computed once from the batch mean of the rows' normalized block inputs (``shared=True``).
+* On denoisers whose attention takes a per-position rotary table (Flux's ``image_rotary_emb``, one
+  ``(positions, dim)`` table for the whole batch), a merged destination token keeps its own position's
+  rotation: the attention gets the table rows of the tokens it keeps. Every batch row has its own
+  matching, as everywhere else, so when the rows keep different tokens the Flux attention runs once per
+  batch row with that row's table rows (the paper does not cover rotary embeddings; the FLOPs are the
+  same, in ``batch`` smaller attention calls). A batch row therefore equals that row run alone.
 
 With ``use_rand=False`` the outputs equal tomesd's to float rounding (``tests/test_tome_sd.py``).
 
@@ -208,7 +211,6 @@ def bipartite_soft_matching_2d(
     sy: int,
     r: int,
     generator: torch.Generator | None = None,
-    shared: bool = False,
 ) -> GridMatching | None:
     """Match ``r`` source tokens of each row to their most similar destination tokens (ToMe for SD).
 
@@ -216,9 +218,7 @@ def bipartite_soft_matching_2d(
     :func:`grid_partition` (the same for every row); each source's best destination is its highest
     cosine similarity, and the ``r`` sources with the highest best-similarity are merged (``r`` is
     capped at the number of sources). Returns None when nothing can be merged (``r <= 0``, or the
-    grid is smaller than one cell). ``shared=True`` matches every row alike, from the batch mean of the
-    rows' normalized metrics (for models whose per-position tables are shared by the batch, e.g. Flux's
-    rotary embedding).
+    grid is smaller than one cell). Every row is matched on its own.
 
     Example:
         >>> import torch
@@ -244,11 +244,6 @@ def bipartite_soft_matching_2d(
         dst_metric = metric.index_select(1, dst_tokens)
         src_metric.div_(src_metric.norm(dim=-1, keepdim=True))
         dst_metric.div_(dst_metric.norm(dim=-1, keepdim=True))
-        if shared and batch > 1:
-            src_metric = src_metric.mean(0, keepdim=True)
-            dst_metric = dst_metric.mean(0, keepdim=True)
-            src_metric.div_(src_metric.norm(dim=-1, keepdim=True))
-            dst_metric.div_(dst_metric.norm(dim=-1, keepdim=True))
         scores = src_metric @ dst_metric.transpose(-1, -2)
         del src_metric, dst_metric
         best_score, best_dst = scores.max(dim=-1)  # (B, src)
@@ -256,8 +251,6 @@ def bipartite_soft_matching_2d(
         order = best_score.argsort(dim=-1, descending=True)
         merged_src, unmerged_src = order[:, :r], order[:, r:]
         target_dst = best_dst.gather(1, merged_src)  # (B, r), indices into dst_tokens
-        if order.shape[0] != batch:  # shared: one matching for every row
-            merged_src, unmerged_src, target_dst = (t.expand(batch, -1) for t in (merged_src, unmerged_src, target_dst))
 
         n_unm = num_src - r
         kept = n_unm + num_dst
