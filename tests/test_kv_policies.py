@@ -282,7 +282,8 @@ def test_keydiff_keeps_the_distinctive_tokens(reference):
     common = torch.tensor([1.0, 0.0, 0.0, 0.0])
     vectors = torch.stack([common + 0.01 * i for i in range(6)] + [torch.tensor([0.0, 1.0, 0.0, 0.0])])
     vectors = vectors.expand(1, 1, 7, 4)
-    layer = SimpleNamespace(keys=vectors, values=vectors, valid=torch.ones(1, 1, 7, dtype=torch.bool))
+    layer = SimpleNamespace(keys=vectors, values=vectors, valid=torch.ones(1, 1, 7, dtype=torch.bool),
+                            positions=torch.arange(7).expand(1, 1, 7))
     scores = cfg.score(layer, None, None)
     assert scores[0, 0].argmax().item() == 6  # the one key unlike the mean is the most worth keeping
 
@@ -295,7 +296,7 @@ def test_scissorhands_counts_rank_first_and_attention_share_breaks_ties():
                            [0.9, 0.9, 0.9, 0.9],  # never important, but close every time
                            [0.1, 0.0, 0.0, 0.0],  # never important, barely attended
                            [3.0, 3.0, 3.0, 3.0]])  # important for every remembered query
-    layer = SimpleNamespace(buffers={"attention_share": shares[None, None]})
+    layer = SimpleNamespace(buffers={"attention_share": shares[None, None]}, positions=torch.arange(4).expand(1, 1, 4))
     scores = cfg.score(layer, None, None)[0, 0]
     assert scores.argsort(descending=True).tolist() == [3, 0, 1, 2]
     assert scores[0].floor() == 1 and scores[1].floor() == 0  # the count is the integer part
@@ -314,3 +315,21 @@ def test_fastgen_cuts_an_over_budget_head_by_attention_not_by_token_kind():
     scores = cfg.score(layer, SimpleNamespace(scaling=1.0), query)
     top = set(scores[0, 0].topk(3).indices.tolist())
     assert top == {0, 7, 9}  # the sink, then the attended tokens ahead of any punctuation
+
+
+@pytest.mark.parametrize("method", ["scissorhands", "tova", "keydiff"])  # h2o and fastgen keep runs already here
+def test_kernel_size_keeps_the_neighbours_of_what_scores_highest(method):
+    model = make_tiny_llama()
+    prompt = _prompt(30)
+    kept = {}
+    for kernel in (1, 5):
+        hf_tokred.apply(model, _config(method, max_tokens=12, sink_tokens=0, window=0, kernel_size=kernel))
+        cache = hf_tokred.compress_context(model, prompt)
+        layer = cache.layers[1]
+        positions = layer.positions[0][layer.valid[0]].view(-1).tolist()
+        kept[kernel] = set(positions)
+        hf_tokred.remove(model)
+    # pooled scores keep runs of neighbours: more kept positions sit next to another kept one
+    def neighbours(held):
+        return sum(1 for p in held if p - 1 in held or p + 1 in held)
+    assert neighbours(kept[5]) > neighbours(kept[1])

@@ -35,6 +35,7 @@ import torch
 
 from ..config import TokenReductionConfig, param
 from ..errors import ConfigError
+from .scoring import pool_along_positions
 
 COMPRESSIONS = ("prefill", "step")
 
@@ -65,8 +66,12 @@ class KVPolicyConfig(TokenReductionConfig):
                                                     "so eviction runs once every compress_every steps")
     evicted: str = param("drop", str, choices=("drop", "merge"),
                          help="drop evicted tokens, or merge each into the most similar kept token")
+    kernel_size: int = param(1, int, low=1, help="odd width of the pooling of scores along positions, so a kept "
+                                                 "token keeps its neighbours (1 = none)")
 
     def validate(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size: expected an odd int >= 1, got {self.kernel_size}", field="kernel_size")
         if self.keep is not None and self.max_tokens is not None:
             raise ConfigError("keep: set either keep or max_tokens, not both", field="keep")
         if self.keep is None and self.max_tokens is None:
@@ -128,6 +133,14 @@ class KVPolicyConfig(TokenReductionConfig):
         The default prefers recent tokens.
         """
         return layer.positions.float()
+
+    def pooled(self, layer, scores: torch.Tensor, pooling: str = "max") -> torch.Tensor:
+        """``scores`` smoothed along positions over ``kernel_size`` neighbours (for policies' :meth:`score`).
+
+        Pooling (SnapKV's, made available to every policy) keeps a multi-token fact together: without it,
+        one-shot selections keep the most attended token of a number or name and drop the tokens after it.
+        """
+        return pool_along_positions(scores, layer.positions, self.kernel_size, pooling)
 
     def head_budgets(self, layer, module, query: torch.Tensor, budget: int) -> torch.Tensor | None:
         """Per-head budgets ``(batch, kv_heads)`` at most ``budget`` (FastGen), or None for one budget."""

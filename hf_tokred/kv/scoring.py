@@ -54,6 +54,32 @@ def iter_attention_probs(module, query: torch.Tensor, layer, last: int | None = 
         yield probs.nan_to_num_(0.0)  # a padding query sees no real slot
 
 
+def pool_along_positions(scores: torch.Tensor, positions: torch.Tensor, kernel_size: int,
+                         pooling: str = "max") -> torch.Tensor:
+    """Smooth ``(batch, heads, slots)`` scores over each slot's ``kernel_size`` neighbours in position order.
+
+    A slot then ranks as high as (``"max"``) or with the mean of (``"avg"``) its neighbours, so the tokens
+    around an important one are kept with it. Slots may be stored in any order (``positions`` says where
+    each belongs); after an eviction the neighbours are the nearest *kept* positions.
+
+    Example:
+        >>> import torch
+        >>> scores, positions = torch.tensor([[[0.0, 3.0, 0.0, 0.0]]]), torch.tensor([[[2, 0, 1, 3]]])
+        >>> pool_along_positions(scores, positions, 3).tolist()   # slot 1 (position 0) lends its score to slot 2
+        [[[0.0, 3.0, 3.0, 0.0]]]
+    """
+    if kernel_size == 1:
+        return scores
+    order = positions.argsort(dim=-1)
+    flat = scores.gather(-1, order).reshape(-1, 1, scores.shape[-1])
+    pad = kernel_size // 2
+    if pooling == "max":
+        pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(scores.shape))
+
+
 def attention_received(module, query: torch.Tensor, layer, last: int | None = None) -> torch.Tensor:
     """Attention each slot received, summed over this call's (last ``last``) queries and averaged over the
     query heads of each KV head: ``(batch, kv_heads, slots)``.

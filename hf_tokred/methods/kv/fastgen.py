@@ -81,6 +81,7 @@ class FastGenConfig(KVPolicyConfig):
 
     def score(self, layer, module, query):
         received = attention_received(module, query, layer, last=self.profile_window)  # (batch, kv_heads, slots)
+        ranking = self.pooled(layer, received)  # what orders heavy hitters and cuts (recovery uses the raw mass)
         token_ids = layer.shared.get("token_ids")
         if token_ids is None or token_ids.shape[-1] < layer.seen:
             raise TokenReductionError("fastgen: the cache did not see the prompt's input ids; call the model with "
@@ -94,7 +95,7 @@ class FastGenConfig(KVPolicyConfig):
         lengths = valid.sum(dim=-1, keepdim=True)  # real prompt tokens per row and head
         # Heavy hitters: the most attended tokens beyond the special/punctuation ones.
         frequent_count = (lengths.float() * self.frequent_ratio).ceil().long()
-        others = torch.where(valid & ~special & ~punctuation, received, -1.0)
+        others = torch.where(valid & ~special & ~punctuation, ranking, -1.0)
         rank = others.argsort(dim=-1, descending=True).argsort(dim=-1)
         frequent = (rank < frequent_count) & (others >= 0)
         local_count = (lengths.float() * self.local_ratio).ceil().long()
@@ -117,7 +118,7 @@ class FastGenConfig(KVPolicyConfig):
         # When a head's policy holds more tokens than the budget allows, its special tokens stay and its other
         # members are cut by the attention they receive, never by kind (punctuation is not worth more than
         # an attended content token).
-        return received + _SPECIAL * special.float() + _MEMBER * members.float()
+        return ranking + _SPECIAL * special.float() + _MEMBER * members.float()
 
     def head_budgets(self, layer, module, query, budget):
         return layer.scratch.pop("head_budgets").clamp(min=1, max=budget)

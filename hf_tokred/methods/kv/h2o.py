@@ -48,4 +48,4 @@ class H2OConfig(KVPolicyConfig):
             layer.buffers["accumulated"] += probs.sum(dim=(2, 3))
 
     def score(self, layer, module, query):
-        return layer.buffers["accumulated"]
+        return self.pooled(layer, layer.buffers["accumulated"])

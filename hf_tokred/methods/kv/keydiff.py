@@ -23,9 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import param, register_method
-from ...errors import ConfigError
 from ...kv.policy import KVPolicyConfig
-from .snapkv import pool_along_slots
 
 
 @register_method("keydiff")
@@ -37,13 +35,6 @@ class KeyDiffConfig(KVPolicyConfig):
     compression = "step"
 
     reference: str = param("keys", str, choices=("keys", "values"), help="vectors compared with their mean")
-    kernel_size: int = param(1, int, low=1, help="max-pool the scores over this many neighbouring positions (odd), "
-                                                 "so the context of a distinctive token stays with it")
-
-    def validate(self) -> None:
-        if self.kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size: expected an odd int >= 1, got {self.kernel_size}", field="kernel_size")
-        super().validate()
 
     def score(self, layer, module, query):
         vectors = (layer.keys if self.reference == "keys" else layer.values).float()
@@ -51,9 +42,4 @@ class KeyDiffConfig(KVPolicyConfig):
         weights = layer.valid[..., None].float()
         anchor = (vectors * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp_min(1)
         anchor = torch.nn.functional.normalize(anchor, dim=-1)
-        scores = -(vectors * anchor).sum(dim=-1)
-        if self.kernel_size == 1:
-            return scores
-        order = layer.positions.argsort(dim=-1)  # pool along positions (slots may be out of order)
-        pooled = pool_along_slots(scores.gather(-1, order), self.kernel_size, "max")
-        return torch.empty_like(pooled).scatter_(-1, order, pooled)
+        return self.pooled(layer, -(vectors * anchor).sum(dim=-1))

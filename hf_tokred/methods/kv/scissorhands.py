@@ -62,4 +62,4 @@ class ScissorhandsConfig(KVPolicyConfig):
         # The paper's count of queries that found the token important, with the mean (capped) share as a
         # tie-break below one count: with integer counts alone, the many tokens no recent query found important
         # all tie and recency decides, which evicts an early fact however close it came.
-        return (shares > 1.0).sum(dim=-1) + shares.clamp(max=1.0).mean(dim=-1) * (1 - 1e-3)
+        return self.pooled(layer, (shares > 1.0).sum(dim=-1) + shares.clamp(max=1.0).mean(dim=-1) * (1 - 1e-3))

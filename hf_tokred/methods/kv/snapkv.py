@@ -22,10 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ...config import param, register_method
-from ...errors import ConfigError
 from ...kv.policy import KVPolicyConfig
 from ...kv.scoring import attention_received
 
@@ -39,35 +36,12 @@ class SnapKVConfig(KVPolicyConfig):
     compression = "prefill"
 
     window_size: int = param(32, int, low=1, help="last prompt queries whose attention scores the prompt")
-    kernel_size: int = param(7, int, low=1, help="width of the pooling along the sequence (odd)")
+    kernel_size: int = param(7, int, low=1, help="odd width of the pooling of the window's attention along positions")
     pooling: str = param("avg", str, choices=("avg", "max"), help="pooling of the window's attention")
-
-    def validate(self) -> None:
-        if self.kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size: expected an odd int >= 1, got {self.kernel_size}", field="kernel_size")
-        super().validate()
 
     def recent_window(self, budget: int) -> int:
         return self.window if self.window is not None else self.window_size
 
     def score(self, layer, module, query):
         received = attention_received(module, query, layer, last=self.window_size)
-        return pool_along_slots(received, self.kernel_size, self.pooling)
-
-
-def pool_along_slots(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Smooth ``(batch, heads, slots)`` scores along the slots (which must be in position order).
-
-    Example:
-        >>> pool_along_slots(torch.tensor([[[0.0, 3.0, 0.0, 0.0]]]), 3, "max").tolist()
-        [[[3.0, 3.0, 3.0, 0.0]]]
-    """
-    if kernel_size == 1:
-        return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pad = kernel_size // 2
-    if pooling == "max":
-        pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=pad)
-    else:
-        pooled = torch.nn.functional.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
-    return pooled.reshape(scores.shape)
+        return self.pooled(layer, received, self.pooling)

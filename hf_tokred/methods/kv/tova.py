@@ -34,4 +34,4 @@ class TOVAConfig(KVPolicyConfig):
 
     def score(self, layer, module, query):
         received = attention_received(module, query, layer, last=1)
-        return received.mean(dim=1, keepdim=True).expand_as(received)
+        return self.pooled(layer, received.mean(dim=1, keepdim=True).expand_as(received))
