@@ -256,16 +256,8 @@ class KVReductionHook(ModelHook):
         problem = kv_reduction_problem(attn)
         if problem is not None:
             raise UnsupportedModelError(f"{self.method}: cannot reduce this self-attention: {problem}")
-        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-        if mask is not None:
-            raise UnsupportedModelError(
-                f"{self.method}: self-attention masks are not supported (the mask covers the full token grid); "
-                "call the denoiser without attention_mask or remove the reduction"
-            )
-        if self.grid.height is None:
-            raise TokenReductionError(
-                f"{self.method}: the self-attention ran outside a call of the denoiser, so the token grid is unknown"
-            )
+        _reject_attention_mask(self.method, args, kwargs, "the full token grid")
+        _require_grid(self.grid, self.method, "self-attention")
         if hidden_states.ndim != 3:
             raise UnsupportedModelError(
                 f"{self.method}: expected (batch, tokens, channels) self-attention input, got {tuple(hidden_states.shape)}"
@@ -431,12 +423,27 @@ class ProjectionReductionHook(ModelHook):
         return args, {**kwargs, "input": reduced}
 
 
-def _grid_level(grid: TokenGrid, hidden_states, method: str, where: str) -> tuple[int, int, int]:
-    """``(level, grid height, grid width)`` of a ``(batch, tokens, channels)`` input of this call."""
+def _require_grid(grid: TokenGrid, method: str, where: str) -> None:
+    """The token grid of the running denoiser call; an attention called on its own has none."""
     if grid.height is None:
         raise TokenReductionError(
             f"{method}: the {where} ran outside a call of the denoiser, so the token grid is unknown"
         )
+
+
+def _reject_attention_mask(method: str, args: tuple, kwargs: dict, covers: str) -> None:
+    """Reduced tokens no longer match an attention mask passed to the attention (it covers ``covers``)."""
+    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+    if mask is not None:
+        raise UnsupportedModelError(
+            f"{method}: self-attention masks are not supported (the mask covers {covers}); "
+            "call the denoiser without attention_mask or remove the reduction"
+        )
+
+
+def _grid_level(grid: TokenGrid, hidden_states, method: str, where: str) -> tuple[int, int, int]:
+    """``(level, grid height, grid width)`` of a ``(batch, tokens, channels)`` input of this call."""
+    _require_grid(grid, method, where)
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3:
         shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
         raise UnsupportedModelError(f"{method}: expected (batch, tokens, channels) {where} input, got {shape}")
@@ -572,16 +579,8 @@ class KernelKVReductionHook(ModelHook):
         problem = kernel_kv_reduction_problem(attn, self.processors)
         if problem is not None:
             raise UnsupportedModelError(f"{self.method}: cannot reduce this self-attention: {problem}")
-        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-        if mask is not None:
-            raise UnsupportedModelError(
-                f"{self.method}: attention masks are not supported (the mask covers the full key sequence); "
-                "call the denoiser without attention_mask or remove the reduction"
-            )
-        if self.grid.height is None:
-            raise TokenReductionError(
-                f"{self.method}: the self-attention ran outside a call of the denoiser, so the token grid is unknown"
-            )
+        _reject_attention_mask(self.method, args, kwargs, "the full key sequence")
+        _require_grid(self.grid, self.method, "self-attention")
         image_tokens = self.grid.height * self.grid.width
         found = find_token_level(self.grid.height, self.grid.width, image_tokens)
         reduce_kv = functools.partial(
@@ -746,12 +745,7 @@ class TokenMergeHook(ModelHook):
             )
         hidden_states = args[0] if args else kwargs.get("hidden_states")
         if self.self_attention:
-            mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-            if mask is not None:
-                raise UnsupportedModelError(
-                    f"{self.method}: self-attention masks are not supported (the mask covers the unmerged tokens); "
-                    "call the denoiser without attention_mask or remove the reduction"
-                )
+            _reject_attention_mask(self.method, args, kwargs, "the unmerged tokens")
         text = self.holder.text_tokens if self.self_attention else 0
         if (
             not isinstance(hidden_states, torch.Tensor)
