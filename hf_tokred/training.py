@@ -186,13 +186,19 @@ def freeze_backbone(model) -> list[torch.nn.Parameter]:
 
 
 def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float = 3e-3, train_backbone: bool = False,
-                     teacher=None, ratio_weight: float = 2.0, distill_weight: float = 0.5, pooled_weight: float = 1.0,
-                     seed: int = 0, log_every: int = 0, log=print) -> list[float]:
+                     teacher=None, backbone_lr: float | None = None, ratio_weight: float = 2.0,
+                     distill_weight: float = 0.5, pooled_weight: float = 1.0, seed: int = 0, log_every: int = 0,
+                     log=print) -> list[float]:
     """Train the DynamicViT predictors of ``model`` (already reduced with ``dynamicvit``) on ``batches``.
 
-    Runs ``steps`` AdamW steps cycling through ``batches`` (dicts of model inputs). With the backbone frozen
-    (default) the backbone stays in eval mode (no dropout) and only the predictors train; the teacher is the
-    same model run densely. Leaves the model in eval mode (hard drop) and returns the loss of every step.
+    Runs ``steps`` AdamW steps at a constant learning rate, cycling through ``batches`` (dicts of model inputs).
+    With the backbone frozen (default) only the predictors train and the teacher is
+    the same model run densely. With ``train_backbone=True`` the backbone trains too, at ``backbone_lr``
+    (default ``lr / 100``, the paper's ratio of backbone to predictor learning rate), distilled from ``teacher``,
+    a separate frozen dense model (e.g. a copy made before ``apply``); the changed weights then save to
+    ``model.safetensors`` as usual. The backbone's modules stay in eval mode either way (no dropout: the
+    targets are a deterministic teacher's). Leaves the model in eval mode (hard drop) and returns the loss of
+    every step.
 
     Example:
         >>> import hf_tokred
@@ -205,21 +211,27 @@ def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float 
         raise TokenReductionError("train_dynamicvit: batches is empty")
     if steps < 1:
         raise TokenReductionError(f"train_dynamicvit: steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise TokenReductionError(f"train_dynamicvit: lr must be > 0, got {lr}")
+    if backbone_lr is not None and not (train_backbone and backbone_lr > 0):
+        raise TokenReductionError(f"train_dynamicvit: backbone_lr must be > 0 and needs train_backbone=True, got "
+                                  f"backbone_lr={backbone_lr}, train_backbone={train_backbone}")
     learned = predictors(model)
+    groups = [{"params": freeze_backbone(model), "lr": lr}]
     if train_backbone:
-        if teacher is None:
-            raise TokenReductionError("train_dynamicvit: training the backbone needs a separate frozen teacher model")
-        parameters = [p for p in model.parameters()]
-        for p in parameters:
-            p.requires_grad_(True)
-        model.train()
-    else:
-        parameters = freeze_backbone(model)
-        model.eval()
-        learned.train()
+        if teacher is None or teacher is model:
+            raise TokenReductionError("train_dynamicvit: training the backbone needs a separate frozen teacher model "
+                                      "(e.g. copy.deepcopy(model) made before hf_tokred.apply)")
+        trainable = {id(p) for p in groups[0]["params"]}
+        backbone = [p for p in model.parameters() if id(p) not in trainable]
+        for parameter in backbone:
+            parameter.requires_grad_(True)
+        groups.append({"params": backbone, "lr": lr / 100 if backbone_lr is None else backbone_lr, "weight_decay": 0.0})
+    model.eval()
+    learned.train()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    optimizer = torch.optim.AdamW(groups)
     losses = []
     try:
         for step in range(steps):

@@ -125,11 +125,26 @@ def test_quality_part_table_json_and_plot(tmp_path, capsys):
 def test_quality_part_trains_dynamicvit(tmp_path, capsys):
     out = tmp_path / "dvit.json"
     assert main(["encoders", "--part", "quality", "--texts", "4", "--threads", "1", "--method", "dynamicvit",
-                 "--train-texts", "4", "--train-steps", "2", "--json", str(out)]) == 0
+                 "--train-texts", "4", "--train-steps", "2", "--dynamicvit-keep-rate", "0.7", "--dynamicvit-keep-rate",
+                 "0.5", "--predictor-dim", "32", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["quality"]["rows"]
-    assert [r["setting"] for r in rows] == ["keep_rate=0.8", "keep_rate=0.7"]
+    assert [r["setting"] for r in rows] == [f"keep_rate={k}, layers=[2], predictor_dim=32" for k in (0.7, 0.5)]
     assert all(r["learned"] and r["train_steps"] == 2 and r["flops_saved"] > 0 for r in rows)
     assert "dynamicvit *" in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+def test_quality_part_fine_tunes_a_copy_of_the_backbone(tmp_path, capsys):
+    from hf_tokred.bench.encoders import run_quality
+
+    record = run_quality(["dynamicvit", "tome"], texts=4, train_texts=4, train_steps=2, train_backbone=True,
+                         backbone_lr=1e-3, variants=[("tome", "tome", [{"ratio": 0.1}]),
+                                                     ("dynamicvit", "dynamicvit", [{"keep_rate": 0.7}]),
+                                                     ("tome again", "tome", [{"ratio": 0.1}])])
+    first, trained, again = record["rows"]
+    assert trained["train_backbone"] and trained["backbone_lr"] == 1e-3 and trained["flops_saved"] > 0
+    # the fine-tuned copy does not leak into later rows: the same ToMe setting gives the same embeddings
+    assert again["cosine"] == first["cosine"] and again["flops_saved"] == first["flops_saved"]
 
 
 def test_bad_arguments_fail_clearly(tmp_path, capsys):
@@ -138,4 +153,10 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
     assert exit_code(["encoders", "--method", "nope"]) == 2
     assert "not registered: nope" in capsys.readouterr().err
     assert exit_code(["encoders", "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    assert exit_code(["encoders", "--part", "quality", "--backbone-lr", "1e-4"]) == 2
+    assert "--backbone-lr needs --train-backbone" in capsys.readouterr().err
+    assert exit_code(["encoders", "--part", "quality", "--train-lr", "0"]) == 2
+    assert "--train-lr: expected a learning rate > 0" in capsys.readouterr().err
+    assert exit_code(["encoders", "--part", "quality", "--dynamicvit-keep-rate", "1.5"]) == 2
+    assert "--dynamicvit-keep-rate: expected a keep_rate in (0, 1], got 1.5" in capsys.readouterr().err
     assert exit_code(["encoders", "--part", "size"]) == 2

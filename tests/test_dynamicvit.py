@@ -304,3 +304,86 @@ def test_accelerate_loop():
         optimizer.zero_grad()
     after = predictors(model).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: predictor width, fusing the dropped tokens, training the backbone
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predictor_dim_and_fuse_fields_are_checked():
+    cfg = TokenReductionConfig(method="dynamicvit", keep_rate=0.6, predictor_dim=16, fuse=True)
+    assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
+    for field, bad in (("predictor_dim", 2), ("predictor_dim", 8.5), ("fuse", "yes")):
+        with pytest.raises(ConfigError) as info:
+            TokenReductionConfig(method="dynamicvit", **{field: bad})
+        assert info.value.field == field
+    model = make_vit()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "predictor_dim": 16})
+    first = predictors(model)[0]
+    assert first.in_conv[1].weight.shape == (16, 64) and first.out_conv[-1].weight.shape == (2, 4)
+
+
+def test_fuse_keeps_the_dropped_tokens_as_one_token_per_stage(images):
+    model = make_vit()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "fuse": True, "prop_attn": True})
+    randomize(model)
+    with torch.no_grad():
+        out = model(pixel_values=images).last_hidden_state
+        # 65 -> CLS + 32 kept + 1 fused = 34 -> CLS + ceil(0.5 * 33) + 1 = 19 -> CLS + ceil(0.5 * 18) + 1 = 11
+        assert token_counts(model) == [65, 34, 19, 11]
+        sizes = token_sizes(model)
+        assert (sizes.sum(dim=1) == 65).all() and sizes[:, 0].eq(1).all()
+        assert (sizes[:, -1] > 1).all()  # the last token carries the tokens the last stage dropped
+        rows = torch.cat([model(pixel_values=images[i:i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(rows, out, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_bert_batch_with_fuse_equals_each_row_alone():
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1, 3], "fuse": True})
+    randomize(model)
+    batch = padded_batch()
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        sizes = token_sizes(model)
+        assert sizes.sum(dim=1).tolist() == [30, 17, 9]  # padding is never fused into real tokens
+        for row, length in enumerate((30, 17, 9)):
+            alone = model(input_ids=batch["input_ids"][row:row + 1, :length]).last_hidden_state[0]
+            real = sizes[row] > 0
+            assert alone.shape[0] == int(real.sum())
+            torch.testing.assert_close(out[row][real], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_the_backbone_saves_its_weights_and_loads_back_identical(tmp_path):
+    import copy
+
+    teacher = make_bert()
+    model = copy.deepcopy(teacher)
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1, 2], "predictor_dim": 32})
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "hf_tokred" not in k}
+    batches = [padded_batch(seed) for seed in range(3)]
+    with pytest.raises(TokenReductionError, match="separate frozen teacher"):
+        train_dynamicvit(model, batches, steps=1, train_backbone=True)
+    with pytest.raises(TokenReductionError, match="backbone_lr"):
+        train_dynamicvit(model, batches, steps=1, backbone_lr=1e-4)
+    with pytest.raises(TokenReductionError, match="lr must be > 0"):
+        train_dynamicvit(model, batches, steps=1, lr=0.0)
+    losses = train_dynamicvit(model, batches, steps=6, train_backbone=True, teacher=teacher, backbone_lr=1e-3)
+    assert len(losses) == 6 and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    state = model.state_dict()
+    changed = [k for k, v in backbone.items() if not torch.equal(v, state[k])]
+    assert any(k.startswith("encoder.") for k in changed)
+    assert all(torch.equal(v, p) for v, p in zip(teacher.state_dict().values(), backbone.values()))  # teacher frozen
+    test = padded_batch(7)
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as fh:
+        key = changed[-1]
+        assert torch.equal(fh.get_tensor(key), state[key])
+        assert not [k for k in fh.keys() if "hf_tokred" in k or "out_conv" in k]
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**test).last_hidden_state, out)

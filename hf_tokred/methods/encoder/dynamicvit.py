@@ -32,6 +32,8 @@ Where we depart from the paper:
 * Stages sit *before* their block (``reduce_at = "input"``), as in the paper; the count kept is
   ``ceil(keep_rate * n)`` of each row's current real tokens, so padded text batches work (the paper has
   fixed-size images only) and a batch gives each row's result alone.
+* Two options the paper does not have: ``predictor_dim`` narrows the predictor MLPs (fewer FLOPs), and
+  ``fuse`` keeps each stage's dropped tokens as one fused token at inference (as EViT does).
 * The training utilities train the predictors with the backbone frozen by default (the paper fine-tunes
   both; pass ``train_backbone=True`` and a separate ``teacher`` to do so). The distillation terms are the
   paper's token-feature MSE on kept tokens and KL on logits when the model has logits, plus, for
@@ -74,15 +76,19 @@ class TokenPredictor(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, keep_rate: float = 0.9):
+    def __init__(self, dim: int, keep_rate: float = 0.9, width: int | None = None):
         super().__init__()
-        if dim < 4:
-            raise UnsupportedModelError(f"dynamicvit: the hidden size must be >= 4 for the predictor, got {dim}")
+        width = dim if width is None else width
+        if dim < 4 or width < 4:
+            raise UnsupportedModelError(f"dynamicvit: the hidden size and the predictor width must be >= 4, got "
+                                        f"{dim} and {width}")
         self.dim = dim
-        self.local = dim // 2
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.width = width
+        self.local = width // 2
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), nn.GELU())
         self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2),
+            nn.Linear(width, width // 2), nn.GELU(), nn.Linear(width // 2, width // 4), nn.GELU(),
+            nn.Linear(width // 4, 2),
         )
         # Start every token at the stage's keep probability, so training begins at the target ratio.
         keep = min(max(keep_rate, 0.05), 0.95)
@@ -107,8 +113,8 @@ class DynamicViTPredictors(nn.ModuleList):
         (3, 1)
     """
 
-    def __init__(self, dim: int, blocks: list[int], keep_rate: float = 0.9):
-        super().__init__([TokenPredictor(dim, keep_rate) for _ in blocks])
+    def __init__(self, dim: int, blocks: list[int], keep_rate: float = 0.9, width: int | None = None):
+        super().__init__([TokenPredictor(dim, keep_rate, width) for _ in blocks])
         self.blocks = list(blocks)
 
     def stage_of(self, block: int) -> int:
@@ -153,6 +159,12 @@ class DynamicViTConfig(KeepRateConfig):
             0.7: stages keep 0.7, 0.49, 0.343 of the input tokens). 1.0 keeps all: bit-identical to dense.
         layers: blocks before which a stage prunes (default: depth 1/4, 1/2, 3/4, the paper's 3/6/9 of 12).
         gumbel_tau: temperature of the Gumbel-softmax decisions in training (the paper uses 1).
+        predictor_dim: width of the predictor MLPs (None: the model's hidden size, the paper's predictor). A
+            narrower predictor costs fewer FLOPs: the paper's costs about 1/7 of a block's FLOPs per token it
+            scores, which on a 6-block model is about 5 % of the dense FLOPs.
+        fuse: at inference, fuse each stage's dropped tokens into one extra token (their mean, carrying their
+            sizes; EViT's inattentive-token fusion) instead of dropping them. Training is unchanged (dropped
+            tokens are masked); set ``prop_attn=True`` with it so the fused token weighs as the tokens it holds.
         restore_length, prop_attn: as for every encoder reducer.
 
     Example:
@@ -167,6 +179,10 @@ class DynamicViTConfig(KeepRateConfig):
     reduce_at = "input"
 
     gumbel_tau: float = param(1.0, float, low=0.0, low_open=True, help="Gumbel-softmax temperature in training")
+    predictor_dim: int | None = param(None, int, low=4, optional=True,
+                                      help="width of the predictor MLPs (default: the model's hidden size, the paper's)")
+    fuse: bool = param(False, bool, help="fuse the dropped tokens of each stage into one token (EViT) instead of "
+                                         "dropping them")
 
     def learned_modules(self, model, adapter) -> dict[str, nn.Module]:
         """The predictors, one per stage, on the device and dtype of the block each serves.
@@ -179,7 +195,7 @@ class DynamicViTConfig(KeepRateConfig):
         blocks = adapter.blocks(model)
         stages = self.reducing_layers(len(blocks))
         first = blocks[stages[0]] if stages else blocks[0]
-        predictors = DynamicViTPredictors(_hidden_size(model, first), stages, self.keep_rate)
+        predictors = DynamicViTPredictors(_hidden_size(model, first), stages, self.keep_rate, self.predictor_dim)
         predictors.train(model.training)  # an eval-mode model drops tokens from its first call on
         parameter = next(first.parameters(), None)
         if parameter is not None:
@@ -219,7 +235,8 @@ class DynamicViTConfig(KeepRateConfig):
         with torch.no_grad():
             log_probs = predictor(ctx.hidden, real.to(ctx.hidden.dtype))
         score = log_probs[..., 1] - log_probs[..., 0]
-        return keep_top(score, keep_counts(ctx.real_counts(), ctx.amount), ctx.protected, ctx.valid)
+        fuse_rest = torch.ones_like(score) if self.fuse else None
+        return keep_top(score, keep_counts(ctx.real_counts(), ctx.amount), ctx.protected, ctx.valid, fuse_rest)
 
 
 def stage_records(model) -> list[StageRecord]:
