@@ -15,6 +15,17 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import hf_tokred  # noqa: E402,F401  (installs the wrappers before any model is loaded)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Every test runs with one torch thread: the models here are tiny, and on a 2-core machine (CI's, or one
+    shared with other jobs) OpenMP's barriers make each small op wait for a busy core, far slower than one
+    thread. Benchmarks that take --threads restore this afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     params = dict(
         hidden_size=64,

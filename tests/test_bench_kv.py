@@ -23,15 +23,6 @@ def exit_code(argv) -> int:
         return exc.code
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these models are small, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random Llama over SmolLM2's tokenizer (what ``--model tiny`` loads)."""

@@ -49,16 +49,6 @@ def make_bert():
     return BertModel(config, add_pooling_layer=False).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make
-    # every op wait for the other agents' processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def images():
     return torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))

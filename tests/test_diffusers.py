@@ -27,17 +27,6 @@ from hf_tokred.integration import diffusers as hf_diffusers
 from hf_tokred.integration.diffusers import CONFIG_KEY, KVReductionHook, TokenGrid, find_token_level
 from hf_tokred.methods.diffusion.todo import ToDoConfig, downsample_tokens, downsampled_size
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make
-    # each forward ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny models
 # ---------------------------------------------------------------------------------------------

@@ -19,16 +19,6 @@ from hf_tokred import TokenReductionConfig, TokenReductionError, UnsupportedMode
 from hf_tokred.integration import diffusers as hf_diffusers
 from hf_tokred.integration.diffusers import CONFIG_KEY
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP barriers slow them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT, HEIGHT, WIDTH = 5, 6, 8
 IMAGE = HEIGHT * WIDTH
 

@@ -22,15 +22,6 @@ from hf_tokred.training import DynamicViTTrainer, dynamicvit_loss, freeze_backbo
 IMAGE, PATCH, LAYERS = 32, 4, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP barriers stall them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_vit():
     torch.manual_seed(0)
     config = ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,

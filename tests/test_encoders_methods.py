@@ -32,15 +32,6 @@ VISION = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, 
               intermediate_size=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads; on a loaded 2-core machine they only wait at barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -110,16 +110,6 @@ def expected_counts(method: str, n: int, protected: int, blocks: int = LAYERS) -
     return counts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's barriers make
-    # every small op wait for a busy core: one thread keeps these tests fast whatever the load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pixels():
     return torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))

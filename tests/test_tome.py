@@ -32,15 +32,6 @@ IMAGE, PATCH, LAYERS = 32, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 64 patches + CLS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they only wait at barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vit_config(**kw):
     return ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,
                      num_attention_heads=4, intermediate_size=128, num_labels=3, **kw)

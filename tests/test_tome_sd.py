@@ -36,16 +36,6 @@ except ImportError:  # the side-by-side tests need the test extra; everything el
 needs_tomesd = pytest.mark.skipif(tomesd is None, reason="needs tomesd==0.1.3 (pip install -e .[test])")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make
-    # each forward much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny models and helpers
 # ---------------------------------------------------------------------------------------------
