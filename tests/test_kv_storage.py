@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_tokred.errors import ConfigError
 from hf_tokred.kv.storage import (
+    RANGE_SHRINKS,
     DenseStore,
     dequantize_uniform,
     fit_codebook,
@@ -16,17 +18,15 @@ from hf_tokred.kv.storage import (
     unpack_codes,
 )
 from hf_tokred.methods.kv.kivi import KIVIStore
-from hf_tokred.methods.kv.kvquant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from hf_tokred.methods.kv.kvquant import (
+    KVQuantCalibration,
+    KVQuantStore,
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
 from hf_tokred.methods.kv.minicache import MergedLayerStore, MergedPair, slerp_merge
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the shared 2-core machine: small tensor ops are far faster single-threaded
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -58,6 +58,29 @@ def test_uniform_quantization_error_is_half_a_step(bits):
     x[:, 0] = 1000.0
     _, scale_ignored, _ = quantize_uniform(x, bits, dim=1, ignore=ignore)
     assert float(scale_ignored.float().max()) < 10
+
+
+def test_range_search_is_never_worse_than_min_max():
+    torch.manual_seed(7)
+    x = torch.randn(3, 4, 16, 8)
+    x[0, 0, 3] = 12.0  # one extreme token per channel in one group
+    plain = quantize_uniform(x, 2, dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain, quantize_uniform(x, 2, dim=2, shrinks=(1.0,))))
+    searched = quantize_uniform(x, 2, dim=2, shrinks=RANGE_SHRINKS)
+
+    def error(result):
+        return (dequantize_uniform(*result, torch.float32) - x).square().sum(2)
+
+    assert bool((error(searched) <= error(plain) + 1e-4).all())
+    assert float(error(searched).sum()) < 0.9 * float(error(plain).sum())
+    # ignored elements neither widen the range nor count in the error
+    ignore = torch.zeros(3, 4, 16, 1, dtype=torch.bool)
+    ignore[:, :, 0] = True
+    x[:, :, 0] = 1000.0
+    _, scale, _ = quantize_uniform(x, 2, dim=2, ignore=ignore, shrinks=RANGE_SHRINKS)
+    assert float(scale.float().max()) < 10
+    with pytest.raises(ValueError, match="shrinks"):
+        quantize_uniform(x, 2, dim=2, shrinks=())
 
 
 def test_codebook_fit_and_nearest_code():
@@ -94,6 +117,30 @@ def test_kivi_store_layout_error_and_packed_bytes():
     assert store.key_codes.shape[-1] == 16 and store.key_codes.dtype == torch.uint8
     dense_bytes = tensor_bytes(keys, values)
     assert store.nbytes() < 0.5 * dense_bytes
+
+
+def test_kivi_key_groups_apart_from_value_groups_and_a_bfloat16_tail():
+    torch.manual_seed(8)
+    keys, values = torch.randn(2, 3, 300, 64), torch.randn(2, 3, 300, 64)
+    store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_group_size=16, key_clip=0.7,
+                      residual_dtype="bfloat16")
+    out_k, out_v = _fill(store, keys, values, 200)
+    # keys flush in groups of 16 tokens, values keep groups of 32 channels
+    assert store.quantized_length % 16 == 0 and 64 <= store.residual_length < 64 + 16
+    assert store.key_scale.shape[2] == store.quantized_length // 16 and store.value_scale.shape[-1] == 2
+    assert store.tail_keys.dtype == store.exact_keys.dtype == torch.bfloat16 and out_k.dtype == torch.float32
+    # the step's new token comes back exactly; older tail slots and the sink as bfloat16
+    assert torch.equal(out_k[:, :, -1], keys[:, :, -1]) and torch.equal(out_v[:, :, -1], values[:, :, -1])
+    tail = slice(store.quantized_length, 299)
+    assert torch.equal(out_k[:, :, tail], keys[:, :, tail].bfloat16().float())
+    assert torch.equal(out_k[:, :, 0], keys[:, :, 0].bfloat16().float())
+    wide = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_group_size=16, residual_dtype="model")
+    _fill(wide, keys, values, 200)
+    assert store.nbytes() < wide.nbytes() and wide.tail_keys.dtype == torch.float32
+    for field, kwargs in (("key_clip", {"key_clip": 0.0}), ("residual_dtype", {"residual_dtype": "float64"})):
+        with pytest.raises(ConfigError, match=field) as err:
+            KIVIStore(2, 32, 64, **kwargs)
+        assert err.value.field == field
 
 
 def test_kivi_chunked_dequantization_is_identical_and_bounded():
@@ -153,6 +200,50 @@ def test_kvquant_key_and_value_round_trip_with_exact_outliers():
     codes, scale, index, exact = quantize_values(values, book, 3, 1)
     restored = dequantize_values(codes, scale, index, exact, book, 3)
     assert float((restored - values).abs().max()) < 0.5
+
+
+def _kvquant_store(**kwargs):
+    from hf_tokred.model_patches.rope import Rotary
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    calibration = KVQuantCalibration(1, 3, 16, 3)
+    calibration.key_half.fill_(2.5)
+    calibration.calibrated.fill_(1)
+    rotary = Rotary(LlamaRotaryEmbedding(LlamaConfig(hidden_size=48, num_attention_heads=3)), "rotate_half")
+    return KVQuantStore(calibration, 0, rotary, bits=3, outliers=1, **kwargs)
+
+
+def test_kvquant_recent_window_sink_and_eviction():
+    torch.manual_seed(9)
+    keys, values = torch.randn(2, 3, 100, 16), torch.randn(2, 3, 100, 16)
+    store = _kvquant_store(sink_tokens=1, residual=16, residual_dtype="bfloat16")
+    _fill(store, keys, values, 60)
+    out_k, out_v = store.append(keys[:, :, :0], values[:, :, :0])
+    # the last 16 slots and the sink come back as their bfloat16 copies, the rest dequantized
+    assert torch.equal(out_k[:, :, 84:], keys[:, :, 84:].bfloat16().float())
+    assert torch.equal(out_v[:, :, 0], values[:, :, 0].bfloat16().float())
+    assert store.window.count == 16 and store.window.keys.dtype == torch.bfloat16
+    middle = (out_k[:, :, 1:84] - keys[:, :, 1:84]).abs()
+    assert 0 < float(middle.mean()) < 0.5
+    # positions stay implicit until an eviction stores them; gather on codes equals gathering the outputs
+    assert store.positions is None
+    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(99)[:59].sort().values]) for _ in range(6)])
+    index = index.reshape(2, 3, 60)
+    store.gather(index)
+    assert store.positions.dtype == torch.int32 and store.length == 60
+    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
+    expand = index[..., None].expand(-1, -1, -1, 16)
+    assert torch.equal(after_k, out_k.gather(2, expand)) and torch.equal(after_v, out_v.gather(2, expand))
+    # new tokens push the window on: only the last 16 stored slots keep their copies
+    store.append(keys[:, :, :4], values[:, :, :4])
+    used = store.window.slots[store.window.slots >= 0]
+    assert int(used.min()) >= 64 - 16 and store.window.count <= 16
+    plain = _kvquant_store(sink_tokens=0)
+    _fill(plain, keys, values, 60)
+    assert plain.window.count == plain.sinks.count == 0 and plain.nbytes() < store.nbytes()
+    with pytest.raises(ConfigError, match="residual_dtype"):
+        _kvquant_store(residual_dtype="float64")
 
 
 def test_slerp_merge_keeps_directions_on_the_sphere():

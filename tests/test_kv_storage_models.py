@@ -17,15 +17,6 @@ KIVI2 = {"method": "kivi", "bits": 2, "group_size": 8, "residual": 8}
 SNAP = {"method": "snapkv", "keep": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the shared 2-core machine: small tensor ops are far faster single-threaded
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _ids(n=40, batch=1, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 120, (batch, n), generator=generator)
@@ -56,6 +47,30 @@ def test_no_op_settings_are_bit_identical_to_dense(config):
     dense, reduced = _generate(None, ids), _generate(config, ids)
     assert torch.equal(dense.sequences, reduced.sequences)
     assert _max_score_diff(dense, reduced) == 0.0
+
+
+def test_full_precision_windows_covering_every_token_are_bit_identical_to_dense():
+    ids = _ids()
+    dense = _generate(None, ids)
+    kivi = _generate({"method": "kivi", "bits": 2, "group_size": 8, "residual": 64, "residual_dtype": "model"}, ids)
+    assert torch.equal(dense.sequences, kivi.sequences) and _max_score_diff(dense, kivi) == 0.0
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {"method": "kvquant", "bits": 3, "residual": 64, "residual_dtype": "model"})
+    calibrate(model, [_ids(64, seed=3)[0]])
+    kvquant = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(dense.sequences, kvquant.sequences) and _max_score_diff(dense, kvquant) == 0.0
+
+
+def test_kvquant_window_composes_with_eviction_and_beam_search():
+    ids = _ids(60)
+    model = make_tiny_llama()
+    hf_tokred.apply(model, compose(SNAP, {"method": "kvquant", "bits": 3, "residual": 8}))
+    calibrate(model, [_ids(64, seed=3)[0]])
+    cache = hf_tokred.build_cache(model)
+    out = model.generate(ids, max_new_tokens=4, past_key_values=cache, do_sample=False, num_beams=2)
+    assert out.shape == (1, 64) and max(cache.stored_lengths()) < 60
+    store = cache.layers[0].store
+    assert store.positions is not None and store.window.count <= 8
 
 
 def test_policy_with_full_precision_storage_matches_the_policy_alone():
@@ -121,6 +136,12 @@ def test_invalid_bits_and_group_sizes_are_clear_errors(tiny_llama):
     assert tiny_llama.config._attn_implementation == "sdpa" and not hasattr(tiny_llama, "_hf_tokred_applied")
     with pytest.raises(ConfigError, match="quantize"):
         hf_tokred.TokenReductionConfig(method="minicache", quantize={"method": "snapkv", "keep": 0.5})
+    for method, field, value in (("kivi", "key_clip", 0.0), ("kivi", "key_clip", 1.5), ("kivi", "residual_dtype", "float32"),
+                                 ("kivi", "key_group_size", 0), ("kvquant", "residual", -1),
+                                 ("kvquant", "residual_dtype", "int8")):
+        with pytest.raises(ConfigError, match=field) as err:
+            hf_tokred.TokenReductionConfig(method=method, **{field: value})
+        assert err.value.field == field
 
 
 def test_minicache_does_not_compose_with_eviction(tiny_llama):

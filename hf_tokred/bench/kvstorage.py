@@ -9,7 +9,8 @@ at the same bit widths:
     (``argparse``, ``textwrap``, ``json.decoder``, ... concatenated), fed through the cache in chunks of
     ``--chunk`` tokens: every chunk attends to the stored (compressed) cache of the earlier chunks and
     to itself in full precision, as in generation; every token but the first is scored. KVQuant is
-    calibrated first on *other* standard-library text (``difflib``, ``string``), never the evaluation text.
+    calibrated first on *other* text, never the evaluation text: 2,048 tokens of standard-library
+    source (``difflib``, ``string``) and 2,048 tokens of English prose (``pydoc_data.topics``).
 ``memory``
     Measured on the cache the perplexity run leaves behind (``--tokens`` tokens stored): the resident
     bytes of the tensors it holds (``cache.kv_bytes()``: packed codes, scales, full-precision tails,
@@ -45,20 +46,37 @@ STORAGE_CONFIGS: dict[str, dict | None] = {
     "dense": None,
     "kivi-4": {"method": "kivi", "bits": 4},
     "kivi-2": {"method": "kivi", "bits": 2},
+    "kivi-2-k16": {"method": "kivi", "bits": 2, "key_group_size": 16},
+    "kivi-2-k16-c90": {"method": "kivi", "bits": 2, "key_group_size": 16, "key_clip": 0.9},
+    "kivi-2-paper": {"method": "kivi", "bits": 2, "key_clip": 1.0, "residual_dtype": "model", "sink_tokens": 0},
     "kivi-2-g16": {"method": "kivi", "bits": 2, "group_size": 16},
     "kvquant-3": {"method": "kvquant", "bits": 3},
+    "kvquant-3-r128-o2": {"method": "kvquant", "bits": 3, "outlier_fraction": 0.02, "residual": 128},
     "kvquant-3-o4": {"method": "kvquant", "bits": 3, "outlier_fraction": 0.04},
     "minicache": {"method": "minicache"},
     "minicache+kivi-4": {"method": "minicache", "quantize": {"method": "kivi", "bits": 4}},
     "snapkv-0.5+kivi-2": {"method": "composed", "reducers": [{"method": "snapkv", "keep": 0.5},
-                                                             {"method": "kivi", "bits": 2}]},
+                                                             {"method": "kivi", "bits": 2, "key_group_size": 16}]},
     "quanto-4": {"backend": "quanto", "nbits": 4},
     "quanto-2": {"backend": "quanto", "nbits": 2},
 }
-DEFAULT_RUNS = ("dense", "kivi-4", "kivi-2", "kvquant-3", "minicache", "minicache+kivi-4", "snapkv-0.5+kivi-2",
-                "quanto-4", "quanto-2")
+DEFAULT_RUNS = ("dense", "kivi-4", "kivi-2", "kivi-2-k16", "kvquant-3", "kvquant-3-r128-o2", "minicache",
+                "minicache+kivi-4", "snapkv-0.5+kivi-2", "quanto-4", "quanto-2")
 EVAL_MODULES = ("argparse", "textwrap", "json.decoder", "json.encoder", "configparser", "shlex")
 CALIBRATION_MODULES = ("difflib", "string")
+CALIBRATION_TOKENS = 2048  # per calibration text (code, prose)
+
+
+def prose_text() -> str:
+    """English prose shipped with Python: the reference-manual topics of ``pydoc_data.topics``, in key order.
+
+    Example:
+        >>> "Assignment statements" in prose_text()
+        True
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def stdlib_text(modules) -> str:
@@ -205,7 +223,7 @@ def _with_reduction(model, label: str, calibration_ids):
     if storage is not None and storage.method == "kvquant":
         from ..methods.kv.kvquant import calibrate
 
-        calibrate(model, [calibration_ids])
+        calibrate(model, calibration_ids)
     return cfg
 
 
@@ -223,7 +241,8 @@ def run_benchmark(model, tokenizer, runs, *, tokens: int = 4096, chunk: int = 25
     ids = tokenizer(stdlib_text(EVAL_MODULES), return_tensors="pt").input_ids[:, :tokens].to(model.device)
     if ids.shape[-1] < tokens:
         raise ValueError(f"--tokens: the evaluation text has only {ids.shape[-1]} tokens")
-    calibration_ids = tokenizer(stdlib_text(CALIBRATION_MODULES), return_tensors="pt").input_ids[0, :2048]
+    calibration_ids = [tokenizer(text, return_tensors="pt").input_ids[0, :CALIBRATION_TOKENS]
+                       for text in (stdlib_text(CALIBRATION_MODULES), prose_text())]
     passkey_samples = make_passkey_samples(samples, seed) if passkey else []
     records = []
     for label in runs:
@@ -323,5 +342,5 @@ def add_command(subparsers) -> None:
     parser.set_defaults(handler=_cmd_kv_storage)
 
 
-__all__ = ["STORAGE_CONFIGS", "add_command", "format_results", "perplexity_run", "resident_bytes", "run_benchmark",
-           "stdlib_text"]
+__all__ = ["STORAGE_CONFIGS", "add_command", "format_results", "perplexity_run", "prose_text", "resident_bytes",
+           "run_benchmark", "stdlib_text"]

@@ -127,12 +127,32 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clip_candidates(smallest: float) -> tuple[float, ...]:
+    """The ranges a clipping search tries: 1.0, 0.95, ... down to ``smallest`` (fractions of min/max).
+
+    Example:
+        >>> clip_candidates(0.85)
+        (1.0, 0.95, 0.9, 0.85)
+        >>> clip_candidates(1.0)
+        (1.0,)
+    """
+    return tuple(round(1.0 - 0.05 * i, 2) for i in range(int((1.0 - smallest) / 0.05 + 1e-6) + 1))
+
+
+RANGE_SHRINKS = clip_candidates(0.7)  # 1.0, 0.95, ..., 0.7: the default clipping search
+
+
+def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor | None = None,
+                     shrinks: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min/max quantization of ``x`` over dimension ``dim`` (the group).
 
     Elements where the boolean ``ignore`` (broadcastable to ``x``) is True do not widen the group's
     range (they are held exactly elsewhere); their codes are clamped into it.
+
+    ``shrinks`` are candidate ranges as fractions of the min/max range (shrunk around its midpoint);
+    each group keeps the candidate whose dequantized values have the lowest squared error over the
+    non-ignored elements (a clipping search: a few extreme values no longer spread the few levels of
+    a 2-bit group). The default ``(1.0,)`` is plain min/max.
 
     Returns ``(codes, scale, zero)``: ``uint8`` codes shaped like ``x`` and fp16 ``scale``/``zero`` with
     ``dim`` kept as size 1, such that ``codes * scale + zero`` approximates ``x``. The rounding uses the
@@ -144,7 +164,14 @@ def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor 
         >>> codes, scale, zero = quantize_uniform(x, 2, dim=-1)
         >>> codes.tolist(), dequantize_uniform(codes, scale, zero, torch.float32).tolist()
         ([[0, 1, 2, 3]], [[0.0, 1.0, 2.0, 3.0]])
+        >>> x = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 3.0]])  # one extreme value
+        >>> _, wide, _ = quantize_uniform(x, 2, dim=-1)
+        >>> _, searched, _ = quantize_uniform(x, 2, dim=-1, shrinks=RANGE_SHRINKS)
+        >>> bool(searched < wide)
+        True
     """
+    if not shrinks:
+        raise ValueError("quantize_uniform: shrinks must hold at least one candidate")
     levels = (1 << bits) - 1
     xf = x.float()
     if ignore is None:
@@ -156,12 +183,32 @@ def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor 
         everything = torch.isinf(low)  # a group made only of ignored elements
         low = torch.where(everything, 0.0, low)
         high = torch.where(everything, 0.0, high)
-    scale = ((high - low) / levels).to(SCALE_DTYPE)
-    zero = low.to(SCALE_DTYPE)
-    scale_f = scale.float()
-    safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
-    codes = ((xf - zero.float()) / safe).round_().clamp_(0, levels).to(torch.uint8)
-    return codes, scale, zero
+    middle, half = (high + low) / 2, (high - low) / 2
+    best = best_error = None
+    for shrink in shrinks:
+        if shrink == 1.0:
+            candidate_low, candidate_high = low, high
+        else:
+            candidate_low, candidate_high = middle - shrink * half, middle + shrink * half
+        scale = ((candidate_high - candidate_low) / levels).to(SCALE_DTYPE)
+        zero = candidate_low.to(SCALE_DTYPE)
+        scale_f = scale.float()
+        safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
+        codes = ((xf - zero.float()) / safe).round_().clamp_(0, levels)
+        if len(shrinks) == 1:
+            return codes.to(torch.uint8), scale, zero
+        error = (codes * scale_f + zero.float() - xf).square_()
+        if ignore is not None:
+            error = error.masked_fill_(ignore, 0.0)
+        error = error.sum(dim=dim, keepdim=True)
+        if best is None:
+            best, best_error = [codes, scale, zero], error
+        else:
+            better = error < best_error
+            best = [torch.where(better, codes, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, zero, best[2])]
+            best_error = torch.where(better, error, best_error)
+    return best[0].to(torch.uint8), best[1], best[2]
 
 
 def dequantize_uniform(codes, scale, zero, dtype) -> torch.Tensor:
@@ -397,9 +444,11 @@ class KVStorageConfig(TokenReductionConfig):
 
 
 __all__ = [
+    "RANGE_SHRINKS",
     "DenseStore",
     "KVStorageConfig",
     "KVStore",
+    "clip_candidates",
     "dequantize_uniform",
     "fit_codebook",
     "nearest_code",
