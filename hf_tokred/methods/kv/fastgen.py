@@ -16,8 +16,10 @@ slots (the largest head's), and each head's unused slots are masked out inside h
 Where we depart from the paper: the profile is the attention of the prompt's last ``profile_window``
 queries, recomputed (the paper profiles the whole prompt with eager attention); query heads sharing a
 KV head are profiled together (GQA); ``keep``/``max_tokens`` cap every head (the paper has no global
-cap; ``keep=1.0`` gives the dense cache); the policy is applied once, to the prompt, and generated
-tokens are appended (the paper also applies each head's policy to new tokens).
+cap; ``keep=1.0`` gives the dense cache), and a head whose policy holds more tokens than the cap keeps its
+special tokens, then its policy's other members by the attention they receive; the policy is applied
+once, to the prompt, and generated tokens are appended (the paper also applies each head's policy to new
+tokens).
 
 The special and punctuation ids come from the tokenizer: pass them (``special_token_ids``,
 ``punctuation_token_ids``; :func:`token_ids_from_tokenizer` computes both), or leave them unset and the
