@@ -56,7 +56,7 @@ def test_unknown_method_names_the_registered_ones():
         ({"keep": 0.5, "window": 3}, "keep", "not both"),
         ({}, "window", "needs one of window, max_tokens or keep"),
         ({"sink_tokens": -1, "window": 3}, "sink_tokens", r"in \[0, inf\)"),
-        ({"windw": 3}, "windw", "allowed fields: compress_every, evicted, keep, max_tokens, sink_tokens, window"),
+        ({"windw": 3}, "windw", "allowed fields: compress_every, evicted, keep, kernel_size, max_tokens, sink_tokens, window"),
     ],
 )
 def test_bad_fields_name_the_field_and_allowed_values(kwargs, field, message):
