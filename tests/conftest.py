@@ -79,3 +79,24 @@ def make_tiny_tokenizer(path=None):
     if path is not None:
         tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def exit_code(argv) -> int:
+    """The ``hf-tokred`` CLI's status for ``argv``, whether returned or raised by argparse as SystemExit."""
+    from hf_tokred.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def make_tiny_vit(image: int = 32, patch: int = 4, layers: int = 4):
+    """A seeded random ViT (64 patches + CLS at the defaults), SDPA attention, no pooler, eval mode."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image, patch_size=patch, hidden_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, intermediate_size=128)
+    config._attn_implementation = "sdpa"
+    return ViTModel(config, add_pooling_layer=False).eval()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import exit_code
 
 from hf_tokred.bench.encoders import DropLast, cosine_stats, interpolate_at, stdlib_texts, text_batches
 from hf_tokred.cli import main
@@ -16,13 +17,6 @@ def _restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def exit_code(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,13 @@ import random
 
 import pytest
 import torch
+from conftest import exit_code
 
 import hf_tokred
 from hf_tokred.bench import kv, longctx
 from hf_tokred.bench.common import run_prompts, tokenize_parts
 from hf_tokred.cli import main
 from hf_tokred.errors import ConfigError, MissingDependencyError
-
-
-def exit_code(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import exit_code
 
 from hf_tokred import embedded
 from hf_tokred.cli import DEFAULT_PRESET, _param, format_table, main
@@ -18,14 +19,6 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-tokred")
 def run_script(*args, env=None):
     assert os.path.isfile(SCRIPT), "the hf-tokred console script is not installed (pip install -e .)"
     return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
-
-
-def exit_code(argv) -> int:
-    """main()'s status, whether returned or raised by argparse as SystemExit."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 def test_help_shows_commands_and_examples():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_vit as make_vit
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModel,
@@ -12,8 +13,6 @@ from transformers import (
     BertModel,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
-    ViTConfig,
-    ViTModel,
 )
 
 import hf_tokred
@@ -31,14 +30,6 @@ from hf_tokred.methods.encoder.diffrate import (
 
 IMAGE, PATCH, LAYERS = 32, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 64 patches + CLS
-
-
-def make_vit():
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, intermediate_size=128)
-    config._attn_implementation = "sdpa"
-    return ViTModel(config, add_pooling_layer=False).eval()
 
 
 def make_bert():

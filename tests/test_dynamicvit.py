@@ -8,10 +8,11 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import make_tiny_vit as make_vit
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoUrl
 from safetensors import safe_open
-from transformers import AutoModel, BertConfig, BertModel, TrainingArguments, ViTConfig, ViTModel
+from transformers import AutoModel, BertConfig, BertModel, TrainingArguments
 
 import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
@@ -20,14 +21,6 @@ from hf_tokred.methods.encoder.dynamicvit import DynamicViTConfig, TokenPredicto
 from hf_tokred.training import DynamicViTTrainer, dynamicvit_loss, freeze_backbone, predictors, train_dynamicvit
 
 IMAGE, PATCH, LAYERS = 32, 4, 4
-
-
-def make_vit():
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=64, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, intermediate_size=128)
-    config._attn_implementation = "sdpa"
-    return ViTModel(config, add_pooling_layer=False).eval()
 
 
 def make_bert():
