@@ -305,13 +305,14 @@ def summarize(per_sample: list[dict], cfg, mode: str) -> dict:
         "prefill_s": mean("prefill_s"),
         "decode_s": mean("decode_s"),
         "decode_tokens": mean("decode_tokens"),
-        "prefill_tokens_per_s": _rate(total("prompt_tokens"), total("prefill_s")),
-        "decode_tokens_per_s": _rate(total("decode_tokens"), total("decode_s")),
+        "prefill_tokens_per_s": tokens_per_second(total("prompt_tokens"), total("prefill_s")),
+        "decode_tokens_per_s": tokens_per_second(total("decode_tokens"), total("decode_s")),
         "per_sample": per_sample,
     }
 
 
-def _rate(tokens: float, seconds: float) -> float:
+def tokens_per_second(tokens: float, seconds: float) -> float:
+    """``tokens / seconds``, NaN when no time was measured."""
     return tokens / seconds if seconds > 0 else float("nan")
 
 

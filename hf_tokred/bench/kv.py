@@ -56,7 +56,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import MODES, Reduction, cache_kv_bytes, cache_stored_lengths, median, prefill_context, run_prompt
+from .common import (
+    MODES,
+    Reduction,
+    cache_kv_bytes,
+    cache_stored_lengths,
+    median,
+    prefill_context,
+    run_prompt,
+    tokens_per_second,
+)
 from .common import run_prompts as _run_prompts
 
 TASKS = ("passkey", "needle", "multikey", "ppl", "speed")
@@ -286,8 +295,8 @@ def run_perplexity(model, sequences: list[torch.Tensor], *, context_tokens: int,
         "kv_tokens_mean": total("kv_tokens_mean") / n,
         "prefill_s": total("prefill_s") / n,
         "decode_s": total("decode_s") / n,
-        "prefill_tokens_per_s": _rate(total("prompt_tokens"), total("prefill_s")),
-        "decode_tokens_per_s": _rate(total("continuation_tokens"), total("decode_s")),
+        "prefill_tokens_per_s": tokens_per_second(total("prompt_tokens"), total("prefill_s")),
+        "decode_tokens_per_s": tokens_per_second(total("continuation_tokens"), total("decode_s")),
         "per_sample": per_sample,
     }
 
@@ -312,10 +321,6 @@ def _feed(model, sequence, context_tokens, chunk, cfg):
         count += targets.numel()
         previous = logits[:, -1:]
     return nll, count, cache, prefilled - start, time.perf_counter() - prefilled
-
-
-def _rate(tokens: float, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else float("nan")
 
 
 def run_speed(model, tokenizer, configs: list, *, context_length: int = DEFAULT_SPEED_CONTEXT, decode_tokens: int = 32,
@@ -372,7 +377,7 @@ def run_speed(model, tokenizer, configs: list, *, context_length: int = DEFAULT_
             "compression": "-" if policy is None else getattr(policy, "compression", "?"),
             "context_tokens": context_length,
             "prefill_s": prefill_s,
-            "prefill_tokens_per_s": _rate(context_length, prefill_s),
+            "prefill_tokens_per_s": tokens_per_second(context_length, prefill_s),
             "decode_tokens": record["decode_tokens"],
             "decode_tokens_per_s": decode_rate,
             "kv_bytes": record["kv_bytes"],
