@@ -79,6 +79,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _float_in(low: float, high: float, note: str = ""):
+    """An argparse type: a float in ``[low, high]`` (``note`` explains the bound in the out-of-range message).
+
+    Example:
+        >>> _float_in(0, 1)("0.25")
+        0.25
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}], got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}]{note}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _param(text: str) -> tuple[str, object]:
     """``key=value``; the value is read as JSON (``512``, ``0.25``, ``true``, ``null``, ``[1, 2]``) or kept as text."""
     key, sep, raw = text.partition("=")

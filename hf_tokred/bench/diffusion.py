@@ -356,16 +356,6 @@ def _load() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.75], got {text!r}") from None
-    if not 0 <= value <= 0.75:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.75] (sx = sy = 2), got {text!r}")
-    return value
-
-
 def add_command(subparsers) -> None:
     """Add ``hf-tokred diffusion`` to the CLI.
 
@@ -374,7 +364,7 @@ def add_command(subparsers) -> None:
         >>> build_parser().parse_args(["diffusion", "--method", "todo", "--todo-factor", "4"]).todo_factor
         [4]
     """
-    from hf_tokred.cli import _positive_int
+    from hf_tokred.cli import _float_in, _positive_int
 
     parser = subparsers.add_parser(
         "diffusion", help="one denoising step (SD1.5 UNet, DiT-XL/2): dense vs ToMe for SD vs tomesd vs ToDo",
@@ -384,7 +374,7 @@ def add_command(subparsers) -> None:
                         help="unet (SD 1.5, 64x64 latents) or dit (DiT-XL/2, 32x32 latents), repeatable (default: both)")
     parser.add_argument("--method", action="append", choices=METHODS, metavar="M",
                         help=f"variants besides dense, repeatable: {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--ratio", action="append", type=_ratio, metavar="R",
+    parser.add_argument("--ratio", action="append", type=_float_in(0, 0.75, " (sx = sy = 2)"), metavar="R",
                         help=f"tome_sd/tomesd ratio, repeatable (default: {' '.join(map(str, DEFAULT_RATIOS))})")
     parser.add_argument("--todo-factor", action="append", type=_positive_int, metavar="F",
                         help=f"todo downsample_factor, repeatable (default: {' '.join(map(str, DEFAULT_TODO_FACTORS))})")

@@ -757,13 +757,9 @@ examples:
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+    from hf_tokred.cli import _float_in
+
+    return _float_in(0, 1)(text)
 
 
 def _keep(text: str) -> float:
