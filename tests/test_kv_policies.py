@@ -106,6 +106,29 @@ def test_left_padded_batch_equals_rows_alone(method, budget):
         assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
 
 
+@pytest.mark.parametrize("method", [p for p in POLICIES if p != "streamingllm"])
+def test_pooling_never_borrows_a_score_from_padding(method):
+    """With ``kernel_size`` > 1 a left-padded row still keeps what it keeps alone: the first real token must
+    not take a padding slot's score (KeyDiff scores padding keys, which are distinct, highest; SnapKV's mean
+    counted padding as zeros). No sink tokens: they would keep the tokens next to the padding anyway."""
+    model = make_tiny_llama()
+    hf_tokred.apply(model, _config(method, max_tokens=10, kernel_size=5, sink_tokens=0))
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, 120, (n,), generator=g) for n in (25, 14)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    alone = model.generate(rows[1][None], **kwargs)
+    pad = width - len(rows[1])
+    for layer_b, layer_a in zip(batched.past_key_values.layers, alone.past_key_values.layers):
+        held_b = torch.where(layer_b.valid[1], layer_b.positions[1] - pad, -1).sort(dim=-1).values
+        held_a = torch.where(layer_a.valid[0], layer_a.positions[0], -1).sort(dim=-1).values
+        assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
+    assert torch.equal(batched.sequences[1, width:], alone.sequences[0, len(rows[1]):])
+
+
 @pytest.mark.parametrize("method", POLICIES)
 def test_sdpa_and_eager_agree(method):
     outs = []
@@ -296,7 +319,8 @@ def test_scissorhands_counts_rank_first_and_attention_share_breaks_ties():
                            [0.9, 0.9, 0.9, 0.9],  # never important, but close every time
                            [0.1, 0.0, 0.0, 0.0],  # never important, barely attended
                            [3.0, 3.0, 3.0, 3.0]])  # important for every remembered query
-    layer = SimpleNamespace(buffers={"attention_share": shares[None, None]}, positions=torch.arange(4).expand(1, 1, 4))
+    layer = SimpleNamespace(buffers={"attention_share": shares[None, None]}, positions=torch.arange(4).expand(1, 1, 4),
+                            valid=torch.ones(1, 1, 4, dtype=torch.bool))
     scores = cfg.score(layer, None, None)[0, 0]
     assert scores.argsort(descending=True).tolist() == [3, 0, 1, 2]
     assert scores[0].floor() == 1 and scores[1].floor() == 0  # the count is the integer part

@@ -140,7 +140,7 @@ class KVPolicyConfig(TokenReductionConfig):
         Pooling (SnapKV's, made available to every policy) keeps a multi-token fact together: without it,
         one-shot selections keep the most attended token of a number or name and drop the tokens after it.
         """
-        return pool_along_positions(scores, layer.positions, self.kernel_size, pooling)
+        return pool_along_positions(scores, layer.positions, self.kernel_size, pooling, layer.valid)
 
     def head_budgets(self, layer, module, query: torch.Tensor, budget: int) -> torch.Tensor | None:
         """Per-head budgets ``(batch, kv_heads)`` at most ``budget`` (FastGen), or None for one budget."""

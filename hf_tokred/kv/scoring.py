@@ -55,29 +55,43 @@ def iter_attention_probs(module, query: torch.Tensor, layer, last: int | None = 
 
 
 def pool_along_positions(scores: torch.Tensor, positions: torch.Tensor, kernel_size: int,
-                         pooling: str = "max") -> torch.Tensor:
+                         pooling: str = "max", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Smooth ``(batch, heads, slots)`` scores over each slot's ``kernel_size`` neighbours in position order.
 
     A slot then ranks as high as (``"max"``) or with the mean of (``"avg"``) its neighbours, so the tokens
     around an important one are kept with it. Slots may be stored in any order (``positions`` says where
-    each belongs); after an eviction the neighbours are the nearest *kept* positions.
+    each belongs); after an eviction the neighbours are the nearest *kept* positions. Slots where ``valid``
+    is False (padding, slots a head does not use) lend nothing to their neighbours and keep their own
+    score: a left-padded row ranks its tokens as it does alone.
 
     Example:
         >>> import torch
         >>> scores, positions = torch.tensor([[[0.0, 3.0, 0.0, 0.0]]]), torch.tensor([[[2, 0, 1, 3]]])
         >>> pool_along_positions(scores, positions, 3).tolist()   # slot 1 (position 0) lends its score to slot 2
         [[[0.0, 3.0, 3.0, 0.0]]]
+        >>> valid = torch.tensor([[[True, False, True, True]]])
+        >>> pool_along_positions(scores, positions, 3, valid=valid).tolist()   # ...unless it is padding
+        [[[0.0, 3.0, 0.0, 0.0]]]
     """
     if kernel_size == 1:
         return scores
     order = positions.argsort(dim=-1)
     flat = scores.gather(-1, order).reshape(-1, 1, scores.shape[-1])
+    mask = None if valid is None or bool(valid.all()) else valid.gather(-1, order).reshape(flat.shape)
     pad = kernel_size // 2
     if pooling == "max":
+        if mask is not None:
+            flat = flat.masked_fill(~mask, float("-inf"))
         pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=pad)
-    else:
+    elif mask is None:
         pooled = torch.nn.functional.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
-    return torch.empty_like(scores).scatter_(-1, order, pooled.reshape(scores.shape))
+    else:  # the mean over the valid neighbours only
+        weights = mask.to(flat.dtype)
+        total = torch.nn.functional.avg_pool1d(flat * weights, kernel_size, stride=1, padding=pad)
+        count = torch.nn.functional.avg_pool1d(weights, kernel_size, stride=1, padding=pad)
+        pooled = total / count.clamp(min=1e-12)
+    pooled = torch.empty_like(scores).scatter_(-1, order, pooled.reshape(scores.shape))
+    return pooled if valid is None else torch.where(valid, pooled, scores)
 
 
 def attention_received(module, query: torch.Tensor, layer, last: int | None = None) -> torch.Tensor:
