@@ -52,6 +52,26 @@ def test_diffusion_benchmark_tiny(tmp_path, capsys):
     assert ours["gflops"] == pytest.approx(theirs["gflops"], rel=1e-3)
     assert by_setting[("tome_sd (ours)", "ratio=0.7")]["gflops"] < ours["gflops"]
     assert "PASS" in printed or "FAIL" in printed  # the checks are printed whatever the (tiny, noisy) timings
+    # Where the time goes: the finest-grid blocks are timed in every round, and are part of the step.
+    for run in (unet, dit):
+        for result in run["results"]:
+            assert len(result["finest_blocks_times_s"]) == 2
+            assert 0 < result["finest_blocks_s"] < result["median_s"]
+            assert result["rest_s"] == pytest.approx(result["median_s"] - result["finest_blocks_s"])
+    # Ours against tomesd round by round, on every clock.
+    for paired, times in (("vs_tomesd_times", "times_s"), ("vs_tomesd_cpu_times", "cpu_times_s"),
+                          ("vs_tomesd_block_times", "finest_blocks_times_s")):
+        assert ours[paired] == pytest.approx([a / b for a, b in zip(ours[times], theirs[times])])
+    assert "[blocks] ratio=0.5: ours/tomesd per round" in printed
+
+
+def test_rounds_alternate_the_variant_order():
+    from hf_tokred.bench.diffusion import Variant, _round_order
+
+    variants = [Variant(name, "-", None, None) for name in ("dense", "a", "b", "c")]
+    assert [v.method for v in _round_order(variants, 0)] == ["dense", "a", "b", "c"]
+    assert [v.method for v in _round_order(variants, 1)] == ["dense", "c", "b", "a"]
+    assert [v.method for v in _round_order(variants, 2)] == ["dense", "a", "b", "c"]
 
 
 def test_diffusion_benchmark_rejects_bad_arguments(capsys):
