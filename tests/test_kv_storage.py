@@ -14,10 +14,11 @@ from hf_tokred.kv.storage import (
     nearest_code,
     pack_codes,
     quantize_uniform,
+    range_outliers,
     tensor_bytes,
     unpack_codes,
 )
-from hf_tokred.methods.kv.kivi import KIVIStore
+from hf_tokred.methods.kv.kivi import NO_OUTLIER, KIVIStore
 from hf_tokred.methods.kv.kvquant import (
     KVQuantCalibration,
     KVQuantStore,
@@ -171,6 +172,150 @@ def test_kivi_gather_keeps_packed_codes_exactly():
     # evicting the sink slot drops its exact copy
     store.gather(torch.arange(1, 150).expand(2, 3, 149))
     assert bool((store.exact_slots == -1).all())
+
+
+def test_range_outliers_are_the_removal_that_shrinks_the_range_most():
+    import itertools
+
+    torch.manual_seed(9)
+    x = torch.randn(40, 8) * torch.rand(40, 1) * 5
+    for count in (1, 2, 3):
+        picked = range_outliers(x, count, dim=-1)
+        assert picked.shape == (40, count)
+        kept = torch.ones_like(x, dtype=torch.bool).scatter_(-1, picked, False)
+        span = torch.where(kept, x, -torch.inf).amax(-1) - torch.where(kept, x, torch.inf).amin(-1)
+        for row in range(40):  # brute force over every choice of `count` elements
+            best = min(float(x[row, list(rest)].max() - x[row, list(rest)].min())
+                       for rest in itertools.combinations(range(8), 8 - count))
+            assert float(span[row]) == pytest.approx(best)
+    # along another dimension, and ignored elements are never picked even when they are the most extreme
+    y = torch.randn(2, 16, 3)
+    y[:, 4] = 100.0
+    ignore = torch.zeros(2, 16, 1, dtype=torch.bool)
+    ignore[:, 4] = True
+    picked = range_outliers(y, 2, dim=1, ignore=ignore)
+    assert picked.shape == (2, 2, 3) and not bool((picked == 4).any())
+    with pytest.raises(ValueError, match="count"):
+        range_outliers(y, 16, dim=1)
+
+
+def test_kivi_key_outliers_restore_extreme_tokens_exactly():
+    torch.manual_seed(10)
+    keys, values = torch.randn(1, 2, 200, 32), torch.randn(1, 2, 200, 32)
+    keys[:, :, 70] = 30 * keys[:, :, 70].sign()  # an extreme token (e.g. the passkey's) in the group of tokens 64..95
+    keys[:, :, 100, 3] = -40.0  # one extreme element in the next group
+    keys = keys.half().float()  # fp16-representable, so outliers come back exactly
+    plain = KIVIStore(bits=2, group_size=32, residual=32, sink_tokens=0)
+    sparse = KIVIStore(bits=2, group_size=32, residual=32, sink_tokens=0, key_outliers=1)
+    plain_k, plain_v = _fill(plain, keys, values, 150)
+    sparse_k, sparse_v = _fill(sparse, keys, values, 150)
+    assert sparse.quantized_length == 160 and sparse.key_outlier_pos.shape == (1, 2, 5, 1, 32)
+    assert torch.equal(sparse_k[:, :, 70], keys[:, :, 70]) and float(sparse_k[0, 0, 100, 3]) == -40.0
+    assert not torch.equal(plain_k[:, :, 70], keys[:, :, 70])
+    # the rest of those groups is quantized over a tight range: far smaller error than min/max
+    group = slice(64, 128)
+    assert float((sparse_k[:, :, group] - keys[:, :, group]).abs().mean()) < \
+        0.25 * float((plain_k[:, :, group] - keys[:, :, group]).abs().mean())
+    assert torch.equal(sparse_v, plain_v)  # values are untouched
+    # cost: one fp16 value and one uint8 position per channel and key group
+    groups = sparse.key_scale.shape[2]
+    assert sparse.nbytes() - plain.nbytes() == 2 * groups * 32 * (2 + 1)
+    # with k outliers, every group element that is exact is one of the k that stretch the range most
+    two = KIVIStore(bits=2, group_size=32, residual=32, sink_tokens=0, key_outliers=2)
+    two_k, _ = _fill(two, keys, values, 150)
+    assert torch.equal(two_k[:, :, 70], keys[:, :, 70]) and float(two_k[0, 0, 100, 3]) == -40.0
+    assert float((two_k[:, :, :160] - keys[:, :, :160]).square().sum()) < \
+        float((sparse_k[:, :, :160] - keys[:, :, :160]).square().sum())
+
+
+def test_kivi_key_outliers_skip_the_sink_and_follow_eviction():
+    torch.manual_seed(11)
+    keys, values = torch.randn(2, 3, 300, 64).half().float(), torch.randn(2, 3, 300, 64)
+    keys[:, :, 0] *= 40  # the sink: held exactly on the side, never spent as an outlier
+    keys[:, :, 70] = 20 * keys[:, :, 70].sign()
+    store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_outliers=2, key_clip=0.7)
+    _fill(store, keys, values, 250)
+    assert not bool((store.key_outlier_pos[:, :, 0] == 0).any())
+    before_k, before_v = store.append(keys[:, :, :0], values[:, :, :0])
+    assert torch.equal(before_k[:, :, 70], keys[:, :, 70])
+    # ragged per-head selections: outliers move with their slots, evicted ones are dropped
+    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(299)[:149].sort().values]) for _ in range(6)])
+    index = index.reshape(2, 3, 150)
+    store.gather(index)
+    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
+    expand = index[..., None].expand(-1, -1, -1, 64)
+    assert torch.equal(after_k, before_k.gather(2, expand)) and torch.equal(after_v, before_v.gather(2, expand))
+    assert bool((store.key_outlier_pos == NO_OUTLIER).any()) and bool((store.key_outlier_pos != NO_OUTLIER).any())
+    # a second eviction, then new tokens flushed into new groups
+    second = torch.stack([torch.randperm(150)[:90].sort().values for _ in range(6)]).reshape(2, 3, 90)
+    store.gather(second)
+    again_k, _ = store.append(keys[:, :, :0], values[:, :, :0])
+    assert torch.equal(again_k, after_k.gather(2, second[..., None].expand(-1, -1, -1, 64)))
+    quantized = store.quantized_length
+    more_k = torch.randn(2, 3, 80, 64)
+    more_k[:, :, 0] = 30 * more_k[:, :, 0].sign()
+    for t in range(80):
+        out_k, _ = store.append(more_k[:, :, t:t + 1], values[:, :, t:t + 1])
+    assert quantized < 90 < store.quantized_length
+    assert torch.equal(out_k[:, :, 90], more_k[:, :, 0])  # quantized now, and exact
+    # batch reordering carries the outliers too
+    full_k, _ = store.append(keys[:, :, :0], values[:, :, :0])
+    store.select_batch(torch.tensor([1, 0]))
+    store.repeat_batch(2)
+    moved_k, _ = store.append(keys[:, :, :0].repeat(2, 1, 1, 1), values[:, :, :0].repeat(2, 1, 1, 1))
+    assert torch.equal(moved_k[0], full_k[1]) and torch.equal(moved_k[3], full_k[0])
+
+
+def test_kivi_key_outliers_are_checked():
+    for kwargs in ({"key_outliers": -1}, {"key_outliers": 32}, {"key_outliers": 4, "key_group_size": 4},
+                   {"key_outliers": 1, "key_group_size": 256}):
+        with pytest.raises(ConfigError, match="key_outliers") as err:
+            KIVIStore(2, 32, 64, **kwargs)
+        assert err.value.field == "key_outliers"
+    assert KIVIStore(2, 32, 64, key_group_size=256).key_outliers == 0  # no outliers: no uint8 limit
+
+
+def test_kivi_pre_rope_keys_follow_eviction_and_new_tokens():
+    from conftest import make_tiny_llama
+    from hf_tokred.model_patches.rope import rotary_for
+
+    rotary = rotary_for(make_tiny_llama())
+    torch.manual_seed(12)
+    pre = torch.randn(2, 2, 300, 16)
+    pre[..., :3] += 8.0  # large, nearly constant pre-RoPE channels that RoPE turns into fast oscillations
+    keys = rotary.rotate(pre, torch.arange(300).expand(2, 2, 300))
+    values = torch.randn(2, 2, 300, 16)
+    post = KIVIStore(2, 8, 32, key_group_size=32, sink_tokens=0, key_outliers=1)
+    store = KIVIStore(2, 8, 32, key_group_size=32, sink_tokens=0, key_outliers=1, rotary=rotary)
+    post_k, _ = _fill(post, keys, values, 200)
+    pre_k, pre_v = _fill(store, keys, values, 200)
+    quantized = store.quantized_length
+    assert quantized == post.quantized_length == 256 and store.positions is None  # positions implicit so far
+    assert torch.equal(pre_k[:, :, quantized:], keys[:, :, quantized:])  # the tail is exact
+
+    def error(out):
+        return float((out[:, :, :quantized] - keys[:, :, :quantized]).square().mean())
+
+    assert error(pre_k) < 0.3 * error(post_k)
+    before_k, before_v = store.append(keys[:, :, :0], values[:, :, :0])
+    # ragged eviction: the re-rotation uses each kept slot's own position
+    index = torch.stack([torch.randperm(300)[:150].sort().values for _ in range(4)]).reshape(2, 2, 150)
+    store.gather(index)
+    assert torch.equal(store.positions, index.to(torch.int32))
+    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
+    expand = index[..., None].expand(-1, -1, -1, 16)
+    assert torch.allclose(after_k, before_k.gather(2, expand), atol=1e-5) and torch.equal(after_v, before_v.gather(2, expand))
+    # tokens appended after the eviction get positions 300.. and are un-rotated with them when flushed
+    more_pre = torch.randn(2, 2, 80, 16)
+    more_pre[..., :3] += 8.0
+    more = rotary.rotate(more_pre, torch.arange(300, 380).expand(2, 2, 80))
+    for t in range(80):
+        store.append(more[:, :, t:t + 1], values[:, :, t:t + 1])
+    out_k, _ = store.append(keys[:, :, :0], values[:, :, :0])
+    assert store.positions.shape == (2, 2, 230) and store.positions[0, 0, -1] == 379
+    reference = torch.cat([keys.gather(2, expand), more], dim=2)
+    assert store.quantized_length > 150
+    assert float((out_k - reference).square().mean()) < 0.3 * error(post_k)
 
 
 def test_kivi_batch_select_and_repeat():

@@ -137,7 +137,8 @@ def test_invalid_bits_and_group_sizes_are_clear_errors(tiny_llama):
     with pytest.raises(ConfigError, match="quantize"):
         hf_tokred.TokenReductionConfig(method="minicache", quantize={"method": "snapkv", "keep": 0.5})
     for method, field, value in (("kivi", "key_clip", 0.0), ("kivi", "key_clip", 1.5), ("kivi", "residual_dtype", "float32"),
-                                 ("kivi", "key_group_size", 0), ("kvquant", "residual", -1),
+                                 ("kivi", "key_group_size", 0), ("kivi", "key_outliers", -1),
+                                 ("kivi", "key_outliers", 64), ("kvquant", "residual", -1),
                                  ("kvquant", "residual_dtype", "int8")):
         with pytest.raises(ConfigError, match=field) as err:
             hf_tokred.TokenReductionConfig(method=method, **{field: value})
@@ -191,3 +192,56 @@ def test_kvquant_calibration_saves_and_loads(tiny_llama_dir, tmp_path):
         step = again(ids[:, 20:], past_key_values=cache).logits
         full = dense(ids).logits[:, 20:]
     assert float((step - full).abs().max()) < 0.1 and reduced.sequences.shape[-1] == 36
+
+
+def test_kivi_defaults_pick_outliers_by_bit_width(tiny_llama):
+    make = hf_tokred.TokenReductionConfig
+    assert make(method="kivi", bits=2).outliers_per_key_group() == 3  # 3 per 64-token key group
+    assert make(method="kivi", bits=2, key_group_size=32).outliers_per_key_group() == 1
+    assert make(method="kivi", bits=2, key_outliers=0).outliers_per_key_group() == 0
+    assert make(method="kivi", bits=4).outliers_per_key_group() == 0
+    assert make(method="kivi", bits=2, key_group_size=512).outliers_per_key_group() == 0
+    # an explicit group of 64 channels does not fit the tiny model's head dimension of 16: a clear error
+    with pytest.raises(ConfigError, match=r"group_size: must divide the head dimension 16.*got 64") as err:
+        hf_tokred.apply(tiny_llama, {"method": "kivi", "bits": 2, "group_size": 64})
+    assert err.value.field == "group_size" and not hasattr(tiny_llama, "_hf_tokred_applied")
+    # the default fits any head dimension: value groups of the largest divisor up to 64, key groups of 64 tokens
+    cfg = make(method="kivi", bits=2)
+    assert [cfg.channels_per_value_group(d) for d in (16, 64, 80, 96, 128)] == [16, 64, 40, 48, 64]
+    hf_tokred.apply(tiny_llama, cfg)
+    cache = hf_tokred.build_cache(tiny_llama)
+    tiny_llama(_ids(200), past_key_values=cache)
+    store = cache.layers[0].store
+    assert (store.group_size, store.key_group_size, store.key_outliers) == (16, 64, 3)
+    assert store.key_codes.shape[2] == 64  # one key group quantized: 200 tokens minus a 136-token tail
+
+
+def test_kivi_key_outliers_compose_with_eviction_and_save_and_load(tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match="key_outliers: expected 0 to 7") as err:
+        hf_tokred.TokenReductionConfig(method="kivi", group_size=8, key_outliers=8)
+    assert err.value.field == "key_outliers"
+    with pytest.raises(ConfigError, match="key_outliers"):
+        hf_tokred.TokenReductionConfig(method="kivi", key_group_size=512, key_outliers=1)
+    ids = _ids(60)
+    sparse = {**KIVI2, "key_outliers": 2}
+    sizes = {}
+    for name, config in (("plain", compose(SNAP, KIVI2)), ("sparse", compose(SNAP, sparse))):
+        model = make_tiny_llama()
+        hf_tokred.apply(model, config)
+        cache = hf_tokred.build_cache(model)
+        out = model.generate(ids, max_new_tokens=4, past_key_values=cache, do_sample=False, num_beams=2)
+        assert out.shape == (1, 64) and max(cache.stored_lengths()) < 60
+        sizes[name] = cache.kv_bytes()
+        store = cache.layers[0].store
+        if name == "sparse":
+            assert store.key_outlier_pos.shape[2:] == (store.key_scale.shape[2], 2, 16)
+    assert sizes["plain"] < sizes["sparse"]
+    # the setting round-trips through save_pretrained
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=sparse)
+    model.generation_config.eos_token_id = None
+    first = model.generate(ids, max_new_tokens=4, do_sample=False)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    again.generation_config.eos_token_id = None
+    assert again._hf_tokred_applied.config.get("kv_storage").key_outliers == 2
+    assert torch.equal(again.generate(ids, max_new_tokens=4, do_sample=False), first)

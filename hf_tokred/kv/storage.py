@@ -211,6 +211,38 @@ def quantize_uniform(x: torch.Tensor, bits: int, dim: int, ignore: torch.Tensor 
     return best[0].to(torch.uint8), best[1], best[2]
 
 
+def range_outliers(x: torch.Tensor, count: int, dim: int, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (``int64``, along ``dim``) of the ``count`` elements of each group whose removal shrinks the
+    group's min/max range the most (the dense-and-sparse split of a uniform quantizer).
+
+    Removing ``j`` of the smallest and ``count - j`` of the largest elements is optimal for the best ``j``,
+    so every ``j`` in ``0..count`` is tried on the sorted group. Elements where the boolean ``ignore``
+    (broadcastable to ``x``) is True are never picked (they are held exactly elsewhere). The result has
+    the shape of ``x`` with ``dim`` of size ``count``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0, 9.0, 0.2, -5.0, 0.1, 0.3]])
+        >>> range_outliers(x, 1, dim=-1).tolist(), sorted(range_outliers(x, 2, dim=-1)[0].tolist())
+        ([[1]], [1, 3])
+    """
+    size = x.shape[dim]
+    if not 0 < count < size:
+        raise ValueError(f"range_outliers: count must be in [1, {size - 1}], got {count}")
+    xf = x.float()
+    if ignore is not None:
+        ignore = ignore.expand_as(xf)
+        kept = (~ignore).sum(dim, keepdim=True).clamp(min=1)
+        centre = torch.where(ignore, 0.0, xf).sum(dim, keepdim=True) / kept  # inside the kept range
+        xf = torch.where(ignore, centre, xf)
+    xf = xf.movedim(dim, -1)
+    ordered, order = xf.sort(dim=-1)
+    spans = torch.stack([ordered[..., size - 1 - (count - j)] - ordered[..., j] for j in range(count + 1)], dim=-1)
+    best = spans.argmin(dim=-1)
+    table = torch.tensor([[*range(j), *range(size - count + j, size)] for j in range(count + 1)], device=x.device)
+    return order.gather(-1, table[best]).movedim(-1, dim)
+
+
 def dequantize_uniform(codes, scale, zero, dtype) -> torch.Tensor:
     """``codes * scale + zero`` in ``dtype`` (computed in float32).
 
@@ -455,6 +487,7 @@ __all__ = [
     "pack_codes",
     "packed_width",
     "quantize_uniform",
+    "range_outliers",
     "tensor_bytes",
     "unpack_codes",
 ]

@@ -5,8 +5,8 @@ Keys are quantized **per channel** (one scale and zero point per channel for eac
 ``group_size`` channels), both with asymmetric min/max rounding to ``bits`` bits. The most recent
 ``residual`` to ``residual + group_size - 1`` tokens stay in full precision; whenever the
 full-precision tail grows past that, its oldest whole groups are quantized. The paper's settings are
-``group_size=32, residual=128`` (the defaults). Codes are stored
-**packed** (four 2-bit or two 4-bit codes per byte), scales and zero points in fp16.
+``group_size=32, residual=128``; the defaults here are groups of 64 and ``residual=128`` (below). Codes are
+stored **packed** (four 2-bit or two 4-bit codes per byte), scales and zero points in fp16.
 
 Where we depart from the paper:
 
@@ -40,6 +40,29 @@ Where we depart from the paper:
   float32 tail of 128 tokens alone costs 1 bit per element at 4,096 tokens. The step's new tokens
   still reach attention exactly; from the next step on they come back rounded to bfloat16. Slots that
   eviction moves from the codes into the tail are rounded to ``residual_dtype`` too.
+* ``key_outliers`` (0 = the paper; default None: 3 per 64-token key group at 2 bits, none at 4 bits,
+  where the range is already fine) keeps, per channel of every key group, the elements whose
+  removal shrinks the channel's min/max range the most exactly in fp16, with their position in the
+  group (``uint8``); the rest of the group is quantized over the tighter range (dense-and-sparse, as
+  KVQuant does per vector). One outlier costs 24 bits per channel and key group: 0.75 bit per key
+  element at ``key_group_size=32``. Outliers follow their tokens through eviction; an evicted one is
+  dropped. They keep the tokens that stretch a channel's range (e.g. a passkey's) exact while the
+  clipping search tightens the range for the rest: on SmolLM2-135M, 2-bit, groups of 64, three
+  outliers per channel and group give +2.71% perplexity and passkey 0.90; with min/max ranges instead
+  of the search, outliers alone do not suffice (+9.3% with one per 32-token group).
+* ``pre_rope=True`` (default False = the paper) quantizes keys in their pre-RoPE basis, as KVQuant
+  does: the tail is un-rotated with each slot's position (``hf_tokred.model_patches.rope``) when it is
+  quantized and re-rotated after dequantization. Positions are implicit (slot ``i`` is token ``i``)
+  until the first eviction, which stores them (``int32`` per slot and head). On SmolLM2-135M it gains
+  little (2 bits, groups of 32: +4.46% vs +4.76% perplexity; with one outlier +2.80% vs +2.86%), so it
+  stays off by default.
+* Groups of 64 by default (``group_size=None``: 64 tokens per key group, and per value group 64 channels
+  or, for a head dimension that 64 does not divide, its largest divisor below 64; the paper's 32 is a
+  setting away): on SmolLM2-135M (head dimension 64)
+  at 4,096 tokens, 4-bit KIVI costs +0.14% perplexity at 0.304x the dense bfloat16 cache with groups
+  of 64 (+0.12% at 0.335x with 32); at 2 bits, with the default ``key_outliers`` (3 per 64-token key
+  group), +2.71% at 0.217x and passkey 0.90 (dense 0.95), against +4.76%, 0.214x and passkey 0.70 for
+  groups of 32 without outliers.
 * ``bits=16`` stores full precision (a no-op, bit-identical to the dense cache), and so does a
   ``residual`` longer than the sequence with ``residual_dtype="model"``.
 
@@ -69,6 +92,7 @@ from ...kv.storage import (
     pack_codes,
     packed_width,
     quantize_uniform,
+    range_outliers,
     tensor_bytes,
     unpack_codes,
 )
@@ -78,13 +102,26 @@ from ...kv.storage import (
 @dataclass(kw_only=True)
 class KIVIConfig(KVStorageConfig):
     """KIVI storage: ``bits`` (2 or 4; 16 = full precision), ``group_size`` (tokens per key group and
-    channels per value group; must divide the head dimension) and the full-precision ``residual``."""
+    channels per value group; must divide the head dimension; None: 64 tokens, and 64 channels or the head
+    dimension's largest divisor below 64), the full-precision ``residual`` and the exact ``key_outliers``
+    per channel of each key group (None: 3 per 64 tokens at 2 bits, 0 at 4 bits).
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig
+        >>> cfg = TokenReductionConfig(method="kivi", bits=2)
+        >>> cfg.tokens_per_key_group, cfg.channels_per_value_group(64), cfg.channels_per_value_group(96)
+        (64, 64, 48)
+        >>> cfg.outliers_per_key_group()
+        3
+    """
 
     paper = "2402.02750"
     status = "beta"
 
     bits: int = param(2, int, choices=(2, 4, 16), help="bits per stored key/value element (16 = no quantization)")
-    group_size: int = param(32, int, low=1, help="channels per value group (and tokens per key group by default)")
+    group_size: int | None = param(None, int, low=1, optional=True,
+                                   help="channels per value group and tokens per key group (None = 64 tokens, and 64 "
+                                        "channels or the head dimension's largest divisor below 64)")
     key_group_size: int | None = param(None, int, low=1, optional=True,
                                        help="tokens per key group (None = group_size)")
     residual: int = param(128, int, low=0, help="most recent tokens kept in full precision")
@@ -94,22 +131,99 @@ class KIVIConfig(KVStorageConfig):
                                  "(1.0 = the paper's min/max)")
     residual_dtype: str = param("bfloat16", str, choices=("bfloat16", "float16", "model"),
                                 help="dtype of the full-precision tail and sink copies (model = as computed)")
+    key_outliers: int | None = param(None, int, low=0, optional=True,
+                                     help="elements per channel of each key group kept exactly in fp16 (dense-and-"
+                                          "sparse; 0 = as in the paper; None = 3 per 64 tokens at 2 bits, else 0)")
+    pre_rope: bool = param(False, bool, help="quantize keys in their pre-RoPE basis (KVQuant's finding; False = "
+                                             "as in the paper)")
+
+    def validate(self) -> None:
+        if self.key_outliers is not None:
+            check_key_outliers(self.key_outliers, self.tokens_per_key_group)
+
+    @property
+    def tokens_per_key_group(self) -> int:
+        """``key_group_size``, else ``group_size``, else 64."""
+        if self.key_group_size is not None:
+            return self.key_group_size
+        return DEFAULT_GROUP if self.group_size is None else self.group_size
+
+    def channels_per_value_group(self, head_dim: int) -> int:
+        """``group_size``, or when it is None the largest divisor of ``head_dim`` up to 64."""
+        if self.group_size is not None:
+            return self.group_size
+        return max(d for d in range(1, min(DEFAULT_GROUP, head_dim) + 1) if head_dim % d == 0)
+
+    def outliers_per_key_group(self) -> int:
+        """``key_outliers``, or its default when None: 3 per 64 tokens of a key group at 2 bits (none for key
+        groups over 255 tokens, whose positions would not fit a byte), 0 otherwise.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig(method="kivi", bits=2).outliers_per_key_group()
+            3
+            >>> TokenReductionConfig(method="kivi", bits=2, key_group_size=32).outliers_per_key_group()
+            1
+            >>> TokenReductionConfig(method="kivi", bits=4).outliers_per_key_group()
+            0
+        """
+        if self.key_outliers is not None:
+            return self.key_outliers
+        if self.bits != 2 or self.tokens_per_key_group > NO_OUTLIER:  # uint8 positions: groups of <= 255 tokens
+            return 0
+        return 3 * self.tokens_per_key_group // 64
 
     def check_model(self, model) -> None:
         """Raise :class:`ConfigError` if the model's head dimension does not fit ``group_size``."""
         if self.bits != 16:
-            self.check_head_dim(self.head_dim(model), self.group_size)
+            self.check_head_dim(self.head_dim(model), self.group_size)  # None: a divisor is picked
+            if self.pre_rope:
+                self._rotary(model)
+
+    def _rotary(self, model):
+        from ...errors import UnsupportedModelError
+        from ...model_patches.rope import rotary_for
+
+        try:
+            return rotary_for(model)
+        except UnsupportedModelError as err:
+            raise ConfigError(f"pre_rope: {err}; use pre_rope=False", field="pre_rope") from err
 
     def make_stores(self, num_layers: int, model) -> list[KVStore]:
         self.check_model(model)
         if self.bits == 16:
             return [DenseStore() for _ in range(num_layers)]
-        return [KIVIStore(self.bits, self.group_size, self.residual, self.chunk_tokens, self.sink_tokens,
-                          key_group_size=self.key_group_size, key_clip=self.key_clip,
-                          residual_dtype=self.residual_dtype) for _ in range(num_layers)]
+        channels = self.channels_per_value_group(self.head_dim(model))
+        return [KIVIStore(self.bits, channels, self.residual, self.chunk_tokens, self.sink_tokens,
+                          key_group_size=self.tokens_per_key_group, key_clip=self.key_clip,
+                          residual_dtype=self.residual_dtype, key_outliers=self.outliers_per_key_group(),
+                          rotary=self._rotary(model) if self.pre_rope else None)
+                for _ in range(num_layers)]
 
 
 _RESIDUAL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "model": None}
+DEFAULT_GROUP = 64  # tokens per key group and (at most) channels per value group when group_size is None
+NO_OUTLIER = 255  # position of an outlier whose token was evicted (positions in a group are 0..254)
+
+
+def check_key_outliers(key_outliers: int, key_group_size: int) -> None:
+    """Raise :class:`ConfigError` (field ``key_outliers``) unless ``0 <= key_outliers < key_group_size``
+    and, with outliers, ``key_group_size <= 255`` (their positions are stored as ``uint8``).
+
+    Example:
+        >>> check_key_outliers(1, 32)
+        >>> check_key_outliers(32, 32)
+        Traceback (most recent call last):
+        ...
+        hf_tokred.errors.ConfigError: key_outliers: expected 0 to 31 exact elements per channel of a 32-token key group, got 32
+    """
+    if isinstance(key_outliers, bool) or not isinstance(key_outliers, int) or not 0 <= key_outliers < key_group_size:
+        raise ConfigError(f"key_outliers: expected 0 to {key_group_size - 1} exact elements per channel of a "
+                          f"{key_group_size}-token key group, got {key_outliers!r}", field="key_outliers")
+    if key_outliers and key_group_size > NO_OUTLIER:
+        raise ConfigError(f"key_outliers: outlier positions are stored as uint8, so key groups may hold at most "
+                          f"{NO_OUTLIER} tokens with key_outliers > 0; key_group_size is {key_group_size}",
+                          field="key_outliers")
 
 
 def _group_of_slots(counts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -126,7 +240,11 @@ class KIVIStore(KVStore):
     for groups of ``group_size`` channels, and a full-precision tail held in ``residual_dtype``
     (``"bfloat16"``, ``"float16"`` or ``"model"``: the dtype the keys arrive in). ``key_clip < 1``
     picks each key group's range by :func:`~hf_tokred.kv.storage.quantize_uniform`'s clipping search
-    over :func:`~hf_tokred.kv.storage.clip_candidates`; ``1.0`` is the paper's min/max.
+    over :func:`~hf_tokred.kv.storage.clip_candidates`; ``1.0`` is the paper's min/max. ``key_outliers``
+    elements per channel of each key group are held exactly (``key_outlier_values`` in fp16,
+    ``key_outlier_pos`` their ``uint8`` position in the group, picked by
+    :func:`~hf_tokred.kv.storage.range_outliers`); ``rotary`` (a ``model_patches.rope.Rotary``) makes
+    the keys quantized in their pre-RoPE basis.
 
     Example:
         >>> import torch
@@ -137,7 +255,8 @@ class KIVIStore(KVStore):
     """
 
     def __init__(self, bits: int, group_size: int, residual: int, chunk_tokens: int = 1024, sink_tokens: int = 0, *,
-                 key_group_size: int | None = None, key_clip: float = 1.0, residual_dtype: str = "model"):
+                 key_group_size: int | None = None, key_clip: float = 1.0, residual_dtype: str = "model",
+                 key_outliers: int = 0, rotary=None):
         if not 0.0 < key_clip <= 1.0:
             raise ConfigError(f"key_clip: expected a fraction in (0, 1], got {key_clip!r}", field="key_clip")
         if residual_dtype not in _RESIDUAL_DTYPES:
@@ -145,10 +264,20 @@ class KIVIStore(KVStore):
                               field="residual_dtype")
         self.bits, self.group_size, self.residual, self.chunk_tokens = bits, group_size, residual, chunk_tokens
         self.key_group_size = group_size if key_group_size is None else key_group_size
+        check_key_outliers(key_outliers, self.key_group_size)
+        self.key_outliers = key_outliers
+        # dense-and-sparse keys: per key group and channel, `key_outliers` exact fp16 values and their
+        # position in the group (NO_OUTLIER once evicted); shaped (B, H, groups, key_outliers, D)
+        self.key_outlier_pos = self.key_outlier_values = None
+        # pre-RoPE keys: `rotary` (model_patches.rope.Rotary) un-rotates keys before quantization and
+        # re-rotates them after; slot i holds position i until the first eviction stores `positions`
+        # (B, H, length) int32 for every slot, codes and tail alike
+        self.rotary, self.positions = rotary, None
         self.sink_tokens, self.key_shrinks, self.residual_dtype = sink_tokens, clip_candidates(key_clip), residual_dtype
         self.key_codes = self.key_scale = self.key_zero = self.key_counts = None
         self.value_codes = self.value_scale = self.value_zero = None
         self.tail_keys = self.tail_values = None
+        self.seen = 0  # tokens appended so far (the next token's position)
         # exact copies of the first `sink_tokens` slots: their current slot (-1 once evicted) and vectors
         self.exact_slots = self.exact_keys = self.exact_values = None
 
@@ -186,6 +315,10 @@ class KIVIStore(KVStore):
         self.key_scale = torch.empty(batch, heads, 0, dim, dtype=SCALE_DTYPE, device=device)
         self.key_zero = torch.empty_like(self.key_scale)
         self.key_counts = torch.empty(batch, heads, 0, dtype=torch.int32, device=device)
+        if self.key_outliers:
+            self.key_outlier_pos = torch.empty(batch, heads, 0, self.key_outliers, dim, dtype=torch.uint8, device=device)
+            self.key_outlier_values = torch.empty(batch, heads, 0, self.key_outliers, dim, dtype=SCALE_DTYPE,
+                                                  device=device)
         self.value_scale = torch.empty(batch, heads, 0, dim // self.group_size, dtype=SCALE_DTYPE, device=device)
         self.value_zero = torch.empty_like(self.value_scale)
         self.tail_keys = keys.new_empty(batch, heads, 0, dim, dtype=self.tail_dtype)
@@ -202,7 +335,20 @@ class KIVIStore(KVStore):
         group = _group_of_slots(self.key_counts, slots)
         scale = _gather_slots(self.key_scale, group)
         zero = _gather_slots(self.key_zero, group)
-        return dequantize_uniform(codes, scale, zero, self.dtype)
+        keys = dequantize_uniform(codes, scale, zero, torch.float32)
+        if self.key_outlier_pos is not None:
+            start = self.key_counts.cumsum(-1) - self.key_counts
+            offset = (slots - _gather_slots(start, group))[..., None, None]  # each slot's position in its group
+            hit = _gather_slots(self.key_outlier_pos, group).long() == offset  # (B, H, n, key_outliers, D)
+            exact = torch.where(hit, _gather_slots(self.key_outlier_values, group), 0).sum(3)
+            keys = torch.where(hit.any(3), exact.float(), keys)
+        if self.rotary is not None:
+            keys = self.rotary.rotate(keys, self._positions_of(slots))
+        return keys.to(self.dtype)
+
+    def _positions_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Token positions ``(B, H, n)`` of ``slots`` (the slot index until an eviction stored them)."""
+        return slots if self.positions is None else self.positions.gather(2, slots).long()
 
     def _dequantize_key_range(self, start: int, end: int) -> torch.Tensor:
         batch, heads = self.key_codes.shape[:2]
@@ -234,8 +380,12 @@ class KIVIStore(KVStore):
                 chunk_k = self._dequantize_key_range(start, end)
                 chunk_v = self._dequantize_values(self.value_codes[:, :, start:end], self.value_scale[:, :, start:end],
                                                   self.value_zero[:, :, start:end])
-                # unpacking goes through int64 words (8 bytes per code) and float32 products
-                scratch = max(scratch, tensor_bytes(chunk_k, chunk_v) + chunk_k.numel() * 2 * (8 + 4))
+                # unpacking goes through int64 words (8 bytes per code) and float32 products; outliers
+                # gather (position int64, hit mask, value) per slot and outlier
+                outlier_scratch = chunk_k.numel() * self.key_outliers * (8 + 1 + 2)
+                rotation_scratch = 0 if self.rotary is None else chunk_k.numel() * 4 * 4  # cos, sin, two products
+                scratch = max(scratch, tensor_bytes(chunk_k, chunk_v) + chunk_k.numel() * 2 * (8 + 4) + outlier_scratch
+                              + rotation_scratch)
                 out_keys[:, :, start:end] = chunk_k
                 out_values[:, :, start:end] = chunk_v
                 del chunk_k, chunk_v
@@ -253,6 +403,10 @@ class KIVIStore(KVStore):
             self.exact_slots = torch.cat([self.exact_slots, slots.expand(*keys.shape[:2], count)], dim=2)
             self.exact_keys = torch.cat([self.exact_keys, keys[:, :, :count].to(self.tail_dtype, copy=True)], dim=2)
             self.exact_values = torch.cat([self.exact_values, values[:, :, :count].to(self.tail_dtype, copy=True)], dim=2)
+        if new and self.positions is not None:
+            seen = self.seen + torch.arange(new, device=keys.device, dtype=torch.int32)
+            self.positions = torch.cat([self.positions, seen.expand(*keys.shape[:2], new)], dim=2)
+        self.seen += new
         if new:
             self.tail_keys = torch.cat([self.tail_keys, keys.to(self.tail_dtype)], dim=2)
             self.tail_values = torch.cat([self.tail_values, values.to(self.tail_dtype)], dim=2)
@@ -285,14 +439,27 @@ class KIVIStore(KVStore):
             return
         step = max(self.chunk_tokens // group, 1) * group
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = [], [], [], [], [], []
+        outlier_pos, outlier_values = [], []
         for start in range(0, count, step):
             end = min(start + step, count)
             block_k = self.tail_keys[:, :, start:end]
             batch, heads, n, dim = block_k.shape
+            if self.rotary is not None:
+                first = self.quantized_length + start
+                slots = torch.arange(first, first + n, device=block_k.device).expand(batch, heads, n)
+                block_k = self.rotary.unrotate(block_k, self._positions_of(slots))
             exact = self._exact_mask(start, end)
             ignore = None if exact is None else exact.reshape(batch, heads, n // group, group, 1)
-            codes, scale, zero = quantize_uniform(block_k.reshape(batch, heads, n // group, group, dim), self.bits,
-                                                  dim=3, ignore=ignore, shrinks=self.key_shrinks)
+            grouped = block_k.reshape(batch, heads, n // group, group, dim)
+            if self.key_outliers:
+                # dense-and-sparse: the elements that stretch each channel's range most stay exact (fp16)
+                # and leave the range; the sink's exact copy is never picked
+                position = range_outliers(grouped, self.key_outliers, dim=3, ignore=ignore)
+                outlier_pos.append(position.to(torch.uint8))
+                outlier_values.append(grouped.gather(3, position).to(SCALE_DTYPE))
+                sparse = torch.zeros_like(grouped, dtype=torch.bool).scatter_(3, position, True)
+                ignore = sparse if ignore is None else sparse | ignore
+            codes, scale, zero = quantize_uniform(grouped, self.bits, dim=3, ignore=ignore, shrinks=self.key_shrinks)
             key_codes.append(pack_codes(codes.reshape(batch, heads, n, dim), self.bits))
             key_scale.append(scale.squeeze(3))
             key_zero.append(zero.squeeze(3))
@@ -306,6 +473,9 @@ class KIVIStore(KVStore):
         self.key_codes = torch.cat([self.key_codes, *key_codes], dim=2)
         self.key_scale = torch.cat([self.key_scale, *key_scale], dim=2)
         self.key_zero = torch.cat([self.key_zero, *key_zero], dim=2)
+        if self.key_outliers:
+            self.key_outlier_pos = torch.cat([self.key_outlier_pos, *outlier_pos], dim=2)
+            self.key_outlier_values = torch.cat([self.key_outlier_values, *outlier_values], dim=2)
         counts = torch.full((batch, heads, groups), group, dtype=torch.int32, device=self.key_counts.device)
         self.key_counts = torch.cat([self.key_counts, counts], dim=2)
         self.value_codes = torch.cat([self.value_codes, *value_codes], dim=2)
@@ -353,6 +523,8 @@ class KIVIStore(KVStore):
             order = torch.sort((counts == 0).to(torch.uint8), dim=-1, stable=True).indices
             groups = int((counts > 0).sum(-1).max()) if head.shape[-1] else 0
             order = order[..., :groups]
+            if self.key_outliers:
+                self._gather_outliers(head, order, counts.gather(2, order))
             self.key_counts = counts.gather(2, order)
             self.key_scale = _gather_slots(self.key_scale, order)
             self.key_zero = _gather_slots(self.key_zero, order)
@@ -361,6 +533,11 @@ class KIVIStore(KVStore):
             self.value_scale = _gather_slots(self.value_scale, head)
             self.value_zero = _gather_slots(self.value_zero, head)
         self.tail_keys, self.tail_values = kept_k.contiguous(), kept_v.contiguous()
+        if self.rotary is not None:  # kept slots keep their tokens' positions for the re-rotation
+            if self.positions is None:
+                self.positions = torch.arange(old_length, dtype=torch.int32, device=index.device).expand(
+                    *index.shape[:2], old_length)
+            self.positions = self.positions.gather(2, index).contiguous()
         if self.exact_slots.shape[-1]:
             new_slot = torch.full((*index.shape[:2], old_length + 1), -1, dtype=torch.int32,
                                   device=index.device)
@@ -368,9 +545,28 @@ class KIVIStore(KVStore):
             old = torch.where(self.exact_slots >= 0, self.exact_slots, new_slot.shape[-1] - 1).long()
             self.exact_slots = new_slot.gather(2, old)
 
+    def _gather_outliers(self, head: torch.Tensor, order: torch.Tensor, new_counts: torch.Tensor) -> None:
+        """Let the key outliers follow eviction: ``head`` are the kept quantized slots, ``order`` the kept
+        groups (before :attr:`key_counts` is updated) and ``new_counts`` their new token counts. An outlier
+        whose token is evicted becomes :data:`NO_OUTLIER`; the others get their token's new position."""
+        batch, heads, groups, count, dim = self.key_outlier_pos.shape
+        quantized = self.quantized_length
+        position = self.key_outlier_pos.long()
+        start = (self.key_counts.cumsum(-1) - self.key_counts).long()
+        old_slot = (start[..., None, None] + position).masked_fill_(position == NO_OUTLIER, quantized)
+        new_slot = torch.full((batch, heads, quantized + 1), -1, dtype=torch.long, device=head.device)
+        new_slot.scatter_(2, head, torch.arange(head.shape[-1], device=head.device).expand_as(head))
+        moved = new_slot.gather(2, old_slot.reshape(batch, heads, -1)).reshape(batch, heads, groups, count, dim)
+        moved = _gather_slots(moved, order)
+        new_start = (new_counts.cumsum(-1) - new_counts).long()
+        position = torch.where(moved < 0, NO_OUTLIER, moved - new_start[..., None, None])
+        self.key_outlier_pos = position.to(torch.uint8)
+        self.key_outlier_values = _gather_slots(self.key_outlier_values, order)
+
     def _tensors(self) -> list[str]:
-        return ["key_codes", "key_scale", "key_zero", "key_counts", "value_codes", "value_scale", "value_zero",
-                "tail_keys", "tail_values", "exact_slots", "exact_keys", "exact_values"]
+        return ["key_codes", "key_scale", "key_zero", "key_counts", "key_outlier_pos", "key_outlier_values",
+                "value_codes", "value_scale", "value_zero", "tail_keys", "tail_values", "exact_slots", "exact_keys",
+                "exact_values", "positions"]
 
     def select_batch(self, index):
         for name in self._tensors():
