@@ -6,6 +6,10 @@ Three ways to train, all sharing :func:`dynamicvit_loss`:
 * :class:`DynamicViTTrainer`: a ``transformers.Trainer`` whose ``compute_loss`` is :func:`dynamicvit_loss`;
 * your own loop (e.g. with ``accelerate``): call :func:`dynamicvit_loss` and backpropagate.
 
+After the predictors, :func:`fine_tune_reduced` can fine-tune the backbone through the *hard* reduction
+(predictors fixed, exactly the inference graph, fused tokens included) on :func:`pooled_cosine_loss`, the
+cosine of the size-weighted sentence embedding to the dense one.
+
 The loss is the paper's, computed against the **dense model** as teacher:
 
 ``loss = ratio_weight * ratio + distill_weight * (token MSE [+ KL on logits]) + pooled_weight * (1 - cos)
@@ -36,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from transformers import Trainer
@@ -185,13 +190,59 @@ def freeze_backbone(model) -> list[torch.nn.Parameter]:
     return list(learned.parameters())
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _check_schedule(name: str, lr_schedule: str) -> None:
+    if lr_schedule not in LR_SCHEDULES:
+        raise TokenReductionError(f"{name}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+
+
+def lr_factor(lr_schedule: str, step: int, steps: int) -> float:
+    """The learning-rate multiplier of ``step`` (0-based) of ``steps``: 1 (constant), a linear or a cosine decay to 0.
+
+    Example:
+        >>> from hf_tokred.training import lr_factor
+        >>> [round(lr_factor("linear", s, 4), 2) for s in range(4)], lr_factor("cosine", 0, 4)
+        ([1.0, 0.75, 0.5, 0.25], 1.0)
+    """
+    _check_schedule("lr_factor", lr_schedule)
+    if lr_schedule == "linear":
+        return 1.0 - step / steps
+    if lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return 1.0
+
+
+def _batch_order(count: int, steps: int, shuffle: bool, generator: torch.Generator) -> list[int]:
+    """Which batch each step uses: cycling in order, or through a fresh seeded permutation every pass."""
+    if not shuffle:
+        return [step % count for step in range(steps)]
+    order: list[int] = []
+    while len(order) < steps:
+        order += torch.randperm(count, generator=generator).tolist()
+    return order[:steps]
+
+
+def _check_loop(name: str, batches, steps: int, lr: float, lr_schedule: str) -> None:
+    if not batches:
+        raise TokenReductionError(f"{name}: batches is empty")
+    if steps < 1:
+        raise TokenReductionError(f"{name}: steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise TokenReductionError(f"{name}: lr must be > 0, got {lr}")
+    _check_schedule(name, lr_schedule)
+
+
 def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float = 3e-3, train_backbone: bool = False,
                      teacher=None, backbone_lr: float | None = None, ratio_weight: float = 2.0,
-                     distill_weight: float = 0.5, pooled_weight: float = 1.0, seed: int = 0, log_every: int = 0,
-                     log=print) -> list[float]:
+                     distill_weight: float = 0.5, pooled_weight: float = 1.0, lr_schedule: str = "constant",
+                     shuffle: bool = False, seed: int = 0, log_every: int = 0, log=print) -> list[float]:
     """Train the DynamicViT predictors of ``model`` (already reduced with ``dynamicvit``) on ``batches``.
 
-    Runs ``steps`` AdamW steps at a constant learning rate, cycling through ``batches`` (dicts of model inputs).
+    Runs ``steps`` AdamW steps, cycling through ``batches`` (dicts of model inputs; with ``shuffle`` through a new
+    seeded permutation of them every pass), at a learning rate that stays constant or decays to 0
+    (``lr_schedule``: ``"constant"``, ``"linear"``, ``"cosine"``, for every parameter group).
     With the backbone frozen (default) only the predictors train and the teacher is
     the same model run densely. With ``train_backbone=True`` the backbone trains too, at ``backbone_lr``
     (default ``lr / 100``, the paper's ratio of backbone to predictor learning rate), distilled from ``teacher``,
@@ -207,12 +258,7 @@ def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float 
         >>> losses = train_dynamicvit(model, batches, steps=60)                         # doctest: +SKIP
         >>> model.save_pretrained("minilm-dynamicvit")     # predictors -> token_reduction.safetensors  # doctest: +SKIP
     """
-    if not batches:
-        raise TokenReductionError("train_dynamicvit: batches is empty")
-    if steps < 1:
-        raise TokenReductionError(f"train_dynamicvit: steps must be >= 1, got {steps}")
-    if not lr > 0:
-        raise TokenReductionError(f"train_dynamicvit: lr must be > 0, got {lr}")
+    _check_loop("train_dynamicvit", batches, steps, lr, lr_schedule)
     if backbone_lr is not None and not (train_backbone and backbone_lr > 0):
         raise TokenReductionError(f"train_dynamicvit: backbone_lr must be > 0 and needs train_backbone=True, got "
                                   f"backbone_lr={backbone_lr}, train_backbone={train_backbone}")
@@ -229,27 +275,125 @@ def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float 
         groups.append({"params": backbone, "lr": lr / 100 if backbone_lr is None else backbone_lr, "weight_decay": 0.0})
     model.eval()
     learned.train()
+
+    def step_loss(index: int) -> torch.Tensor:
+        return dynamicvit_loss(model, batches[index], teacher=teacher, ratio_weight=ratio_weight,
+                               distill_weight=distill_weight, pooled_weight=pooled_weight)
+
+    return _optimize(model, groups, step_loss, len(batches), steps=steps, lr_schedule=lr_schedule, shuffle=shuffle,
+                     seed=seed, log_every=log_every, log=log, label="step", digits=4)
+
+
+def _optimize(model, groups: list[dict], step_loss, batch_count: int, *, steps: int, lr_schedule: str, shuffle: bool,
+              seed: int, log_every: int, log, label: str, digits: int) -> list[float]:
+    """The AdamW loop both trainers share: ``steps`` steps of ``step_loss(batch_index)`` over ``groups`` with the
+    ``lr_schedule`` decay and the batch order of :func:`_batch_order`, under ``seed`` (the global RNG is restored
+    afterwards); leaves every parameter frozen and the model in eval mode. Returns the loss of every step."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(groups)
+    base = [group["lr"] for group in optimizer.param_groups]
+    order = _batch_order(batch_count, steps, shuffle, torch.Generator().manual_seed(seed))
     losses = []
     try:
         for step in range(steps):
-            batch = batches[step % len(batches)]
-            loss = dynamicvit_loss(model, batch, teacher=teacher, ratio_weight=ratio_weight,
-                                   distill_weight=distill_weight, pooled_weight=pooled_weight)
+            for group, group_lr in zip(optimizer.param_groups, base):
+                group["lr"] = group_lr * lr_factor(lr_schedule, step, steps)
+            loss = step_loss(order[step])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             if log_every and (step + 1) % log_every == 0:
-                log(f"step {step + 1}/{steps}: loss {losses[-1]:.4f}")
+                log(f"{label} {step + 1}/{steps}: loss {losses[-1]:.{digits}f}")
     finally:
         torch.random.set_rng_state(generator_state)
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     return losses
+
+
+def pooled_cosine_loss(model, inputs: dict, teacher) -> torch.Tensor:
+    """1 - mean cosine of the reduced model's sentence embeddings to the dense ``teacher``'s, through the hard reduction.
+
+    The student's embedding is what the benchmark and sentence-transformers compute at inference: the mean of
+    ``last_hidden_state`` weighted by :func:`~hf_tokred.integration.encoders.token_sizes` (a fused token counts
+    once per token it holds, a dropped one not at all); the teacher's is the attention-masked mean.
+
+    Example:
+        >>> loss = pooled_cosine_loss(model, batch, teacher)           # doctest: +SKIP
+        >>> loss.backward()                                            # doctest: +SKIP
+    """
+    model_inputs = _model_inputs(inputs)
+    return _pooled_cosine(model, model_inputs, _dense_embedding(teacher, model_inputs))
+
+
+def _real_mask(model_inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+    mask = model_inputs.get("attention_mask")
+    return torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None else mask.to(hidden.dtype)
+
+
+def _dense_embedding(teacher, model_inputs: dict) -> torch.Tensor:
+    """The teacher's attention-masked mean of ``last_hidden_state`` (no gradients)."""
+    with torch.no_grad():
+        dense = _last_hidden(teacher(**model_inputs))
+        real = _real_mask(model_inputs, dense)
+        return (dense * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _pooled_cosine(model, model_inputs: dict, dense: torch.Tensor) -> torch.Tensor:
+    from .integration.encoders import token_sizes
+
+    hidden = _last_hidden(model(**model_inputs))
+    real = _real_mask(model_inputs, hidden)
+    # nothing reduced (e.g. keep_rate=1.0): the masked mean; else each output token weighs as the tokens it holds
+    sizes = real if hidden.shape[1] == real.shape[1] else token_sizes(model).to(hidden.dtype)
+    pooled = (hidden * sizes[..., None]).sum(dim=1) / sizes.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    return 1 - torch.nn.functional.cosine_similarity(pooled.float(), dense.float(), dim=-1).mean()
+
+
+def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, lr: float = 3e-5,
+                      lr_schedule: str = "linear", shuffle: bool = True, seed: int = 0, log_every: int = 0,
+                      log=print) -> list[float]:
+    """Fine-tune the backbone of a DynamicViT-reduced ``model`` through its *hard* reduction (predictors fixed).
+
+    The predictors stay in eval mode, so every step runs exactly the inference graph: each stage drops (or,
+    with ``fuse=True``, fuses) the tokens its predictor ranks lowest, and the backbone (AdamW at ``lr``,
+    ``lr_schedule`` decay, no weight decay) learns to give the sentence embedding of the remaining tokens
+    (:func:`pooled_cosine_loss`) the direction of the dense ``teacher``'s (a separate frozen model, e.g. a
+    copy made before ``hf_tokred.apply``). Run it after :func:`train_dynamicvit` has trained the predictors.
+    This is the fuse-aware part: the fused token's size weighs in the loss as it does at inference.
+    ``batches`` are visited in a new seeded order every pass (``shuffle``). Leaves every parameter frozen
+    and the model in eval mode; returns the loss of every step.
+
+    Example:
+        >>> teacher = copy.deepcopy(model)                                                 # doctest: +SKIP
+        >>> hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "fuse": True})  # doctest: +SKIP
+        >>> train_dynamicvit(model, batches, steps=200)                                    # doctest: +SKIP
+        >>> losses = fine_tune_reduced(model, batches, teacher=teacher, steps=300)         # doctest: +SKIP
+    """
+    _check_loop("fine_tune_reduced", batches, steps, lr, lr_schedule)
+    learned = predictors(model)
+    if teacher is None or teacher is model:
+        raise TokenReductionError("fine_tune_reduced: needs a separate frozen dense teacher model (e.g. "
+                                  "copy.deepcopy(model) made before hf_tokred.apply)")
+    trainable = {id(p) for p in learned.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in trainable]
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in trainable)
+    model.eval()  # the backbone without dropout, the predictors in eval mode: the hard drop of inference
+    dense: dict[int, torch.Tensor] = {}  # the frozen teacher's embeddings, computed once per batch
+
+    def step_loss(index: int) -> torch.Tensor:
+        inputs = _model_inputs(batches[index])
+        if index not in dense:
+            dense[index] = _dense_embedding(teacher, inputs)
+        return _pooled_cosine(model, inputs, dense[index])
+
+    return _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches),
+                     steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every, log=log,
+                     label="fine-tune step", digits=5)
 
 
 class DynamicViTTrainer(Trainer):
@@ -279,4 +423,5 @@ class DynamicViTTrainer(Trainer):
                                return_outputs=return_outputs, **self.loss_weights)
 
 
-__all__ = ["DynamicViTTrainer", "dense_pass", "dynamicvit_loss", "freeze_backbone", "predictors", "train_dynamicvit"]
+__all__ = ["LR_SCHEDULES", "DynamicViTTrainer", "dense_pass", "dynamicvit_loss", "fine_tune_reduced", "freeze_backbone",
+           "lr_factor", "pooled_cosine_loss", "predictors", "train_dynamicvit"]

@@ -371,3 +371,147 @@ def test_training_the_backbone_saves_its_weights_and_loads_back_identical(tmp_pa
     again = AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(again(**test).last_hidden_state, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules, batch order, fine-tuning through the hard reduction (fuse-aware)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedules_and_shuffled_batch_order():
+    from hf_tokred.training import _batch_order, lr_factor
+
+    assert [lr_factor("constant", s, 4) for s in range(4)] == [1.0] * 4
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [round(lr_factor("cosine", s, 4), 4) for s in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+    assert _batch_order(3, 7, False, torch.Generator()) == [0, 1, 2, 0, 1, 2, 0]
+    order = _batch_order(5, 12, True, torch.Generator().manual_seed(0))
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5)) and order[:5] != order[5:10]
+    assert order == _batch_order(5, 12, True, torch.Generator().manual_seed(0))  # seeded
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1]})
+    with pytest.raises(TokenReductionError, match="lr_schedule must be one of constant, linear, cosine"):
+        train_dynamicvit(model, [padded_batch()], steps=1, lr_schedule="step")
+    # a decaying schedule and a shuffled order train (and are reproducible with the seed)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the predictors' initial weights
+        hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1]})
+        train_dynamicvit(model, [padded_batch(s) for s in range(3)], steps=4, lr_schedule="cosine", shuffle=True)
+        runs.append({k: v.clone() for k, v in predictors(model).state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_pooled_cosine_loss_is_the_benchmark_metric():
+    import copy
+
+    from hf_tokred.bench.encoders import pooled_embeddings
+    from hf_tokred.training import pooled_cosine_loss
+
+    teacher = make_bert()
+    model = copy.deepcopy(teacher)
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "layers": [1], "fuse": True})
+    randomize(model)
+    batch = {k: v[:, :17] for k, v in padded_batch(lengths=(17, 17)).items()}  # no padding, as in the benchmark
+    with torch.no_grad():
+        loss = pooled_cosine_loss(model, batch, teacher)
+        assert model(**batch).last_hidden_state.shape[1] == 1 + 8 + 1  # CLS, ceil(0.5 * 16) kept, 1 fused
+        reduced = pooled_embeddings(model, batch, reduced=True)
+        dense = pooled_embeddings(teacher, batch, reduced=False)
+    torch.testing.assert_close(loss, 1 - (reduced * dense).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 1.0})
+    with torch.no_grad():
+        assert pooled_cosine_loss(model, padded_batch(), teacher).abs() < 1e-6  # nothing reduced: the dense mean
+
+
+def test_fine_tune_reduced_trains_the_backbone_with_fuse_and_loads_back_identical(tmp_path):
+    import copy
+
+    from hf_tokred.training import fine_tune_reduced
+
+    teacher = make_bert()
+    model = copy.deepcopy(teacher)
+    hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.5, "layers": [1, 2], "predictor_dim": 16,
+                            "fuse": True})
+    randomize(model)
+    batches = [padded_batch(seed) for seed in range(3)]
+    for kwargs, message in (({"teacher": None}, "separate frozen dense teacher"),
+                            ({"teacher": model}, "separate frozen dense teacher"),
+                            ({"teacher": teacher, "lr": -1.0}, "lr must be > 0"),
+                            ({"teacher": teacher, "steps": 0}, "steps must be >= 1"),
+                            ({"teacher": teacher, "lr_schedule": "warm"}, "lr_schedule must be one of")):
+        with pytest.raises(TokenReductionError, match=message):
+            fine_tune_reduced(model, batches, **kwargs)
+    with pytest.raises(TokenReductionError, match="no dynamicvit reduction"):
+        fine_tune_reduced(make_bert(), batches, teacher=teacher)
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "hf_tokred" not in k}
+    scorers = {k: v.clone() for k, v in predictors(model).state_dict().items()}
+    test = padded_batch(7)
+    with torch.no_grad():
+        model(**test)
+        counts, sizes = token_counts(model), token_sizes(model)
+    losses = fine_tune_reduced(model, batches, teacher=teacher, steps=8, lr=1e-3)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert not model.training and not predictors(model).training
+    assert all(not p.requires_grad for p in model.parameters())
+    state = model.state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in backbone.items() if k.startswith("encoder."))
+    assert all(torch.equal(v, predictors(model).state_dict()[k]) for k, v in scorers.items())  # predictors fixed
+    assert all(torch.equal(v, p) for v, p in zip(teacher.state_dict().values(), backbone.values()))  # teacher frozen
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+        # exact token counts and fused sizes as before: per stage CLS + ceil(0.5 n) kept + 1 fused token
+        assert token_counts(model) == counts and torch.equal(token_sizes(model), sizes)
+        assert sizes.sum(dim=1).tolist() == [30, 17, 9]
+    model.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**test).last_hidden_state, out)
+
+
+def test_paragraph_stream_appends_source_docstrings_after_the_old_texts():
+    import itertools
+
+    from hf_tokred.bench.encoders import _module_docstrings, _paragraph_stream, _prose_paragraphs
+
+    before = list(itertools.chain(_prose_paragraphs(), _module_docstrings()))
+    stream = list(_paragraph_stream())
+    # the evaluation and calibration texts are built from the same paragraphs in the same order as before
+    assert stream[:len(before)] == before
+    added = stream[len(before):]
+    assert len(added) > 5000 and not set(added) & set(before) and len(set(added)) == len(added)
+
+
+def test_cli_fine_tune_options_are_parsed_and_checked(capsys):
+    from hf_tokred.cli import build_parser, main
+
+    args = build_parser().parse_args(["encoders", "--method", "dynamicvit", "--finetune-steps", "5", "--finetune-lr",
+                                      "1e-4", "--lr-schedule", "cosine", "--shuffle", "--fuse", "--dynamicvit-layers",
+                                      "3"])
+    assert (args.finetune_steps, args.finetune_lr, args.lr_schedule, args.shuffle, args.fuse) == (5, 1e-4, "cosine",
+                                                                                                  True, True)
+    assert args.dynamicvit_layers == [3]
+    for argv, message in ((["--finetune-lr", "0"], "--finetune-lr: expected a learning rate > 0"),
+                          (["--dynamicvit-layers", "-1"], "--dynamicvit-layers: expected block indices >= 0"),
+                          (["--finetune-steps", "0"], "--finetune-steps"),
+                          (["--lr-schedule", "step"], "--lr-schedule")):
+        with pytest.raises(SystemExit) as info:
+            main(["encoders", "--part", "quality", "--method", "dynamicvit", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_quality_benchmark_fine_tunes_a_copy_through_the_hard_drop():
+    from hf_tokred.bench.encoders import run_quality
+
+    tome = ("tome", "tome", [{"ratio": 0.1}])
+    record = run_quality(["dynamicvit", "tome"], texts=4, train_texts=4, train_steps=1, shuffle=True,
+                         lr_schedule="linear", finetune_steps=2, finetune_lr=1e-3,
+                         variants=[tome, ("dynamicvit", "dynamicvit", [{"keep_rate": 0.5, "layers": [2],
+                                                                        "predictor_dim": 32, "fuse": True}]),
+                                   ("tome again", "tome", [{"ratio": 0.1}])])
+    first, trained, again = record["rows"]
+    assert trained["finetune_steps"] == 2 and trained["finetune_lr"] == 1e-3 and trained["shuffle"]
+    assert trained["lr_schedule"] == "linear" and trained["params"]["fuse"] and trained["flops_saved"] > 0
+    # the fine-tuned copy does not leak into later rows
+    assert again["cosine"] == first["cosine"] and again["flops_saved"] == first["flops_saved"]

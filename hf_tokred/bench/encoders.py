@@ -14,7 +14,7 @@ Two parts, chosen with ``--part``:
     run: every matmul, including the methods' own matching and predictors) and the cosine similarity of
     its embeddings to the dense ones (mean, 5th percentile, min). For every method the cosine at exactly
     30 % FLOPs saved is interpolated on its curve. ``dynamicvit`` predictors are trained first
-    (:func:`hf_tokred.methods.encoder.dynamicvit.train_predictors`) on other stdlib texts than the
+    (:func:`hf_tokred.training.train_dynamicvit`) on other stdlib texts than the
     evaluation set; ``diffrate`` schedules are calibrated on those training texts for each FLOPs target.
 ``speed``
     ViT-B/16 (``ViTConfig()`` defaults, random weights) at 224x224, batch 8, under ``torch.inference_mode``
@@ -148,7 +148,8 @@ def stdlib_texts(tokenizer, count: int, lengths: tuple[int, ...] = TEXT_LENGTHS,
     Consecutive prose paragraphs of ``pydoc_data.topics`` are joined until the text reaches the next length;
     the first ``skip`` texts of the sequence are passed over (the benchmark evaluates on texts ``0..count``
     and trains DynamicViT / calibrates DiffRate on texts after them). When the topics run out, docstrings of
-    stdlib modules continue the stream.
+    stdlib modules continue the stream (texts 0-566 come from the topics and the docstrings of
+    ``_DOC_MODULES``; then the docstrings of every stdlib source file, about 2,000 texts more).
 
     Example:
         >>> from hf_tokred.bench.encoders import stdlib_texts
@@ -162,7 +163,7 @@ def stdlib_texts(tokenizer, count: int, lengths: tuple[int, ...] = TEXT_LENGTHS,
     out: list[TextSample] = []
     current = ""
     index = 0
-    for paragraph in itertools.chain(_prose_paragraphs(), _module_docstrings()):
+    for paragraph in _paragraph_stream():
         current = f"{current} {paragraph}".strip()
         target = lengths[index % len(lengths)]
         if len(tokenizer(current)["input_ids"]) >= target:
@@ -178,6 +179,48 @@ def stdlib_texts(tokenizer, count: int, lengths: tuple[int, ...] = TEXT_LENGTHS,
 _DOC_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client",
                 "inspect", "json", "logging", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3",
                 "statistics", "string", "subprocess", "tarfile", "threading", "unittest", "zipfile")
+
+
+def _paragraph_stream():
+    """Every paragraph of :func:`stdlib_texts`, in order: the topics, the docstrings of ``_DOC_MODULES``, then the
+    docstrings of the stdlib's source files not seen before (appended last, so that the earlier texts, the
+    evaluation and calibration texts among them, stay exactly what they were)."""
+    seen = set()
+    for paragraph in itertools.chain(_prose_paragraphs(), _module_docstrings()):
+        seen.add(paragraph)
+        yield paragraph
+    for paragraph in _source_docstrings():
+        if paragraph not in seen:
+            seen.add(paragraph)
+            yield paragraph
+
+
+# Folders of the stdlib whose docstrings are not prose for our purposes (tests) or not the stdlib's (site-packages).
+_SKIP_SOURCE_DIRS = ("__pycache__", "idlelib", "site-packages", "test", "tests")
+
+
+def _source_docstrings():
+    """Prose paragraphs of the docstrings (modules, classes, functions) of every ``.py`` file of the stdlib, read
+    with ``ast`` (nothing imported), files in sorted path order."""
+    import ast
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _SKIP_SOURCE_DIRS and not d.startswith("."))
+        files += [os.path.join(folder, name) for name in names if name.endswith(".py")]
+    for path in sorted(files):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for block in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+                    if len(block.split()) >= 8 and not block.startswith((" ", ">>>")):
+                        yield " ".join(block.split())
 
 
 def _module_docstrings():
@@ -314,13 +357,17 @@ def _label(params: dict) -> str:
 def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, batch_size: int = DEFAULT_BATCH,
                 train_texts: int = 64, train_steps: int = 40, calibration_texts: int = 32,
                 train_backbone: bool = False, train_lr: float = 3e-3, backbone_lr: float | None = None,
-                variants: list | None = None, log=None) -> dict:
+                lr_schedule: str = "constant", shuffle: bool = False, finetune_steps: int = 0,
+                finetune_lr: float = 3e-5, variants: list | None = None, log=None) -> dict:
     """The quality part: every variant of the chosen ``methods`` at every setting on MiniLM; the JSON-ready record.
 
     ``variants`` are ``(label, method, [params, ...])`` (default :data:`QUALITY_VARIANTS`). DynamicViT predictors train for ``train_steps`` steps on ``train_texts``
     texts after the evaluation set (:func:`hf_tokred.training.train_dynamicvit`, learning rate ``train_lr``),
-    one training per setting; with ``train_backbone`` a copy of the model is fine-tuned with them (at
+    one training per setting (``lr_schedule``: constant or decaying learning rate; ``shuffle``: a seeded new order
+    of the training batches every pass); with ``train_backbone`` a copy of the model is fine-tuned with them (at
     ``backbone_lr``, distilled from the untouched dense model), so later rows still see the original weights;
+    with ``finetune_steps`` a copy's backbone is then fine-tuned through the hard reduction, predictors fixed
+    (:func:`hf_tokred.training.fine_tune_reduced`, ``finetune_lr`` with a linear decay, shuffled batches);
     DiffRate measures its sensitivities once on ``calibration_texts`` of those texts and calibrates a schedule
     per FLOPs target (:func:`hf_tokred.methods.encoder.diffrate.calibrate`).
 
@@ -361,23 +408,34 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
                                             batch_size, log)
             cfg = _config(method, params)
             fine_tune = method == "dynamicvit" and train_backbone
+            hard_tune = method == "dynamicvit" and finetune_steps > 0
             # A fine-tuned backbone must not leak into later rows: train a copy, the dense model is its teacher.
-            target = copy.deepcopy(model) if fine_tune else model
+            target = copy.deepcopy(model) if fine_tune or hard_tune else model
             hf_tokred.apply(target, cfg)
             try:
                 if method == "dynamicvit":
-                    from hf_tokred.training import train_dynamicvit
+                    from hf_tokred.training import fine_tune_reduced, train_dynamicvit
 
                     trained = time.perf_counter()
                     losses = train_dynamicvit(target, training_batches(), steps=train_steps, lr=train_lr,
                                               train_backbone=fine_tune, teacher=model if fine_tune else None,
-                                              backbone_lr=backbone_lr if fine_tune else None)
+                                              backbone_lr=backbone_lr if fine_tune else None,
+                                              lr_schedule=lr_schedule, shuffle=shuffle)
                     extra = {"train_steps": train_steps, "train_texts": train_texts, "train_lr": train_lr,
                              "train_backbone": fine_tune, "backbone_lr": (backbone_lr or train_lr / 100)
-                             if fine_tune else None,
+                             if fine_tune else None, "lr_schedule": lr_schedule, "shuffle": shuffle,
                              "train_s": round(time.perf_counter() - trained, 1), "final_loss": round(losses[-1], 5)}
                     log(f"dynamicvit {_label(params)}: trained {'predictors and backbone' if fine_tune else 'predictors'}"
                         f" in {extra['train_s']:.0f} s (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+                    if hard_tune:
+                        tuned = time.perf_counter()
+                        tune_losses = fine_tune_reduced(target, training_batches(), teacher=model,
+                                                        steps=finetune_steps, lr=finetune_lr)
+                        extra.update({"finetune_steps": finetune_steps, "finetune_lr": finetune_lr,
+                                      "finetune_s": round(time.perf_counter() - tuned, 1),
+                                      "finetune_final_loss": round(tune_losses[-1], 6)})
+                        log(f"dynamicvit {_label(params)}: fine-tuned the backbone through the hard reduction in "
+                            f"{extra['finetune_s']:.0f} s (loss {tune_losses[0]:.5f} -> {tune_losses[-1]:.5f})")
                 embeddings, flops = embed_with_flops(target, batches, reduced=True)
             finally:
                 hf_tokred.remove(target)
@@ -754,6 +812,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--dynamicvit-keep-rate", type=float, action="append", metavar="RHO",
                         help="a DynamicViT keep_rate of the quality part, repeatable (default: "
                              f"{' '.join(str(p['keep_rate']) for p in _DYNAMICVIT_SETTINGS)})")
+    parser.add_argument("--dynamicvit-layers", type=int, nargs="+", metavar="BLOCK",
+                        help="blocks before which DynamicViT prunes in the quality part (default: "
+                             f"{' '.join(str(b) for b in _DYNAMICVIT_SETTINGS[0]['layers'])})")
     parser.add_argument("--predictor-dim", type=_positive_int, metavar="N",
                         help="width of the DynamicViT predictors (default: the model's hidden size, the paper's)")
     parser.add_argument("--train-lr", type=float, default=3e-3, metavar="LR",
@@ -763,6 +824,20 @@ def add_command(subparsers) -> None:
                              "dense model (the paper's joint training)")
     parser.add_argument("--backbone-lr", type=float, metavar="LR",
                         help="learning rate of the backbone with --train-backbone (default: --train-lr / 100)")
+    parser.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                        help="DynamicViT training: learning-rate schedule (default: constant)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="DynamicViT training: visit the training batches in a new seeded order every pass "
+                             "(default: in order, shortest texts first)")
+    parser.add_argument("--finetune-steps", type=_positive_int, default=0, metavar="N",
+                        help="DynamicViT: after training the predictors, fine-tune a copy of the backbone for N steps "
+                             "through the hard reduction (predictors fixed) on the embedding cosine to the dense model "
+                             "(default: 0, off)")
+    parser.add_argument("--finetune-lr", type=float, default=3e-5, metavar="LR",
+                        help="learning rate of --finetune-steps (linear decay to 0; default: 3e-5)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="DynamicViT: fuse each stage's dropped tokens into one token (fuse=True) instead of "
+                             "dropping them")
     parser.add_argument("--calibration-texts", type=_positive_int, default=32, metavar="N",
                         help="texts (after the evaluation set) on which DiffRate calibrates (default: 32)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
@@ -788,7 +863,8 @@ def _cmd_encoders(args) -> int:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 parser.error(f"{option}: folder {folder} does not exist")
-    for value, option in ((args.train_lr, "--train-lr"), (args.backbone_lr, "--backbone-lr")):
+    for value, option in ((args.train_lr, "--train-lr"), (args.backbone_lr, "--backbone-lr"),
+                          (args.finetune_lr, "--finetune-lr")):
         if value is not None and not value > 0:
             parser.error(f"{option}: expected a learning rate > 0, got {value}")
     if args.backbone_lr is not None and not args.train_backbone:
@@ -797,10 +873,16 @@ def _cmd_encoders(args) -> int:
         if not 0.0 < rate <= 1.0:
             parser.error(f"--dynamicvit-keep-rate: expected a keep_rate in (0, 1], got {rate}")
     variants = None
-    if args.dynamicvit_keep_rate or args.predictor_dim:
+    if args.dynamicvit_layers is not None and (not args.dynamicvit_layers or min(args.dynamicvit_layers) < 0):
+        parser.error(f"--dynamicvit-layers: expected block indices >= 0, got {args.dynamicvit_layers}")
+    if args.dynamicvit_keep_rate or args.predictor_dim or args.fuse or args.dynamicvit_layers:
         extra = {k: v for k, v in _DYNAMICVIT_SETTINGS[0].items() if k != "keep_rate"}  # the default placement
+        if args.dynamicvit_layers:
+            extra["layers"] = list(args.dynamicvit_layers)
         if args.predictor_dim is not None:
             extra["predictor_dim"] = args.predictor_dim
+        if args.fuse:
+            extra["fuse"] = True
         rates = args.dynamicvit_keep_rate or [p["keep_rate"] for p in _DYNAMICVIT_SETTINGS]
         variants = [(label, method, [{"keep_rate": r, **extra} for r in rates] if method == "dynamicvit" else settings)
                     for label, method, settings in QUALITY_VARIANTS]
@@ -822,7 +904,9 @@ def _cmd_encoders(args) -> int:
                                         train_texts=args.train_texts, train_steps=args.train_steps,
                                         calibration_texts=args.calibration_texts,
                                         train_backbone=args.train_backbone, train_lr=args.train_lr,
-                                        backbone_lr=args.backbone_lr, variants=variants, log=_log)
+                                        backbone_lr=args.backbone_lr, lr_schedule=args.lr_schedule,
+                                        shuffle=args.shuffle, finetune_steps=args.finetune_steps,
+                                        finetune_lr=args.finetune_lr, variants=variants, log=_log)
         print(format_quality(record["quality"]))
         print()
         if args.plot:

@@ -35,7 +35,11 @@ Where we depart from the paper:
 * Two options the paper does not have: ``predictor_dim`` narrows the predictor MLPs (fewer FLOPs), and
   ``fuse`` keeps each stage's dropped tokens as one fused token at inference (as EViT does).
 * The training utilities train the predictors with the backbone frozen by default (the paper fine-tunes
-  both; pass ``train_backbone=True`` and a separate ``teacher`` to do so). The distillation terms are the
+  both; pass ``train_backbone=True`` and a separate ``teacher`` to do so). A second phase the paper does not
+  have, :func:`hf_tokred.training.fine_tune_reduced`, fine-tunes the backbone through the hard inference
+  reduction with the predictors fixed, on the embedding cosine to the dense model; with ``fuse=True`` this
+  is what makes fusing pay (the backbone learns what the fused token stands for; soft-mask training cannot
+  show it a fused token). The distillation terms are the
   paper's token-feature MSE on kept tokens and KL on logits when the model has logits, plus, for
   mean-pooled encoders (BERT sentence embeddings), a cosine loss between the kept-token mean and the
   dense mean, which is what an embedding model's user sees.
@@ -163,8 +167,9 @@ class DynamicViTConfig(KeepRateConfig):
             narrower predictor costs fewer FLOPs: the paper's costs about 1/7 of a block's FLOPs per token it
             scores, which on a 6-block model is about 5 % of the dense FLOPs.
         fuse: at inference, fuse each stage's dropped tokens into one extra token (their mean, carrying their
-            sizes; EViT's inattentive-token fusion) instead of dropping them. Training is unchanged (dropped
-            tokens are masked); set ``prop_attn=True`` with it so the fused token weighs as the tokens it holds.
+            sizes; EViT's inattentive-token fusion) instead of dropping them. The soft-mask training is unchanged
+            (dropped tokens are masked); :func:`hf_tokred.training.fine_tune_reduced` then trains the backbone
+            with the fused token. ``prop_attn=True`` makes the fused token weigh as the tokens it holds as a key.
         restore_length, prop_attn: as for every encoder reducer.
 
     Example:
