@@ -153,21 +153,29 @@ def test_kivi_chunked_dequantization_is_identical_and_bounded():
     assert small.max_transient_bytes < large.max_transient_bytes
 
 
+def _evict_ragged_keeping_the_sink(store) -> torch.Tensor:
+    """Keep slot 0 and 149 random others of a 300-slot store with (2, 3) heads of 64 channels, each row and head its
+    own; check that the kept slots read back exactly what they read before; return the keys after."""
+    empty = torch.empty(2, 3, 0, 64)
+    before_k, before_v = store.append(empty, empty)
+    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(299)[:149].sort().values]) for _ in range(6)])
+    index = index.reshape(2, 3, 150)
+    store.gather(index)
+    after_k, after_v = store.append(empty, empty)
+    expand = index[..., None].expand(-1, -1, -1, 64)
+    assert torch.equal(after_k, before_k.gather(2, expand)) and torch.equal(after_v, before_v.gather(2, expand))
+    return after_k
+
+
 def test_kivi_gather_keeps_packed_codes_exactly():
     torch.manual_seed(2)
     keys, values = torch.randn(2, 3, 300, 64), torch.randn(2, 3, 300, 64)
     keys[:, :, 0] *= 40  # an attention-sink-like outlier token, held exactly
     store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1)
     _fill(store, keys, values, 250)
-    before_k, before_v = store.append(keys[:, :, :0], values[:, :, :0])
-    assert torch.equal(before_k[:, :, 0], keys[:, :, 0])
+    assert torch.equal(store.append(keys[:, :, :0], values[:, :, :0])[0][:, :, 0], keys[:, :, 0])
     # per-row, per-head selections of different sizes in the quantized part (ragged) keep the sink
-    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(299)[:149].sort().values]) for _ in range(6)])
-    index = index.reshape(2, 3, 150)
-    store.gather(index)
-    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
-    expand = index[..., None].expand(-1, -1, -1, 64)
-    assert torch.equal(after_k, before_k.gather(2, expand)) and torch.equal(after_v, before_v.gather(2, expand))
+    _evict_ragged_keeping_the_sink(store)
     assert store.length == 150
     # evicting the sink slot drops its exact copy
     store.gather(torch.arange(1, 150).expand(2, 3, 149))
@@ -236,15 +244,9 @@ def test_kivi_key_outliers_skip_the_sink_and_follow_eviction():
     store = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_outliers=2, key_clip=0.7)
     _fill(store, keys, values, 250)
     assert not bool((store.key_outlier_pos[:, :, 0] == 0).any())
-    before_k, before_v = store.append(keys[:, :, :0], values[:, :, :0])
-    assert torch.equal(before_k[:, :, 70], keys[:, :, 70])
+    assert torch.equal(store.append(keys[:, :, :0], values[:, :, :0])[0][:, :, 70], keys[:, :, 70])
     # ragged per-head selections: outliers move with their slots, evicted ones are dropped
-    index = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(299)[:149].sort().values]) for _ in range(6)])
-    index = index.reshape(2, 3, 150)
-    store.gather(index)
-    after_k, after_v = store.append(keys[:, :, :0], values[:, :, :0])
-    expand = index[..., None].expand(-1, -1, -1, 64)
-    assert torch.equal(after_k, before_k.gather(2, expand)) and torch.equal(after_v, before_v.gather(2, expand))
+    after_k = _evict_ragged_keeping_the_sink(store)
     assert bool((store.key_outlier_pos == NO_OUTLIER).any()) and bool((store.key_outlier_pos != NO_OUTLIER).any())
     # a second eviction, then new tokens flushed into new groups
     second = torch.stack([torch.randperm(150)[:90].sort().values for _ in range(6)]).reshape(2, 3, 90)
