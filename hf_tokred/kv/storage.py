@@ -243,6 +243,36 @@ def range_outliers(x: torch.Tensor, count: int, dim: int, ignore: torch.Tensor |
     return order.gather(-1, table[best]).movedim(-1, dim)
 
 
+RESIDUAL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "model": None}
+
+
+def residual_torch_dtype(name: str) -> torch.dtype | None:
+    """The dtype of a ``residual_dtype`` setting (None for ``"model"``: the dtype the keys arrive in).
+
+    Example:
+        >>> residual_torch_dtype("bfloat16"), residual_torch_dtype("model")
+        (torch.bfloat16, None)
+    """
+    if name not in RESIDUAL_DTYPES:
+        raise ConfigError(f"residual_dtype: expected one of {sorted(RESIDUAL_DTYPES)}, got {name!r}",
+                          field="residual_dtype")
+    return RESIDUAL_DTYPES[name]
+
+
+def slots_after_eviction(index: torch.Tensor, old_length: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Where each of ``old_length`` slots goes when an eviction keeps slots ``index`` ``(B, H, K)``.
+
+    Returns ``(B, H, old_length + 1)``: the new slot of every kept old slot, -1 for evicted ones, and -1 at
+    the extra last entry, so that entries that point nowhere can be looked up as slot ``old_length``.
+
+    Example:
+        >>> slots_after_eviction(torch.tensor([[[0, 2]]]), 3).tolist()
+        [[[0, -1, 1, -1]]]
+    """
+    new_slot = torch.full((*index.shape[:2], old_length + 1), -1, dtype=dtype, device=index.device)
+    return new_slot.scatter_(2, index, torch.arange(index.shape[-1], dtype=dtype, device=index.device).expand_as(index))
+
+
 def dequantize_uniform(codes, scale, zero, dtype) -> torch.Tensor:
     """``codes * scale + zero`` in ``dtype`` (computed in float32).
 
@@ -477,6 +507,7 @@ class KVStorageConfig(TokenReductionConfig):
 
 __all__ = [
     "RANGE_SHRINKS",
+    "RESIDUAL_DTYPES",
     "DenseStore",
     "KVStorageConfig",
     "KVStore",
@@ -488,6 +519,8 @@ __all__ = [
     "packed_width",
     "quantize_uniform",
     "range_outliers",
+    "residual_torch_dtype",
+    "slots_after_eviction",
     "tensor_bytes",
     "unpack_codes",
 ]

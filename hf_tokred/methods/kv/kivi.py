@@ -93,6 +93,8 @@ from ...kv.storage import (
     packed_width,
     quantize_uniform,
     range_outliers,
+    residual_torch_dtype,
+    slots_after_eviction,
     tensor_bytes,
     unpack_codes,
 )
@@ -201,7 +203,6 @@ class KIVIConfig(KVStorageConfig):
                 for _ in range(num_layers)]
 
 
-_RESIDUAL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "model": None}
 DEFAULT_GROUP = 64  # tokens per key group and (at most) channels per value group when group_size is None
 NO_OUTLIER = 255  # position of an outlier whose token was evicted (positions in a group are 0..254)
 
@@ -259,9 +260,7 @@ class KIVIStore(KVStore):
                  key_outliers: int = 0, rotary=None):
         if not 0.0 < key_clip <= 1.0:
             raise ConfigError(f"key_clip: expected a fraction in (0, 1], got {key_clip!r}", field="key_clip")
-        if residual_dtype not in _RESIDUAL_DTYPES:
-            raise ConfigError(f"residual_dtype: expected one of {sorted(_RESIDUAL_DTYPES)}, got {residual_dtype!r}",
-                              field="residual_dtype")
+        self.copy_dtype = residual_torch_dtype(residual_dtype)  # tail and sink copies; None: the keys' dtype
         self.bits, self.group_size, self.residual, self.chunk_tokens = bits, group_size, residual, chunk_tokens
         self.key_group_size = group_size if key_group_size is None else key_group_size
         check_key_outliers(key_outliers, self.key_group_size)
@@ -273,7 +272,7 @@ class KIVIStore(KVStore):
         # re-rotates them after; slot i holds position i until the first eviction stores `positions`
         # (B, H, length) int32 for every slot, codes and tail alike
         self.rotary, self.positions = rotary, None
-        self.sink_tokens, self.key_shrinks, self.residual_dtype = sink_tokens, clip_candidates(key_clip), residual_dtype
+        self.sink_tokens, self.key_shrinks = sink_tokens, clip_candidates(key_clip)
         self.key_codes = self.key_scale = self.key_zero = self.key_counts = None
         self.value_codes = self.value_scale = self.value_zero = None
         self.tail_keys = self.tail_values = None
@@ -309,7 +308,7 @@ class KIVIStore(KVStore):
         device = keys.device
         width = packed_width(dim, self.bits)
         self.dim, self.dtype = dim, keys.dtype
-        self.tail_dtype = _RESIDUAL_DTYPES[self.residual_dtype] or keys.dtype
+        self.tail_dtype = self.copy_dtype or keys.dtype
         self.key_codes = torch.empty(batch, heads, 0, width, dtype=torch.uint8, device=device)
         self.value_codes = torch.empty(batch, heads, 0, width, dtype=torch.uint8, device=device)
         self.key_scale = torch.empty(batch, heads, 0, dim, dtype=SCALE_DTYPE, device=device)
@@ -539,9 +538,7 @@ class KIVIStore(KVStore):
                     *index.shape[:2], old_length)
             self.positions = self.positions.gather(2, index).contiguous()
         if self.exact_slots.shape[-1]:
-            new_slot = torch.full((*index.shape[:2], old_length + 1), -1, dtype=torch.int32,
-                                  device=index.device)
-            new_slot.scatter_(2, index, torch.arange(index.shape[-1], dtype=torch.int32, device=index.device).expand_as(index))
+            new_slot = slots_after_eviction(index, old_length)
             old = torch.where(self.exact_slots >= 0, self.exact_slots, new_slot.shape[-1] - 1).long()
             self.exact_slots = new_slot.gather(2, old)
 
@@ -554,8 +551,7 @@ class KIVIStore(KVStore):
         position = self.key_outlier_pos.long()
         start = (self.key_counts.cumsum(-1) - self.key_counts).long()
         old_slot = (start[..., None, None] + position).masked_fill_(position == NO_OUTLIER, quantized)
-        new_slot = torch.full((batch, heads, quantized + 1), -1, dtype=torch.long, device=head.device)
-        new_slot.scatter_(2, head, torch.arange(head.shape[-1], device=head.device).expand_as(head))
+        new_slot = slots_after_eviction(head, quantized, torch.long)
         moved = new_slot.gather(2, old_slot.reshape(batch, heads, -1)).reshape(batch, heads, groups, count, dim)
         moved = _gather_slots(moved, order)
         new_start = (new_counts.cumsum(-1) - new_counts).long()

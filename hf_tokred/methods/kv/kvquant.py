@@ -64,12 +64,13 @@ from ...kv.storage import (
     fit_codebook,
     nearest_code,
     pack_codes,
+    residual_torch_dtype,
+    slots_after_eviction,
     tensor_bytes,
     unpack_codes,
 )
 
 MODULE_NAME = "kvquant"
-_RESIDUAL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "model": None}
 
 
 @register_method("kvquant")
@@ -278,9 +279,7 @@ class ExactCopies:
         """Follow an eviction that kept slots ``index`` ``(B, H, K)`` of ``old_length``."""
         if not self.count:
             return
-        new_slot = torch.full((*index.shape[:2], old_length + 1), -1, dtype=torch.int32, device=index.device)
-        new_slot.scatter_(2, index, torch.arange(index.shape[-1], dtype=torch.int32,
-                                                 device=index.device).expand_as(index))
+        new_slot = slots_after_eviction(index, old_length)
         old = torch.where(self.slots >= 0, self.slots, old_length).long()
         self.slots = new_slot.gather(2, old)
         self._compact()
@@ -326,16 +325,14 @@ class KVQuantStore(KVStore):
 
     def __init__(self, calibration: KVQuantCalibration, layer: int, rotary, bits: int, outliers: int,
                  chunk_tokens: int = 1024, sink_tokens: int = 0, *, residual: int = 0, residual_dtype: str = "model"):
-        if residual_dtype not in _RESIDUAL_DTYPES:
-            raise ConfigError(f"residual_dtype: expected one of {sorted(_RESIDUAL_DTYPES)}, got {residual_dtype!r}",
-                              field="residual_dtype")
+        copy_dtype = residual_torch_dtype(residual_dtype)
         self.calibration, self.layer, self.rotary = calibration, layer, rotary
         self.bits, self.outliers, self.chunk_tokens, self.sink_tokens = bits, outliers, chunk_tokens, sink_tokens
         self.residual = residual
         for name in self._TENSORS:
             setattr(self, name, None)
-        self.sinks = ExactCopies(_RESIDUAL_DTYPES[residual_dtype])
-        self.window = ExactCopies(_RESIDUAL_DTYPES[residual_dtype])
+        self.sinks = ExactCopies(copy_dtype)
+        self.window = ExactCopies(copy_dtype)
         self.sinks_taken = 0
         self.seen = 0
 
