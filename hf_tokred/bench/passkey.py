@@ -115,7 +115,8 @@ def build_prompt_parts(tokenizer, sample: PasskeySample) -> tuple[str, str]:
     """The prompt text split into ``(context, query)``: ``context + query == build_prompt(...)``.
 
     The context ends with the haystack; the query is the question, the end of the user turn, the
-    assistant header and the answer prefix ``"The pass key is"``.
+    assistant header and the answer prefix ``"The pass key is"``. A tokenizer without a chat template
+    (a base model such as Gemma 3 270M) gets the plain layout: the user turn, a newline, the prefix.
 
     Example:
         >>> from hf_tokred.bench.passkey import PasskeySample, build_prompt_parts
@@ -123,13 +124,13 @@ def build_prompt_parts(tokenizer, sample: PasskeySample) -> tuple[str, str]:
         >>> query                                                                               # doctest: +SKIP
         '\\nWhat is the pass key?<|im_end|>\\n<|im_start|>assistant\\nThe pass key is'
     """
-    text = build_prompt(tokenizer, sample)
-    cut = text.rindex(sample.haystack()) + len(sample.haystack())
-    return text[:cut], text[cut:]
+    from .longctx import chat_prompt_parts
+
+    return chat_prompt_parts(tokenizer, INSTRUCTION, sample.haystack(), QUESTION, ANSWER_PREFIX)
 
 
 def build_prompt(tokenizer, sample: PasskeySample) -> str:
-    """The full prompt text: the user turn in the chat template, then ``"The pass key is"``.
+    """The full prompt text: the user turn in the chat template (if any), then ``"The pass key is"``.
 
     Tokenize it with ``add_special_tokens=False`` (the template already holds the special tokens).
 
@@ -139,9 +140,7 @@ def build_prompt(tokenizer, sample: PasskeySample) -> str:
         >>> text.endswith("<|im_start|>assistant\\nThe pass key is")              # doctest: +SKIP
         True
     """
-    messages = [{"role": "user", "content": sample.user_message()}]
-    templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return templated + ANSWER_PREFIX
+    return "".join(build_prompt_parts(tokenizer, sample))
 
 
 def is_correct(sample: PasskeySample, answer: str) -> bool:
