@@ -6,7 +6,10 @@ and which leading tokens must never be reduced. Reducers read this record instea
 ``model.model.layers[i].self_attn``. Installed as ``hf_tokred.model_patches``.
 
 Adding an architecture is one ``register_adapter(ModelAdapter(...))`` call in a file of this folder,
-imported below.
+imported below. Architectures can also be recognised by what they do: a *detector* registered with
+:func:`register_detector` is asked about every model no adapter names, and returns an adapter built for
+that model or a sentence saying why it cannot work (:mod:`.decoder` recognises every decoder whose
+attention calls transformers' attention interface this way).
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,6 +86,7 @@ class ModelAdapter:
 
 
 _ADAPTERS: list[ModelAdapter] = []
+_DETECTORS: list = []
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
@@ -96,6 +100,21 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     _ADAPTERS[:] = [a for a in _ADAPTERS if a.name != adapter.name]
     _ADAPTERS.append(adapter)
     return adapter
+
+
+def register_detector(detect) -> None:
+    """Add a fallback that recognises models no registered adapter names, by what they do.
+
+    ``detect(model)`` returns a :class:`ModelAdapter` for ``model``, a sentence saying why ``model`` cannot
+    work (shown in the error), or None when ``model`` is not of its kind. Adapters that name a model's type
+    win over detectors.
+
+    Example:
+        >>> from hf_tokred.model_patches import register_detector
+        >>> register_detector(lambda model: None)  # a detector that never recognises anything
+    """
+    if detect not in _DETECTORS:
+        _DETECTORS.append(detect)
 
 
 def registered_adapters() -> list[ModelAdapter]:
@@ -133,11 +152,19 @@ def find_adapter(model) -> ModelAdapter:
     for adapter in _ADAPTERS:
         if adapter.library == library and key in adapter.match:
             return adapter
+    reasons = []
+    for detect in _DETECTORS:
+        found = detect(model)
+        if isinstance(found, ModelAdapter):
+            return found
+        if found:
+            reasons.append(found)
     what = f"{type(model).__name__} (model_type {key!r})" if library == "transformers" else type(model).__name__
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     raise UnsupportedModelError(
-        f"{what} is not supported by hf_tokred. Supported architectures: {supported_names()}"
+        f"{what} is not supported by hf_tokred{why}. Supported architectures: {supported_names()}"
     )
 
 
 # Importing registers the adapters.
-from . import bert, clip, deit, dinov2, dit, flux, llama, pixart, sd3, siglip, unet, vit  # noqa: E402,F401
+from . import beit, bert, clip, cohere2, data2vec_vision, decoder, deit, dinov2, distilbert, dit, flux, modernbert, pixart, roberta, sd3, siglip, unet, vit  # noqa: E402,F401,I001

@@ -357,3 +357,35 @@ def test_kernel_size_keeps_the_neighbours_of_what_scores_highest(method):
     def neighbours(held):
         return sum(1 for p in held if p - 1 in held or p + 1 in held)
     assert neighbours(kept[5]) > neighbours(kept[1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_slot_eviction_picks_what_the_sorting_path_picks(seed):
+    """A decoding step evicts one slot by an O(slots) search; it must pick the slot the two-sort path picks
+    (lowest score, the earliest position among ties, never a sink or a recent token, padding first)."""
+    from hf_tokred.kv.cache import select_slots
+
+    torch.manual_seed(seed)
+    batch, heads, slots = 3, 2, 40
+    positions = torch.stack([torch.randperm(slots) for _ in range(batch * heads)]).view(batch, heads, slots)
+    valid = torch.rand(batch, heads, slots) > 0.2
+    scores = torch.randint(0, 4, (batch, heads, slots)).float()  # many ties
+    fast = select_slots(scores, positions, valid, slots - 1, 3, 5, slots)
+    sorted_path = select_slots(scores, positions, valid, slots - 1, 3, 5, slots,
+                               head_budgets=torch.full((batch, heads), slots - 1))
+    assert torch.equal(fast[0], sorted_path[0]) and torch.equal(fast[1], sorted_path[1])
+
+
+@pytest.mark.parametrize("method", ["tova", "h2o", "keydiff"])
+def test_moving_the_last_slot_equals_filling_holes(method, monkeypatch):
+    from hf_tokred.kv.cache import ReducingLayer
+
+    model = make_tiny_llama()
+    ids = torch.randint(2, 120, (2, 30))
+    hf_tokred.apply(model, {"method": method, "max_tokens": 16})
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    fast = model.generate(ids, **kwargs)
+    monkeypatch.setattr(ReducingLayer, "_move_last_slot", ReducingLayer._fill_holes)
+    slow = model.generate(ids, **kwargs)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fast.scores, slow.scores))

@@ -211,10 +211,12 @@ def test_bad_input_leaves_model_untouched(tiny_llama):
 
 
 def test_unsupported_architecture_names_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel \(model_type 'gpt2'\).*llama \(LlamaForCausalLM"):
+    # Bloom computes its (ALiBi) attention itself instead of calling transformers' attention interface
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"BloomForCausalLM \(model_type 'bloom'\).*attention interface"
+                                                    r".*decoder \(LlamaForCausalLM"):
         hf_tokred.apply(model, STREAM)
     assert get_applied(model) is None
 

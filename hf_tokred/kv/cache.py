@@ -6,6 +6,14 @@ returns the full keys/values for this step's attention, ``get_seq_length()`` is 
 stored)``. Eviction happens right after the step's attention, inside hf_tokred's registered attention
 function, where the layer also learns which new tokens are padding.
 
+Layers the reduction does not act on (by default the sliding-window layers of hybrid models such as Gemma 2/3;
+see :mod:`hf_tokred.kv.layers`) are transformers' own cache layers for their type, built as
+``DynamicCache(config=...)`` builds them, so their keys, values and masks stay exactly the dense cache's.
+transformers builds one mask per layer type, sized from the first layer of that type
+(``Cache.get_mask_sizes``, ``Cache.is_sliding``): the reduced layers report their own sizes and rebuild the
+stored part of their mask when eviction made it differ. A reduced sliding-window layer (``layers="all"``)
+also drops what leaves its window, as transformers does, and applies the window in the masks it rebuilds.
+
 Stored slots carry their logical position per row and head, and a validity flag (False for padding).
 Once eviction has made the stored slots a non-contiguous set of positions, transformers' shared mask
 no longer describes them, so the layer rebuilds the stored part of the mask itself. Padding is always
@@ -28,10 +36,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer
 
 from ..attention import STOCK_IMPLEMENTATIONS, AttentionObserver, mask_keep, mask_like, set_transient_observer
+from ..config import TokenReductionConfig
 from ..errors import TokenReductionError, UnsupportedModelError
+from .layers import SLIDING_ATTENTION, check_layers, kv_layer_types
 from .policy import KVPolicyConfig
 
 # Spare slots kept after an eviction, so the next steps append without copying the cache: a per-step policy
@@ -45,15 +55,23 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     Attributes a policy reads: ``keys``/``values`` ``(batch, kv_heads, slots, dim)``, ``positions`` (logical
     position of each slot) and ``valid`` (False for padding and empty slots) ``(batch, kv_heads, slots)``,
     ``buffers`` (per-slot history tensors named by ``policy.buffers``), ``seen`` (tokens seen),
-    ``layer_idx``, ``num_layers`` and ``budget`` (this layer's budget, None = never evict).
+    ``layer_idx`` (the model's layer index), ``rank`` and ``num_layers`` (this layer's rank among the layers the
+    policy acts on, and their number: what per-layer budgets are computed from), ``sliding_window`` (None for a
+    full-attention layer) and ``budget`` (this layer's budget, None = never evict).
     """
 
     is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
 
     def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1, store=None,
-                 label: str | None = None, shared: dict | None = None):
+                 label: str | None = None, shared: dict | None = None, rank: int | None = None,
+                 sliding_window: int | None = None):
         super().__init__()
         self.policy = policy
+        self.rank = layer_idx if rank is None else rank
+        # A sliding-window layer keeps only the last `sliding_window` positions visible; transformers sizes the
+        # sliding layers' shared mask from the first layer that says it slides.
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.shared = {} if shared is None else shared  # state of the whole cache (the input ids it has seen)
         self.scratch: dict = {}  # what a policy's score() leaves for its head_budgets() in the same step
         self.label = label or policy.method  # the reduction's name in error messages
@@ -70,6 +88,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         self.buffers: dict[str, torch.Tensor] = {}
         self.budget: int | None = None  # this layer's budget (the largest row's), None = never evict
         self.row_budgets: torch.Tensor | None = None  # (batch,) budget of each row
+        self.sink_end: torch.Tensor | None = None  # (batch, 1, 1) first position after each row's sinks
         self.compacted = False  # stored slots are no longer the contiguous run 0..seen-1
         self.awaiting_attention = False
         self._key_buffer: torch.Tensor | None = None  # capacity buffers self.keys/values are views of
@@ -91,7 +110,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         first = self.seen == 0
         if first:  # None means never evict; the per-row budgets are set once the padding is known (observe)
             budget = self.policy.budget(new)
-            self.budget = None if budget is None else self.policy.layer_budget(budget, self.layer_idx, self.num_layers)
+            self.budget = None if budget is None else self.policy.layer_budget(budget, self.rank, self.num_layers)
         if self.store is not None:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -181,7 +200,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             self.positions, self.valid = fn(self.positions), fn(self.valid)
             self.buffers = {name: fn(t) for name, t in self.buffers.items()}
         if self.row_budgets is not None:
-            self.row_budgets = fn(self.row_budgets)
+            self.row_budgets, self.sink_end = fn(self.row_budgets), fn(self.sink_end)
         self._key_buffer = self._value_buffer = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -216,28 +235,37 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     def prepare(self, module, query, key, value, attention_mask):
         q = query.shape[-2]
         if attention_mask is not None:
-            # The last query of every row sees every real key, so its mask row marks the new padding.
-            new_valid = mask_keep(attention_mask)[:, 0, -1, -q:]
+            # Every real key is visible to the query at its own position (causal, inside any window) and padding
+            # to none, so the diagonal of the new block marks the new padding.
+            new_valid = mask_keep(attention_mask)[:, 0, :, -q:].diagonal(dim1=-2, dim2=-1)
             self.valid[..., -q:] = new_valid[:, None, :].expand(self.valid.shape[0], -1, -1)
-        if not self.compacted:
+        if not self.compacted and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2]):
             return attention_mask  # slots still map to the contiguous positions the mask describes
         old_valid = self.valid[..., :-q]
-        if attention_mask is None and bool(old_valid.all()):
+        if attention_mask is None and self.sliding_window is None and bool(old_valid.all()):
             return None
         return self._stored_slot_mask(old_valid, attention_mask, query)
 
     def _stored_slot_mask(self, old_valid, attention_mask, query):
         batch, heads, q = query.shape[0], query.shape[1], query.shape[-2]
         kv_heads = old_valid.shape[1]
-        if bool((old_valid == old_valid[:, :1]).all()):
-            stored = old_valid[:, :1]
+        visible = old_valid[:, :, None, :]
+        if self.sliding_window is not None:  # a stored slot leaves the window of the later queries first
+            query_pos = torch.arange(self.seen - q, self.seen, device=query.device)
+            old_pos = self.positions[..., :-q]
+            visible = visible & (old_pos[:, :, None, :] > query_pos[:, None] - self.sliding_window)
+        if bool((visible == visible[:, :1]).all()):
+            stored = visible[:, :1]
         else:  # per-head selections: expand KV heads to the query heads they serve (GQA)
-            stored = old_valid.repeat_interleave(heads // kv_heads, dim=1)
-        stored = stored[:, :, None, :].expand(batch, stored.shape[1], q, stored.shape[-1])
+            stored = visible.repeat_interleave(heads // kv_heads, dim=1)
+        stored = stored.expand(batch, stored.shape[1], q, stored.shape[-1])
         if attention_mask is not None:
             new = mask_keep(attention_mask)[..., -q:]
         else:
-            new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()[None, None]
+            new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+            if self.sliding_window is not None:
+                new = new.triu(1 - self.sliding_window)
+            new = new[None, None]
         new = new.expand(batch, stored.shape[1] if new.shape[1] == 1 else new.shape[1], q, q)
         if new.shape[1] != stored.shape[1]:
             width = max(new.shape[1], stored.shape[1])
@@ -254,43 +282,80 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 self.keys = self.values = None
 
     def _evict_if_over_budget(self, module, query) -> None:
-        policy = self.policy
-        if self.budget is None:
-            return
         with torch.no_grad():
-            if self.calls == 1:
-                self._set_row_budgets()
-            policy.accumulate(self, module, query)
-            if policy.compression == "prefill" and self.calls > 1:
-                return  # compressed once after the prompt; later tokens are appended
-            slack = 0 if policy.compression == "prefill" else policy.compress_every - 1
-            targets = (self.row_budgets - slack)[:, None]  # (batch, 1)
-            over = (self.valid.sum(dim=-1) > targets).any(dim=-1, keepdim=True)  # rows over their budget
-            if not bool(over.any()):
-                return
-            physical = min(int(targets.max()), self.stored_length())
-            scores = policy.score(self, module, query).float()
-            limits = targets.expand(self.valid.shape[:2])
-            head_budgets = policy.head_budgets(self, module, query, physical)
-            if head_budgets is not None:
-                limits = torch.minimum(limits, head_budgets)
-            # A row within its budget keeps everything, as it would alone.
-            limits = torch.where(over, limits, physical)
-            # A prompt chunk fed after the first (a question appended to a compressed context) is kept whole:
-            # only older tokens make room for it. Single decoding steps follow the policy as is.
-            chunk = query.shape[-2] if self.calls > 1 and query.shape[-2] > 1 else 0
-            windows = [max(policy.recent_window(int(t)), min(chunk, int(t) - policy.sink_tokens - 1))
-                       for t in targets[:, 0].tolist()]
-            self.evict(scores, physical, None if bool((limits >= physical).all()) else limits,
-                       torch.tensor(windows, device=targets.device)[:, None, None])
+            if self.budget is not None:
+                if self.calls == 1:
+                    self._set_row_budgets()  # from the prompt's real lengths, before any window cut
+                self.policy.accumulate(self, module, query)
+            # A sliding-window layer first drops what left its window, as transformers does: the policy's budget
+            # then goes to tokens later queries can still see. (Its scores renormalize over those.)
+            self._drop_expired()
+            if self.budget is not None:
+                self._evict_by_policy(module, query)
+
+    def _evict_by_policy(self, module, query) -> None:
+        policy = self.policy
+        if policy.compression == "prefill" and self.calls > 1:
+            return  # compressed once after the prompt; later tokens are appended
+        slack = 0 if policy.compression == "prefill" else policy.compress_every - 1
+        targets = (self.row_budgets - slack)[:, None]  # (batch, 1)
+        over = (self.valid.sum(dim=-1) > targets).any(dim=-1, keepdim=True)  # rows over their budget
+        if not bool(over.any()):
+            return
+        physical = min(int(targets.max()), self.stored_length())
+        scores = policy.score(self, module, query).float()
+        limits = targets.expand(self.valid.shape[:2])
+        head_budgets = policy.head_budgets(self, module, query, physical)
+        if head_budgets is not None:
+            limits = torch.minimum(limits, head_budgets)
+        # A row within its budget keeps everything, as it would alone.
+        limits = torch.where(over, limits, physical)
+        # A prompt chunk fed after the first (a question appended to a compressed context) is kept whole:
+        # only older tokens make room for it. Single decoding steps follow the policy as is.
+        chunk = query.shape[-2] if self.calls > 1 and query.shape[-2] > 1 else 0
+        windows = [max(policy.recent_window(int(t)), min(chunk, int(t) - policy.sink_tokens - 1))
+                   for t in targets[:, 0].tolist()]
+        self.evict(scores, physical, None if bool((limits >= physical).all()) else limits,
+                   torch.tensor(windows, device=targets.device)[:, None, None])
+
+    def _drop_expired(self) -> None:
+        """A sliding-window layer drops the slots no later query can see (positions at or before ``seen -
+        sliding_window``), as ``DynamicSlidingWindowLayer`` does: while the slots are still a contiguous run,
+        by cutting off the oldest ones (so transformers' mask keeps describing them), afterwards by a gather."""
+        if self.sliding_window is None or self.positions is None:
+            return
+        live = self.positions > self.seen - self.sliding_window
+        if bool(live.all()):
+            return
+        if not self.compacted:  # the same contiguous run in every row and head
+            start = int((~live[0, 0]).sum())
+            if self.store is not None:
+                index = torch.arange(start, self.stored_length(), device=live.device).expand(*live.shape[:2], -1)
+                self.store.gather(index)
+            else:
+                self.keys, self.values = self.keys[..., start:, :], self.values[..., start:, :]
+            self._set_slot_tensors({k: t[:, :, start:] for k, t in self._slot_tensors().items()})
+            return
+        count = int(live.sum(dim=-1).max())
+        keep = live.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :count].sort(dim=-1).values
+        self.valid = self.valid & live  # rows and heads with fewer live slots keep masked-out ones
+        if self.store is not None:
+            self.store.gather(keep)
+            self._gather_slot_state(keep)
+        else:
+            self._gather(keep)
 
     def _set_row_budgets(self) -> None:
         """Budgets per row from each row's real prompt length (padding excluded), so that a row keeps as
         many tokens in a padded batch as when run alone."""
         lengths = self.valid[:, 0].sum(dim=-1).tolist()
-        budgets = {n: self.policy.layer_budget(self.policy.budget(n), self.layer_idx, self.num_layers) for n in set(lengths)}
+        budgets = {n: self.policy.layer_budget(self.policy.budget(n), self.rank, self.num_layers) for n in set(lengths)}
         self.row_budgets = torch.tensor([budgets[n] for n in lengths], device=self.valid.device)
         self.budget = int(self.row_budgets.max())
+        # The sinks are each row's first real tokens. A sliding-window layer loses them with its window; the
+        # position bound keeps the tokens that are oldest *now* from being protected in their place.
+        first_real = torch.where(self.valid[:, 0], self.positions[:, 0], self.seen).amin(dim=-1)
+        self.sink_end = (first_real + self.policy.sink_tokens)[:, None, None]
 
     def evict(self, scores: torch.Tensor, budget: int, head_budgets: torch.Tensor | None = None,
               window: torch.Tensor | int | None = None) -> None:
@@ -301,6 +366,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         window = self.policy.recent_window(budget) if window is None else window
         keep, keep_valid = select_slots(
             scores, self.positions, self.valid, budget, self.policy.sink_tokens, window, self.seen, head_budgets,
+            sink_end=self.sink_end if self.sliding_window is not None else None,
         )
         if head_budgets is not None:  # slots beyond a head's own budget stay as masked-out padding
             self.valid = self.valid.scatter(2, keep, keep_valid)
@@ -312,6 +378,8 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         elif self.store is not None:
             self.store.gather(keep)
             self._gather_slot_state(keep)
+        elif self._holds_buffer() and evicted == 1:
+            self._move_last_slot(keep, budget)
         elif self._holds_buffer() and evicted <= budget:
             self._fill_holes(keep, budget)
         else:
@@ -333,6 +401,24 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
 
     def _gather_slot_state(self, keep: torch.Tensor) -> None:
         self._set_slot_tensors({k: _gather_slots(t, keep) for k, t in self._slot_tensors().items()})
+
+    def _move_last_slot(self, keep: torch.Tensor, budget: int) -> None:
+        """Evict one slot per row and head in place: the last slot moves into the evicted one (what
+        :meth:`_fill_holes` does for one slot, without its sorts)."""
+        # `keep` is ascending and skips one index per row and head: the count of leading matches is that index.
+        hole = (keep == torch.arange(budget, device=keep.device)).sum(dim=-1, keepdim=True)
+        for name in ("keys", "values"):
+            tensor = getattr(self, name)
+            last = tensor[..., budget : budget + 1, :]
+            tensor.scatter_(2, hole[..., None].expand_as(last), last.clone())
+            setattr(self, name, tensor[..., :budget, :])
+        moved = {}
+        for key, tensor in self._slot_tensors().items():
+            tensor = tensor.clone()
+            last = tensor[:, :, budget : budget + 1].clone()
+            tensor.scatter_(2, _expand_index(hole, tensor), last)
+            moved[key] = tensor[:, :, :budget]
+        self._set_slot_tensors(moved)
 
     def _fill_holes(self, keep: torch.Tensor, budget: int) -> None:
         """Evict in place: kept slots beyond ``budget`` move into the evicted slots below it, so only the
@@ -399,13 +485,14 @@ def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, _expand_index(index, tensor))
 
 
-def select_slots(scores, positions, valid, budget, sink_tokens, window, seen, head_budgets=None):
+def select_slots(scores, positions, valid, budget, sink_tokens, window, seen, head_budgets=None, sink_end=None):
     """Indices (ascending) of the ``budget`` slots to keep per row and head, and which of them stay valid.
 
-    Protected slots (the ``sink_tokens`` earliest real tokens of each row and the last ``window``
-    positions) outrank every scored slot, padding ranks below everything, and ties go to the later
-    position. With ``head_budgets`` ``(batch, kv_heads)`` only each head's best ``head_budgets`` kept slots
-    stay valid. Slot order does not matter (positions say where each slot belongs).
+    Protected slots (the ``sink_tokens`` earliest real tokens of each row, or with ``sink_end`` ``(batch, 1,
+    1)`` the real tokens before that position, and the last ``window`` positions) outrank every scored slot,
+    padding ranks below everything, and ties go to the later position. With ``head_budgets`` ``(batch,
+    kv_heads)`` only each head's best ``head_budgets`` kept slots stay valid. Slot order does not matter
+    (positions say where each slot belongs).
 
     Example:
         >>> import torch
@@ -415,7 +502,9 @@ def select_slots(scores, positions, valid, budget, sink_tokens, window, seen, he
         >>> keep.tolist()
         [[[0, 1, 7, 8, 9]]]
     """
-    if sink_tokens > 0:
+    if sink_end is not None:
+        sinks = valid & (positions < sink_end)
+    elif sink_tokens > 0:
         real_positions = torch.where(valid, positions, torch.iinfo(positions.dtype).max)
         last_sink = real_positions.topk(min(sink_tokens, positions.shape[-1]), dim=-1, largest=False).values[..., -1:]
         sinks = valid & (positions <= last_sink)
@@ -424,6 +513,15 @@ def select_slots(scores, positions, valid, budget, sink_tokens, window, seen, he
     recent = valid & (positions >= seen - window)
     ranked = torch.where(valid, scores, torch.finfo(scores.dtype).min)
     ranked = torch.where(sinks | recent, torch.inf, ranked)
+    slots = positions.shape[-1]
+    if slots - budget == 1 and head_budgets is None:
+        # One slot out (a decoding step of a per-step policy): the lowest score, the earliest position among
+        # equal ones -- the slot the sorts below would leave last -- found in O(slots) instead of two sorts.
+        lowest = ranked == ranked.amin(dim=-1, keepdim=True)
+        victim = torch.where(lowest, positions, torch.iinfo(positions.dtype).max).argmin(dim=-1, keepdim=True)
+        index = torch.arange(budget, device=positions.device)
+        keep = index + (index >= victim).to(index.dtype)
+        return keep, valid.gather(-1, keep)
     # Later positions first, then a stable sort by score: equal scores keep the later token.
     by_position = positions.argsort(dim=-1, descending=True)
     order = ranked.gather(-1, by_position).sort(dim=-1, descending=True, stable=True).indices
@@ -440,7 +538,9 @@ class TokenReductionCache(Cache):
 
     Build it with :func:`hf_tokred.build_cache` (``generate()`` does so by itself when a KV policy is
     attached). It needs the model's attention to run through hf_tokred's registered function, which
-    ``hf_tokred.apply`` sets.
+    ``hf_tokred.apply`` sets. The layers the policy and storage act on (their ``layers`` option) are
+    :class:`ReducingLayer`; the others are transformers' own layer for their type (``layer_types`` lists
+    each layer's type). ``stored_lengths()``, ``kv_bytes()`` and ``kv_bytes_by_type()`` cover both kinds.
 
     Example:
         >>> cache = hf_tokred.build_cache(model)                        # doctest: +SKIP
@@ -463,27 +563,28 @@ class TokenReductionCache(Cache):
                 f"{label}: the model's attn_implementation is {attn!r}; a TokenReductionCache needs "
                 f"hf_tokred's attention ({', '.join(sorted(STOCK_IMPLEMENTATIONS))}); use hf_tokred.apply(model, cfg)"
             )
-        text_config = model.config.get_text_config(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise UnsupportedModelError(
-                f"{label}: layers of types {sorted(set(layer_types) - {'full_attention'})} are not supported; "
-                "only full-attention layers can evict"
-            )
+        types, type_kwargs = kv_layer_types(model, label)
         modules = adapter.attention_modules(model)
         self._attention_modules = {m.layer_idx: m for m in modules}
-        if policy is None:  # storage only: a policy that never evicts
-            from ..config import TokenReductionConfig
-
-            policy = TokenReductionConfig(method="streamingllm", keep=1.0)
-        policy = policy.bind(model)
+        never = TokenReductionConfig(method="streamingllm", keep=1.0)  # what storage-only layers run: no eviction
+        policy_layers = check_layers(policy, model) if policy is not None else []
+        storage_layers = check_layers(storage, model) if storage is not None else []
+        policy = never if policy is None else policy.bind(model)
         self.policy, self.storage, self.label = policy, storage, label
         self.shared: dict = {"token_ids": None}
-        layers = text_config.num_hidden_layers
-        stores = storage.make_stores(layers, model) if storage is not None else [None] * layers
-        super().__init__(layers=[
-            ReducingLayer(policy, i, layers, store, label, self.shared) for i, store in enumerate(stores)
-        ])
+        self.layer_types = types
+        stores = dict(zip(storage_layers, storage.make_stores(storage_layers, model))) if storage is not None else {}
+        ranks = {layer: rank for rank, layer in enumerate(policy_layers)}
+        layers = []
+        for index, (layer_type, kwargs) in enumerate(zip(types, type_kwargs)):
+            if index in ranks or index in stores:
+                window = kwargs.get("sliding_window") if layer_type == SLIDING_ATTENTION else None
+                layers.append(ReducingLayer(policy if index in ranks else never, index, max(len(ranks), 1),
+                                            stores.get(index), label, self.shared, rank=ranks.get(index, 0),
+                                            sliding_window=window))
+            else:  # a layer the reduction leaves alone: transformers' own, exactly as DynamicCache(config) builds it
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        super().__init__(layers=layers)
 
     def record_input_ids(self, input_ids: torch.Tensor) -> None:
         """Remember the token ids fed to the model (policies with ``needs_token_ids`` read them)."""
@@ -502,14 +603,40 @@ class TokenReductionCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         module = self._attention_modules.get(layer_idx)
-        if module is not None:
-            set_transient_observer(module, self.layers[layer_idx])
+        layer = self.layers[layer_idx]
+        if module is not None and isinstance(layer, ReducingLayer):
+            set_transient_observer(module, layer)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def stored_lengths(self) -> list[int]:
-        """Slots each layer holds now (the physical cache size; ``get_seq_length()`` is tokens seen)."""
-        return [layer.stored_length() for layer in self.layers]
+        """Slots each layer holds now (the physical cache size; ``get_seq_length()`` is tokens seen), for the
+        reduced layers and those left to transformers alike."""
+        return [_stored_length(layer) for layer in self.layers]
 
     def kv_bytes(self) -> int:
-        """Bytes of the key/value tensors the cache holds now."""
-        return sum(layer.kv_bytes() for layer in self.layers)
+        """Bytes of the key/value tensors the cache holds now (every layer)."""
+        return sum(_layer_bytes(layer) for layer in self.layers)
+
+    def kv_bytes_by_type(self) -> dict[str, int]:
+        """:meth:`kv_bytes` split by layer type, e.g. ``{"full_attention": n, "sliding_attention": m}``.
+
+        Example:
+            >>> cache.kv_bytes_by_type()                                    # doctest: +SKIP
+            {'sliding_attention': 3584, 'full_attention': 1536}
+        """
+        totals: dict[str, int] = {}
+        for layer_type, layer in zip(self.layer_types, self.layers):
+            totals[layer_type] = totals.get(layer_type, 0) + _layer_bytes(layer)
+        return totals
+
+
+def _stored_length(layer) -> int:
+    if isinstance(layer, ReducingLayer):
+        return layer.stored_length()
+    return 0 if not layer.is_initialized or layer.keys is None else layer.keys.shape[-2]
+
+
+def _layer_bytes(layer) -> int:
+    if isinstance(layer, ReducingLayer):
+        return layer.kv_bytes()
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))

@@ -16,7 +16,9 @@ Three concerns are kept apart:
   slot of the same row and head whose key is most similar).
 
 The shared machinery in :mod:`hf_tokred.kv.cache` protects the sinks and the recent window, never keeps
-padding over a real token, and gathers the kept slots.
+padding over a real token, and gathers the kept slots. ``layers`` says which decoder layers the policy acts
+on (by default the full-attention ones; sliding-window layers keep transformers' own window cache, see
+:mod:`hf_tokred.kv.layers`).
 
 Example:
     >>> from hf_tokred import TokenReductionConfig
@@ -35,6 +37,7 @@ import torch
 
 from ..config import TokenReductionConfig, param
 from ..errors import ConfigError
+from .layers import check_layers, layers_param
 from .scoring import pool_along_positions
 
 COMPRESSIONS = ("prefill", "step")
@@ -43,7 +46,7 @@ COMPRESSIONS = ("prefill", "step")
 @dataclass(kw_only=True)
 class KVPolicyConfig(TokenReductionConfig):
     """Fields shared by every KV policy: a budget (``keep`` fraction or ``max_tokens``), the
-    always-protected ``sink_tokens`` and recent ``window``, ``compress_every`` and ``evicted``.
+    always-protected ``sink_tokens`` and recent ``window``, ``compress_every``, ``evicted`` and ``layers``.
 
     Subclasses set ``compression`` (``"prefill"`` or ``"step"``), write :meth:`score`, and may write
     :meth:`accumulate` (history), :meth:`layer_budget` (per-layer budgets) and :meth:`head_budgets`
@@ -68,6 +71,7 @@ class KVPolicyConfig(TokenReductionConfig):
                          help="drop evicted tokens, or merge each into the most similar kept token")
     kernel_size: int = param(1, int, low=1, help="odd width of the pooling of scores along positions, so a kept "
                                                  "token keeps its neighbours (1 = none)")
+    layers: str | None = layers_param()
 
     def validate(self) -> None:
         if self.kernel_size % 2 == 0:
@@ -92,6 +96,11 @@ class KVPolicyConfig(TokenReductionConfig):
                 field="max_tokens",
             )
 
+    def check_model(self, model) -> None:
+        """Raise before ``apply`` touches ``model`` when the policy cannot act on it: layer kinds without a plain
+        KV cache, or a ``layers`` choice that selects nothing (:func:`hf_tokred.kv.layers.check_layers`)."""
+        check_layers(self, model)
+
     def bind(self, model) -> KVPolicyConfig:
         """The policy a cache for ``model`` uses (a copy with model-specific values filled in, or ``self``)."""
         return self
@@ -111,7 +120,10 @@ class KVPolicyConfig(TokenReductionConfig):
         return self.sink_tokens + self.recent_window(0) + self.compress_every
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int) -> int:
-        """Budget of one layer (PyramidKV overrides this); the default gives every layer ``budget``."""
+        """Budget of one layer (PyramidKV overrides this); the default gives every layer ``budget``.
+
+        ``layer_idx`` counts the layers the policy acts on (0 .. ``num_layers`` - 1), not the model's layers: on a
+        model with sliding-window layers it is the rank among the full-attention ones."""
         return budget
 
     def recent_window(self, budget: int) -> int:

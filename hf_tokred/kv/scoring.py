@@ -4,8 +4,13 @@ Scoring policies need the attention weights of a few queries (the last one for T
 window for SnapKV, every query for H2O). The model's attention may be SDPA, which never materialises
 them, so we recompute ``softmax(q k^T * scaling)`` for just the queries needed, in chunks so the peak
 stays bounded. Which slot a query may see comes from the cache's own bookkeeping (a slot is visible
-when it is real, not padding, and not later than the query), so this is right for evicted,
-non-contiguous caches and left-padded batches alike.
+when it is real, not padding, not later than the query, and, in a sliding-window layer, inside the
+query's window), so this is right for evicted, non-contiguous caches and left-padded batches alike.
+
+The logits follow the model's own eager attention: ``module.scaling`` (Gemma's
+``query_pre_attn_scalar ** -0.5``, Granite's ``attention_multiplier``), soft-capping
+``tanh(logits / cap) * cap`` when the module has ``attn_logit_softcapping`` (Gemma 2), and learned
+per-head sink logits that take a share of the softmax when the module has ``sinks`` (GPT-OSS).
 
 Example:
     >>> import torch
@@ -39,18 +44,38 @@ def iter_attention_probs(module, query: torch.Tensor, layer, last: int | None = 
     batch, heads, q, dim = query.shape
     keys = layer.keys
     kv_heads = keys.shape[1]
+    group = heads // kv_heads
     first = q - (q if last is None else min(last, q))
-    scaling = getattr(module, "scaling", dim ** -0.5)
-    grouped = query.view(batch, kv_heads, heads // kv_heads, q, dim)
-    keys_t = keys.float().transpose(-1, -2)[:, :, None]
+    scaling = getattr(module, "scaling", None) or dim ** -0.5
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    sinks = getattr(module, "sinks", None)
+    if isinstance(sinks, torch.Tensor) and sinks.numel() == heads:  # (kv_heads, group, 1, 1) next to the logits
+        sinks = sinks.detach().float().view(kv_heads, group, 1, 1)
+    else:
+        sinks = None
+    window = getattr(layer, "sliding_window", None)
+    grouped = query.view(batch, kv_heads, group, q, dim)
+    # (batch, kv_heads, dim, slots): the group's queries are stacked into one matrix per KV head below, so the
+    # product is one batched matmul over the keys as stored (a broadcast over the group would copy them).
+    keys_t = keys.float().transpose(-1, -2)
     slot_pos = layer.positions[:, :, None, None, :]
     slot_valid = layer.valid[:, :, None, None, :]
     for start in range(first, q, chunk):
         stop = min(start + chunk, q)
-        logits = (grouped[:, :, :, start:stop].float() @ keys_t) * scaling
-        query_pos = torch.arange(layer.seen - q + start, layer.seen - q + stop, device=query.device)
-        visible = slot_valid & (slot_pos <= query_pos[:, None])
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        stacked = grouped[:, :, :, start:stop].float().reshape(batch, kv_heads, group * (stop - start), dim)
+        logits = (stacked @ keys_t).view(batch, kv_heads, group, stop - start, -1) * scaling
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        query_pos = torch.arange(layer.seen - q + start, layer.seen - q + stop, device=query.device)[:, None]
+        visible = slot_valid & (slot_pos <= query_pos)
+        if window is not None:
+            visible = visible & (slot_pos > query_pos - window)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        if sinks is None:
+            probs = logits.softmax(dim=-1)
+        else:  # the sink's share is dropped, as in the model's eager attention
+            sink = sinks.expand(*logits.shape[:-1], 1).to(logits.device)
+            probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
         yield probs.nan_to_num_(0.0)  # a padding query sees no real slot
 
 

@@ -6,7 +6,10 @@ An eviction policy (stage ``"kv_policy"``) decides *which* tokens stay; a storag
 asks the store for the step's keys/values, runs attention, lets the store drop its transient copies,
 and then evicts by asking the store to keep a subset of its slots.
 
-The contract (one store per layer, created by :meth:`KVStorageConfig.make_stores`):
+A storage's ``layers`` option says which decoder layers it holds (by default the full-attention ones; see
+:mod:`hf_tokred.kv.layers`); the other layers keep transformers' own cache layer.
+
+The contract (one store per layer acted on, created by :meth:`KVStorageConfig.make_stores`):
 
 * ``append(keys, values)`` adds this step's ``(B, H_kv, n, D)`` keys/values and returns *all* of them in
   the compute dtype for this step's attention. Old slots may come back dequantized (lossy); the ``n``
@@ -42,6 +45,7 @@ import torch
 
 from ..config import TokenReductionConfig, param
 from ..errors import ConfigError
+from .layers import check_layers, layers_param
 
 SCALE_DTYPE = torch.float16  # scales, zero points and sparse outliers, as in the papers (fp16)
 
@@ -469,25 +473,45 @@ class KVStorageConfig(TokenReductionConfig):
     model_kinds: ClassVar[tuple[str, ...]] = ("decoder",)
     composes_with_eviction: ClassVar[bool] = True  # may hold the slots of a kv_policy that evicts
 
-
     chunk_tokens: int = param(1024, int, low=1, help="slots dequantized at a time (bounds the per-step peak)")
+    layers: str | None = layers_param()
 
     def check_model(self, model) -> None:
         """Raise :class:`ConfigError` if the storage cannot serve ``model`` (run by ``apply`` before it
-        touches the model); nothing to check by default."""
+        touches the model). The base checks the layer kinds and the ``layers`` choice; storages extend it."""
+        check_layers(self, model)
 
-    def make_stores(self, num_layers: int, model) -> list[KVStore]:
-        """One :class:`KVStore` per decoder layer of ``model`` (cross-layer stores may share state).
+    def layer_indices(self, model) -> list[int]:
+        """The decoder layers of ``model`` this storage holds (see ``layers``).
+
+        Example:
+            >>> TokenReductionConfig(method="kivi", bits=4).layer_indices(model)          # doctest: +SKIP
+            [0, 1]
+        """
+        return check_layers(self, model)
+
+    def make_stores(self, layers: list[int], model) -> list[KVStore]:
+        """One :class:`KVStore` for each decoder layer index in ``layers`` (in that order; cross-layer stores may
+        share state).
 
         The base gives every layer a full-precision :class:`DenseStore`; storages override it."""
-        return [DenseStore() for _ in range(num_layers)]
+        return [DenseStore() for _ in layers]
 
     @staticmethod
     def head_dim(model) -> int:
-        """The attention head dimension of a decoder ``model``."""
+        """The attention head dimension of a decoder ``model`` (its attention modules' ``head_dim``, else the
+        config's; GPT-NeoX has neither and uses ``hidden_size // num_attention_heads``)."""
+        from ..model_patches import find_adapter
+        from ..model_patches.rope import attention_head_dim
+
+        modules = find_adapter(model).attention_modules(model)
+        return attention_head_dim(model, modules[0] if modules else None)
+
+    @staticmethod
+    def kv_heads(model) -> int:
+        """Key/value heads of a decoder ``model`` (``num_key_value_heads``, else ``num_attention_heads``)."""
         config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None)
-        return int(head_dim or config.hidden_size // config.num_attention_heads)
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
     def check_head_dim(self, head_dim: int, group_size: int | None = None) -> None:
         """Raise :class:`ConfigError` when the model's head dimension cannot be packed or grouped."""

@@ -57,6 +57,7 @@ class FastGenConfig(KVPolicyConfig):
     """Per-head policies chosen by profiling the prompt (arXiv 2310.01801)."""
 
     paper = "2310.01801"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "prefill"
     needs_token_ids = True
 
@@ -91,7 +92,11 @@ class FastGenConfig(KVPolicyConfig):
         slot_ids = token_ids.to(layer.positions.device)[:, None, :].expand(-1, layer.positions.shape[1], -1)
         slot_ids = slot_ids.gather(-1, layer.positions)
         valid = layer.valid
-        sinks = valid & (valid.cumsum(dim=-1) <= self.sink_tokens)  # prompt slots are in position order here
+        sink_end = getattr(layer, "sink_end", None) if getattr(layer, "sliding_window", None) else None
+        if sink_end is not None:  # a sliding-window layer's sinks may have left with its window
+            sinks = valid & (layer.positions < sink_end)
+        else:
+            sinks = valid & (valid.cumsum(dim=-1) <= self.sink_tokens)  # prompt slots are in position order here
         special = (_isin(slot_ids, self.special_token_ids) & valid) | sinks
         punctuation = _isin(slot_ids, self.punctuation_token_ids) & valid
         lengths = valid.sum(dim=-1, keepdim=True)  # real prompt tokens per row and head
@@ -134,8 +139,10 @@ def _token_ids_beside_model(source: str) -> dict[str, list[int]]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means: no tokenizer next to the model
         raise TokenReductionError(
-            f"fastgen: special_token_ids and punctuation_token_ids are unset and no tokenizer could be loaded "
-            f"from the model's path {source!r} ({type(err).__name__}); pass both, e.g. "
+            f"fastgen: the fields special_token_ids and punctuation_token_ids are unset, and no tokenizer could be "
+            f"loaded from the model's folder {source!r} ({type(err).__name__}); either save the tokenizer into the "
+            "model folder (tokenizer.save_pretrained(folder), then load the model from it), or set both fields: "
+            "from hf_tokred.methods.kv.fastgen import token_ids_from_tokenizer; "
             "TokenReductionConfig(method='fastgen', keep=0.5, **token_ids_from_tokenizer(tokenizer))"
         ) from None
     return token_ids_from_tokenizer(tokenizer)

@@ -32,6 +32,7 @@ class H2OConfig(KVPolicyConfig):
     """Heavy hitters by attention accumulated at every step, plus a recent window (arXiv 2306.14048)."""
 
     paper = "2306.14048"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "step"
     buffers = ("accumulated",)
 

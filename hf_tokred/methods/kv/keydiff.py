@@ -32,6 +32,7 @@ class KeyDiffConfig(KVPolicyConfig):
     """Evict the keys most similar to the mean key (arXiv 2504.15364)."""
 
     paper = "2504.15364"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "step"
 
     reference: str = param("keys", str, choices=("keys", "values"), help="vectors compared with their mean")

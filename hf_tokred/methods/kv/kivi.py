@@ -118,7 +118,7 @@ class KIVIConfig(KVStorageConfig):
     """
 
     paper = "2402.02750"
-    status = "beta"
+    status = "stable"  # the evidence: docs/methods.md, "Why each status"
 
     bits: int = param(2, int, choices=(2, 4, 16), help="bits per stored key/value element (16 = no quantization)")
     group_size: int | None = param(None, int, low=1, optional=True,
@@ -176,31 +176,34 @@ class KIVIConfig(KVStorageConfig):
         return 3 * self.tokens_per_key_group // 64
 
     def check_model(self, model) -> None:
-        """Raise :class:`ConfigError` if the model's head dimension does not fit ``group_size``."""
+        """Raise :class:`ConfigError` if the model's head dimension does not fit ``group_size``, or, with
+        ``pre_rope``, if the rotary embedding of a layer it holds is unknown."""
+        super().check_model(model)
         if self.bits != 16:
             self.check_head_dim(self.head_dim(model), self.group_size)  # None: a divisor is picked
             if self.pre_rope:
-                self._rotary(model)
+                for layer in self.layer_indices(model):
+                    self._rotary(model, layer)
 
-    def _rotary(self, model):
+    def _rotary(self, model, layer: int):
         from ...errors import UnsupportedModelError
         from ...model_patches.rope import rotary_for
 
         try:
-            return rotary_for(model)
+            return rotary_for(model, layer)
         except UnsupportedModelError as err:
             raise ConfigError(f"pre_rope: {err}; use pre_rope=False", field="pre_rope") from err
 
-    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+    def make_stores(self, layers: list[int], model) -> list[KVStore]:
         self.check_model(model)
         if self.bits == 16:
-            return [DenseStore() for _ in range(num_layers)]
+            return [DenseStore() for _ in layers]
         channels = self.channels_per_value_group(self.head_dim(model))
         return [KIVIStore(self.bits, channels, self.residual, self.chunk_tokens, self.sink_tokens,
                           key_group_size=self.tokens_per_key_group, key_clip=self.key_clip,
                           residual_dtype=self.residual_dtype, key_outliers=self.outliers_per_key_group(),
-                          rotary=self._rotary(model) if self.pre_rope else None)
-                for _ in range(num_layers)]
+                          rotary=self._rotary(model, layer) if self.pre_rope else None)
+                for layer in layers]
 
 
 DEFAULT_GROUP = 64  # tokens per key group and (at most) channels per value group when group_size is None

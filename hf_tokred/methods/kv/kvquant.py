@@ -96,16 +96,28 @@ class KVQuantConfig(KVStorageConfig):
         return math.ceil(self.outlier_fraction * head_dim - 1e-9)
 
     def check_model(self, model) -> None:
+        """Raise if the head dimension cannot be packed or the rotary embedding of a layer it holds is unknown
+        (KVQuant quantizes pre-RoPE keys)."""
+        from ...errors import UnsupportedModelError
+        from ...model_patches.rope import rotary_for
+
+        super().check_model(model)
         self.check_head_dim(self.head_dim(model))
+        for layer in self.layer_indices(model):
+            try:
+                rotary_for(model, layer)
+            except UnsupportedModelError as err:
+                raise UnsupportedModelError(f"kvquant quantizes pre-RoPE keys: {err}") from err
 
     def learned_modules(self, model, adapter):
         self.check_model(model)
         config = model.config.get_text_config(decoder=True)
-        heads = config.num_key_value_heads or config.num_attention_heads
         device = next(model.parameters()).device
-        return {MODULE_NAME: KVQuantCalibration(config.num_hidden_layers, heads, self.head_dim(model), self.bits).to(device)}
+        # one row per decoder layer (indexed by the model's layer index), whether or not the storage holds it
+        return {MODULE_NAME: KVQuantCalibration(config.num_hidden_layers, self.kv_heads(model), self.head_dim(model),
+                                                self.bits).to(device)}
 
-    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+    def make_stores(self, layers: list[int], model) -> list[KVStore]:
         from ...model_patches.rope import rotary_for
 
         self.check_model(model)
@@ -115,8 +127,8 @@ class KVQuantConfig(KVStorageConfig):
             raise TokenReductionError("kvquant: the model carries no kvquant calibration; attach it with hf_tokred.apply")
         if not bool(calibration.calibrated):
             raise TokenReductionError(
-                "kvquant: the codebooks are not calibrated yet; run "
-                "hf_tokred.methods.kv.kvquant.calibrate(model, texts, tokenizer) once (save_pretrained keeps the result)"
+                "kvquant: the codebooks are not calibrated yet; run hf_tokred.calibrate(model, texts) once, with "
+                "representative texts (and tokenizer=... unless the model folder holds one; save_pretrained keeps the result)"
             )
         if calibration.key_codebook.shape[-1] != 1 << self.bits:
             raise ConfigError(
@@ -124,11 +136,10 @@ class KVQuantConfig(KVStorageConfig):
                 f"needs {1 << self.bits}; calibrate again",
                 field="bits",
             )
-        rotary = rotary_for(model)
         outliers = self.outliers(self.head_dim(model))
-        return [KVQuantStore(calibration, layer, rotary, self.bits, outliers, self.chunk_tokens,
+        return [KVQuantStore(calibration, layer, rotary_for(model, layer), self.bits, outliers, self.chunk_tokens,
                              self.sink_tokens, residual=self.residual, residual_dtype=self.residual_dtype)
-                for layer in range(num_layers)]
+                for layer in layers]
 
 
 class KVQuantCalibration(torch.nn.Module):
@@ -500,26 +511,27 @@ def calibrate(model, texts, tokenizer=None, *, max_length: int = 2048, max_token
     if not isinstance(config, KVQuantConfig) or modules is None or MODULE_NAME not in modules:
         raise TokenReductionError("calibrate: attach a kvquant reduction first (hf_tokred.apply(model, {'method': 'kvquant'}))")
     calibration = modules[MODULE_NAME]
-    rotary = rotary_for(model)
-    layers = calibration.key_center.shape[0]
-    keys_seen: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-    values_seen: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    layers = config.layer_indices(model)  # the layers the storage holds; the other rows stay as they are
+    rotaries = {layer: rotary_for(model, layer) for layer in layers}
+    keys_seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    values_seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     device = next(model.parameters()).device
     for ids in _token_batches(texts, tokenizer, max_length):
-        cache = DynamicCache()
+        cache = DynamicCache()  # no config: every layer keeps all its keys, sliding-window layers too
         model(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
-        for layer in range(layers):
+        for layer in layers:
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
             batch, heads, slots, _ = keys.shape
             positions = torch.arange(slots, device=keys.device).expand(batch, heads, slots)
-            keys_seen[layer].append(rotary.unrotate(keys, positions).transpose(1, 2).reshape(-1, heads, keys.shape[-1]))
+            pre_rope = rotaries[layer].unrotate(keys, positions)
+            keys_seen[layer].append(pre_rope.transpose(1, 2).reshape(-1, heads, keys.shape[-1]))
             values_seen[layer].append(values.float().transpose(1, 2).reshape(-1, heads, values.shape[-1]))
-    if not keys_seen[0]:
+    if not keys_seen[layers[0]]:
         raise ConfigError("texts: calibrate() needs at least one non-empty text", field="texts")
     outliers = config.outliers(calibration.key_center.shape[-1])
     entries = calibration.key_codebook.shape[-1]
     quantile = config.outlier_fraction / 2
-    for layer in range(layers):
+    for layer in layers:
         keys = torch.cat(keys_seen[layer])[:max_tokens_per_layer]  # (tokens, heads, dim)
         values = torch.cat(values_seen[layer])[:max_tokens_per_layer]
         flat = keys.permute(1, 2, 0).reshape(-1, keys.shape[0]).float()

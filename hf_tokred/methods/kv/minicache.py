@@ -15,6 +15,12 @@ directions (and the layers outside the merged range) with KIVI, i.e. MiniCache i
 wraps a quantizing store, as in the paper's 4-bit MiniCache. Eviction policies cannot be combined:
 the two layers of a pair would evict different tokens of one shared cache.
 
+On models mixing layer kinds (Gemma 2/3, Cohere 2, GPT-OSS: ``config.layer_types``) only adjacent
+full-attention layers are merged, and sliding-window layers keep transformers' own window cache: a window
+drops tokens, which a shared cache cannot. A model whose full-attention layers are never adjacent from
+``start_layer`` on (Gemma 2's alternating layers) is a :class:`~hf_tokred.errors.ConfigError`, as is
+``layers="all"`` on a model with sliding-window layers.
+
 Where we depart from the paper: the paper merges after prefill and at fixed intervals during decoding
 and defines the retention threshold on a normalized distance per merge; we merge every step's new
 tokens as soon as the deeper layer of the pair has computed them (the shallower layer attends to its
@@ -48,7 +54,7 @@ class MiniCacheConfig(KVStorageConfig):
     tokens stay unmerged); ``quantize`` optionally holds a ``kivi`` config for the stored vectors."""
 
     paper = "2405.14366"
-    status = "beta"
+    status = "experimental"  # the evidence: docs/methods.md, "Why each status"
     composes_with_eviction = False  # the two layers of a pair would evict different tokens of one cache
 
     start_layer: int | None = param(None, int, low=0, optional=True,
@@ -77,11 +83,53 @@ class MiniCacheConfig(KVStorageConfig):
         return num_layers // 2 if self.start_layer is None else self.start_layer
 
     def check_model(self, model) -> None:
+        """Raise if the inner KIVI config does not fit ``model``, if the selected layers include sliding-window
+        ones (their windows drop tokens, which a pair's shared cache cannot), or if a model mixing layer kinds
+        has no two adjacent full-attention layers to merge from ``start_layer`` on."""
+        from ...kv.layers import FULL_ATTENTION, kv_layer_types
+
+        super().check_model(model)
         inner = self.inner_config()
         if inner is not None:
             inner.check_model(model)
+        types, _ = kv_layer_types(model, self.method)
+        selected = self.layer_indices(model)
+        name = type(model).__name__
+        windowed = [i for i in selected if types[i] != FULL_ATTENTION]
+        if windowed:
+            fix = ("use layers='full'" if FULL_ATTENTION in types
+                   else f"{name} has no full-attention layer, so minicache cannot serve it")
+            raise ConfigError(
+                f"layers: minicache shares one cache between adjacent layers and cannot drop tokens, so it cannot hold "
+                f"the sliding-window layers {windowed} of {name}; {fix}",
+                field="layers",
+            )
+        first = self.first_layer(len(types))
+        if first < len(types) and len(selected) < len(types) and not self.pairs(selected, len(types)):
+            raise ConfigError(
+                f"start_layer: minicache merges adjacent full-attention layers, and {name} has none from layer {first} "
+                f"on (its full-attention layers are {selected}; the others slide)",
+                field="start_layer",
+            )
 
-    def make_stores(self, num_layers: int, model) -> list[KVStore]:
+    def pairs(self, layers: list[int], num_layers: int) -> list[tuple[int, int]]:
+        """The merged pairs ``(l, l + 1)`` among ``layers`` (the layers held), from ``start_layer`` on.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig(method="minicache", start_layer=1).pairs([0, 1, 2, 3, 4], 5)
+            [(1, 2), (3, 4)]
+        """
+        held, found, layer = set(layers), [], self.first_layer(num_layers)
+        while layer + 1 < num_layers:
+            if layer in held and layer + 1 in held:
+                found.append((layer, layer + 1))
+                layer += 2
+            else:
+                layer += 1
+        return found
+
+    def make_stores(self, layers: list[int], model) -> list[KVStore]:
         from ...integration.wiring import get_applied
 
         self.check_model(model)
@@ -94,22 +142,15 @@ class MiniCacheConfig(KVStorageConfig):
                 field="method",
             )
         inner = self.inner_config()
-
-        def plain():
-            return DenseStore() if inner is None else inner.make_stores(1, model)[0]
-
-        stores: list[KVStore] = []
-        layer = 0
-        first = self.first_layer(num_layers)
-        while layer < num_layers:
-            if layer >= first and layer + 1 < num_layers:
-                pair = MergedPair(plain(), self.interpolation, self.retention_threshold)
-                stores += [MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)]
-                layer += 2
-            else:
-                stores.append(plain())
-                layer += 1
-        return stores
+        stores: dict[int, KVStore] = {}
+        for shallow, deep in self.pairs(layers, model.config.get_text_config(decoder=True).num_hidden_layers):
+            pair = MergedPair(DenseStore() if inner is None else inner.make_stores([shallow], model)[0],
+                              self.interpolation, self.retention_threshold)
+            stores[shallow], stores[deep] = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
+        for layer in layers:
+            if layer not in stores:
+                stores[layer] = DenseStore() if inner is None else inner.make_stores([layer], model)[0]
+        return [stores[layer] for layer in layers]
 
 
 def slerp_merge(first: torch.Tensor, second: torch.Tensor, t: float):

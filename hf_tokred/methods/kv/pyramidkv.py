@@ -33,6 +33,7 @@ class PyramidKVConfig(SnapKVConfig):
     """SnapKV scores with budgets shrinking linearly with depth (arXiv 2406.02069)."""
 
     paper = "2406.02069"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
 
     beta: float = param(20.0, float, low=1.0, help="the last layer keeps 1/beta of the average free budget")
 

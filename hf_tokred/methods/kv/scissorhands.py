@@ -36,6 +36,7 @@ class ScissorhandsConfig(KVPolicyConfig):
     """Drop the tokens least often important over a history window (arXiv 2305.17118)."""
 
     paper = "2305.17118"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "step"
     buffers = ("attention_share",)
 

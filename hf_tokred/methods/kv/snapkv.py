@@ -33,6 +33,7 @@ class SnapKVConfig(KVPolicyConfig):
     """Observation-window attention, pooled, top-k per KV head, once after the prompt (arXiv 2404.14469)."""
 
     paper = "2404.14469"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "prefill"
 
     window_size: int = param(32, int, low=1, help="last prompt queries whose attention scores the prompt")

@@ -32,6 +32,7 @@ class StreamingLLMConfig(KVPolicyConfig):
     or ``keep`` (a fraction of the prompt)."""
 
     paper = "2309.17453"
+    status = "stable"  # the evidence: docs/methods.md, "Why each status"
 
     def validate(self) -> None:
         if self.keep is not None and (self.window is not None or self.max_tokens is not None):

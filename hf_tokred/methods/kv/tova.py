@@ -30,6 +30,7 @@ class TOVAConfig(KVPolicyConfig):
     """Evict what the current query attends to least, averaged over the layer's heads (arXiv 2401.06104)."""
 
     paper = "2401.06104"
+    status = "beta"  # the evidence: docs/methods.md, "Why each status"
     compression = "step"
 
     def score(self, layer, module, query):
