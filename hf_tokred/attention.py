@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import sys
+import threading
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -34,7 +36,17 @@ REDUCED_IMPLEMENTATIONS = {"sdpa": HF_TOKRED_SDPA, "eager": HF_TOKRED_EAGER}
 STOCK_IMPLEMENTATIONS = {v: k for k, v in REDUCED_IMPLEMENTATIONS.items()}
 
 _OBSERVERS = "_hf_tokred_observers"
-_TRANSIENT = "_hf_tokred_transient_observer"
+# Transient observers belong to the call that set them, not to the module: two threads generating with
+# one model each bind their own cache's layer, so the pending observer of each attention module is kept
+# per thread (and weakly, so a module that is gone leaves nothing behind).
+_TRANSIENT = threading.local()
+
+
+def _pending_transient() -> weakref.WeakKeyDictionary:
+    pending = getattr(_TRANSIENT, "observers", None)
+    if pending is None:
+        pending = _TRANSIENT.observers = weakref.WeakKeyDictionary()
+    return pending
 
 
 class AttentionObserver:
@@ -73,8 +85,11 @@ def remove_observer(module: torch.nn.Module, observer: AttentionObserver) -> Non
 
 
 def set_transient_observer(module: torch.nn.Module, observer: AttentionObserver) -> None:
-    """Attach an observer for the next call only (a KV-cache layer binds itself on every ``update``)."""
-    module.__dict__[_TRANSIENT] = observer
+    """Attach an observer for this thread's next call of ``module`` only (a KV-cache layer binds itself on every ``update``).
+
+    The binding is per thread, so threads sharing a model each reach their own observer.
+    """
+    _pending_transient()[module] = observer
 
 
 def _eager_function(module):
@@ -92,7 +107,7 @@ def _eager_function(module):
 def _make_attention(stock: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         base = sdpa_attention_forward if stock == "sdpa" else _eager_function(module)
-        transient = module.__dict__.pop(_TRANSIENT, None)
+        transient = _pending_transient().pop(module, None)
         observers = module.__dict__.get(_OBSERVERS, ())
         if transient is None and not observers:
             return base(module, query, key, value, attention_mask, **kwargs)

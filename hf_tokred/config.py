@@ -22,6 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
@@ -32,15 +34,36 @@ CONFIG_NAME = "token_reduction_config.json"
 WEIGHTS_NAME = "token_reduction.safetensors"
 VERSION_KEY = "hf_tokred_version"
 
+# Every integer in a config (a token count, a layer index, a seed) is at most this in magnitude: larger values
+# are no budget a model can use, and unbounded Python ints overflow later, inside torch (int64) or float().
+MAX_INT = 2**31 - 1
+# Lists/dicts in a config are at most this many levels deep (a composition's reducers are 2 levels:
+# a list of dicts). Checked iteratively before anything recurses into the value, so a hostile file
+# cannot reach RecursionError.
+MAX_DEPTH = 8
+
 # Where a reducer acts. One config may hold at most one reducer per stage: two KV policies (or two
 # sequence reducers) would fight over the same tokens, so composition rejects them.
 STAGES = ("sequence", "visual", "prompt", "kv_policy", "kv_storage", "diffusion", "decoding")
+
+# What a method's ``status`` class attribute may say, and what each means (``hf-tokred methods`` and the
+# generated table of docs/methods.md print these). A method that declares no status is registered as
+# "experimental": a status is a claim about evidence, so it is never inherited from the base class.
+STATUSES = {
+    "stable": "everything its issue asks for works, is tested, and its benchmark targets are met",
+    "beta": "works and is tested on the architectures listed, but parts of its issue are open "
+            "(more architectures, options, or benchmark targets)",
+    "experimental": "implemented and tested for correctness, but it misses its benchmark targets on the "
+                    "reference model, or it declares no status",
+}
 
 _REGISTRY: dict[str, type[TokenReductionConfig]] = {}
 
 
 def register_method(key: str):
     """Class decorator that registers a config subclass under ``key``.
+
+    The class's ``status`` must be one of :data:`STATUSES`; a class that declares none is "experimental".
 
     Example:
         >>> from dataclasses import dataclass
@@ -52,6 +75,8 @@ def register_method(key: str):
         ...     strength: float = param(0.5, float, low=0.0, high=1.0, help="how hard to prune")
         >>> TokenReductionConfig(method="my_method", strength=0.2).strength
         0.2
+        >>> MyConfig.status
+        'experimental'
     """
     if not isinstance(key, str) or not key or not key.replace("_", "").isalnum():
         raise ValueError(f"register_method: key must be a non-empty identifier-like string, got {key!r}")
@@ -63,6 +88,10 @@ def register_method(key: str):
             raise TypeError(f"{cls.__name__} must be a @dataclass (put @register_method above @dataclass)")
         if cls.stage not in STAGES and cls.stage != "composition":
             raise TypeError(f"{cls.__name__}.stage must be one of {STAGES}, got {cls.stage!r}")
+        if not any("status" in vars(base) for base in cls.__mro__ if base is not TokenReductionConfig):
+            cls.status = "experimental"
+        if not isinstance(cls.status, str) or cls.status not in STATUSES:
+            raise TypeError(f"{cls.__name__}.status must be one of {', '.join(map(repr, STATUSES))}, got {cls.status!r}")
         previous = _REGISTRY.get(key)
         if previous is not None and previous.__qualname__ != cls.__qualname__:
             raise ValueError(f"method {key!r} is already registered by {previous.__qualname__}")
@@ -126,8 +155,11 @@ class ParamSpec:
         else:
             text = {int: "an int", float: "a number", bool: "a bool", str: "a string"}.get(self.kind, self.kind.__name__)
             if self.low is not None or self.high is not None:
-                lo = "-inf" if self.low is None else f"{self.low:g}"
-                hi = "inf" if self.high is None else f"{self.high:g}"
+                def fmt(bound):  # ints exactly (2147483647, not 2.14748e+09)
+                    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+                lo = "-inf" if self.low is None else fmt(self.low)
+                hi = "inf" if self.high is None else fmt(self.high)
                 text += f" in {'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
         if self.sequence:
             text = f"a list of {text.removeprefix('a ').removeprefix('an ')}"
@@ -139,6 +171,10 @@ class ParamSpec:
 def param(default, kind: type, *, low=None, high=None, low_open=False, high_open=False, choices=None,
           optional=False, sequence=False, help: str = ""):
     """Declare a validated config field (a ``dataclasses.field`` carrying a :class:`ParamSpec`).
+
+    Whatever the declared range, every int in any field is at most :data:`MAX_INT` (``2**31 - 1``) in
+    magnitude and lists/dicts nest at most :data:`MAX_DEPTH` levels deep; ``check()`` enforces both on
+    every field, declared with ``param`` or not.
 
     Example:
         >>> from dataclasses import dataclass
@@ -155,10 +191,85 @@ def param(default, kind: type, *, low=None, high=None, low_open=False, high_open
     return field(default=default, metadata={"spec": spec, "help": help})
 
 
+class _ShortRepr(reprlib.Repr):
+    """``repr`` for error messages: bounded in depth and length, and safe for huge ints (Python refuses to
+    print an int of more than 4300 digits, which would turn a ConfigError into a ValueError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxstring, self.maxother = 3, 6, 6, 60, 60
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 64:
+            return f"an int of about {int(x.bit_length() * 0.30103) + 1} digits"
+        return repr(x)
+
+
+_short_repr = _ShortRepr().repr
+
+
+def _show(value: Any) -> str:
+    """A short, always-printable description of ``value`` for error messages."""
+    try:
+        shown = _short_repr(value)
+    except Exception:  # a user object whose __repr__ fails must not hide the config error
+        shown = f"a {type(value).__name__}"
+    return shown if len(shown) < 80 else shown[:77] + "..."
+
+
+def _check_bounds(name: str, value: Any, spec: ParamSpec | None, ints: bool = True) -> None:
+    """Reject ints beyond :data:`MAX_INT` and lists/dicts nested beyond :data:`MAX_DEPTH` anywhere in a field value.
+
+    Runs before any other check of the field, without recursion, so neither a huge int nor a deeply nested
+    value can raise anything but :class:`ConfigError` later (in ``float()``, ``repr()``, or a method's
+    ``validate``). Inside a nested config (a dict with a registered ``method``, e.g. a composition's part)
+    the message gives that config's field range.
+    """
+    stack = [(value, name, 0, spec)]
+    while stack:
+        item, where, depth, item_spec = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if ints and abs(item) > MAX_INT:
+                raise ConfigError(
+                    f"{where}: expected {_bounded_description(item_spec)}, got {_show(item)} (integers in a config "
+                    "are bounded by hf_tokred.config.MAX_INT = 2**31 - 1)",
+                    field=re.sub(r"(\[\d+\])+$", "", where),  # the field (or nested field), not the list item
+                )
+        elif isinstance(item, (list, tuple, dict)):
+            if depth >= MAX_DEPTH:
+                raise ConfigError(
+                    f"{where}: lists and dicts in a config nest at most {MAX_DEPTH} levels deep "
+                    "(hf_tokred.config.MAX_DEPTH)",
+                    field=name,
+                )
+            if isinstance(item, dict):
+                method = item.get("method")
+                nested = _REGISTRY.get(method) if isinstance(method, str) else None
+                specs = {} if nested is None else {f.name: f.metadata.get("spec") for f in dataclasses.fields(nested)}
+                stack.extend((v, f"{where}.{k}" if isinstance(k, str) else where, depth + 1,
+                              specs.get(k) if isinstance(k, str) else None) for k, v in item.items())
+            else:
+                if item_spec is not None and item_spec.sequence:  # the items of a list field are its scalars
+                    item_spec = dataclasses.replace(item_spec, sequence=False, optional=False)
+                stack.extend((v, f"{where}[{i}]", depth + 1, item_spec) for i, v in enumerate(item))
+
+
+def _bounded_description(spec: ParamSpec | None) -> str:
+    """What a field accepts, with an int field's open ends closed at :data:`MAX_INT`."""
+    if spec is None:
+        return f"ints of at most {MAX_INT} in magnitude"
+    if spec.kind is int and spec.choices is None:
+        low = -MAX_INT if spec.low is None else max(spec.low, -MAX_INT)
+        high = MAX_INT if spec.high is None else min(spec.high, MAX_INT)
+        return dataclasses.replace(spec, low=low, high=high).describe()
+    return spec.describe()
+
+
 def _check_scalar(name: str, value: Any, spec: ParamSpec):
     def fail():
-        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-        return ConfigError(f"{name}: expected {spec.describe()}, got {shown}", field=name)
+        return ConfigError(f"{name}: expected {spec.describe()}, got {_show(value)}", field=name)
 
     kind = spec.kind
     if kind is bool:
@@ -171,7 +282,10 @@ def _check_scalar(name: str, value: Any, spec: ParamSpec):
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond the float range (10**400)
+            raise fail() from None
         if not math.isfinite(value):
             raise fail()
     elif kind is str:
@@ -195,7 +309,7 @@ def _check_field(name: str, value: Any, spec: ParamSpec):
         raise ConfigError(f"{name}: expected {spec.describe()}, got None", field=name)
     if spec.sequence:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected {spec.describe()}, got {type(value).__name__}", field=name)
+            raise ConfigError(f"{name}: expected {spec.describe()}, got {_show(value)}", field=name)
         return [_check_scalar(f"{name}[{i}]", v, spec) for i, v in enumerate(value)]
     return _check_scalar(name, value, spec)
 
@@ -264,7 +378,12 @@ class TokenReductionConfig:
                 f"method: {type(self).__name__} is registered as {self.method_key!r}, got {self.method!r}",
                 field="method",
             )
-        for f in dataclasses.fields(self):
+        fields = [f for f in dataclasses.fields(self) if f.name != "method"]
+        for f in fields:  # every field first, so that validate() below only sees bounded values
+            value = getattr(self, f.name)
+            if not isinstance(value, TokenReductionConfig):
+                _check_bounds(f.name, value, f.metadata.get("spec"))
+        for f in fields:
             spec = f.metadata.get("spec")
             if spec is not None:
                 setattr(self, f.name, _check_field(f.name, getattr(self, f.name), spec))
@@ -332,6 +451,7 @@ class TokenReductionConfig:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"token_reduction: expected a dict with a 'method' key, got {type(data).__name__}")
+        _check_bounds("token_reduction", data, None, ints=False)  # depth only; each field bounds its ints
         data = dict(data)
         version = data.pop(VERSION_KEY, None)
         if version is not None and not isinstance(version, str):
@@ -421,9 +541,13 @@ class TokenReductionConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: not a readable JSON token-reduction config ({err})") from None
-        return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            # RecursionError: json's decoder on a file nested thousands of levels deep
+            raise ConfigError(f"{path}: not a readable JSON token-reduction config ({type(err).__name__}: {err})") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise type(err)(f"{path}: {err}", field=err.field) from None
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     revision: str | None = None, commit_message: str | None = None):
@@ -466,6 +590,7 @@ class ComposedConfig(TokenReductionConfig):
     """
 
     stage: ClassVar[str] = "composition"
+    status: ClassVar[str] = "beta"  # KV policy + storage runs and is benchmarked; cross-family parts need the VLM family
     reducers: list = field(default_factory=list)
 
     def validate(self) -> None:
@@ -473,11 +598,15 @@ class ComposedConfig(TokenReductionConfig):
             raise ConfigError("reducers: expected a non-empty list of configs", field="reducers")
         parts, seen = [], {}
         for i, item in enumerate(self.reducers):
+            # Refused before parsing the part: a composition nested in a composition would otherwise be parsed
+            # (recursively, to any depth) only to be rejected afterwards.
+            if isinstance(item, ComposedConfig) or (isinstance(item, dict) and item.get("method") == self.method_key):
+                raise ConfigError(f"reducers[{i}]: compositions cannot be nested", field=f"reducers[{i}]")
             try:
                 part = item.check() if isinstance(item, TokenReductionConfig) else TokenReductionConfig.from_dict(item)
             except ConfigError as err:
                 raise ConfigError(f"reducers[{i}].{err}", field=f"reducers[{i}].{err.field or ''}".rstrip(".")) from None
-            if isinstance(part, ComposedConfig):
+            if isinstance(part, ComposedConfig):  # a registered subclass of the composition
                 raise ConfigError(f"reducers[{i}]: compositions cannot be nested", field=f"reducers[{i}]")
             if part.stage in seen:
                 raise ConfigError(

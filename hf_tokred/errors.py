@@ -36,6 +36,17 @@ class UnknownMethodError(ConfigError):
     """The ``method`` key is not in the registry."""
 
 
+class SideCarError(ConfigError):
+    """``token_reduction.safetensors`` (the learned parts of a reduction) is unreadable or does not fit the reduction.
+
+    The message names the file and, where one is at fault, the tensor; ``field`` is the tensor's name.
+    """
+
+
+class ArgumentError(ConfigError, TypeError):
+    """A call got a keyword argument it does not take (also a ``TypeError``, as Python raises for one)."""
+
+
 class UnsupportedModelError(TokenReductionError, ValueError):
     """A reducer was asked to act on a model or architecture it does not support."""
 

@@ -26,8 +26,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
-    RobertaConfig,
-    RobertaModel,
+    ElectraConfig,
+    ElectraModel,
     SiglipConfig,
     SiglipForImageClassification,
     SiglipVisionConfig,
@@ -499,11 +499,11 @@ def test_text_feature_extraction_pipeline(method, tmp_path):
 
 
 def test_an_encoder_without_adapter_is_rejected():
-    model = RobertaModel(RobertaConfig(vocab_size=64, max_position_embeddings=70, **SMALL))
+    model = ElectraModel(ElectraConfig(vocab_size=64, max_position_embeddings=70, **SMALL))
     with pytest.raises(UnsupportedModelError) as info:
         hf_tokred.apply(model, {"method": "evit"})
     message = str(info.value)
-    assert "RobertaModel" in message and "roberta" in message
+    assert "ElectraModel" in message and "electra" in message
     for supported in ("ViTModel", "DeiTForImageClassificationWithTeacher", "CLIPVisionModel", "SiglipVisionModel",
                       "Dinov2Model", "BertModel"):
         assert supported in message

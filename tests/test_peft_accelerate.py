@@ -72,3 +72,22 @@ def test_remove_after_peft_restores_dense(tiny_llama):
     merged = peft_model.merge_and_unload()  # LoRA B is zero at init: merging changes nothing
     hf_tokred.remove(merged)
     assert torch.equal(merged(ids).logits, dense)
+
+
+def test_apply_to_a_peft_model_reduces_its_base_model(tiny_llama):
+    """hf_tokred.apply(peft_model, cfg) attaches to the wrapped transformers model; generate() through peft
+    then uses the reduced cache, and remove() restores the adapted model's dense outputs."""
+    import hf_tokred
+
+    ids = torch.randint(3, 120, (1, 24))
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    dense = peft_model.generate(input_ids=ids, **GEN).sequences
+    assert hf_tokred.apply(peft_model, {"method": "streamingllm", "max_tokens": 12}) is peft_model
+    base = peft_model.get_base_model()
+    assert base.config._attn_implementation == "hf_tokred_sdpa"
+    cache = hf_tokred.build_cache(base)
+    reduced = peft_model.generate(input_ids=ids, past_key_values=cache, **GEN).sequences
+    assert max(cache.stored_lengths()) == 12 and reduced.shape == dense.shape
+    assert hf_tokred.remove(peft_model) is peft_model
+    assert torch.equal(peft_model.generate(input_ids=ids, **GEN).sequences, dense)

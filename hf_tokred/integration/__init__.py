@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from ..errors import UnsupportedModelError
+from ..errors import ArgumentError, UnsupportedModelError
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
 from . import transformers as _transformers
 from .transformers import build_cache, compress_context
@@ -17,11 +17,41 @@ def _is_diffusers_object(obj) -> bool:
     return module.startswith("diffusers.")
 
 
+def _peft_base_model(obj):
+    """The transformers model inside a peft ``PeftModel`` (its LoRA layers included), or None for anything else.
+
+    The reduction goes onto that model: peft's ``generate``/``forward`` call it, so the reduced cache and hooks
+    serve the adapted model, and ``merge_and_unload()`` returns it with the reduction still attached."""
+    module = type(obj).__module__ or ""
+    if module.startswith("peft.") and callable(getattr(obj, "get_base_model", None)):
+        return obj.get_base_model()
+    return None
+
+
+# The keyword arguments apply() passes on (those of apply_to_model / apply_to_diffusers).
+_TRANSFORMERS_KEYWORDS = ("weights_from", "hub_kwargs", "weights_required")
+_DIFFUSERS_KEYWORDS = ("component",)
+
+
+def _check_keywords(kwargs: dict, allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ArgumentError(
+            f"{unknown[0]}: hf_tokred.apply got an unexpected keyword argument {unknown[0]!r}; for {what} it takes "
+            f"{', '.join(allowed)}",
+            field=unknown[0],
+        )
+
+
 def apply(model, config, **kwargs):
     """Attach a token reduction to a model or pipeline and return it.
 
     ``config`` is a :class:`~hf_tokred.TokenReductionConfig`, a dict, or a preset/folder/repo name.
-    Re-applying replaces the previous reduction. On any error the model is left untouched.
+    Re-applying replaces the previous reduction. On any error the model is left untouched. A peft
+    ``PeftModel`` is reduced through its base model (and returned as it is). Keyword arguments:
+    ``weights_from``, ``hub_kwargs``, ``weights_required`` for transformers models (where learned parts are
+    loaded from, see ``apply_to_model``), ``component`` for diffusers pipelines; any other is an
+    :class:`~hf_tokred.errors.ArgumentError` (a ``TypeError``) naming it.
 
     Example:
         >>> import hf_tokred
@@ -37,15 +67,22 @@ def apply(model, config, **kwargs):
     """
     from transformers import PreTrainedModel
 
+    base = _peft_base_model(model)
+    if isinstance(base, PreTrainedModel):
+        _check_keywords(kwargs, _TRANSFORMERS_KEYWORDS, "a peft model")
+        _transformers.apply_to_model(base, config, **kwargs)
+        return model
     if isinstance(model, PreTrainedModel):
+        _check_keywords(kwargs, _TRANSFORMERS_KEYWORDS, "a transformers model")
         return _transformers.apply_to_model(model, config, **kwargs)
     if _is_diffusers_object(model):
         from . import diffusers as _diffusers
 
+        _check_keywords(kwargs, _DIFFUSERS_KEYWORDS, "a diffusers pipeline or denoiser")
         return _diffusers.apply_to_diffusers(model, config, **kwargs)
     raise UnsupportedModelError(
-        f"hf_tokred.apply: expected a transformers PreTrainedModel or a diffusers pipeline/denoiser, "
-        f"got {type(model).__name__}"
+        f"hf_tokred.apply: expected a transformers PreTrainedModel, a peft PeftModel or a diffusers "
+        f"pipeline/denoiser, got {type(model).__name__}"
     )
 
 
@@ -57,6 +94,10 @@ def remove(model):
     """
     from transformers import PreTrainedModel
 
+    base = _peft_base_model(model)
+    if isinstance(base, PreTrainedModel):
+        _transformers.remove_from_model(base)
+        return model
     if isinstance(model, PreTrainedModel):
         return _transformers.remove_from_model(model)
     if _is_diffusers_object(model):

@@ -69,7 +69,7 @@ from diffusers.models.attention_processor import (
 )
 
 from ..config import TokenReductionConfig, registered_methods
-from ..errors import TokenReductionError, UnsupportedModelError
+from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
 from .wiring import (
     DENSE_HINT,
     STATE_ATTR,
@@ -77,6 +77,7 @@ from .wiring import (
     check_request,
     config_from_saved,
     get_applied,
+    guard_concurrent_calls,
     register_wiring,
     saved_config_path,
     wiring_for,
@@ -677,13 +678,15 @@ def call_seed(seed: int, timestep: float | None, block_index: int = 0) -> int:
 class ToMeSDBlockHook(ModelHook):
     """Hook on a transformer block: computes the matching of its image tokens for the modules inside it."""
 
-    def __init__(self, grid: TokenGrid, state: ToMeSDState, layout, holder: BlockMatching, block_index: int = 0):
+    def __init__(self, grid: TokenGrid, state: ToMeSDState, layout, holder: BlockMatching, block_index: int = 0,
+                 finest_level: int = 1):
         super().__init__()
         self.grid = grid
         self.state = state
         self.layout = layout
         self.holder = holder
         self.block_index = block_index
+        self.finest_level = finest_level  # the finest level tome_sd merges at: a cell must fit its grid
 
     def pre_forward(self, block, *args, **kwargs):
         from ..methods.diffusion.tome_sd import bipartite_soft_matching_2d
@@ -693,6 +696,15 @@ class ToMeSDBlockHook(ModelHook):
         tokens = self.layout.image_tokens(args, kwargs)
         level, height, width = _grid_level(self.grid, tokens, cfg.method, "transformer block")
         if level <= cfg.max_downsample:
+            if level == self.finest_level and (height < cfg.sy or width < cfg.sx):
+                # bipartite_soft_matching_2d would merge nothing, at every level: refuse rather than run dense.
+                field = "sx" if width < cfg.sx else "sy"
+                raise ConfigError(
+                    f"{field}: tome_sd's sx={cfg.sx}, sy={cfg.sy} cell does not fit the {height}x{width} (height x width) "
+                    f"token grid of this call's finest merged level, so no token would be merged; use sx <= {width} "
+                    f"and sy <= {height}, or a larger image",
+                    field=field,
+                )
             if self.layout.text_prefix is not None:
                 text = _block_argument(block, self.layout.text_prefix, args, kwargs)
                 self.holder.text_tokens = text.shape[1]
@@ -927,11 +939,16 @@ def _check_tome_sd(denoiser, adapter, reducer) -> None:
 def _attach_tome_sd(denoiser, adapter, reducer, applied, grid) -> None:
     if reducer.ratio == 0:
         return  # nothing is merged: the blocks stay exactly as they are
+    from ..model_patches.diffusion_blocks import layout_blocks
+
     state = ToMeSDState(reducer)
     name = f"{HOOK_PREFIX}_{reducer.method}"
-    for index, (block, spec, modules) in enumerate(_tome_sd_targets(denoiser, reducer)):
+    targets = _tome_sd_targets(denoiser, reducer)
+    level_of = {id(block): level for _, block, _, level in layout_blocks(denoiser)}
+    finest = min(level_of[id(block)] for block, _, _ in targets)
+    for index, (block, spec, modules) in enumerate(targets):
         holder = BlockMatching()
-        _register_hook(block, ToMeSDBlockHook(grid, state, spec, holder, index), name, applied)
+        _register_hook(block, ToMeSDBlockHook(grid, state, spec, holder, index, finest), name, applied)
         for what, module, is_self_attention in modules:
             if is_self_attention and spec.rotary_argument is not None:
                 hook = RotaryTokenMergeHook(holder, reducer.method, what, spec)
@@ -1135,6 +1152,8 @@ def apply_to_diffusers(obj, config, *, component: str | None = None):
     try:
         for reducer in cfg.iter_reducers():
             wiring_for(reducer.stage)(denoiser, adapter, reducer, applied)
+        # The hooks keep the running call's token grid and matchings on the denoiser: one call at a time.
+        guard_concurrent_calls(denoiser, cfg.method, applied)
         denoiser.register_to_config(**{CONFIG_KEY: cfg.to_dict()})
     except BaseException:
         remove_from_diffusers(denoiser)
@@ -1203,7 +1222,9 @@ def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
     stored = model.config.get(CONFIG_KEY)
     if stored is None or get_applied(model) is not None:
         return
-    cfg = config_from_saved(stored, config_file)
+    cfg = config_from_saved(stored, config_file, CONFIG_KEY)  # a dict, or a name of the package's own presets
+    if cfg is False:  # "_token_reduction": false, written by hand: the dense model
+        return
     try:
         apply_to_diffusers(model, cfg)
     except UnsupportedModelError as err:

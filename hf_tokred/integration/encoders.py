@@ -4,16 +4,20 @@ A reducer (see :mod:`hf_tokred.methods.encoder.base`) decides, in some blocks, h
 this module does everything else with hooks, never with a copied ``forward``. Where inside a block the
 sequence shrinks comes from the architecture's :class:`~hf_tokred.model_patches.encoder.EncoderAdapter`:
 
-* **pre-norm blocks** (ViT, DeiT, CLIP, SigLIP, DINOv2): a forward pre-hook on ``adapter.mlp_input`` (the
+* **pre-norm blocks** (ViT, DeiT, CLIP, SigLIP, DINOv2, ModernBERT): a forward pre-hook on ``adapter.mlp_input`` (the
   norm before the MLP) reduces the post-attention residual stream ``h`` to ``m``, so the MLP runs on the
   reduced tokens; a forward hook on ``adapter.mlp_output`` expands the MLP branch ``f`` back to the block's
   length (each input token gets its slot's value) so the block's own residual add still works; the block's
   forward hook then returns ``m + f``, which equals the reduction (size-weighted average) of the block's
   output ``h + expand(f)`` (in training, where dropout/drop-path differ per token, it reduces that output
   instead). This is the paper's placement (between attention and MLP) and its arithmetic;
-* **post-norm blocks** (BERT): a forward hook on ``adapter.attention_output`` reduces its output, and the
+* **post-norm blocks** (BERT, RoBERTa/XLM-R, DistilBERT): a forward hook on ``adapter.attention_output`` reduces its output, and the
   rest of the block runs on the reduced tokens;
-* otherwise the block's output is reduced (forward hook on the block).
+* otherwise (BEiT) the block's output is reduced (forward hook on the block).
+
+Architectures are refused, before any hook is installed, when transformers does not mark their attention as
+going through the attention interface (``_supports_attention_backend``; e.g. Data2VecVision), or when their
+adapter gives a reason (``EncoderAdapter.refusal``).
 
 Per block we also install a forward **pre-hook** on the block. On the first block it starts the call: it
 reads the key-padding pattern from the mask the model built, re-orders a left-padded batch so real tokens
@@ -27,6 +31,15 @@ An :class:`~hf_tokred.attention.AttentionObserver` on the attention module of ev
 the statistics the reducer asks for (``needs``: keys averaged over heads, CLS-attention row, full attention,
 value norms) from the queries/keys/values the attention function already has: SDPA still does the heavy
 work, only the CLS row (O(N)) or, for methods that need it, the full attention map is recomputed.
+
+**Positions.** Every current token has an *anchor*: the input position of the token anchoring its slot (its
+own for a kept token; for a merged token, the token the others went into). Whatever the model computed once
+from input positions is read at the anchors once the sequence changed: a block's attention mask when it is
+more than a key-padding mask (a local-attention window, a relative position bias added to the mask) has its
+rows and columns gathered, the block keyword arguments the adapter names in ``position_inputs`` (rotary
+``position_embeddings``) are gathered along the sequence, and the output of the adapter's ``position_bias``
+module (BEiT's per-block relative position bias) has its rows and columns gathered. A kept token thus keeps
+its exact position; a merged token takes its anchor's.
 
 With ``restore_length=True`` the last block's output is expanded back to the input length and order through
 the source map (``origin``: for every input token, the current token carrying it, -1 once dropped; dropped
@@ -49,7 +62,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +84,7 @@ _PER_TOKEN_HEADS = (
     "ForCausalLM",
 )
 # Models that read every block's hidden states at the input length (restore_length restores only the last).
-_ALL_LAYER_READERS = ("Backbone",)
+_ALL_LAYER_READERS = ("Backbone", "ForSemanticSegmentation")
 
 
 @dataclass
@@ -105,6 +117,7 @@ class SequenceState:
         size: ``(B, N, 1)`` float32 token sizes (0 for padding and filler slots).
         padded: some tokens may be padding or filler (so masks are needed).
         origin: ``(B, N_in)`` long: for every input token (input order), the output token carrying it, or -1.
+        anchor: ``(B, N)`` long: for every current token, the input position it stands at (see "Positions").
         token_counts: sequence length after each block of the last call.
         row_counts: real (non-padding, non-filler) tokens per row after each block, ``(B,)`` long tensors.
         records: free-form per-call storage for reducers (e.g. learned pruners' decisions for a loss).
@@ -130,6 +143,9 @@ class SequenceState:
         self.changed = False
         self.input_valid: torch.Tensor | None = None
         self.origin: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
+        self.block_anchor: dict[int, torch.Tensor | None] = {}  # anchors at each block's input (None: unchanged)
+        self.masks: dict[int, tuple[torch.Tensor, bool]] = {}  # id(mask) -> (mask, structured), this call's masks
         self.archive: torch.Tensor | None = None
         self.key_weight: torch.Tensor | None = None
         self.keep_self = True
@@ -182,12 +198,37 @@ class SequenceState:
                 archive = self.archive if self.archive is not None else torch.zeros_like(states)
                 self.archive = torch.where(dropped[..., None], states, archive)
         self.origin = new_origin
+        for plan in pending.plans:
+            self.anchor = self.anchor.gather(1, plan.keep)
         if self.key_weight is not None:
             for plan in pending.plans:
                 self.key_weight = self.key_weight.gather(1, plan.keep)
         self.size = pending.size
         self.padded = self.padded or any(p.slot_valid is not None for p in pending.plans)
         self.changed = True
+
+    def structured(self, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` (one the model passes to a block, at the input length) is more than a key-padding mask."""
+        known = self.masks.get(id(mask))
+        if known is None or known[0] is not mask:
+            known = (mask, _mask_structure(mask, self.origin.shape[0], self.origin.shape[1])[1])
+            self.masks[id(mask)] = known  # keeps the mask alive, so its id is not reused within the call
+        return known[1]
+
+    def follow_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The attention mask for the current tokens: hf_tokred's own terms (padding and filler slots,
+        proportional attention, soft masks) plus, when the model's ``mask`` carries positions (a window, a
+        bias), that mask read at the current tokens' anchors."""
+        ours = self.build_mask(dtype)
+        if mask is None or not self.structured(mask):
+            return ours
+        theirs = gather_positions(mask, self.anchor)
+        if ours is None:
+            return theirs
+        if theirs.dtype == torch.bool:
+            theirs = torch.zeros(theirs.shape, dtype=dtype, device=theirs.device).masked_fill(~theirs, torch.finfo(dtype).min)
+        # Two masked terms must not add up to -inf: a row masked everywhere would give NaN in SDPA.
+        return (theirs.to(dtype) + ours).clamp_min(torch.finfo(dtype).min)
 
     def soften(self, soft) -> None:
         """Record a soft mask: multiply its key weights into those of earlier soft masks."""
@@ -218,7 +259,9 @@ def _attention_probs(query, key, mask, scaling, rows=None) -> torch.Tensor:
     if mask is not None:
         m = mask if mask.shape[-2] == 1 else mask[:, :, : q.shape[2]]
         if m.dtype == torch.bool:
-            logits = logits.masked_fill(~m, -math.inf)
+            # finite: a query that sees no key at all (padding outside every real token's local window) gets a
+            # uniform row instead of NaN, which would spread into statistics that sum over queries
+            logits = logits.masked_fill(~m, torch.finfo(logits.dtype).min)
         else:
             logits = logits + m.float()
     return logits.softmax(dim=-1)
@@ -302,8 +345,21 @@ def _with_hidden_and_mask(args, kwargs, hidden, mask):
     return args, kwargs
 
 
-def _key_padding(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
-    """Real-token mask ``(B, N)`` of a bidirectional padding mask, or None when every token is real."""
+def _mask_structure(mask: torch.Tensor, batch: int, n: int) -> tuple[torch.Tensor | None, bool]:
+    """``(valid, structured)`` of a bidirectional attention mask ``(B|1, H|1, N|1, N)``.
+
+    ``valid`` is the real-token mask ``(B, N)`` (a key no query may see is padding), or None when every token
+    is real. ``structured`` says the mask is more than a key-padding mask: some real query may not see some
+    real key (a local-attention window), or a float mask carries a bias besides 0 and "masked" (relative
+    positions). A structured mask is tied to input positions and is read at the anchors once tokens move.
+
+    Example:
+        >>> import torch
+        >>> window = (torch.arange(4)[:, None] - torch.arange(4)[None]).abs() <= 1
+        >>> valid, structured = _mask_structure(window[None, None], 1, 4)
+        >>> valid, structured
+        (None, True)
+    """
     keep = mask_keep(mask)
     if keep.dim() != 4 or keep.shape[-1] != n or keep.shape[-2] not in (1, n):
         raise TokenReductionError(
@@ -311,13 +367,53 @@ def _key_padding(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
         )
     keep = keep.expand(batch, -1, -1, -1)
     valid = keep.any(dim=-2).all(dim=1)
-    consistent = (keep == valid[:, None, None, :]) | ~valid[:, None, : keep.shape[-2], None]
-    if not bool(consistent.all()):
-        raise TokenReductionError(
-            "sequence reduction supports padding masks only (every real token sees every real token); "
-            "the model's attention mask has another pattern"
-        )
-    return None if bool(valid.all()) else valid
+    padding_only = (keep == valid[:, None, None, :]) | ~valid[:, None, : keep.shape[-2], None]
+    structured = not bool(padding_only.all())
+    if not structured and mask.dtype != torch.bool:
+        structured = bool(((mask != 0) & mask_keep(mask)).any())
+    return (None if bool(valid.all()) else valid), structured
+
+
+def gather_positions(pairwise: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Read a pairwise tensor over input positions ``(B|1, H, N_in|1, N_in)`` (an attention mask or bias) at the
+    current tokens' input positions ``anchor`` ``(B, N)``: ``out[b, h, i, j] = pairwise[b, h, anchor[b, i],
+    anchor[b, j]]`` (rows are kept as they are when there is one).
+
+    Example:
+        >>> import torch
+        >>> bias = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> gather_positions(bias, torch.tensor([[0, 3]]))[0, 0].tolist()
+        [[0.0, 3.0], [12.0, 15.0]]
+    """
+    batch, n = anchor.shape
+    out = pairwise.expand(batch, *pairwise.shape[1:])
+    heads = out.shape[1]
+    if out.shape[2] != 1:
+        out = out.gather(2, anchor[:, None, :, None].expand(-1, heads, -1, out.shape[3]))
+    return out.gather(3, anchor[:, None, None, :].expand(-1, heads, out.shape[2], -1))
+
+
+def gather_sequence(value: Any, anchor: torch.Tensor, name: str) -> Any:
+    """Read per-token tensors over input positions (sequence on dim 1; a batch of 1 is broadcast), or a tuple or
+    list of them, at ``anchor`` ``(B, N)``; None stays None.
+
+    Example:
+        >>> import torch
+        >>> cos = torch.arange(4.0)[None, :, None]            # (1, N_in, D)
+        >>> gather_sequence((cos, cos), torch.tensor([[0, 2], [1, 3]]), "x")[0][..., 0].tolist()
+        [[0.0, 2.0], [1.0, 3.0]]
+    """
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return type(value)(gather_sequence(v, anchor, name) for v in value)
+    if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] not in (1, anchor.shape[0]):
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise TokenReductionError(f"{name}: expected per-token tensors of shape (batch, tokens, ...), got {shape}")
+    batch, n = anchor.shape
+    full = value.expand(batch, *value.shape[1:])
+    index = anchor.reshape(batch, n, *([1] * (full.dim() - 2))).expand(-1, -1, *full.shape[2:])
+    return full.gather(1, index)
 
 
 def _submodule(block, path, index, adapter, role):
@@ -330,8 +426,29 @@ def _submodule(block, path, index, adapter, role):
         ) from None
 
 
+def _optional_submodule(block, path):
+    """``block.get_submodule(path)``, or None when there is no path or no module there."""
+    if path is None:
+        return None
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _check_model(model, adapter, reducer) -> None:
     name = type(model).__name__
+    refusal = adapter.refusal(model, reducer) if hasattr(adapter, "refusal") else None
+    if refusal is not None:
+        raise UnsupportedModelError(f"{reducer.method} cannot act on {name}: {refusal}")
+    # transformers' own flag for "every attention module calls the attention interface": without it the
+    # attention statistics, masks and position biases of a shortened sequence cannot reach the attention.
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{reducer.method} cannot act on {name}: its attention does not go through transformers' attention "
+            "interface (the class does not set _supports_attention_backend), so hf_tokred can neither observe "
+            "its attention nor give it the mask of a shortened sequence"
+        )
     for suffix in _ALL_LAYER_READERS:
         if name.endswith(suffix):
             raise UnsupportedModelError(
@@ -404,6 +521,11 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             mids.append((_submodule(block, adapter.attention_output, i, adapter, "attention output"), None))
         else:
             mids.append((None, None))
+    position_inputs = tuple(getattr(adapter, "position_inputs", ()))
+    bias_path = getattr(adapter, "position_bias", None)
+    bias_length = getattr(adapter, "position_bias_length", None)
+    # The position-bias module is optional per block (BEiT builds it only with use_relative_position_bias).
+    biases = [_optional_submodule(block, bias_path) for block in blocks]
     protected = adapter.protected(model) if hasattr(adapter, "protected") else adapter.protected_tokens
     class_tokens = getattr(adapter, "class_tokens", min(protected, 1))
 
@@ -444,12 +566,16 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
         batch, n = hidden.shape[:2]
         state.reset()
         state.modules = model._modules.get(MODULES_ATTR)
-        valid = _key_padding(mask, batch, n) if mask is not None else None
+        valid = None
+        if mask is not None:
+            valid, structured = _mask_structure(mask, batch, n)
+            state.masks[id(mask)] = (mask, structured)
         state.input_valid = valid
         state.padded = valid is not None
         state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if valid is None
                       else valid.to(torch.float32)[..., None])
         state.origin = torch.arange(n, device=hidden.device).expand(batch, n)
+        state.anchor = state.origin
         if valid is not None and reducing:
             hidden = _real_tokens_first(state, hidden)
         return hidden
@@ -468,9 +594,14 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
                 if soft is not None:
                     state.soften(soft)
             state.entry[index] = (state.size, state.valid())
+            state.block_anchor[index] = state.anchor if state.changed else None
             if not state.changed:
                 return None
-            return _with_hidden_and_mask(args, kwargs, hidden, state.build_mask(hidden.dtype))
+            args, kwargs = _with_hidden_and_mask(args, dict(kwargs), hidden, state.follow_mask(mask, hidden.dtype))
+            for name in position_inputs:
+                if kwargs.get(name) is not None:
+                    kwargs[name] = gather_sequence(kwargs[name], state.anchor, f"{type(module).__name__} {name}")
+            return args, kwargs
 
         return pre_hook
 
@@ -543,6 +674,30 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
 
         return hook
 
+    def make_bias_pre_hook(index):
+        def pre_hook(module, args, kwargs):
+            # Build the bias for the input grid, not for the current (shorter) length; it is gathered after.
+            if state.block_anchor.get(index) is None or bias_length not in kwargs:
+                return None
+            return args, {**kwargs, bias_length: state.origin.shape[1]}
+
+        return pre_hook
+
+    def make_bias_hook(index):
+        def hook(module, args, output):
+            anchor = state.block_anchor.get(index)  # this block's own (also in a gradient-checkpointing replay)
+            if anchor is None:
+                return None
+            n = state.origin.shape[1]
+            if output.dim() != 4 or output.shape[-2:] != (n, n):
+                raise TokenReductionError(
+                    f"{type(module).__name__} (block {index}) returned a position bias of shape {tuple(output.shape)}; "
+                    f"sequence reduction expects (batch, heads, {n}, {n}) over the input tokens"
+                )
+            return gather_positions(output, anchor)
+
+        return hook
+
     def statistics_target(index):
         """The block whose plan uses the statistics of block ``index``'s attention, or None."""
         if not state.needs:
@@ -561,6 +716,11 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             handles.append(mid_out.register_forward_hook(make_mlp_output_hook(index), prepend=True))
         elif schedule[index] and point == "attention_output":
             handles.append(mid_in.register_forward_hook(make_attention_output_hook(index, block), prepend=True))
+        if biases[index] is not None and reducing:
+            if bias_length is not None:
+                handles.append(biases[index].register_forward_pre_hook(make_bias_pre_hook(index), with_kwargs=True,
+                                                                       prepend=True))
+            handles.append(biases[index].register_forward_hook(make_bias_hook(index), prepend=True))
         for handle in handles:
             applied.add_undo(handle.remove)
         target = statistics_target(index)
@@ -578,6 +738,7 @@ def _real_tokens_first(state: SequenceState, hidden: torch.Tensor) -> torch.Tens
         return hidden
     permutation = (~valid).to(torch.uint8).argsort(dim=1, stable=True)
     state.size = prefix.to(torch.float32)[..., None]
+    state.anchor = permutation
     state.origin = torch.empty_like(permutation).scatter_(
         1, permutation, torch.arange(valid.shape[1], device=valid.device).expand_as(permutation))
     state.changed = True
@@ -594,6 +755,7 @@ def _restore(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
     state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if state.input_valid is None
                   else state.input_valid.to(torch.float32)[..., None])
     state.origin = torch.arange(n, device=hidden.device).expand(batch, n)
+    state.anchor = state.origin
     state.padded = state.input_valid is not None
     return full
 

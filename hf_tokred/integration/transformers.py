@@ -9,7 +9,14 @@ reduction; every other model goes straight to the original methods.
   ``token_reduction_config.json``; learned parts go to ``token_reduction.safetensors``.
 * When a KV policy is attached, ``model.generate`` (an instance attribute, the same mechanism
   transformers uses for Hub ``custom_generate``) builds a fresh :class:`TokenReductionCache` for each
-  call unless ``past_key_values`` is passed.
+  call unless ``past_key_values`` is passed. A cache serves one ``generate`` call: a second one is an
+  error (it would silently continue from the first call's tokens).
+* ``PretrainedConfig.from_dict`` is wrapped too: ``AutoModel*.from_pretrained`` and ``pipeline()`` hand a
+  ``token_reduction=`` argument to ``AutoConfig``, which may keep it on the config; it is kept there as a
+  :class:`~hf_tokred.integration.wiring.UserRequest`, so that it serializes and is never taken for the
+  file's own (a file may only hold an inline dict or a preset name).
+* ``save_pretrained`` owns ``token_reduction_config.json`` and ``token_reduction.safetensors``: it writes
+  what the current reduction needs and deletes the rest (both, for a dense model).
 """
 
 from __future__ import annotations
@@ -20,25 +27,32 @@ import os
 import types
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
-from ..config import WEIGHTS_NAME, TokenReductionConfig
-from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
+from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
+from ..errors import ConfigError, MissingFileError, SideCarError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import TokenReductionCache
 from .wiring import (
     MODULES_ATTR,
     STATE_ATTR,
     AppliedReduction,
+    UserRequest,
     check_request,
     config_from_saved,
     get_applied,
+    guard_concurrent_calls,
     register_wiring,
     saved_config_path,
     wiring_for,
 )
 
 TAGS = ("token-reduction", "hf_tokred")
+# Stages whose wiring keeps the state of the running forward pass on the model (see wiring.OneCallAtATime);
+# KV reductions keep theirs in the cache each call builds, so threads may share a model.
+_PER_MODEL_STATE_STAGES = ("sequence", "visual")
+# Set on a TokenReductionCache once a generate() call has fed it tokens (copy.deepcopy copies the mark).
+_CONSUMED = "_hf_tokred_consumed"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -67,6 +81,8 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
                 f"{reducer.method} acts on the KV cache and {type(model).__name__} has no KV cache to reduce"
             )
     policy, storage = config.get("kv_policy"), config.get("kv_storage")
+    if policy is not None:
+        policy.check_model(model)  # e.g. layer kinds without a KV cache, a `layers` choice that selects nothing
     if storage is not None:
         storage.check_model(model)  # e.g. a group size that does not divide the head dimension
         if policy is not None and not storage.composes_with_eviction:
@@ -96,21 +112,43 @@ def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None =
 
     ``weights_from`` is a folder or Hub repo holding ``token_reduction.safetensors`` for reductions
     with learned parts; when ``weights_required`` is False a missing file means fresh (untrained)
-    parts. Every check runs before the model is touched; if attaching fails half-way the model is
-    restored.
+    parts. Everything that can fail without touching the model runs first: the config is validated,
+    the model checked, the learned parts built and their file read and checked. Only then is a
+    previous reduction swapped out; if attaching still fails, the previous reduction (with its
+    learned parts) is put back, so a failed ``apply`` leaves the model exactly as it was.
     """
     cfg = TokenReductionConfig.coerce(config)
     adapter = check_supported(model, cfg)
     weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {}, weights_required)
-    if get_applied(model) is not None:
+    modules = _build_learned_modules(model, adapter, cfg, weights_file)
+    previous = get_applied(model)
+    previous_modules = model._modules.get(MODULES_ATTR)
+    if previous is not None:
         remove_from_model(model)
+    try:
+        _attach(model, adapter, cfg, modules)
+    except BaseException:
+        if previous is not None:
+            try:
+                _attach(model, previous.adapter, previous.config, previous_modules)
+            except Exception:  # the first error is the one to report; the model is left dense
+                pass
+        raise
+    return model
+
+
+def _attach(model, adapter, cfg, modules) -> None:
+    """Attach a validated ``cfg`` with its built learned ``modules`` (or None); undone completely on failure."""
     attn = model.config._attn_implementation
     applied = AppliedReduction(cfg, adapter, previous_attn_implementation=attn)
     setattr(model, STATE_ATTR, applied)
     try:
-        _attach_learned_modules(model, adapter, cfg, applied, weights_file)
+        if modules is not None:
+            model.add_module(MODULES_ATTR, modules)
         for reducer in cfg.iter_reducers():
             wiring_for(reducer.stage)(model, adapter, reducer, applied)
+        if any(r.stage in _PER_MODEL_STATE_STAGES for r in cfg.iter_reducers()):
+            guard_concurrent_calls(model, cfg.method, applied)
         target = REDUCED_IMPLEMENTATIONS.get(attn, attn)
         if attn != target:
             model.set_attn_implementation(target)
@@ -126,7 +164,6 @@ def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None =
     except BaseException:
         remove_from_model(model)
         raise
-    return model
 
 
 def remove_from_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -162,27 +199,83 @@ def _resolve_weights(cfg, weights_from, hub_kwargs, required) -> str | None:
     return path
 
 
-def _attach_learned_modules(model, adapter, cfg, applied, weights_file) -> None:
+def _build_learned_modules(model, adapter, cfg, weights_file) -> torch.nn.ModuleDict | None:
+    """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``."""
     modules = {}
     for reducer in cfg.iter_reducers():
         modules.update(reducer.learned_modules(model, adapter))
     if not modules:
-        return
-    model.add_module(MODULES_ATTR, torch.nn.ModuleDict(modules))
+        return None
+    holder = torch.nn.ModuleDict(modules)
     if weights_file is not None:
-        from safetensors.torch import load_file
+        load_side_car(holder, weights_file, cfg.method)
+    return holder
 
-        state = load_file(weights_file)
-        holder = model._modules[MODULES_ATTR]
-        expected = set(holder.state_dict())
-        if set(state) != expected:
-            raise ConfigError(
-                f"{WEIGHTS_NAME}: holds {sorted(set(state))[:6]}..., the {cfg.method} reduction expects "
-                f"{sorted(expected)[:6]}...",
-                field=WEIGHTS_NAME,
-            )
-        for name, tensor in holder.state_dict().items():
-            tensor.copy_(state[name].to(device=tensor.device, dtype=tensor.dtype))
+
+_DTYPE_FAMILIES = {"floating": "a floating-point", "complex": "a complex", "bool": "a bool", "integer": "an integer"}
+
+
+def _dtype_family(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def load_side_car(holder: torch.nn.Module, path: str, method: str) -> None:
+    """Copy the tensors of ``token_reduction.safetensors`` at ``path`` into ``holder``, after checking all of them.
+
+    Every tensor must exist under the expected name, with exactly the expected shape, in the same dtype
+    family (a floating-point tensor may be cast to another floating dtype, e.g. one saved in bfloat16 loaded
+    into a float32 model; an integer one must fit the expected integer dtype; nothing crosses families),
+    and floating values must be finite. Raises :class:`~hf_tokred.errors.SideCarError` naming the file and
+    the tensor; ``holder`` is only written once every tensor has passed.
+
+    Example:
+        >>> load_side_car(model.hf_tokred_modules, "saved/token_reduction.safetensors", "kvquant")  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    def fail(message, tensor=None):
+        return SideCarError(f"{path}: {message} ({WEIGHTS_NAME} holds the learned parts of the {method} reduction; "
+                            "re-save it from the trained model, or load with token_reduction=False for the dense model)",
+                            field=tensor)
+
+    try:
+        state = load_file(path)
+    except Exception as err:  # safetensors raises SafetensorError/OSError/ValueError for damaged files
+        raise fail(f"not a readable safetensors file ({type(err).__name__}: {err})") from None
+    expected = holder.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = [f"missing tensor(s) {', '.join(missing[:6])}" if missing else "",
+                 f"unexpected tensor(s) {', '.join(unexpected[:6])}" if unexpected else ""]
+        raise fail(f"{'; '.join(p for p in parts if p)}; the reduction expects {', '.join(sorted(expected)[:12])}",
+                   (missing or unexpected)[0])
+    converted = {}
+    for name, target in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise fail(f"tensor {name!r} has shape {tuple(tensor.shape)}, the reduction expects {tuple(target.shape)}", name)
+        have, want = _dtype_family(tensor.dtype), _dtype_family(target.dtype)
+        if have != want:
+            raise fail(f"tensor {name!r} is {tensor.dtype}, the reduction expects {_DTYPE_FAMILIES[want]} tensor "
+                       f"({target.dtype})", name)
+        if want == "integer" and tensor.numel():
+            info = torch.iinfo(target.dtype)
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < info.min or high > info.max:
+                raise fail(f"tensor {name!r} holds values in [{low}, {high}], outside the range of its dtype "
+                           f"{target.dtype}", name)
+        value = tensor.to(dtype=target.dtype)
+        if want in ("floating", "complex") and not bool(torch.isfinite(value).all()):
+            raise fail(f"tensor {name!r} holds NaN or infinite values"
+                       f"{' after the cast to ' + str(target.dtype) if tensor.dtype != target.dtype else ''}", name)
+        converted[name] = value
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(converted[name].to(device=target.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +305,8 @@ def _record_input_ids(module, args, kwargs):
 def build_cache(model, config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:
     """A fresh :class:`TokenReductionCache` for ``model`` (for ``generate(past_key_values=...)``).
 
-    ``config`` defaults to the KV policy attached with ``apply``/``from_pretrained``.
+    ``config`` defaults to the KV policy attached with ``apply``/``from_pretrained``. A cache serves one
+    ``generate`` call; passing it to a second one raises :class:`TokenReductionError`.
 
     Example:
         >>> cache = hf_tokred.build_cache(model)                      # doctest: +SKIP
@@ -264,17 +358,42 @@ def _generate_with_reduction(self, *args, **kwargs):
     applied = get_applied(self)
     policy = applied.config.get("kv_policy") if applied is not None else None
     storage = applied.config.get("kv_storage") if applied is not None else None
+    label = "+".join(c.method for c in (policy, storage) if c is not None)
     generation_config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-    if (policy or storage) is not None and kwargs.get("past_key_values") is None and use_cache is not False:
+    cache = kwargs.get("past_key_values")
+    if (policy or storage) is not None and cache is None and use_cache is not False:
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-            label = "+".join(c.method for c in (policy, storage) if c is not None)
             raise TokenReductionError(
                 f"{label}: assisted decoding needs a cache it can crop, and this cache cannot be "
                 "cropped; pass past_key_values=transformers.DynamicCache() to decode densely"
             )
-        kwargs["past_key_values"] = TokenReductionCache(self, policy, storage)
-    return type(self).generate(self, *args, **kwargs)
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if implementation is not None:
+            # transformers would report "passing both cache_implementation and past_key_values", which the user
+            # did not do: the cache below is ours.
+            raise TokenReductionError(
+                f"{label}: cache_implementation={implementation!r} (a generate() argument or set in the model's "
+                "generation_config): a model with a KV reduction builds its own cache "
+                "(a TokenReductionCache) for every generate() call, so it cannot use another cache implementation; "
+                "to decode densely, call hf_tokred.remove(model) or pass past_key_values=transformers.DynamicCache()"
+            )
+        cache = kwargs["past_key_values"] = TokenReductionCache(self, policy, storage)
+    if not isinstance(cache, TokenReductionCache):
+        return type(self).generate(self, *args, **kwargs)
+    if getattr(cache, _CONSUMED, False):
+        raise TokenReductionError(
+            f"{getattr(cache, 'label', 'hf_tokred')}: this TokenReductionCache was already used by a generate() call "
+            "and holds that call's tokens (possibly evicted), so reusing it would silently change the output; build a fresh cache with "
+            "hf_tokred.build_cache(model) for every call, or keep the cache from hf_tokred.compress_context and pass "
+            "copy.deepcopy(cache) to each generate()"
+        )
+    seen = cache.get_seq_length()
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        if cache.get_seq_length() != seen:  # a call that failed before feeding any token leaves it reusable
+            setattr(cache, _CONSUMED, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,16 +402,23 @@ def _generate_with_reduction(self, *args, **kwargs):
 
 
 def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, token_reduction=None, **kwargs):
+    # The user's argument may arrive here as a keyword, or (through AutoModel*/pipeline, whose AutoConfig keeps
+    # keys config.json already has) on the config, wrapped by _config_from_dict as a UserRequest.
+    if isinstance(token_reduction, UserRequest):
+        token_reduction = token_reduction.config
     request = check_request(token_reduction, pretrained_model_name_or_path)
+    given = kwargs.get("config")
+    if request is None and isinstance(given, PretrainedConfig) and isinstance(given.__dict__.get("token_reduction"), UserRequest):
+        request = given.__dict__["token_reduction"].config
     out = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
     model = out[0] if isinstance(out, tuple) else out
-    # Auto classes run AutoConfig first: when config.json already has the key, the user's argument lands
-    # on the config instead of reaching us. Only a dict can come from the file itself.
     stored = model.config.__dict__.pop("token_reduction", None)
-    from_file = request is None and isinstance(stored, dict)
-    if request is None and stored is not None:
+    if isinstance(stored, UserRequest):
+        request, stored = (stored.config if request is None else request), None
+    from_file = request is None and stored is not None
+    if from_file:
         source = saved_config_path(pretrained_model_name_or_path, kwargs.get("subfolder"))
-        request = config_from_saved(stored, source) if from_file else check_request(stored, pretrained_model_name_or_path)
+        request = config_from_saved(stored, source)
     if request is not None and request is not False:
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         # A reduction saved with the model must find its learned parts; a new one passed as an argument
@@ -302,10 +428,29 @@ def _from_pretrained(original, cls, pretrained_model_name_or_path, *model_args, 
     return out
 
 
+def _config_from_dict(original, cls, config_dict, **kwargs):
+    # AutoConfig.from_pretrained (run by AutoModel*.from_pretrained and by pipeline() with model_kwargs) passes
+    # every keyword here, and this sets those that config.json already has on the config, then logs and
+    # serializes it: a TokenReductionConfig there would make json.dumps fail, and a plain value could not be
+    # told apart from one the file itself holds (which must be a dict, never a path). Wrap the user's.
+    value = kwargs.get("token_reduction")
+    if "token_reduction" in kwargs and not isinstance(value, UserRequest):
+        if value is None:  # "not given", as for a model class: the file's reduction applies
+            del kwargs["token_reduction"]
+        else:
+            kwargs["token_reduction"] = UserRequest.wrap(value, config_dict.get("_name_or_path") or "from_pretrained")
+    return original(cls, config_dict, **kwargs)
+
+
 def _save_pretrained(original, self, save_directory, *args, **kwargs):
     applied = get_applied(self)
     if applied is None:
-        return original(self, save_directory, *args, **kwargs)
+        result = original(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # save_pretrained owns these files: a folder re-used for a dense save must not keep a reduction
+            # (hf_tokred.apply(model, folder) reads token_reduction_config.json) or learned parts from before.
+            _remove_files(save_directory, (CONFIG_NAME, WEIGHTS_NAME))
+        return result
     push = kwargs.pop("push_to_hub", False)
     repo_id = kwargs.pop("repo_id", None)
     # Learned parts stay out of model.safetensors, so a process without hf_tokred loads a clean model.
@@ -322,10 +467,19 @@ def _save_pretrained(original, self, save_directory, *args, **kwargs):
 
             tensors = {k: v.detach().contiguous().cpu() for k, v in learned.state_dict().items()}
             save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        else:  # learned parts of an earlier reduction saved here would be loaded into this one
+            _remove_files(save_directory, (WEIGHTS_NAME,))
     if push:
         return self.push_to_hub(repo_id or os.path.basename(os.path.normpath(save_directory)), **{
             k: kwargs[k] for k in ("token", "private", "commit_message") if k in kwargs})
     return result
+
+
+def _remove_files(folder, names) -> None:
+    for name in names:
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
 
 
 def _push_to_hub(original, self, repo_id, *args, token_reduction_results=None, **kwargs):
@@ -339,12 +493,13 @@ def _push_to_hub(original, self, repo_id, *args, token_reduction_results=None, *
 
 
 def install() -> None:
-    """Wrap ``PreTrainedModel.from_pretrained``/``save_pretrained``/``push_to_hub`` (idempotent)."""
+    """Wrap ``PreTrainedModel.from_pretrained``/``save_pretrained``/``push_to_hub`` and ``PretrainedConfig.from_dict`` (idempotent)."""
     if getattr(PreTrainedModel, "_hf_tokred_installed", False):
         return
     original_from = PreTrainedModel.from_pretrained.__func__
     original_save = PreTrainedModel.save_pretrained
     original_push = PreTrainedModel.push_to_hub
+    original_config_from_dict = PretrainedConfig.__dict__["from_dict"].__func__
 
     @functools.wraps(original_from)
     def from_pretrained(cls, *args, **kwargs):
@@ -358,9 +513,14 @@ def install() -> None:
     def push_to_hub(self, *args, **kwargs):
         return _push_to_hub(original_push, self, *args, **kwargs)
 
+    @functools.wraps(original_config_from_dict)
+    def config_from_dict(cls, *args, **kwargs):
+        return _config_from_dict(original_config_from_dict, cls, *args, **kwargs)
+
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     PreTrainedModel.save_pretrained = save_pretrained
     PreTrainedModel.push_to_hub = push_to_hub
+    PretrainedConfig.from_dict = classmethod(config_from_dict)
     PreTrainedModel._hf_tokred_installed = True
     PreTrainedModel._hf_tokred_originals = (original_from, original_save, original_push)
-
+    PretrainedConfig._hf_tokred_original_from_dict = original_config_from_dict

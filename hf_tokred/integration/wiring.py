@@ -16,11 +16,12 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, MissingFileError, UnsupportedModelError
+from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
 
 STATE_ATTR = "_hf_tokred_applied"
 MODULES_ATTR = "hf_tokred_modules"
@@ -70,6 +71,60 @@ def get_applied(model) -> AppliedReduction | None:
     return getattr(model, STATE_ATTR, None)
 
 
+class OneCallAtATime:
+    """Refuses a forward call from a second thread while another thread's call of the same model runs.
+
+    Some reductions keep the state of the running forward pass on the model: sequence reducers (ToMe and
+    the other encoder methods, ``hf_tokred.integration.encoders.SequenceState``) and diffusion reducers (the
+    token grid and the matchings of ``hf_tokred.integration.diffusers``). A second thread would overwrite it
+    halfway through the first thread's pass and both would silently get wrong outputs, so the second call
+    is refused instead. Nested calls from the same thread are allowed. (KV reductions keep their state in
+    the cache each call builds and need no guard.)
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.local = threading.local()
+
+    def __reduce__(self):
+        # copy.deepcopy(model) and pickling copy the hooks: a copy gets a fresh guard (a lock cannot be copied).
+        return type(self), (self.label,)
+
+    def enter(self, module, args, kwargs):
+        me = threading.get_ident()
+        with self.lock:
+            if self.owner is not None and self.owner != me:
+                raise TokenReductionError(
+                    f"{self.label}: concurrent calls of one reduced {type(module).__name__} from several threads are "
+                    "not supported for this reduction (it keeps the state of the running forward pass on the model); "
+                    "give each thread its own model (load it again, or hf_tokred.apply the reduction to a copy of the "
+                    "dense model) or serialize the calls with a lock"
+                )
+            self.owner = me
+        self.local.depth = getattr(self.local, "depth", 0) + 1
+
+    def exit(self, module, args, kwargs, output):
+        depth = getattr(self.local, "depth", 0)
+        if depth == 0:  # enter() refused this call (always_call hooks run even then)
+            return None
+        self.local.depth = depth - 1
+        if depth == 1:
+            with self.lock:
+                self.owner = None
+        return None
+
+
+def guard_concurrent_calls(model, label: str, applied: AppliedReduction) -> None:
+    """Install a :class:`OneCallAtATime` on ``model`` (plain torch hooks, removed by ``remove()``)."""
+    guard = OneCallAtATime(label)
+    pre = model.register_forward_pre_hook(guard.enter, with_kwargs=True)
+    post = model.register_forward_hook(guard.exit, with_kwargs=True, always_call=True)
+    applied.add_undo(pre.remove)
+    applied.add_undo(post.remove)
+
+
 DENSE_HINT = "load with token_reduction=False for the dense model"
 
 
@@ -111,13 +166,70 @@ def saved_config_path(source, subfolder: str | None = None) -> str:
     return "/".join(p for p in (source, subfolder, "config.json") if p)
 
 
-def config_from_saved(stored, config_file: str):
-    """Parse a reduction saved in a model's config file; errors name the file and the dense fallback."""
-    from ..config import TokenReductionConfig
+def config_from_saved(stored, config_file: str, key: str = "token_reduction"):
+    """Parse a reduction saved in a model's config file; errors name the file and the dense fallback.
 
+    A checkpoint carries its reduction inline, as a dict (``save_pretrained`` writes nothing else). A
+    string is accepted only when it names one of the package's own presets (:func:`hf_tokred.list_presets`):
+    a path or a Hub repo id found in a downloaded file is never opened or fetched (it would read files of
+    this machine, or download without the load's revision and token). ``None``/``False`` mean dense.
+
+    Example:
+        >>> config_from_saved({"method": "streamingllm", "max_tokens": 8}, "me/model/config.json").max_tokens
+        8
+        >>> try:
+        ...     config_from_saved("/etc/passwd", "me/model/config.json")
+        ... except ConfigError as err:
+        ...     print("refused:", err.field)
+        refused: token_reduction
+    """
+    from ..config import TokenReductionConfig, _preset_path, list_presets
+
+    if stored is None or stored is False:
+        return stored
+    if isinstance(stored, str):
+        preset = _preset_path(stored) if stored in list_presets() else None
+        if preset is None:
+            raise ConfigError(
+                f"{config_file}: {key}: could not find {stored!r} among hf_tokred's presets "
+                "(hf_tokred.list_presets()); a saved checkpoint holds its reduction inline as a dict, and a path or "
+                f"Hub repo id in it is never followed ({DENSE_HINT}, or pass the reduction yourself with "
+                "token_reduction=...)",
+                field=key,
+            )
+        stored = TokenReductionConfig._from_json_file(preset)
     try:
         return TokenReductionConfig.coerce(stored)
     except ConfigError as err:
-        raise type(err)(f"{config_file}: token_reduction: {err} ({DENSE_HINT})", field=err.field) from None
+        raise type(err)(f"{config_file}: {key}: {err} ({DENSE_HINT})", field=err.field) from None
     except MissingFileError as err:
-        raise MissingFileError(f"{config_file}: token_reduction: {err} ({DENSE_HINT})") from None
+        raise MissingFileError(f"{config_file}: {key}: {err} ({DENSE_HINT})") from None
+
+
+class UserRequest(dict):
+    """The user's own ``token_reduction=`` argument while it rides on a transformers config.
+
+    ``AutoModel*.from_pretrained`` and ``pipeline(model_kwargs=...)`` hand every keyword to ``AutoConfig``,
+    which sets it on the config when ``config.json`` already has that key, and then logs and serializes the
+    config. So the argument is put there as this dict subclass: JSON writes it as the config's dict (a
+    ``TokenReductionConfig`` object would make ``json.dumps`` fail), and no ``config.json`` can produce the
+    type, so the argument is never mistaken for a reduction saved in the file (a string there is refused,
+    see :func:`config_from_saved`; the user's own may be a path, preset or repo id).
+
+    Example:
+        >>> request = UserRequest.wrap({"method": "streamingllm", "max_tokens": 8}, "me/model")
+        >>> request["method"], request.config.max_tokens
+        ('streamingllm', 8)
+    """
+
+    config = None
+
+    @classmethod
+    def wrap(cls, value, source):
+        """Validate ``value`` as :func:`check_request` does; a config comes back wrapped, None/False as they are."""
+        config = check_request(value, source)
+        if config is None or config is False:
+            return config
+        request = cls(config.to_dict())
+        request.config = config
+        return request

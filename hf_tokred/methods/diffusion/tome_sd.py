@@ -55,6 +55,10 @@ import torch
 from ...config import TokenReductionConfig, param, register_method
 from ...errors import ConfigError
 
+# Largest sx/sy a config accepts. Token grids of today's denoisers are at most 128 wide (SDXL's 1024px latent);
+# a cell as wide as the grid already leaves one destination per row of cells.
+MAX_STRIDE = 128
+
 
 @register_method("tome_sd")
 @dataclass(kw_only=True)
@@ -66,7 +70,8 @@ class ToMeSDConfig(TokenReductionConfig):
     every source token is merged). ``max_downsample`` limits merging to the finest token grids
     (1: only the highest-resolution UNet level, where attention costs the most; DiT-family
     denoisers have one level). ``sx``/``sy`` are the width/height of the grid cells that each
-    hold one destination token. ``use_rand`` picks the destination token of each cell at random
+    hold one destination token (at most :data:`MAX_STRIDE`; a denoiser call whose finest merged token
+    grid is smaller than one cell raises :class:`~hf_tokred.errors.ConfigError` instead of merging nothing). ``use_rand`` picks the destination token of each cell at random
     (from a generator seeded by ``seed``, the timestep and the block) instead of the top-left one.
     ``merge_attn``, ``merge_crossattn`` and ``merge_mlp`` choose what runs on the merged tokens:
     self-attention (the default), cross-attention to the text, the feed-forward.
@@ -90,8 +95,12 @@ class ToMeSDConfig(TokenReductionConfig):
     max_downsample: int = param(
         1, int, low=1, help="merge only token grids at most this much coarser than the finest one (UNet levels 1, 2, 4, 8)"
     )
-    sx: int = param(2, int, low=1, help="width of the grid cells that each hold one destination token")
-    sy: int = param(2, int, low=1, help="height of the grid cells that each hold one destination token")
+    # Bounded by MAX_STRIDE here; whether a cell fits the token grid is checked on every denoiser call, where
+    # the grid is known (a cell larger than the grid would merge nothing, silently).
+    sx: int = param(2, int, low=1, high=MAX_STRIDE,
+                    help="width of the grid cells that each hold one destination token (must fit the token grid)")
+    sy: int = param(2, int, low=1, high=MAX_STRIDE,
+                    help="height of the grid cells that each hold one destination token (must fit the token grid)")
     use_rand: bool = param(True, bool, help="pick each cell's destination token at random (else its top-left token)")
     seed: int = param(
         0, int, low=0, help="seed of the generator that picks destination tokens (with the timestep and block index)"
