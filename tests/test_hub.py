@@ -76,6 +76,55 @@ def test_model_push_to_hub_uploads_side_cars_and_card(tiny_llama_dir, fake_hub):
     assert "**streamingllm**" in card.text and "2309.17453" in card.text
     assert "| `window` | `6` |" in card.text and "| `sink_tokens` | `2` |" in card.text
     assert "| passkey accuracy | 0.9 |" in card.text
+    assert ("applied to [HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)"
+            in card.text)
+    assert 'model = AutoModelForCausalLM.from_pretrained("me/tiny-stream")' in card.text
+
+
+def test_card_of_a_model_from_a_local_folder_has_no_base_model_and_loads_with_its_class(tiny_llama_dir, fake_hub):
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, token_reduction=STREAM)  # _name_or_path: the folder
+    model.push_to_hub("me/tiny-local")
+    card = ModelCard(fake_hub.commits[-1]["files"]["README.md"].decode())
+    assert card.data.base_model is None and "base_model" not in str(card.data)
+    assert "huggingface.co//" not in card.text and str(tiny_llama_dir) not in card.text and "applied to" not in card.text
+    assert "from transformers import AutoModelForCausalLM\n" in card.text
+    assert 'dense = AutoModelForCausalLM.from_pretrained("me/tiny-local", token_reduction=False)' in card.text
+    assert "AutoModel." not in card.text  # a bare AutoModel would give the base model, without generate()
+
+
+def test_hub_model_id_keeps_only_hub_ids(tmp_path, monkeypatch):
+    from hf_tokred.integration.hub import hub_model_id
+
+    assert hub_model_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for not_an_id in (None, "", str(tmp_path), "/tmp/model", "./model", "a/b/c", "../x", "gpt2", "C:\\models\\x"):
+        assert hub_model_id(not_an_id) is None, not_an_id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "me" / "model").mkdir(parents=True)
+    assert hub_model_id("me/model") is None  # an existing local folder, not the Hub repo of that name
+
+
+def test_loading_class_follows_the_auto_mappings():
+    from conftest import make_tiny_llama
+    from transformers import LlamaConfig, ViTConfig, ViTForImageClassification, ViTModel
+
+    from hf_tokred.integration.hub import loading_class
+
+    assert loading_class(make_tiny_llama()) == "AutoModelForCausalLM"
+    vit = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64)
+    assert loading_class(ViTForImageClassification(vit)) == "AutoModelForImageClassification"
+    assert loading_class(ViTModel(vit)) == "AutoModel"
+
+    class PluginConfig(LlamaConfig):  # a config type no auto mapping knows
+        model_type = "plugin_llama"
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    assert loading_class(LlamaForCausalLM(PluginConfig(**small))) == "LlamaForCausalLM"  # the exported class itself
+
+    class PluginForCausalLM(LlamaForCausalLM):
+        config_class = PluginConfig
+
+    assert loading_class(PluginForCausalLM(PluginConfig(**small))) == "AutoModel"  # not importable from transformers
 
 
 def test_save_pretrained_push_to_hub_flag_routes_through_card(tiny_llama_dir, tmp_path, fake_hub):

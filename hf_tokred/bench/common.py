@@ -74,6 +74,28 @@ def cache_kv_bytes(cache) -> int:
     return total
 
 
+def cache_kv_bytes_by_type(cache) -> dict[str, int]:
+    """:func:`cache_kv_bytes` split into ``"full_attention"`` and ``"sliding_attention"`` layers (a hybrid model such
+    as Gemma 3 has both; its sliding layers hold at most their window, reduced or dense).
+
+    Example:
+        >>> import torch
+        >>> from transformers import DynamicCache
+        >>> cache = DynamicCache()
+        >>> _ = cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
+        >>> cache_kv_bytes_by_type(cache)
+        {'full_attention': 320}
+    """
+    totals: dict[str, int] = {}
+    for layer in cache.layers:
+        kind = "sliding_attention" if getattr(layer, "is_sliding", False) else "full_attention"
+        nbytes = layer.kv_bytes() if hasattr(layer, "kv_bytes") else sum(
+            t.numel() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor))
+        totals[kind] = totals.get(kind, 0) + int(nbytes)
+    return totals
+
+
 def cache_stored_lengths(cache) -> list[int]:
     """Tokens each layer of a cache holds now (``stored_lengths()`` of a ``TokenReductionCache``).
 
@@ -267,6 +289,7 @@ def run_prompts(model, tokenizer, prompts: list[Prompt], *, config=None, mode: s
                     "generated_tokens": int(run.new_tokens.shape[-1]),
                     "decode_tokens": run.decode_tokens,
                     "kv_bytes": cache_kv_bytes(run.cache),
+                    "kv_bytes_by_type": cache_kv_bytes_by_type(run.cache),
                     "kv_tokens": max(lengths or [0]),
                     "kv_tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0,
                     "prefill_s": run.prefill_s,
@@ -300,6 +323,9 @@ def summarize(per_sample: list[dict], cfg, mode: str) -> dict:
         "correct": correct,
         "mean_prompt_tokens": mean("prompt_tokens"),
         "kv_bytes": int(round(mean("kv_bytes"))),
+        "kv_bytes_by_type": {kind: int(round(sum(r["kv_bytes_by_type"].get(kind, 0) for r in per_sample)
+                                             / len(per_sample)))
+                             for kind in sorted({k for r in per_sample for k in r["kv_bytes_by_type"]})},
         "kv_tokens": mean("kv_tokens"),
         "kv_tokens_mean": mean("kv_tokens_mean"),
         "prefill_s": mean("prefill_s"),
@@ -366,6 +392,7 @@ __all__ = [
     "Reduction",
     "StepClock",
     "cache_kv_bytes",
+    "cache_kv_bytes_by_type",
     "cache_stored_lengths",
     "median",
     "new_cache",

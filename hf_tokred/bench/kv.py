@@ -501,6 +501,7 @@ def _row(task, mode, policy, keep, result, dense) -> dict:
         "samples": result["samples"],
         "prompt_tokens": result["mean_prompt_tokens"],
         "kv_bytes": result["kv_bytes"],
+        "kv_bytes_by_type": result.get("kv_bytes_by_type", {}),
         "kv_ratio": result["kv_bytes"] / dense_bytes if dense_bytes else float("nan"),
         "kv_tokens": result["kv_tokens_mean"],
         "prefill_tokens_per_s": result["prefill_tokens_per_s"],
@@ -588,9 +589,17 @@ def format_results(record: dict) -> str:
         body = [[r["task"], r["mode"], r["policy"], _keep_label(r["keep"]), _fmt_value(r["metric"], r["value"]),
                  _format_bytes(r["kv_bytes"]), f"{r['kv_ratio']:.2f}x", f"{r['kv_tokens']:.0f}",
                  _fmt_rate(r["prefill_tokens_per_s"]), _fmt_rate(r["decode_tokens_per_s"])] for r in rows]
+        note = ""
+        if any(len(r.get("kv_bytes_by_type", {})) > 1 for r in rows):  # a hybrid model: say what each kind holds
+            header.insert(6, "full / sliding")
+            for r, line in zip(rows, body):
+                kinds = r["kv_bytes_by_type"]
+                line.insert(6, f"{_format_bytes(kinds.get('full_attention', 0))} / "
+                               f"{_format_bytes(kinds.get('sliding_attention', 0))}")
+            note = "; full / sliding = the same bytes in full-attention and sliding-window layers"
         sections.append("All runs (accuracy for passkey/needle/multikey, perplexity for ppl; KV cache = resident "
-                        "bytes of keys and values after the prompt and the answer):\n"
-                        + format_table(header, body, right={4, 5, 6, 7, 8, 9}))
+                        f"bytes of keys and values after the prompt and the answer{note}):\n"
+                        + format_table(header, body, right=set(range(4, len(header)))))
         sections.append(format_pivot(rows))
         sections.append(format_winners(record["winners"]))
     if record.get("speed"):
