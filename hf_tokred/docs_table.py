@@ -78,7 +78,9 @@ def _models(cls) -> dict[str, list[str]] | None:
     if kinds is None:
         return None
     adapters = registered_adapters()
-    return {kind: [a.name for a in adapters if a.kind == kind] for kind in kinds}
+    # a refused architecture (its adapter records why, e.g. data2vec_vision) is not one a method works on
+    return {kind: [a.name for a in adapters if a.kind == kind and getattr(a, "unsupported", None) is None]
+            for kind in kinds}
 
 
 def method_rows() -> list[dict]:

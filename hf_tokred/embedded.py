@@ -301,15 +301,7 @@ def load_smollm2(token_reduction=None, dtype: torch.dtype = torch.float32, **kwa
         ...                                     return_tensors="pt", return_dict=True)         # doctest: +SKIP
         >>> out = model.generate(**ids, max_new_tokens=20, do_sample=False)                  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_path()
-    if token_reduction is not None:
-        kwargs["token_reduction"] = token_reduction
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    _name_as_hub_model(model, tokenizer, SMOLLM2_HUB_ID)
-    return model.eval(), tokenizer
+    return _load_causal_lm(smollm2_path(), SMOLLM2_HUB_ID, token_reduction, dtype, kwargs)
 
 
 def load_gemma3(token_reduction=None, dtype: torch.dtype = torch.float32, **kwargs):
@@ -326,14 +318,18 @@ def load_gemma3(token_reduction=None, dtype: torch.dtype = torch.float32, **kwar
         >>> ids = tokenizer("The capital of France is", return_tensors="pt")            # doctest: +SKIP
         >>> out = model.generate(**ids, max_new_tokens=5, do_sample=False)              # doctest: +SKIP
     """
+    return _load_causal_lm(gemma3_path(), GEMMA3_HUB_ID, token_reduction, dtype, kwargs)
+
+
+def _load_causal_lm(path: str, hub_id: str, token_reduction, dtype, kwargs: dict):
+    """``(model, tokenizer)`` of a converted folder, in eval mode, named as ``hub_id``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gemma3_path()
     if token_reduction is not None:
         kwargs["token_reduction"] = token_reduction
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _name_as_hub_model(model, tokenizer, GEMMA3_HUB_ID)
+    _name_as_hub_model(model, tokenizer, hub_id)
     return model.eval(), tokenizer
 
 

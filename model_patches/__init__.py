@@ -133,7 +133,8 @@ def _model_key(model) -> tuple[str, str]:
 def supported_names(library: str | None = None) -> str:
     """Comma-separated list of supported architectures with example classes, for error messages."""
     return "; ".join(
-        f"{a.name} ({', '.join(a.examples or a.match)})" for a in _ADAPTERS if library in (None, a.library)
+        f"{a.name} ({', '.join(a.examples or a.match)})" for a in _ADAPTERS
+        if library in (None, a.library) and getattr(a, "unsupported", None) is None  # refused ones say why elsewhere
     )
 
 

@@ -66,12 +66,7 @@ def cache_kv_bytes(cache) -> int:
     """
     if hasattr(cache, "kv_bytes"):
         return int(cache.kv_bytes())
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(cache_kv_bytes_by_type(cache).values())
 
 
 def cache_kv_bytes_by_type(cache) -> dict[str, int]:

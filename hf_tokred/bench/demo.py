@@ -197,7 +197,8 @@ def format_demo(record: dict, runs, *, seed: int, threads: int) -> str:
         "",
         f"Passkey retrieval, SmolLM2-135M-Instruct: {dense['samples']} samples (seed {seed}), "
         f"{dense['mean_prompt_tokens']:.0f} prompt tokens, 8 new tokens, CPU ({threads} threads)",
-        *[f"  {label}: {cfg.method} ({_format_params(cfg)}) from {source}" for label, cfg, source in runs],
+        *[f"  {label}: {' + '.join(f'{r.method} ({_format_params(r)})' for r in cfg.iter_reducers())} from {source}"
+          for label, cfg, source in runs],
         "",
         format_table(header, rows, right={1, 2, 3, 4, 5, 6}),
         "",
@@ -226,7 +227,7 @@ def format_demo(record: dict, runs, *, seed: int, threads: int) -> str:
                 lines.append(f"{label}: decodes faster than dense at both {short:.0f} and {context} tokens.")
             elif length is None:
                 lines.append(f"{label}: not faster than dense at {short:.0f} or {context} tokens, and its decode "
-                             "time grows as fast as dense's: it saves memory, not time, on this CPU.")
+                             "time grows at least as fast as dense's: it saves memory, not time, here.")
             else:
                 where = "between the two lengths" if length <= context else "beyond the measured lengths"
                 lines.append(f"{label}: decodes faster than dense from about {length} tokens of context "
