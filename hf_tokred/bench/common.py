@@ -113,7 +113,8 @@ def cache_stored_lengths(cache) -> list[int]:
 
 
 def new_cache(model, config=None):
-    """A fresh cache: ``DynamicCache`` for dense runs (``config=None``), else ``hf_tokred.build_cache``.
+    """A fresh cache: for dense runs (``config=None``) the ``DynamicCache`` that ``generate()`` itself builds for
+    ``model`` (sliding-window layers keep their window), else ``hf_tokred.build_cache``.
 
     Example:
         >>> from hf_tokred.bench.common import new_cache
@@ -123,7 +124,7 @@ def new_cache(model, config=None):
     if config is None:
         from transformers import DynamicCache
 
-        return DynamicCache()
+        return DynamicCache(config=getattr(model, "config", None))
     import hf_tokred
 
     return hf_tokred.build_cache(model, config)

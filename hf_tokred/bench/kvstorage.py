@@ -41,6 +41,8 @@ import time
 
 import torch
 
+from .common import new_cache
+
 # label -> config (None = dense); "quanto-N" labels are transformers' QuantizedCache
 STORAGE_CONFIGS: dict[str, dict | None] = {
     "dense": None,
@@ -126,13 +128,13 @@ def _is_anchor(label: str) -> bool:
 
 
 def _new_cache(model, label: str):
-    from transformers import DynamicCache, QuantizedCache
+    from transformers import QuantizedCache
 
     import hf_tokred
 
     spec = STORAGE_CONFIGS[label]
     if spec is None:
-        return DynamicCache()
+        return new_cache(model)
     if _is_anchor(label):
         return QuantizedCache(backend=spec["backend"], config=model.config, nbits=spec["nbits"])
     return hf_tokred.build_cache(model)
