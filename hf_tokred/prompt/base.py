@@ -406,7 +406,8 @@ def rank_priority(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> t
 @dataclass(kw_only=True)
 class PromptCompressorConfig(TokenReductionConfig):
     """Fields shared by every prompt compressor: the budget (``rate`` or ``target_token``), what is protected
-    (``force_tokens``, ``keep_digits``, ``keep_markers``) and how the scorer runs (``window``).
+    (``force_tokens``, ``keep_digits``, ``keep_markers``), how the scorer runs (``window``) and how much whole
+    documents the coarse stage keeps (``granularity``, :meth:`coarse_keep`).
 
     Subclasses write :meth:`priorities`. Use them through :func:`hf_tokred.compress_prompt`; attaching one
     to a model (``hf_tokred.apply``) is refused until the generate()/pipeline wiring exists.
@@ -430,6 +431,9 @@ class PromptCompressorConfig(TokenReductionConfig):
     keep_digits: bool = param(False, bool, help="keep every word that holds a digit")
     keep_markers: bool = param(True, bool, help="text between <keep> and </keep> is kept verbatim (markers removed)")
     window: int = param(512, int, low=16, high=1 << 16, help="scorer window in tokens (and the longest prefix)")
+    granularity: float = param(2.0, float, low=1.0, high=100.0,
+                               help="coarse stage: keep whole documents (demonstrations) holding this many times the "
+                                    "remaining budget")
 
     def validate(self) -> None:
         for i, token in enumerate(self.force_tokens):
@@ -447,6 +451,23 @@ class PromptCompressorConfig(TokenReductionConfig):
         """
         requests = [(seg, 0, len(seg), "") for seg in job.contexts]
         return job.unit_surprisal(requests)
+
+    def coarse_keep(self, ranked: list[int], cost: list[float], available: float) -> tuple[list[int], float]:
+        """The coarse stage: documents in ``ranked`` order until they hold ``granularity`` times the ``available``
+        budget (a single document is always kept); returns them and the tokens they hold (``cost`` per document).
+
+        Example:
+            >>> cfg = TokenReductionConfig(method="llmlingua", granularity=2.0)
+            >>> cfg.coarse_keep([2, 0, 1], [10.0, 10.0, 10.0], available=10.0)
+            ([2, 0], 20.0)
+        """
+        kept, total = [], 0.0
+        for d in ranked:
+            if len(ranked) > 1 and total >= self.granularity * available:
+                break
+            kept.append(d)
+            total += cost[d]
+        return kept, total
 
     # -- shared machinery ----------------------------------------------------------------------
 

@@ -46,8 +46,6 @@ class LLMLinguaConfig(PromptCompressorConfig):
     paper = "2310.05736"
     status = "experimental"  # not measured yet: docs/methods.md, "Why each status"
 
-    granularity: float = param(2.0, float, low=1.0, high=100.0,
-                               help="coarse stage: keep demonstrations holding this many times the remaining budget")
     segment_tokens: int = param(200, int, low=8, high=1 << 16, help="tokens per segment of the iterative stage")
 
     def priorities(self, job: PromptJob) -> list[torch.Tensor]:
@@ -58,13 +56,7 @@ class LLMLinguaConfig(PromptCompressorConfig):
             # coarse: perplexity of each demonstration on its own, most informative first
             scores = job.unit_surprisal([(seg, 0, len(seg), "") for seg in docs])
             ppl = [float((s * seg.costs).sum() / seg.costs.sum().clamp(min=1)) for s, seg in zip(scores, docs)]
-            ranked = sorted(range(len(docs)), key=lambda d: -ppl[d])
-            kept, total = [], 0.0
-            for d in ranked:
-                if total >= self.granularity * job.available:
-                    break
-                kept.append(d)
-                total += cost[d]
+            kept, _ = self.coarse_keep(sorted(range(len(docs)), key=lambda d: -ppl[d]), cost, job.available)
             job.notes["demonstration_perplexity"] = ppl
         token_rate = min(1.0, job.available / max(sum(cost[d] for d in kept), 1.0))
         out = [torch.full((len(seg),), float("-inf")) for seg in docs]

@@ -57,8 +57,6 @@ class LongLLMLinguaConfig(PromptCompressorConfig):
     paper = "2310.06839"
     status = "experimental"  # not measured yet: docs/methods.md, "Why each status"
 
-    granularity: float = param(2.0, float, low=1.0, high=100.0,
-                               help="coarse stage: keep documents holding this many times the remaining budget")
     reorder: str = param("sort", str, choices=("sort", "none"), help="place kept documents most relevant first")
     dynamic_ratio: float = param(0.25, float, low=0.0, high=1.0,
                                  help="spread of the per-document rates: rank 0 keeps τ·(1+d), the last τ·(1-d)")
@@ -74,12 +72,7 @@ class LongLLMLinguaConfig(PromptCompressorConfig):
             relevance = document_relevance(job, question)
             ranked = sorted(range(len(docs)), key=lambda d: relevance[d])
             job.notes["document_relevance"] = relevance
-        kept, total = [], 0.0
-        for d in ranked:
-            if len(docs) > 1 and total >= self.granularity * job.available:
-                break
-            kept.append(d)
-            total += cost[d]
+        kept, total = self.coarse_keep(ranked, cost, job.available)
         if self.reorder == "sort":
             job.order = kept + [d for d in ranked if d not in kept]
         tau = min(1.0, job.available / max(total, 1.0))
