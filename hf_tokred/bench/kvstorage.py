@@ -178,8 +178,9 @@ def _step_transient(cache, label: str, model) -> int:
     if stores:
         return max(store.max_transient_bytes for store in stores)
     # dense / QuantizedCache: one layer's full-precision keys and values exist next to the resident cache
-    config = model.config
-    heads, dim = config.num_key_value_heads, config.head_dim
+    from hf_tokred.kv.storage import KVStorageConfig
+
+    heads, dim = KVStorageConfig.kv_heads(model), KVStorageConfig.head_dim(model)
     seen = cache.get_seq_length()
     return 2 * seen * heads * dim * torch.finfo(model.dtype).bits // 8
 
@@ -206,7 +207,10 @@ def perplexity_run(model, ids: torch.Tensor, label: str, chunk: int) -> dict:
         store.max_transient_bytes = 0
     model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # one decoding step at full length
     transient = _step_transient(cache, label, model)
-    dense_elements = 2 * total * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim
+    from hf_tokred.kv.storage import KVStorageConfig
+
+    dense_elements = (2 * total * model.config.get_text_config(decoder=True).num_hidden_layers
+                      * KVStorageConfig.kv_heads(model) * KVStorageConfig.head_dim(model))
     return {
         "label": label,
         "ppl": math.exp(nll / count),
