@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kv.cache import layer_kv_bytes, layer_stored_length
+
 MODES = ("aware", "agnostic")
 
 
@@ -64,9 +66,7 @@ def cache_kv_bytes(cache) -> int:
         >>> cache_kv_bytes(cache)
         320
     """
-    if hasattr(cache, "kv_bytes"):
-        return int(cache.kv_bytes())
-    return sum(cache_kv_bytes_by_type(cache).values())
+    return sum(layer_kv_bytes(layer) for layer in cache.layers)
 
 
 def cache_kv_bytes_by_type(cache) -> dict[str, int]:
@@ -84,10 +84,7 @@ def cache_kv_bytes_by_type(cache) -> dict[str, int]:
     totals: dict[str, int] = {}
     for layer in cache.layers:
         kind = "sliding_attention" if getattr(layer, "is_sliding", False) else "full_attention"
-        nbytes = layer.kv_bytes() if hasattr(layer, "kv_bytes") else sum(
-            t.numel() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor))
-        totals[kind] = totals.get(kind, 0) + int(nbytes)
+        totals[kind] = totals.get(kind, 0) + layer_kv_bytes(layer)
     return totals
 
 
@@ -103,13 +100,7 @@ def cache_stored_lengths(cache) -> list[int]:
         >>> cache_stored_lengths(cache)
         [5]
     """
-    if hasattr(cache, "stored_lengths"):
-        return [int(n) for n in cache.stored_lengths()]
-    lengths = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        lengths.append(keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() >= 3 else 0)
-    return lengths
+    return [int(layer_stored_length(layer)) for layer in cache.layers]
 
 
 def new_cache(model, config=None):

@@ -611,11 +611,11 @@ class TokenReductionCache(Cache):
     def stored_lengths(self) -> list[int]:
         """Slots each layer holds now (the physical cache size; ``get_seq_length()`` is tokens seen), for the
         reduced layers and those left to transformers alike."""
-        return [_stored_length(layer) for layer in self.layers]
+        return [layer_stored_length(layer) for layer in self.layers]
 
     def kv_bytes(self) -> int:
         """Bytes of the key/value tensors the cache holds now (every layer)."""
-        return sum(_layer_bytes(layer) for layer in self.layers)
+        return sum(layer_kv_bytes(layer) for layer in self.layers)
 
     def kv_bytes_by_type(self) -> dict[str, int]:
         """:meth:`kv_bytes` split by layer type, e.g. ``{"full_attention": n, "sliding_attention": m}``.
@@ -626,17 +626,30 @@ class TokenReductionCache(Cache):
         """
         totals: dict[str, int] = {}
         for layer_type, layer in zip(self.layer_types, self.layers):
-            totals[layer_type] = totals.get(layer_type, 0) + _layer_bytes(layer)
+            totals[layer_type] = totals.get(layer_type, 0) + layer_kv_bytes(layer)
         return totals
 
 
-def _stored_length(layer) -> int:
+def layer_stored_length(layer) -> int:
+    """Slots one cache layer holds: a :class:`ReducingLayer`'s, or a transformers layer's (``DynamicLayer``,
+    ``DynamicSlidingWindowLayer``) keys along the sequence (0 before its first update).
+
+    Example:
+        >>> import torch
+        >>> from transformers.cache_utils import DynamicLayer
+        >>> layer = DynamicLayer()
+        >>> _ = layer.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+        >>> layer_stored_length(layer), layer_kv_bytes(layer)
+        (5, 320)
+    """
     if isinstance(layer, ReducingLayer):
         return layer.stored_length()
     return 0 if not layer.is_initialized or layer.keys is None else layer.keys.shape[-2]
 
 
-def _layer_bytes(layer) -> int:
+def layer_kv_bytes(layer) -> int:
+    """Bytes of the key/value tensors one cache layer holds (a :class:`ReducingLayer` counts its compressed
+    store or spare capacity; see :meth:`ReducingLayer.kv_bytes`)."""
     if isinstance(layer, ReducingLayer):
         return layer.kv_bytes()
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
