@@ -549,12 +549,15 @@ class TokenReductionCache(Cache):
     """
 
     def __init__(self, model, policy: KVPolicyConfig | None = None, storage=None):
+        from ..integration.wiring import get_applied
         from ..model_patches import find_adapter
 
         if policy is None and storage is None:
             raise TokenReductionError("TokenReductionCache needs a KV policy, a KV storage, or both")
         label = "+".join(c.method for c in (policy, storage) if c is not None)
-        adapter = find_adapter(model)
+        # apply() found the adapter once; generate() builds a cache per call, so it is not detected again
+        applied = get_applied(model)
+        adapter = applied.adapter if applied is not None else find_adapter(model)
         if not adapter.has_kv_cache:
             raise UnsupportedModelError(f"{type(model).__name__} has no KV cache; {label} needs one")
         attn = model.config._attn_implementation
