@@ -24,7 +24,7 @@ from . import __version__
 
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
 BENCH_COMMANDS: list[str] = ["hf_tokred.bench.demo", "hf_tokred.bench.kv", "hf_tokred.bench.diffusion",
-                             "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage"]
+                             "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage", "hf_tokred.bench.prompt"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods
@@ -43,6 +43,7 @@ examples:
   hf-tokred demo --json results.json also write every number to a JSON file
   hf-tokred methods                  every method: where it acts, the models it supports, its paper
   hf-tokred presets                  the presets and what they set
+  hf-tokred prompt FILE --question Q compress a prompt (LLMLingua family) scored by the embedded SmolLM2
 
 Run "hf-tokred COMMAND --help" for the options of one command.
 """

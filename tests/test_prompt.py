@@ -238,16 +238,18 @@ def test_config_round_trip_and_registry():
         assert hf_tokred.TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_apply_refuses_and_points_to_compress_prompt():
-    model = make_tiny_llama()
+def test_apply_refuses_models_that_cannot_generate_and_leaves_them():
+    from transformers import LlamaModel
+
+    model = LlamaModel(make_tiny_llama().config).eval()
     attn = model.config._attn_implementation
     ids = torch.arange(3, 20)[None]
-    before = model(ids).logits
-    with pytest.raises(UnsupportedModelError, match=r"prompt compressor.*hf_tokred\.compress_prompt"):
+    before = model(ids).last_hidden_state
+    with pytest.raises(UnsupportedModelError, match=r"cannot generate.*hf_tokred\.compress_prompt"):
         hf_tokred.apply(model, {"method": "llmlingua", "rate": 0.5})
     assert getattr(model, "_hf_tokred_applied", None) is None and model.config._attn_implementation == attn
     assert "token_reduction" not in model.config.__dict__
-    assert torch.equal(model(ids).logits, before)
+    assert torch.equal(model(ids).last_hidden_state, before)
     with pytest.raises(UnsupportedModelError, match="compress_prompt"):
         hf_tokred.apply(model, hf_tokred.compose({"method": "longllmlingua"},
                                                  {"method": "streamingllm", "max_tokens": 8}))

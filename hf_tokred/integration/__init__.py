@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import ArgumentError, UnsupportedModelError
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
-from . import prompt as _prompt  # noqa: F401  (registers the "prompt" stage's refusal)
+from . import prompt as _prompt  # noqa: F401  (registers the "prompt" wiring)
 from . import transformers as _transformers
 from .transformers import build_cache, compress_context
 
@@ -113,6 +113,7 @@ def install() -> None:
     from . import diffusers as _diffusers
 
     _transformers.install()
+    _prompt.install()
     _diffusers.install()
 
 

@@ -288,7 +288,8 @@ def load_side_car(holder: torch.nn.Module, path: str, method: str) -> None:
 def _wire_kv_cache(model, adapter, reducer, applied) -> None:
     # Base models (LlamaModel) cannot generate: they use the cache through build_cache(). A policy and a
     # storage composed together share one override (the second install is the same method).
-    if model.can_generate():
+    # A prompt compressor composed with it installs its own generate(), which calls this one.
+    if model.can_generate() and applied.config.get("prompt") is None:
         model.generate = types.MethodType(_generate_with_reduction, model)
     if getattr(reducer, "needs_token_ids", False):
         handle = model.register_forward_pre_hook(_record_input_ids, with_kwargs=True)

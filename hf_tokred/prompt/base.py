@@ -409,8 +409,9 @@ class PromptCompressorConfig(TokenReductionConfig):
     (``force_tokens``, ``keep_digits``, ``keep_markers``), how the scorer runs (``window``) and how much whole
     documents the coarse stage keeps (``granularity``, :meth:`coarse_keep`).
 
-    Subclasses write :meth:`priorities`. Use them through :func:`hf_tokred.compress_prompt`; attaching one
-    to a model (``hf_tokred.apply``) is refused until the generate()/pipeline wiring exists.
+    Subclasses write :meth:`priorities`. Use them through :func:`hf_tokred.compress_prompt`, or attach one to
+    a causal LM (``hf_tokred.apply``, ``from_pretrained(token_reduction=...)``) so that ``generate()`` and
+    pipelines compress the prompt's ``<context>`` blocks (:mod:`hf_tokred.integration.prompt`).
 
     Example:
         >>> from hf_tokred import TokenReductionConfig
@@ -421,6 +422,9 @@ class PromptCompressorConfig(TokenReductionConfig):
 
     stage: ClassVar[str] = "prompt"
     model_kinds: ClassVar[tuple[str, ...]] = ("decoder",)
+    # False for a method that scores words with its own model (llmlingua2's token classifier, from
+    # load_model): compress_prompts then loads no causal-LM scorer for the batch.
+    uses_scorer: ClassVar[bool] = True
 
     rate: float = param(0.5, float, low=0.0, high=1.0, low_open=True,
                         help="fraction of the prompt's tokens kept (1.0 = unchanged); ignored when target_token is set")
@@ -434,6 +438,9 @@ class PromptCompressorConfig(TokenReductionConfig):
     granularity: float = param(2.0, float, low=1.0, high=100.0,
                                help="coarse stage: keep whole documents (demonstrations) holding this many times the "
                                     "remaining budget")
+    scorer: str = param("embedded", str, choices=("embedded", "self"),
+                        help="attached to a model: score with the embedded SmolLM2 ('embedded', placed on the model's "
+                             "device) or with the model itself ('self'); compress_prompt(scorer=...) takes any causal LM")
 
     def validate(self) -> None:
         for i, token in enumerate(self.force_tokens):
@@ -471,10 +478,16 @@ class PromptCompressorConfig(TokenReductionConfig):
 
     # -- shared machinery ----------------------------------------------------------------------
 
+    def load_model(self, scorer=None, tokenizer=None) -> Scorer:
+        """The model :meth:`priorities` reads as ``job.scorer``: the causal-LM scorer (:func:`load_scorer`).
+
+        A method that scores with another model overrides this (and sets ``uses_scorer = False``).
+        """
+        return load_scorer(scorer, tokenizer)
+
     def compress(self, context, question: str | None = None, *, instruction: str | None = None, scorer=None,
                  tokenizer=None, target_tokenizer=None) -> dict[str, Any]:
         """Compress one prompt; see :func:`compress_prompt` for the arguments and the result."""
-        started = time.perf_counter()
         self.check()
         docs = _check_context(context)
         question = _check_text(question, "question")
@@ -490,13 +503,19 @@ class PromptCompressorConfig(TokenReductionConfig):
         original = SEPARATOR.join(body for body, _, _, _ in cleaned if body.strip())
         if not original.strip():
             raise ConfigError("context: the prompt is empty", field="context")
-        loaded = load_scorer(scorer, tokenizer)
+        if scorer is None and self.scorer == "self":
+            raise ConfigError("scorer: 'self' means the model the compressor is attached to (hf_tokred.apply); "
+                              "compress_prompt needs the scorer itself: pass scorer= a causal LM or a folder",
+                              field="scorer")
+        loaded = self.load_model(scorer, tokenizer)
+        started = time.perf_counter()  # compression time: the scorer is loaded once per process, not per prompt
         target = target_tokenizer if target_tokenizer is not None else loaded.tokenizer
         origin_tokens = _count(target, original)
         budget = self.target_token if self.target_token is not None else round(self.rate * origin_tokens)
         result = {"method": self.method_key, "origin_tokens": origin_tokens, "target_tokens": budget,
                   "documents": list(range(len(docs))), "budget_met": True, "budget_note": None}
         if budget >= origin_tokens:
+            result["compressed_documents"] = [body for body, role, _, _ in cleaned if role == "context"]
             return _finish(result, original, origin_tokens, target, started, scored=0)
 
         specials = {*getattr(loaded.tokenizer, "all_special_tokens", []), *getattr(target, "all_special_tokens", [])}
@@ -512,9 +531,10 @@ class PromptCompressorConfig(TokenReductionConfig):
             raise TypeError(f"{type(self).__name__}.priorities must return one tensor per document, one value per unit")
         if sorted(job.order) != list(range(len(contexts))):
             raise TypeError(f"{type(self).__name__}.priorities set job.order to {job.order}, not a permutation")
-        text, note = _select(segments, contexts, priorities, job.order, target, budget)
+        text, note, keeps = _select(segments, contexts, priorities, job.order, target, budget)
         result.update(job.notes)
         result["documents"] = list(job.order)
+        result["compressed_documents"] = [contexts[d].join(keeps[d]) for d in job.order]
         if note is not None:
             result["budget_met"], result["budget_note"] = False, note
         out = _finish(result, text, origin_tokens, target, started, scored=job.scored_tokens)
@@ -599,8 +619,10 @@ def _assemble(segments, contexts, order, keeps) -> str:
     return SEPARATOR.join(parts)
 
 
-def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[str, str | None]:
-    """Keep the protected units, then units by priority, settling the count on the real tokenization."""
+def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[str, str | None, list[torch.Tensor]]:
+    """Keep the protected units, then units by priority, settling the count on the real tokenization.
+
+    Returns the assembled text, why the budget could not be met (or None), and each document's kept units."""
     flat = torch.cat([p.float() for p in priorities]) if priorities else torch.zeros(0)
     protected = torch.cat([s.protected for s in contexts]) if contexts else torch.zeros(0, dtype=torch.bool)
     # -inf (coarse-dropped) units come last but stay selectable; NaN never outranks anything
@@ -609,18 +631,20 @@ def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[s
     ranked = candidates[torch.sort(flat[candidates], descending=True, stable=True).indices].tolist()
     sizes = [len(s) for s in contexts]
 
-    def build(chosen) -> tuple[str, int]:
+    def keeps_of(chosen) -> list[torch.Tensor]:
         keep = protected.clone()
         keep[list(chosen)] = True
-        keeps = list(torch.split(keep, sizes)) if sizes else []
-        text = _assemble(segments, contexts, order, keeps)
+        return list(torch.split(keep, sizes)) if sizes else []
+
+    def build(chosen) -> tuple[str, int]:
+        text = _assemble(segments, contexts, order, keeps_of(chosen))
         return text, _count(tokenizer, text)
 
     tol = _tolerance(budget)
     text0, n0 = build([])
     if n0 > budget + tol:
         return text0, (f"the protected spans (question, instruction, force_tokens, marked regions, special tokens) "
-                       f"take {n0} tokens, more than the budget of {budget}")
+                       f"take {n0} tokens, more than the budget of {budget}"), keeps_of([])
     lo, hi = 0, len(ranked)  # largest k whose count is <= budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -638,7 +662,7 @@ def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[s
         if trial <= budget + tol:
             chosen.append(cand)
             text, n = trial_text, trial
-    return text, None
+    return text, None, keeps_of(chosen)
 
 
 def _finish(result, text, origin_tokens, tokenizer, started, scored) -> dict[str, Any]:
@@ -692,7 +716,7 @@ def compress_prompt(context, question: str | None = None, *, rate: float = 0.5, 
     Returns a dict: ``compressed_prompt``, ``origin_tokens``, ``compressed_tokens``, ``target_tokens`` (the
     budget), ``ratio`` (origin / compressed), ``rate`` (compressed / origin), ``saved_tokens``,
     ``budget_met`` and ``budget_note`` (why the budget could not be met, else None), ``documents`` (the
-    indices of the documents in output order), ``scored_tokens`` (tokens the scorer read), ``method``,
+    indices of the documents in output order), ``compressed_documents`` (their compressed texts, in that order), ``scored_tokens`` (tokens the scorer read), ``method``,
     ``time_s``, plus method-specific entries. Bad input raises :class:`~hf_tokred.errors.ConfigError`
     naming the field.
 
@@ -727,6 +751,11 @@ def compress_prompts(contexts: list, questions: list | None = None, **kwargs) ->
         raise ConfigError(f"questions: expected a list of {len(contexts)} questions (one per prompt) or None",
                           field="questions")
     kwargs = dict(kwargs)
-    kwargs["scorer"] = load_scorer(kwargs.get("scorer"), kwargs.pop("tokenizer", None))
+    method = kwargs.get("method", compress_prompt.__kwdefaults__["method"])
+    from ..config import registered_methods
+
+    cls = type(method) if isinstance(method, PromptCompressorConfig) else registered_methods().get(method)
+    if cls is None or cls.uses_scorer:  # an unknown method raises in compress_prompt, as before
+        kwargs["scorer"] = load_scorer(kwargs.get("scorer"), kwargs.pop("tokenizer", None))
     questions = questions if questions is not None else [None] * len(contexts)
     return [compress_prompt(c, q, **kwargs) for c, q in zip(contexts, questions)]
