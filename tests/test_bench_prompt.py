@@ -88,7 +88,7 @@ def test_prompt_command_errors(argv, message, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["prompt-bench", "--rates", "0"], ["prompt-bench", "--rates", "x"], ["prompt-bench", "--methods", "h2o"],
-    ["prompt-bench", "--split", "test"], ["prompt", "-", "--rate", "2"],
+    ["prompt-bench", "--split", "test"], ["prompt", "-", "--rate", "2"], ["prompt-bench", "--ttft-lengths", "8"],
 ])
 def test_bad_arguments_exit_2(argv):
     assert exit_code(argv) == 2
@@ -97,8 +97,12 @@ def test_bad_arguments_exit_2(argv):
 def test_prompt_bench_end_to_end_on_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert exit_code(["prompt-bench", "--model", "tiny", "--samples", "1", "--rates", "0.5", "--methods",
-                      "longllmlingua", "--context-length", "256", "--no-progress", "--json", str(out)]) == 0
+                      "longllmlingua,lazyllm", "--context-length", "256", "--ttft-lengths", "128", "--no-progress",
+                      "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "longllmlingua rate=0.5" in table and "multikey" in table
+    assert "longllmlingua rate=0.5" in table and "multikey" in table and "lazyllm (default schedule)" in table
+    assert "time to first token" in table
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("hf-tokred prompt-bench") and saved["split"] == "heldout"
+    [ttft] = saved["ttft"]
+    assert ttft["prompt_tokens"] == 128 and 0.3 < ttft["computed_fraction"] < 0.9

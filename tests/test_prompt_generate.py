@@ -138,6 +138,29 @@ def test_composes_with_a_kv_policy(tokenizer):
     assert cache.get_seq_length() < 0.75 * inputs["input_ids"].shape[1]
 
 
+def test_composes_with_lazyllm(tokenizer):
+    model = _model(tokenizer)
+    cfg = hf_tokred.compose({"method": "llmlingua", "rate": 0.5}, {"method": "lazyllm", "schedule": [[0, 0.5]]})
+    hf_tokred.apply(model, cfg)
+    with pytest.raises(ConfigError, match="scorer"):  # the model's own prefill would prune what it scores
+        hf_tokred.apply(_model(tokenizer), hf_tokred.compose({"method": "llmlingua", "scorer": "self"},
+                                                             {"method": "lazyllm"}))
+    from hf_tokred.prompt.base import Scorer
+
+    scorer = _model(tokenizer, seed=1)  # stands in for the embedded SmolLM2
+    hf_tokred.prompt.base._SCORERS["embedded:smollm2"] = Scorer(scorer, tokenizer)
+    try:
+        inputs = _chat(tokenizer, [_marked()])
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, tokenizer=tokenizer,
+                             return_dict_in_generate=True)
+    finally:
+        del hf_tokred.prompt.base._SCORERS["embedded:smollm2"]
+    seen = out.past_key_values.get_seq_length()
+    first, second = out.past_key_values.stored_lengths()
+    assert seen < 0.75 * inputs["input_ids"].shape[1]  # compressed text ...
+    assert second < 0.6 * first  # ... then pruned after layer 0
+
+
 def test_pipeline_passes_its_tokenizer(tokenizer):
     model = _model(tokenizer)
     messages = [{"role": "user", "content": _marked()}]

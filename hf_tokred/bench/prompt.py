@@ -11,7 +11,8 @@ Samples come from a split: ``heldout`` (seeds from 1000, the figures to report) 
 where settings such as LongLLMLingua's ``contrast_weight`` were chosen). Rows: the uncompressed prompt, each
 of our methods at each rate, and, when ``llmlingua`` 0.2.2 is installed (``pip install
 "hf_tokred[llmlingua-reference]"``), Microsoft's package at the same rates on the same samples with the same
-local SmolLM2 as its scorer (:mod:`hf_tokred.bench.llmlingua_reference`). Columns: accuracy per task, the kept
+local SmolLM2 as its scorer (:mod:`hf_tokred.bench.llmlingua_reference`), and ``lazyllm`` (which prunes the
+uncompressed prompt inside prefill) with its time to first token at 2k and 4k tokens. Columns: accuracy per task, the kept
 fraction of context tokens, compression time per prompt and throughput (context tokens per second).
 
 Example:
@@ -31,13 +32,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-OUR_METHODS = ("llmlingua", "longllmlingua", "llmlingua2")
+TEXT_METHODS = ("llmlingua", "longllmlingua", "llmlingua2")
+OUR_METHODS = (*TEXT_METHODS, "lazyllm")  # lazyllm prunes inside prefill: one row, no rate, and the TTFT table
 REFERENCE_METHODS = ("llmlingua", "longllmlingua")
 TASKS = ("passkey", "needle", "multikey")
 SPLITS = {"tune": 0, "heldout": 1000}
 DEFAULT_RATES = (0.5, 0.33)
 DEFAULT_SAMPLES = 10
 DEFAULT_CONTEXT = 1024
+DEFAULT_TTFT_LENGTHS = (2048, 4096)
 
 
 @dataclass
@@ -137,11 +140,13 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
 def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = "heldout",
               rates=DEFAULT_RATES, methods=OUR_METHODS, tasks=TASKS, context_length: int = DEFAULT_CONTEXT,
               reference: bool | None = None, model_folder: str | None = None, llmlingua2_classifier=None,
-              progress: bool = True, log=None) -> dict:
+              ttft_lengths=DEFAULT_TTFT_LENGTHS, progress: bool = True, log=None) -> dict:
     """Accuracy, kept fraction and compression time of each method at each rate; see the module docstring.
 
     ``reference=None`` includes llmlingua 0.2.2 when it is installed. ``llmlingua2_classifier`` is the
-    classifier folder for ``llmlingua2`` (the row is skipped, with a note, when there is none).
+    classifier folder for ``llmlingua2`` (the row is skipped, with a note, when there is none). With
+    ``lazyllm`` among the methods, its time to first token against dense is measured at ``ttft_lengths``
+    prompt tokens (:func:`hf_tokred.bench.lazyllm_ttft.measure_ttft`; empty: skipped).
 
     Example:
         >>> result = run_bench(model, tokenizer, samples=2, rates=(0.5,))                 # doctest: +SKIP
@@ -162,7 +167,7 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
     notes = []
     runs = [("dense", None, None, False)]
     for rate in rates:
-        for method in methods:
+        for method in (m for m in methods if m in TEXT_METHODS):
             if method == "llmlingua2" and llmlingua2_classifier is None:
                 if rate == rates[0]:
                     notes.append("llmlingua2: no classifier folder (train one: hf-tokred train llmlingua2); row skipped")
@@ -170,13 +175,15 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
             runs.append((f"{method} rate={rate:g}", method, rate, False))
         if reference:
             runs += [(f"llmlingua-0.2.2 {m} rate={rate:g}", m, rate, True) for m in REFERENCE_METHODS]
+    if "lazyllm" in methods:
+        runs.append(("lazyllm (default schedule)", "lazyllm", None, False))
     rows = []
     for label, method, rate, is_reference in runs:
         log(f"{label} ...")
         row = {"label": label, "method": method, "rate": rate, "reference": is_reference, "tasks": {}}
         times, kept, total = [], [], []
         for task, task_data in data.items():
-            if method is None:
+            if method is None or method not in TEXT_METHODS:
                 prompts = [s.prompt(tokenizer) for s in task_data]
                 records = []
             else:
@@ -187,7 +194,8 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
                 times += [r["time_s"] for r in records]
                 kept += [r["compressed_context_tokens"] for r in records]
                 total += [r["context_tokens"] for r in records]
-            result = run_prompts(model, tokenizer, prompts, progress=progress, desc=f"{label} {task}")
+            in_model = {"method": method} if method is not None and method not in TEXT_METHODS else None
+            result = run_prompts(model, tokenizer, prompts, config=in_model, progress=progress, desc=f"{label} {task}")
             row["tasks"][task] = {"accuracy": result["accuracy"],
                                   "per_sample": [dict(p, **({k: v for k, v in r.items() if k != "compressed"}))
                                                  for p, r in zip(result["per_sample"], records or [{}] * len(prompts))]}
@@ -197,8 +205,14 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
             row["compress_s"] = sum(times) / len(times)
             row["context_tokens_per_s"] = sum(total) / sum(times)
         rows.append(row)
+    ttft = []
+    if "lazyllm" in methods and ttft_lengths:
+        from .lazyllm_ttft import measure_ttft
+
+        log(f"lazyllm time to first token at {', '.join(map(str, ttft_lengths))} tokens ...")
+        ttft = measure_ttft(model, tokenizer, prompt_lengths=tuple(ttft_lengths))
     return {"split": split, "samples_per_task": samples, "context_length": context_length, "rates": list(rates),
-            "rows": rows, "notes": notes}
+            "rows": rows, "notes": notes, "ttft": ttft}
 
 
 def format_result(result: dict) -> str:
@@ -228,6 +242,12 @@ def format_result(result: dict) -> str:
     lines = [format_table(header, rows, right=set(range(1, len(header)))), "",
              f"{split} split, {result['samples_per_task']} samples per task, ~{result['context_length']}-token prompts"]
     lines += result["notes"]
+    if result.get("ttft"):
+        ttft = [[str(r["prompt_tokens"]), f"{r['dense_s']:.2f}", f"{r['lazyllm_s']:.2f}", f"{r['speedup']:.2f}x",
+                 f"{r['computed_fraction']:.2f}", "yes" if r["same_first_token"] else "no"] for r in result["ttft"]]
+        lines += ["", "lazyllm time to first token (median of interleaved runs):",
+                  format_table(["prompt tokens", "dense s", "lazyllm s", "speed-up", "tokens x layers",
+                                "same first token"], ttft, right={0, 1, 2, 3, 4})]
     return "\n".join(lines)
 
 
@@ -251,11 +271,14 @@ Prompt compression on the embedded SmolLM2-135M-Instruct as scorer and answering
 needle and multi-key retrieval (~{DEFAULT_CONTEXT} tokens); the haystack is compressed, the question kept.
 Reports accuracy per task, the kept fraction of the context, compression time and throughput for each
 method and rate, beside the uncompressed prompt, and llmlingua 0.2.2 at the same rates when installed
-(pip install "hf_tokred[llmlingua-reference]"). Report the held-out split (the default).
+(pip install "hf_tokred[llmlingua-reference]"). lazyllm prunes the uncompressed prompt inside prefill: one
+accuracy row, and its time to first token against dense at 2k and 4k tokens. Report the held-out split
+(the default).
 
 examples:
-  hf-tokred prompt-bench                                   every method at rates 0.5 and 0.33
+  hf-tokred prompt-bench                                   every method at rates 0.5 and 0.33, and lazyllm
   hf-tokred prompt-bench --samples 3 --rates 0.5 --methods longllmlingua
+  hf-tokred prompt-bench --methods lazyllm --ttft-lengths 4096
   hf-tokred prompt-bench --json prompt.json
 """
 
@@ -302,6 +325,8 @@ def add_command(subparsers) -> None:
                        help="heldout (report these) or tune (where defaults were chosen)")
     bench.add_argument("--context-length", type=_positive_int, default=DEFAULT_CONTEXT, metavar="N",
                        help=f"prompt tokens per sample (default: {DEFAULT_CONTEXT})")
+    bench.add_argument("--ttft-lengths", type=_lengths, default=DEFAULT_TTFT_LENGTHS, metavar="N[,N...]",
+                       help="prompt lengths of lazyllm's time-to-first-token measurement (default: 2048,4096; 0 skips)")
     bench.add_argument("--classifier", metavar="FOLDER",
                        help="llmlingua2's classifier folder (default: ~/.cache/hf_tokred/llmlingua2-minilm if present)")
     bench.add_argument("--no-reference", action="store_true", help="skip llmlingua 0.2.2 even when installed")
@@ -317,6 +342,18 @@ def _rates(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected rates such as 0.5,0.33, got {text!r}") from None
     if not values or any(not 0.0 < v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"expected rates in (0, 1], got {text!r}")
+    return values
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts such as 2048,4096 (or 0), got {text!r}") from None
+    if values == (0,):
+        return ()
+    if not values or any(v < 16 for v in values):
+        raise argparse.ArgumentTypeError(f"expected token counts >= 16 (or 0 to skip), got {text!r}")
     return values
 
 
@@ -378,7 +415,8 @@ def _cmd_prompt_bench(args) -> int:
         result = run_bench(model, tokenizer, samples=args.samples, split=args.split, rates=args.rates,
                            methods=args.methods, context_length=args.context_length,
                            reference=False if args.no_reference or folder is None else None, model_folder=folder,
-                           llmlingua2_classifier=classifier, progress=not args.no_progress, log=_log)
+                           llmlingua2_classifier=classifier, ttft_lengths=args.ttft_lengths,
+                           progress=not args.no_progress, log=_log)
     result["command"] = "hf-tokred " + " ".join(args.argv)
     result["wall_s"] = time.perf_counter() - started
     print(format_result(result))

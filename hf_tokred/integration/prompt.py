@@ -76,12 +76,18 @@ def last_compression(model) -> list[dict] | None:
 
 
 def _generate_compressing_prompt(self, *args, **kwargs):
+    from .prefill import _generate_with_prefill
     from .transformers import _generate_with_reduction
 
     applied = get_applied(self)
     reducer = applied.config.get("prompt")
-    kv = applied.config.get("kv_policy") is not None or applied.config.get("kv_storage") is not None
-    inner = _generate_with_reduction if kv else type(self).generate
+    # the generate() of the other reducers composed with this one (each builds the cache it needs)
+    if applied.config.get("prefill") is not None:
+        inner = _generate_with_prefill
+    elif applied.config.get("kv_policy") is not None or applied.config.get("kv_storage") is not None:
+        inner = _generate_with_reduction
+    else:
+        inner = type(self).generate
     if reducer.target_token is None and reducer.rate >= 1.0:
         return inner(self, *args, **kwargs)
     args = list(args)

@@ -320,9 +320,10 @@ def build_cache(model, config: TokenReductionConfig | dict | None = None) -> Tok
         config = applied.config
     cfg = TokenReductionConfig.coerce(config)
     policy, storage = cfg.get("kv_policy"), cfg.get("kv_storage")
-    if policy is None and storage is None:
+    if policy is None and storage is None and cfg.get("prefill") is None:
         raise ConfigError(
-            f"build_cache: {cfg.method} holds no KV policy or KV storage (stages 'kv_policy', 'kv_storage')",
+            f"build_cache: {cfg.method} holds no KV policy, KV storage or prefill reducer (stages 'kv_policy', "
+            "'kv_storage', 'prefill')",
             field="method",
         )
     if applied is None:

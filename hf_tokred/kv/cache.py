@@ -58,6 +58,13 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     ``layer_idx`` (the model's layer index), ``rank`` and ``num_layers`` (this layer's rank among the layers the
     policy acts on, and their number: what per-layer budgets are computed from), ``sliding_window`` (None for a
     full-attention layer) and ``budget`` (this layer's budget, None = never evict).
+
+    A caller that feeds a layer only some of a step's tokens (LazyLLM's prefill pruning,
+    :mod:`hf_tokred.integration.prefill`) sets ``incoming = (positions, advance)`` before the layer's update:
+    ``positions`` ``(batch, new)`` are the original positions of the tokens it brings and ``advance`` the tokens
+    the step stands for (``seen`` grows by it). The caller then also supplies that call's attention mask, which
+    ``prepare`` passes on as given (reading the new tokens' padding from its diagonal). ``extras`` holds per-row
+    tensors ``(batch, ...)`` of such a caller that travel with the batch (beam search reorders them).
     """
 
     is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
@@ -91,6 +98,9 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         self.sink_end: torch.Tensor | None = None  # (batch, 1, 1) first position after each row's sinks
         self.compacted = False  # stored slots are no longer the contiguous run 0..seen-1
         self.awaiting_attention = False
+        self.incoming: tuple[torch.Tensor, int] | None = None  # positions and advance of the next update's tokens
+        self._caller_mask = False  # this step's mask came with `incoming`: prepare passes it on as given
+        self.extras: dict[str, torch.Tensor] = {}
         self._key_buffer: torch.Tensor | None = None  # capacity buffers self.keys/values are views of
         self._value_buffer: torch.Tensor | None = None
 
@@ -107,6 +117,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 f"(one of {sorted(STOCK_IMPLEMENTATIONS)})"
             )
         batch, heads, new = key_states.shape[:3]
+        incoming, self.incoming = self.incoming, None
         first = self.seen == 0
         if first:  # None means never evict; the per-row budgets are set once the padding is known (observe)
             budget = self.policy.budget(new)
@@ -121,7 +132,11 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         else:
             keys, values = super().update(key_states, value_states)
         device = key_states.device
-        step = torch.arange(self.seen, self.seen + new, device=device).expand(batch, heads, new)
+        if incoming is not None:  # a subset of this step's tokens, at their own positions
+            step = incoming[0].to(device)[:, None, :].expand(batch, heads, new)
+            self._caller_mask = self.compacted = True
+        else:
+            step = torch.arange(self.seen, self.seen + new, device=device).expand(batch, heads, new)
         ones = torch.ones(batch, heads, new, dtype=torch.bool, device=device)
         if first:
             self.positions, self.valid = step, ones
@@ -134,7 +149,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             shape = (batch, heads, new, *(() if old is None else old.shape[3:]))
             fresh = fill(shape, dtype=torch.float32, device=device)
             self.buffers[name] = fresh if old is None else torch.cat([old, fresh], dim=2)
-        self.seen += new
+        self.seen += new if incoming is None else incoming[1]
         self.calls += 1
         self.awaiting_attention = True
         return keys, values
@@ -201,6 +216,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             self.buffers = {name: fn(t) for name, t in self.buffers.items()}
         if self.row_budgets is not None:
             self.row_budgets, self.sink_end = fn(self.row_budgets), fn(self.sink_end)
+        self.extras = {name: fn(t) for name, t in self.extras.items()}
         self._key_buffer = self._value_buffer = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -239,6 +255,9 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             # to none, so the diagonal of the new block marks the new padding.
             new_valid = mask_keep(attention_mask)[:, 0, :, -q:].diagonal(dim1=-2, dim2=-1)
             self.valid[..., -q:] = new_valid[:, None, :].expand(self.valid.shape[0], -1, -1)
+        if self._caller_mask:  # the caller that fed a subset of the step's tokens built this mask for them
+            self._caller_mask = False
+            return attention_mask
         if not self.compacted and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2]):
             return attention_mask  # slots still map to the contiguous positions the mask describes
         old_valid = self.valid[..., :-q]
@@ -552,11 +571,15 @@ class TokenReductionCache(Cache):
         from ..integration.wiring import get_applied
         from ..model_patches import find_adapter
 
-        if policy is None and storage is None:
-            raise TokenReductionError("TokenReductionCache needs a KV policy, a KV storage, or both")
-        label = "+".join(c.method for c in (policy, storage) if c is not None)
         # apply() found the adapter once; generate() builds a cache per call, so it is not detected again
         applied = get_applied(model)
+        # A prefill reducer attached to the model (LazyLLM) feeds later layers only part of the prompt: those layers
+        # track their slots' positions (ReducingLayer, evicting nothing unless a policy acts on them too).
+        prefill = applied.config.get("prefill") if applied is not None else None
+        subset = prefill.subset_layers(model) if prefill is not None else []
+        if policy is None and storage is None and not subset:
+            raise TokenReductionError("TokenReductionCache needs a KV policy, a KV storage, or both")
+        label = "+".join(c.method for c in (prefill, policy, storage) if c is not None)
         adapter = applied.adapter if applied is not None else find_adapter(model)
         if not adapter.has_kv_cache:
             raise UnsupportedModelError(f"{type(model).__name__} has no KV cache; {label} needs one")
@@ -580,7 +603,7 @@ class TokenReductionCache(Cache):
         ranks = {layer: rank for rank, layer in enumerate(policy_layers)}
         layers = []
         for index, (layer_type, kwargs) in enumerate(zip(types, type_kwargs)):
-            if index in ranks or index in stores:
+            if index in ranks or index in stores or index in subset:
                 window = kwargs.get("sliding_window") if layer_type == SLIDING_ATTENTION else None
                 layers.append(ReducingLayer(policy if index in ranks else never, index, max(len(ranks), 1),
                                             stores.get(index), label, self.shared, rank=ranks.get(index, 0),

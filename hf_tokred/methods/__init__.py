@@ -28,6 +28,7 @@ from .kv import (
     tova,  # noqa: F401
 )
 from .prompt import (
+    lazyllm,  # noqa: F401
     llmlingua,  # noqa: F401
     longllmlingua,  # noqa: F401
 )
