@@ -228,6 +228,28 @@ def test_scorer_folder_is_loaded_once(scorer, tmp_path):
     assert first["compressed_prompt"] == _run(scorer, CONTEXT, None, rate=0.5)["compressed_prompt"]
 
 
+def test_conditional_scorer_equals_scoring_after_the_kept_text(scorer):
+    """LLMLingua's iterative stage: one KV cache fed the kept words scores like a fresh pass after their text."""
+    from hf_tokred.prompt.base import PromptJob, Scorer
+
+    model, tokenizer = scorer
+    cfg = hf_tokred.TokenReductionConfig(method="llmlingua")
+    text = " ".join(DOCS)
+    seg = cfg._segment(text, "context", 0, [], set())
+    job = PromptJob(cfg, Scorer(model, tokenizer), [seg], "", "Read this.", 100, 100)
+    iterative = job.conditional_scorer("Read this.")
+    half = len(seg) // 2
+    first = iterative.score(seg, 0, half)
+    [fresh] = job.unit_surprisal([(seg, 0, half, "Read this.")])
+    assert torch.allclose(first, fresh, atol=1e-4)
+    keep = torch.arange(half) % 2 == 0
+    iterative.keep(keep)
+    second = iterative.score(seg, half, len(seg))
+    kept = "".join(seg.unit_text(i) for i in range(half) if keep[i])
+    [fresh] = job.unit_surprisal([(seg, half, len(seg), "Read this." + kept)])
+    assert torch.allclose(second, fresh, atol=1e-3)
+
+
 def test_config_round_trip_and_registry():
     methods = hf_tokred.registered_methods()
     for key, paper in (("llmlingua", "2310.05736"), ("longllmlingua", "2310.06839")):

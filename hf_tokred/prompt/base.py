@@ -185,9 +185,9 @@ def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | No
     """``-log p(token | prefix + preceding tokens)`` of every token of every text, in nats.
 
     Returns, per text, ``(surprisal, offsets)``: a float tensor of the text's tokens (``tokenizer`` without
-    special tokens) and their character spans in the text. Each text follows its prefix (the last ``window``
-    tokens of it; an empty prefix means the tokenizer's BOS token, or none — then the first token gets the
-    mean of the others). Texts longer than ``window`` tokens are scored in windows of ``window`` tokens, each
+    special tokens) and their character spans in the text. Each text follows the tokenizer's BOS token (if it
+    has one) and its prefix (the last ``window - 1`` tokens of it); a text with nothing before it has its first
+    token scored as the mean of the others. Texts longer than ``window`` tokens are scored in windows of ``window`` tokens, each
     after up to ``window`` tokens before it. All windows of all texts are batched together (by length, at
     most ``max_batch_tokens`` padded tokens per forward; default: what keeps the logits near 256 MB).
 
@@ -204,10 +204,9 @@ def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | No
     bos = tokenizer.bos_token_id
     items = []  # (text index, input ids, first scored position in the input, first scored token of the text)
     for t, ids in enumerate(enc["input_ids"]):
+        prefix = [bos] if bos is not None else []
         if pre_ids is not None and pre_ids[t]:
-            prefix = list(pre_ids[t][-window:])
-        else:
-            prefix = [bos] if bos is not None else []
+            prefix += list(pre_ids[t][-(window - len(prefix)):])
         full = prefix + list(ids)
         for s in range(len(prefix), len(full), window):
             a = max(0, s - window)
@@ -351,30 +350,130 @@ class PromptJob:
             texts.append(seg.text[seg.starts[a]:seg.ends[b - 1]] if b > a else "")
             prefixes.append(prefix)
         results = token_surprisal(self.scorer.model, self.scorer.tokenizer, texts, prefixes,
-                                  window=self.config.window)
+                                  window=self.window)
         out = []
         for (seg, a, b, _), (values, offsets) in zip(requests, results):
             self.scored_tokens += len(offsets)
-            base = seg.starts[a] if b > a else 0
-            total = torch.zeros(b - a)
-            count = torch.zeros(b - a)
-            ends = seg.ends[a:b]
-            for value, (s, e) in zip(values.tolist(), offsets):
-                s, e = s + base, max(e, s + 1) + base
-                u = bisect.bisect_right(ends, s)  # first unit ending after the token's start
-                while u < b - a and seg.starts[a + u] < e:
-                    total[u] += value
-                    count[u] += 1
-                    u += 1
-            scores = total / count.clamp(min=1)
-            if (count == 0).any() and (count > 0).any():
-                scores[count == 0] = scores[count > 0].mean()
-            out.append(scores)
+            out.append(_unit_means(seg, a, b, values, offsets))
         return out
 
-    def kept_text(self, seg: Segment, keep: torch.Tensor) -> str:
-        """The text of ``seg``'s kept units (to condition the scoring of what follows)."""
-        return seg.join(keep)
+    @property
+    def window(self) -> int:
+        """The scorer window: the config's, at most half the scorer's positions (a window and its prefix fit)."""
+        limit = getattr(getattr(self.scorer.model, "config", None), "max_position_embeddings", None)
+        return min(self.config.window, limit // 2) if isinstance(limit, int) and limit >= 32 else self.config.window
+
+    def conditional_scorer(self, prefix: str) -> ConditionalScorer:
+        """A :class:`ConditionalScorer` that starts after ``prefix`` (e.g. the instruction)."""
+        return ConditionalScorer(self, prefix)
+
+
+
+def _token_units(seg: Segment, a: int, b: int, offsets) -> list[list[int]]:
+    """For each token (character ``offsets`` in units ``a..b-1``'s text), the units ``a..b-1`` it overlaps."""
+    base = seg.starts[a] if b > a else 0
+    ends = seg.ends[a:b]
+    out = []
+    for s, e in offsets:
+        s, e = s + base, max(e, s + 1) + base
+        u = bisect.bisect_right(ends, s)  # first unit ending after the token's start
+        units = []
+        while u < b - a and seg.starts[a + u] < e:
+            units.append(u)
+            u += 1
+        out.append(units)
+    return out
+
+
+def _unit_means(seg: Segment, a: int, b: int, values: torch.Tensor, offsets) -> torch.Tensor:
+    """Mean of the token ``values`` over the tokens overlapping each unit ``a..b-1`` (units without one: the mean)."""
+    total = torch.zeros(b - a)
+    count = torch.zeros(b - a)
+    for value, units in zip(values.tolist(), _token_units(seg, a, b, offsets)):
+        for u in units:
+            total[u] += value
+            count[u] += 1
+    scores = total / count.clamp(min=1)
+    if (count == 0).any() and (count > 0).any():
+        scores[count == 0] = scores[count > 0].mean()
+    return scores
+
+
+class ConditionalScorer:
+    """Scores consecutive runs of a document, each conditioned on the text *kept* before it, in one KV cache.
+
+    LLMLingua's iterative stage: :meth:`score` returns the mean surprisal of units ``a..b-1`` of a segment given
+    the prefix and everything :meth:`keep` fed so far; :meth:`keep` then appends the kept units' tokens to the
+    cache. Each token is run through the scorer once to be scored and once more if kept (the scored run is
+    cropped off the cache), instead of re-running a window of kept text before every segment. When the cache
+    would pass the scorer's positions, it restarts from the last ``window`` kept tokens.
+
+    Example:
+        >>> scorer = job.conditional_scorer(job.instruction)                                 # doctest: +SKIP
+        >>> scores = scorer.score(seg, 0, 40); scorer.keep(seg, 0, 40, scores > scores.median())  # doctest: +SKIP
+    """
+
+    def __init__(self, job: PromptJob, prefix: str):
+        from transformers import DynamicCache
+
+        self.job, self.model, self.tokenizer = job, job.scorer.model, job.scorer.tokenizer
+        self.device = job.scorer.device
+        self._cache_type = DynamicCache
+        bos = self.tokenizer.bos_token_id
+        self.bos = [bos] if bos is not None else []
+        prefix_ids = list(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
+        self.cache, self.last = None, None  # the cache of `history`, and the logits after its last token
+        self.history: list[int] = []
+        self._run: tuple[list[int], list] | None = None
+        self._restart(prefix_ids)
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache,
+                             use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[0].float()
+
+    def _restart(self, ids: list[int]) -> None:
+        """A fresh cache holding BOS and the last ``window - 1`` of ``ids`` (as token_surprisal's prefixes)."""
+        self.cache = self._cache_type(config=getattr(self.model, "config", None))
+        self.history = self.bos + list(ids)[-(self.job.window - len(self.bos)):] if ids else list(self.bos)
+        self.last = self._forward(self.history)[-1] if self.history else None
+        self.job.scored_tokens += len(self.history)
+
+    def score(self, seg: Segment, a: int, b: int) -> torch.Tensor:
+        """Mean surprisal of units ``a..b-1`` of ``seg`` given the prefix and the text kept so far."""
+        enc = self.tokenizer(seg.text[seg.starts[a]:seg.ends[b - 1]], add_special_tokens=False,
+                             return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or (1 << 30)
+        if len(self.history) + 2 * len(ids) > limit:
+            self._restart(self.history[len(self.bos):])
+        logits = self._forward(ids) if ids else torch.zeros(0, 1)
+        if self.last is not None and ids:
+            predictions = torch.cat([self.last[None], logits[:-1]])
+            target = torch.tensor(ids, device=predictions.device)
+            values = (torch.logsumexp(predictions, -1) - predictions.gather(-1, target[:, None])[:, 0]).cpu()
+        else:  # nothing before the first token: it gets the mean of the others
+            values = torch.full((len(ids),), float("nan"))
+            if len(ids) > 1:
+                target = torch.tensor(ids[1:], device=logits.device)
+                values[1:] = (torch.logsumexp(logits[:-1], -1) - logits[:-1].gather(-1, target[:, None])[:, 0]).cpu()
+            values[torch.isnan(values)] = values[~torch.isnan(values)].mean() if len(ids) > 1 else 0.0
+        if ids:
+            self.cache.crop(-len(ids))  # the scored run leaves the cache; keep() feeds what is kept
+        self.job.scored_tokens += len(ids)
+        self._run = (ids, _token_units(seg, a, b, offsets))
+        return _unit_means(seg, a, b, values, offsets)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Append the tokens of the last scored run whose units ``keep`` marks (a bool per unit) to the cache."""
+        ids, units = self._run
+        kept = [token for token, us in zip(ids, units) if any(keep[u] for u in us)]
+        if kept:
+            self.last = self._forward(kept)[-1]
+            self.history += kept
+            self.job.scored_tokens += len(kept)
 
 
 def rank_priority(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
@@ -434,7 +533,8 @@ class PromptCompressorConfig(TokenReductionConfig):
                                help="strings kept wherever they occur (e.g. '\\n', '?', identifiers)")
     keep_digits: bool = param(False, bool, help="keep every word that holds a digit")
     keep_markers: bool = param(True, bool, help="text between <keep> and </keep> is kept verbatim (markers removed)")
-    window: int = param(512, int, low=16, high=1 << 16, help="scorer window in tokens (and the longest prefix)")
+    window: int = param(2048, int, low=16, high=1 << 16,
+                        help="scorer window in tokens (and the longest prefix); at most half the scorer's positions")
     granularity: float = param(2.0, float, low=1.0, high=100.0,
                                help="coarse stage: keep whole documents (demonstrations) holding this many times the "
                                     "remaining budget")

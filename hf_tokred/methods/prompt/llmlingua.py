@@ -9,8 +9,9 @@ The paper's three parts, on the scorer's surprisal (``-log p``):
   coefficient ``k``); the others are dropped.
 * **iterative token-level compression**: the kept demonstrations are cut into segments of about
   ``segment_tokens`` tokens; each segment is scored *conditioned on the compressed text before it*
-  (instruction plus the words kept so far) and keeps its most surprising words at the token-level rate, so
-  later segments are judged against what the target model will actually see.
+  (instruction plus the words kept so far, held in one KV cache: :class:`~hf_tokred.prompt.base.ConditionalScorer`)
+  and keeps its most surprising words at the token-level rate, so later segments are judged against what the
+  target model will actually see.
 * **distribution alignment** (instruction-tuning the small LM on the target LM's outputs) is not done:
   the scorer is used as it is.
 
@@ -19,7 +20,9 @@ or dropped, and a word's score is the mean surprisal of its tokens; the instruct
 kept whole (the paper compresses them lightly, at their own rates τ_ins, τ_que); the per-segment selections
 only build the conditioning text, and the final selection is one global ranking of the words' conditional
 surprisal settled on the target tokenizer's count (so the budget holds within 2%, which the paper's
-per-segment thresholds do not guarantee); ``force_tokens``, ``keep_digits`` and ``<keep>`` regions are
+per-segment thresholds do not guarantee); the kept words of a segment are fed to the scorer again after it
+is scored, so the next segment is conditioned on exactly the compressed text (the reference code instead
+drops the removed tokens' entries from the KV cache computed on the full segment); ``force_tokens``, ``keep_digits`` and ``<keep>`` regions are
 protected (the package has the first two).
 
 Example:
@@ -60,11 +63,11 @@ class LLMLinguaConfig(PromptCompressorConfig):
             job.notes["demonstration_perplexity"] = ppl
         token_rate = min(1.0, job.available / max(sum(cost[d] for d in kept), 1.0))
         out = [torch.full((len(seg),), float("-inf")) for seg in docs]
-        prefix = job.instruction
+        scorer = job.conditional_scorer(job.instruction)
         for d in sorted(kept):  # the demonstrations' own order: each is conditioned on the kept text before it
             seg = docs[d]
             for a, b in _segments(seg.costs, self.segment_tokens):
-                [scores] = job.unit_surprisal([(seg, a, b, prefix)])
+                scores = scorer.score(seg, a, b)
                 out[d][a:b] = scores
                 free = ~seg.protected[a:b]
                 keep = seg.protected[a:b].clone()
@@ -72,11 +75,7 @@ class LLMLinguaConfig(PromptCompressorConfig):
                     budget = token_rate * float(seg.costs[a:b][free].sum())
                     priority = rank_priority(scores[free], seg.costs[a:b][free], budget)
                     keep[free] = priority >= 1.0
-                whole = torch.zeros(len(seg), dtype=torch.bool)
-                whole[a:b] = keep
-                kept_text = job.kept_text(seg, whole)
-                # the scorer reads the last `window` tokens of the prefix; a few characters per token is plenty
-                prefix = f"{prefix}{' ' if prefix and kept_text else ''}{kept_text}"[-8 * self.window:]
+                scorer.keep(keep)
         return out
 
 

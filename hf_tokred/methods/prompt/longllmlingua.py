@@ -109,7 +109,7 @@ def document_relevance(job: PromptJob, question: str) -> list[float]:
 
     texts = [f"{question} {RESTRICTIVE}"] * len(job.contexts)
     prefixes = [seg.text + "\n\n" for seg in job.contexts]
-    results = token_surprisal(job.scorer.model, job.scorer.tokenizer, texts, prefixes, window=job.config.window)
+    results = token_surprisal(job.scorer.model, job.scorer.tokenizer, texts, prefixes, window=job.window)
     job.scored_tokens += sum(len(offsets) for _, offsets in results)
     return [float(values.mean()) for values, _ in results]
 
