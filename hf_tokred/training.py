@@ -425,3 +425,558 @@ class DynamicViTTrainer(Trainer):
 
 __all__ = ["LR_SCHEDULES", "DynamicViTTrainer", "dense_pass", "dynamicvit_loss", "fine_tune_reduced", "freeze_backbone",
            "lr_factor", "pooled_cosine_loss", "predictors", "train_dynamicvit"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LLMLingua-2 (arXiv 2403.12968): a token classifier distilled from a compressor's keep/drop decisions
+# ---------------------------------------------------------------------------------------------
+#
+# The paper labels MeetingBank words with GPT-4's extractive compressions and fine-tunes XLM-RoBERTa-large
+# on them. The recipe here labels *your* texts with this package's own ``llmlingua`` (or any registered
+# prompt compressor; default scorer the embedded SmolLM2) and fine-tunes, by default, the embedded
+# all-MiniLM-L6-v2 as a two-label ``BertForTokenClassification``. The folder it writes is what
+# ``compress_prompt(method="llmlingua2", classifier=folder)`` loads, and pushes to the Hub like any model.
+
+LLMLINGUA2_LABELS = {0: "drop", 1: "keep"}
+LLMLINGUA2_STATE = "llmlingua2_training.json"
+_CHECKPOINT = "checkpoint"
+
+
+def stdlib_corpus(split: str = "train", *, min_words: int = 30, max_words: int = 250,
+                  heldout_fraction: float = 0.2) -> list[str]:
+    """Prose paragraphs of the Python documentation shipped with the standard library (``pydoc_data.topics``).
+
+    Paragraphs (blank-line separated) of every topic, whitespace collapsed to single spaces, kept when they
+    hold ``min_words`` to ``max_words`` words and are prose (not indented code, not ``>>>`` sessions),
+    without duplicates, in topic order. A paragraph belongs to ``"heldout"`` when the SHA-256 of its text
+    falls in the first ``heldout_fraction`` of the hash range, else to ``"train"``: deterministic on every
+    machine, and a paragraph never changes split when others are added or removed. About 360 paragraphs
+    at the defaults (the exact count depends on the Python version's documentation).
+
+    Example:
+        >>> from hf_tokred.training import stdlib_corpus
+        >>> train, heldout = stdlib_corpus("train"), stdlib_corpus("heldout")
+        >>> len(train) > len(heldout) > 0 and not set(train) & set(heldout)
+        True
+    """
+    import hashlib
+    import re
+    from pydoc_data.topics import topics
+
+    from .errors import ConfigError
+
+    if split not in ("train", "heldout"):
+        raise ConfigError(f"split: expected 'train' or 'heldout', got {split!r}", field="split")
+    if not (isinstance(min_words, int) and isinstance(max_words, int) and 1 <= min_words <= max_words):
+        raise ConfigError(f"min_words, max_words: expected ints with 1 <= min_words <= max_words, got {min_words}, "
+                          f"{max_words}", field="min_words")
+    if not (isinstance(heldout_fraction, (int, float)) and 0.0 < heldout_fraction < 1.0):
+        raise ConfigError(f"heldout_fraction: expected a number in (0, 1), got {heldout_fraction!r}",
+                          field="heldout_fraction")
+    out, seen = [], set()
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            lines = block.splitlines()
+            if not lines or any(line.startswith((" ", "\t")) for line in lines) or ">>>" in block:
+                continue
+            text = " ".join(block.split())
+            words = len(text.split())
+            if not min_words <= words <= max_words or text in seen:
+                continue
+            seen.add(text)
+            letters = sum(c.isalpha() for c in text)
+            if letters < 0.6 * len(text):
+                continue
+            position = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+            if (position < heldout_fraction) == (split == "heldout"):
+                out.append(text)
+    return out
+
+
+def _unit_spans(text: str) -> list[tuple[int, int]]:
+    from .prompt.base import _UNIT
+
+    return [(m.start(), m.end()) for m in _UNIT.finditer(text)]
+
+
+def _align_kept(text: str, compressed: str) -> list[int]:
+    """Keep (1) / drop (0) per unit of ``text``: the units whose words make up ``compressed``, in order.
+
+    The compressed text is a subsequence of the units, so each of its words is matched to the next unit of
+    ``text`` with the same word (the earliest one when a word repeats).
+    """
+    from .errors import TokenReductionError
+
+    words = [text[s:e].strip() for s, e in _unit_spans(text)]
+    kept = [compressed[s:e].strip() for s, e in _unit_spans(compressed)]
+    labels, u = [0] * len(words), 0
+    for word in kept:
+        while u < len(words) and words[u] != word:
+            u += 1
+        if u == len(words):
+            raise TokenReductionError(f"llmlingua2_labels: the compressed text is not a subsequence of the original "
+                                      f"(no match for {word!r}); the labelling method must be extractive")
+        labels[u] = 1
+        u += 1
+    return labels
+
+
+def llmlingua2_labels(texts: list[str], rate: float = 0.5, method="llmlingua", scorer=None, *, tokenizer=None,
+                      progress: bool = False, **method_params) -> list[dict]:
+    """Keep/drop labels for every word of ``texts`` from a prompt compressor's decisions (LLMLingua-2's data).
+
+    Each text is compressed on its own with ``hf_tokred.compress_prompt(text, rate=rate, method=method,
+    scorer=scorer, tokenizer=tokenizer, **method_params)`` (default: ``llmlingua`` on the embedded
+    SmolLM2-135M-Instruct, ``<keep>`` markers read as plain text; a config as ``method`` brings its own
+    rate and fields), and the words of the original that
+    survive in the compressed prompt are labelled 1. Words are the package's units (a word with the
+    whitespace before it); a repeated word's survival is credited to its earliest possible occurrence.
+    Returns one dict per text: ``text``, ``words`` (the units without their whitespace), ``labels`` (0/1
+    per word) and ``source`` (how the labels were made; :func:`train_llmlingua2` writes it in its model
+    card).
+
+    Example:
+        >>> from hf_tokred.training import llmlingua2_labels
+        >>> [item] = llmlingua2_labels(["The pass key is 12345. Remember it."], rate=0.5)   # doctest: +SKIP
+        >>> list(zip(item["words"], item["labels"]))[:3]                                   # doctest: +SKIP
+        [('The', 0), ('pass', 1), ('key', 1)]
+    """
+    import dataclasses
+
+    from .errors import ConfigError
+    from .prompt.base import PromptCompressorConfig, compress_prompt, load_scorer
+
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+        raise ConfigError("texts: expected a non-empty list of strings", field="texts")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"texts[{i}]: expected a non-empty string, got {type(text).__name__}", field="texts")
+    if isinstance(method, PromptCompressorConfig):  # a config brings its own rate and fields
+        if method_params:
+            raise ConfigError("method: pass either a config or method parameters, not both", field="method")
+        method = dataclasses.replace(method, keep_markers=False)
+        rate = method.rate
+    else:
+        method_params = {"keep_markers": False, **method_params}
+    loaded = load_scorer(scorer, tokenizer)
+    name = getattr(method, "method_key", method)
+    scorer_name = getattr(loaded.model, "name_or_path", "") or type(loaded.model).__name__
+    source = f"{name} at rate {rate} (scorer {scorer_name})"
+    from tqdm.auto import tqdm
+
+    out = []
+    for text in tqdm(texts, desc="llmlingua2 labels", disable=not progress):
+        if isinstance(method, PromptCompressorConfig):
+            result = method.compress(text, scorer=loaded)
+        else:
+            result = compress_prompt(text, rate=rate, method=method, scorer=loaded, **method_params)
+        labels = _align_kept(text, result["compressed_prompt"])
+        words = [text[s:e].strip() for s, e in _unit_spans(text)]
+        out.append({"text": text, "words": words, "labels": labels, "source": source})
+    return out
+
+
+def _check_labelled(items) -> list[dict]:
+    from .errors import ConfigError
+
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or "labels" not in item:
+            raise ConfigError(f"texts_or_labelled[{i}]: expected a dict with 'text' and 'labels' (from "
+                              "llmlingua2_labels) or a string", field="texts_or_labelled")
+        units, labels = len(_unit_spans(item["text"])), list(item["labels"])
+        if len(labels) != units or any(label not in (0, 1, True, False) for label in labels):
+            raise ConfigError(f"texts_or_labelled[{i}]: expected one 0/1 label per word ({units} words), got "
+                              f"{len(labels)} labels", field="texts_or_labelled")
+        if units == 0:
+            raise ConfigError(f"texts_or_labelled[{i}]: the text holds no words", field="texts_or_labelled")
+    return list(items)
+
+
+def _llmlingua2_examples(classifier, items: list[dict], subtokens: str) -> tuple[list[tuple[list, list]], int]:
+    """Token ids (with the special tokens) and token labels of every chunk of every labelled text, and the
+    number of text tokens. A token takes its word's label (``subtokens="all"``) or only a word's first token
+    does (``"first"``; the others, like the special tokens, are -100)."""
+    from .methods.prompt.llmlingua2 import chunk_spans
+
+    tokenizer = classifier.tokenizer
+    texts = [item["text"] for item in items]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    examples, tokens = [], 0
+    for item, ids, offsets in zip(items, enc["input_ids"], enc["offset_mapping"]):
+        text = item["text"]
+        ends = torch.tensor([e for _, e in _unit_spans(text)], dtype=torch.long)
+        starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
+        unit = torch.searchsorted(ends, starts, right=True).clamp(max=len(ends) - 1).tolist()
+        word_labels = [int(v) for v in item["labels"]]
+        token_labels = []
+        for t, u in enumerate(unit):
+            first = t == 0 or unit[t - 1] != u
+            token_labels.append(word_labels[u] if subtokens == "all" or first else -100)
+        tokens += len(ids)
+        for a, b in chunk_spans(text, offsets, classifier.max_tokens):
+            # a word cut by a chunk end (only when one word is longer than a chunk) starts again in the next chunk
+            labels = list(token_labels[a:b])
+            if subtokens == "first" and labels and labels[0] == -100:
+                labels[0] = word_labels[unit[a]]
+            examples.append((classifier.before + list(ids[a:b]) + classifier.after,
+                             [-100] * len(classifier.before) + labels + [-100] * len(classifier.after)))
+    return examples, tokens
+
+
+def _llmlingua2_model(base, tokenizer, seed: int):
+    """A two-label token classifier, its tokenizer and a name for the model card, from ``base``."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+    from .errors import ConfigError, MissingFileError
+
+    labels = {"num_labels": 2, "id2label": dict(LLMLINGUA2_LABELS),
+              "label2id": {v: k for k, v in LLMLINGUA2_LABELS.items()}}
+    torch.manual_seed(seed)  # the new head's initialization
+    if base is None or isinstance(base, (str, os.PathLike)):
+        if base is None:
+            from .embedded import MINILM_HUB_ID, minilm_path
+
+            folder, name = minilm_path(), MINILM_HUB_ID
+        else:
+            folder = os.path.abspath(os.path.expanduser(os.fspath(base)))
+            name = folder
+            if not os.path.isdir(folder):
+                raise MissingFileError(f"base: {folder!r} is not a local folder holding an encoder (config.json, "
+                                       "model.safetensors, tokenizer files); nothing is downloaded")
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        is_classifier = any(a.endswith("ForTokenClassification") for a in (config.architectures or []))
+        if is_classifier and config.num_labels != 2:
+            raise ConfigError(f"base: {folder!r} is a token classifier with num_labels={config.num_labels}; "
+                              "LLMLingua-2 needs two (drop, keep)", field="base")
+        try:
+            model = AutoModelForTokenClassification.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, **({} if is_classifier else labels))
+        except (OSError, ValueError) as err:
+            raise MissingFileError(f"base: {folder!r} holds no loadable safetensors encoder ({err})") from None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return model, tokenizer, name
+    if not isinstance(base, torch.nn.Module) or not hasattr(base, "config"):
+        raise ConfigError(f"base: expected None (the embedded all-MiniLM-L6-v2), a local folder or a transformers "
+                          f"encoder, got {type(base).__name__}", field="base")
+    name = getattr(base, "name_or_path", "") or type(base).__name__
+    if tokenizer is None and os.path.isdir(name):
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    if type(base).__name__.endswith("ForTokenClassification"):
+        if base.config.num_labels != 2:
+            raise ConfigError(f"base: {type(base).__name__} has num_labels={base.config.num_labels}; LLMLingua-2 "
+                              "needs two (drop, keep)", field="base")
+        return base, tokenizer, name
+    config = base.config.__class__.from_dict({**base.config.to_dict(), **labels})
+    try:
+        model = AutoModelForTokenClassification.from_config(config)
+    except ValueError as err:
+        raise ConfigError(f"base: {type(base).__name__} has no token-classification head in transformers ({err})",
+                          field="base") from None
+    missing, _ = model.base_model.load_state_dict(base.state_dict(), strict=False)
+    if missing:
+        raise ConfigError(f"base: {type(base).__name__}'s weights do not fit {type(model).__name__}.base_model "
+                          f"(missing {missing[:3]})", field="base")
+    return model, tokenizer, name
+
+
+def _fingerprint(items: list[dict], **settings) -> dict:
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item["text"], [int(v) for v in item["labels"]]]).encode("utf-8"))
+    return {"data_sha256": digest.hexdigest(), **settings}
+
+
+def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -> None:
+    """Weights, AdamW moments and the RNG state (safetensors) plus the step and losses (JSON), written to a
+    temporary folder that then replaces ``folder``: an interrupted save never leaves half a checkpoint."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(folder)
+    work = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
+    os.chmod(work, 0o755)  # mkdtemp's 0o700 would make the checkpoint private to its writer
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(work, "model.safetensors"))
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"adamw.{i}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    save_file(tensors, os.path.join(work, "optimizer.safetensors"))
+    with open(os.path.join(work, "trainer_state.json"), "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=1)
+    old = folder + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(work, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: str, model, optimizer, params: list) -> None:
+    import os
+
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+    tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        optimizer.state[params[int(index)]][key] = value
+
+
+def _model_card(name: str, state: dict, sources: list[str]) -> str:
+    fp = state["fingerprint"]
+    losses = state["losses"]
+    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    import re
+
+    label_lines = "\n".join(f"  - {s}" for s in sources) or "  - supplied by the caller"
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None  # not a local path or a class name
+    return f"""---
+library_name: transformers
+pipeline_tag: token-classification
+tags:
+- prompt-compression
+- llmlingua2
+- hf_tokred
+{f"base_model: {name}{chr(10)}" if hub_id else ""}---
+
+# LLMLingua-2 token classifier (hf_tokred)
+
+A two-label token classifier (0 = drop, 1 = keep) for LLMLingua-2 prompt compression (Pan et al., arXiv
+2403.12968), fine-tuned from `{name}` with `hf_tokred.training.train_llmlingua2`. Use it with
+
+```python
+import hf_tokred
+out = hf_tokred.compress_prompt(text, method="llmlingua2", classifier="<this folder>", rate=0.5)
+```
+
+## Training
+
+- data: {state["texts"]} texts, {state["words"]} words, {state["tokens"]} classifier tokens, {state["examples"]} chunks
+- labels (keep/drop per word):
+{label_lines}
+- keep fraction of the labels: {state["keep_fraction"]:.3f}
+- steps: {state["step"]}, batch size {fp["batch_size"]}, learning rate {fp["lr"]} ({fp["lr_schedule"]}), weight decay {fp["weight_decay"]}, seed {fp["seed"]}
+- labelled sub-tokens: {fp["subtokens"]}; chunk length {fp["max_length"]} tokens
+- final training loss (mean of the last {min(10, len(losses))} steps): {final:.4f}
+- data fingerprint (SHA-256 of texts and labels): `{fp["data_sha256"]}`
+
+`checkpoint/` (optimizer state, for resuming) is not needed for inference; leave it out when pushing
+(`huggingface_hub.upload_folder(..., ignore_patterns=["checkpoint/*"])`).
+"""
+
+
+def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int = 300, lr: float = 5e-5,
+                     batch_size: int = 16, seed: int = 0, output_dir=None, resume: bool = True, progress: bool = True,
+                     rate: float = 0.5, scorer=None, max_length: int = 512, subtokens: str = "all",
+                     lr_schedule: str = "linear", weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                     save_every: int = 100):
+    """Train an LLMLingua-2 token classifier (arXiv 2403.12968) on keep/drop word labels; returns ``(model, tokenizer)``.
+
+    ``texts_or_labelled`` is a list of strings (labelled first with :func:`llmlingua2_labels` at ``rate``
+    with ``scorer``) or of dicts from :func:`llmlingua2_labels` (``text``, ``labels``). ``base`` is the
+    encoder to fine-tune: None for the embedded all-MiniLM-L6-v2 (a ``BertModel``, given a new two-label
+    head: ``BertForTokenClassification``), a local folder (an encoder, or a two-label token classifier to
+    train further), or a loaded model (with ``tokenizer``). Texts are tokenized and cut into chunks of at
+    most ``max_length`` tokens as at inference; each token takes its word's label (``subtokens="all"``, as
+    the reference ``train_roberta.py`` does, which suits the mean over a word's tokens at inference) or
+    only a word's first token does (``"first"``, others -100).
+
+    A plain PyTorch loop: AdamW at ``lr`` with a ``lr_schedule`` decay over ``steps`` (``"constant"``,
+    ``"linear"``, ``"cosine"``), batches of ``batch_size`` chunks drawn in a fresh seeded order every pass,
+    gradients clipped to ``max_grad_norm``, dropout on, a tqdm bar (``progress``). Everything is seeded
+    (``seed``; the global RNG is restored afterwards). With ``output_dir``, every ``save_every`` steps and
+    at the end a checkpoint goes to ``output_dir/checkpoint`` — weights, the AdamW moments and the RNG
+    state in safetensors, the step and losses in JSON (no pickle) — and with ``resume`` a later call with
+    the same data and settings continues from it exactly (a call with more ``steps`` trains on; with
+    ``steps`` at most the saved step it returns the saved model). The finished classifier is saved to
+    ``output_dir`` with ``save_pretrained`` (safetensors), its tokenizer, ``llmlingua2_training.json`` and
+    a model card (``README.md``: data size, steps, final loss), ready for
+    ``compress_prompt(method="llmlingua2", classifier=output_dir)`` or ``push_to_hub``. The returned model
+    is in eval mode; the loss of every step (from step 0, resumed runs included) is ``model.train_losses``.
+
+    Example:
+        >>> from hf_tokred.training import llmlingua2_labels, stdlib_corpus, train_llmlingua2
+        >>> labelled = llmlingua2_labels(stdlib_corpus("train"), rate=0.5, progress=True)   # doctest: +SKIP
+        >>> model, tokenizer = train_llmlingua2(labelled, steps=300, output_dir="llmlingua2-minilm")  # doctest: +SKIP
+    """
+    import json
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .errors import ConfigError
+    from .methods.prompt.llmlingua2 import check_classifier
+
+    if isinstance(texts_or_labelled, str) or not isinstance(texts_or_labelled, (list, tuple)) or not texts_or_labelled:
+        raise ConfigError("texts_or_labelled: expected a non-empty list of strings or of labelled dicts",
+                          field="texts_or_labelled")
+    for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
+                            ("lr", lr, isinstance(lr, (int, float)) and lr > 0),
+                            ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+                            ("seed", seed, isinstance(seed, int)),
+                            ("max_length", max_length, isinstance(max_length, int) and max_length >= 8),
+                            ("save_every", save_every, isinstance(save_every, int) and save_every >= 1),
+                            ("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0),
+                            ("max_grad_norm", max_grad_norm, isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0),
+                            ("subtokens", subtokens, subtokens in ("all", "first")),
+                            ("lr_schedule", lr_schedule, lr_schedule in LR_SCHEDULES)):
+        if not ok:
+            raise ConfigError(f"{name}: got {value!r}; see train_llmlingua2's docstring for the allowed values",
+                              field=name)
+    if all(isinstance(t, str) for t in texts_or_labelled):
+        items = llmlingua2_labels(list(texts_or_labelled), rate=rate, scorer=scorer, progress=progress)
+    else:
+        items = _check_labelled(texts_or_labelled)
+
+    rng_state = torch.random.get_rng_state()
+    try:
+        model, tokenizer, name = _llmlingua2_model(base, tokenizer, seed)
+        classifier = check_classifier(model, tokenizer, window=max_length)
+        examples, tokens = _llmlingua2_examples(classifier, items, subtokens)
+        fingerprint = _fingerprint(items, base=name, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length,
+                                   subtokens=subtokens, lr_schedule=lr_schedule, weight_decay=weight_decay,
+                                   max_grad_norm=max_grad_norm)
+        labels_flat = [int(v) for item in items for v in item["labels"]]
+        state = {"step": 0, "losses": [], "fingerprint": fingerprint, "texts": len(items),
+                 "words": len(labels_flat), "tokens": tokens, "examples": len(examples),
+                 "keep_fraction": sum(labels_flat) / max(len(labels_flat), 1)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        params = decay + no_decay
+        checkpoint = None
+        if output_dir is not None:
+            output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+            os.makedirs(output_dir, exist_ok=True)
+            checkpoint = os.path.join(output_dir, _CHECKPOINT)
+        torch.manual_seed(seed)
+        if checkpoint is not None and resume and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+                saved = json.load(fh)
+            if saved.get("fingerprint") != fingerprint:
+                differ = sorted(k for k in fingerprint if saved.get("fingerprint", {}).get(k) != fingerprint[k])
+                raise ConfigError(f"output_dir: {output_dir!r} holds a checkpoint of another run ({', '.join(differ)} "
+                                  "differ); pass resume=False to start over, or another output_dir",
+                                  field="output_dir")
+            _load_checkpoint(checkpoint, model, optimizer, params)
+            state.update(step=saved["step"], losses=saved["losses"])
+        order: list[int] = []
+        generator = torch.Generator().manual_seed(seed)
+        while len(order) < steps * batch_size:
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        device = next(model.parameters()).device
+        model.train()
+        bar = tqdm(total=steps, initial=min(state["step"], steps), desc="train llmlingua2", disable=not progress)
+        for step in range(state["step"], steps):
+            batch = [examples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+            length = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            labels = torch.full((len(batch), length), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, (seq, lab) in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                labels[row, :len(lab)] = torch.tensor(lab)
+                mask[row, :len(seq)] = 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(lr_schedule, step, steps)
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            state["losses"].append(round(loss.item(), 6))
+            state["step"] = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
+            if checkpoint is not None and (state["step"] % save_every == 0 or state["step"] == steps):
+                _save_checkpoint(checkpoint, model, optimizer, params, state)
+        bar.close()
+        model.eval()
+        if output_dir is not None:
+            model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, LLMLINGUA2_STATE), "w", encoding="utf-8") as fh:
+                json.dump(state, fh, indent=1)
+            sources = sorted({item["source"] for item in items if isinstance(item.get("source"), str)})
+            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
+                fh.write(_model_card(name, state, sources))
+    finally:
+        torch.random.set_rng_state(rng_state)
+    model.train_losses = list(state["losses"])
+    return model, tokenizer
+
+
+def evaluate_llmlingua2(classifier, labelled: list[dict], *, tokenizer=None, batch_size: int = 16) -> dict:
+    """How well a classifier reproduces keep/drop word labels (e.g. :func:`llmlingua2_labels` of held-out texts).
+
+    Token level (every classifier token carries its word's label; predicted keep when ``p(keep) > 0.5``):
+    ``token_accuracy``, ``token_precision``, ``token_recall``, ``token_f1`` (of the keep label) and
+    ``token_majority_accuracy`` (always predicting the more frequent label). Word level (a word's
+    ``p(keep)`` is the mean over its tokens, as ``llmlingua2`` ranks them): ``word_accuracy``, ``word_f1``,
+    and ``word_f1_at_rate``: per text, the words with the highest ``p(keep)``, as many as the labels keep,
+    against the labels (a threshold-free measure of the ranking). Also ``tokens`` and ``words``.
+
+    Example:
+        >>> from hf_tokred.training import evaluate_llmlingua2, llmlingua2_labels, stdlib_corpus
+        >>> heldout = llmlingua2_labels(stdlib_corpus("heldout"))                          # doctest: +SKIP
+        >>> evaluate_llmlingua2("llmlingua2-minilm", heldout)["token_f1"]                 # doctest: +SKIP
+        0.71
+    """
+    from .methods.prompt.llmlingua2 import load_classifier, token_keep_probabilities, unit_probabilities
+
+    items = _check_labelled(labelled)
+    clf = load_classifier(classifier, tokenizer)
+    results = token_keep_probabilities(clf, [item["text"] for item in items], batch_size=batch_size)
+    token_true, token_pred, word_true, word_pred, rate_pred = [], [], [], [], []
+    for item, (probs, offsets) in zip(items, results):
+        spans = _unit_spans(item["text"])
+        labels = torch.tensor([int(v) for v in item["labels"]])
+        ends = torch.tensor([e for _, e in spans], dtype=torch.long)
+        starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
+        unit = torch.searchsorted(ends, starts, right=True).clamp(max=len(spans) - 1)
+        token_true.append(labels[unit])
+        token_pred.append((probs > 0.5).long())
+        words = unit_probabilities([s for s, _ in spans], [e for _, e in spans], probs, offsets)
+        word_true.append(labels)
+        word_pred.append((words > 0.5).long())
+        top = torch.zeros_like(labels)
+        top[torch.sort(words, descending=True, stable=True).indices[:int(labels.sum())]] = 1
+        rate_pred.append(top)
+
+    def scores(true, pred):
+        true, pred = torch.cat(true), torch.cat(pred)
+        tp = int(((pred == 1) & (true == 1)).sum())
+        precision = tp / max(int(pred.sum()), 1)
+        recall = tp / max(int(true.sum()), 1)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        accuracy = float((pred == true).float().mean())
+        majority = max(float(true.float().mean()), 1 - float(true.float().mean()))
+        return accuracy, precision, recall, f1, majority, true.numel()
+
+    t_acc, t_p, t_r, t_f1, t_major, n_tokens = scores(token_true, token_pred)
+    w_acc, _, _, w_f1, _, n_words = scores(word_true, word_pred)
+    _, _, _, rate_f1, _, _ = scores(word_true, rate_pred)
+    return {"token_accuracy": t_acc, "token_precision": t_p, "token_recall": t_r, "token_f1": t_f1,
+            "token_majority_accuracy": t_major, "word_accuracy": w_acc, "word_f1": w_f1,
+            "word_f1_at_rate": rate_f1, "tokens": n_tokens, "words": n_words}
+
+
+__all__ += ["evaluate_llmlingua2", "llmlingua2_labels", "stdlib_corpus", "train_llmlingua2"]

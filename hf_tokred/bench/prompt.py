@@ -128,8 +128,10 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
                 if compressed.rstrip().endswith(sample.question):
                     compressed = compressed.rstrip()[:-len(sample.question)].rstrip()
         else:
-            out = hf_tokred.compress_prompt(sample.context, sample.question, rate=rate, method=method, scorer=model,
-                                            tokenizer=tokenizer, **method_params)
+            # the budget counts in the answering model's tokenizer; llmlingua2 scores with its classifier instead
+            scorer = {"scorer": model, "tokenizer": tokenizer} if method != "llmlingua2" else {}
+            out = hf_tokred.compress_prompt(sample.context, sample.question, rate=rate, method=method,
+                                            target_tokenizer=tokenizer, **scorer, **method_params)
             compressed = out["compressed_documents"][0]
         records.append({"compressed": compressed, "context_tokens": _count(tokenizer, sample.context),
                         "compressed_context_tokens": _count(tokenizer, compressed), "time_s": out["time_s"],

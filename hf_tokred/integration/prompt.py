@@ -144,6 +144,8 @@ def _compress_rows(model, reducer, tokenizer, input_ids, attention_mask):
 
 
 def _scorer(model, reducer, tokenizer):
+    if not reducer.uses_scorer:  # llmlingua2 scores with its own token classifier (its config names it)
+        return None
     if reducer.scorer == "self":
         return load_scorer(model, tokenizer)
     scorer = load_scorer(None)

@@ -30,5 +30,6 @@ from .kv import (
 from .prompt import (
     lazyllm,  # noqa: F401
     llmlingua,  # noqa: F401
+    llmlingua2,  # noqa: F401
     longllmlingua,  # noqa: F401
 )
