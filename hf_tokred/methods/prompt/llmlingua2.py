@@ -63,7 +63,7 @@ import torch
 
 from ...config import param, register_method
 from ...errors import ConfigError, MissingFileError
-from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer
+from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer, _check_tokenizer
 
 KEEP_NAMES = ("keep", "preserve", "preserved", "retain")
 # Where a chunk may end: after one of these characters (a sentence end) or before a line break.
@@ -143,16 +143,7 @@ def check_classifier(model, tokenizer, window: int = 512) -> Classifier:
     if labels != 2:
         raise ConfigError(f"classifier: LLMLingua-2 needs two labels (drop, keep), {name} has num_labels={labels}",
                           field="classifier")
-    if tokenizer is None:
-        raise ConfigError(f"tokenizer: the classifier {name} has no tokenizer; pass tokenizer= (its AutoTokenizer) "
-                          "or a classifier folder that holds the tokenizer files", field="tokenizer")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"tokenizer: {type(tokenizer).__name__} is not a fast tokenizer; LLMLingua-2 maps tokens "
-                          "to words with offset mappings, which only fast tokenizers give", field="tokenizer")
-    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    if rows is not None and len(tokenizer) > rows:
-        raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the classifier's embedding has {rows} rows: "
-                          "the tokenizer does not belong to this classifier", field="tokenizer")
+    _check_tokenizer(model, tokenizer, role="classifier")
     limits = [window]
     position = _position_limit(model)
     if position is not None:
