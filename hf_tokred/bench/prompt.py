@@ -178,7 +178,7 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
                 continue
             runs.append((f"{method} rate={rate:g}", method, rate, False))
         if reference:
-            runs += [(f"llmlingua-0.2.2 {m} rate={rate:g}", m, rate, True) for m in REFERENCE_METHODS]
+            runs += [(f"llmlingua-0.2.2 {m} rate={rate:g}", m, rate, True) for m in REFERENCE_METHODS if m in methods]
     lazyllm = {"method": "lazyllm", **(lazyllm_params or {})}
     if "lazyllm" in methods:
         settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in (lazyllm_params or {}).items())
