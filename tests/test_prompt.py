@@ -129,6 +129,15 @@ def test_list_of_documents(scorer, method):
         assert len(out["demonstration_perplexity"]) == len(DOCS)
 
 
+def test_longllmlingua_ranks_passages_of_one_document_in_order(scorer):
+    out = _run(scorer, CONTEXT, method="longllmlingua", rate=0.3, passage_tokens=64)
+    assert len(out["passage_relevance"]) > 3 and "document_relevance" not in out
+    assert abs(out["compressed_tokens"] - out["target_tokens"]) <= max(1, 0.02 * out["target_tokens"])
+    assert _is_subsequence(_words(out["compressed_documents"][0]), _words(CONTEXT))  # passages keep their order
+    with pytest.raises(ConfigError, match="passage_tokens"):
+        hf_tokred.TokenReductionConfig(method="longllmlingua", passage_tokens=4)
+
+
 def test_llmlingua_coarse_stage_drops_demonstrations_at_a_low_rate(scorer):
     docs = [CONTEXT[i:i + 300] for i in range(0, len(CONTEXT), 300)]
     out = _run(scorer, docs, method="llmlingua", rate=0.1, granularity=1.0)

@@ -464,6 +464,25 @@ class ConditionalScorer:
             self.job.scored_tokens += len(kept)
 
 
+def split_units(costs: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``(first, end)`` of whole units of about ``size`` tokens (``costs``: tokens per unit).
+
+    Example:
+        >>> import torch
+        >>> split_units(torch.tensor([3, 3, 3, 3, 1]), 6)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    out, start, total = [], 0, 0
+    for i, c in enumerate(costs.tolist()):
+        total += c
+        if total >= size:
+            out.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < costs.shape[0]:
+        out.append((start, costs.shape[0]))
+    return out
+
+
 def rank_priority(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """Priorities that turn a per-document budget into a share of one global selection.
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import param, register_method
-from ...prompt.base import PromptCompressorConfig, PromptJob, rank_priority
+from ...prompt.base import PromptCompressorConfig, PromptJob, rank_priority, split_units
 
 
 @register_method("llmlingua")
@@ -66,7 +66,7 @@ class LLMLinguaConfig(PromptCompressorConfig):
         scorer = job.conditional_scorer(job.instruction)
         for d in sorted(kept):  # the demonstrations' own order: each is conditioned on the kept text before it
             seg = docs[d]
-            for a, b in _segments(seg.costs, self.segment_tokens):
+            for a, b in split_units(seg.costs, self.segment_tokens):
                 scores = scorer.score(seg, a, b)
                 out[d][a:b] = scores
                 free = ~seg.protected[a:b]
@@ -77,16 +77,3 @@ class LLMLinguaConfig(PromptCompressorConfig):
                     keep[free] = priority >= 1.0
                 scorer.keep(keep)
         return out
-
-
-def _segments(costs: torch.Tensor, size: int) -> list[tuple[int, int]]:
-    """Split units into consecutive runs of about ``size`` tokens (whole units)."""
-    out, start, total = [], 0, 0
-    for i, c in enumerate(costs.tolist()):
-        total += c
-        if total >= size:
-            out.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < costs.shape[0]:
-        out.append((start, costs.shape[0]))
-    return out
