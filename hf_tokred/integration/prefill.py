@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import threading
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +49,8 @@ from ..errors import TokenReductionError, UnsupportedModelError
 from ..kv.cache import ReducingLayer, TokenReductionCache
 from ..kv.layers import CHUNKED_ATTENTION, kv_layer_types
 from ..methods.prompt.lazyllm import LazyLLMConfig, last_token_importance, revival_candidates, select_kept
-from .wiring import get_applied, register_wiring
+from .transformers import install_generate
+from .wiring import register_wiring
 
 # Names of the aux cache's tensors in the ``extras`` of the cache slot after each pruning layer.
 AUX_HIDDEN, AUX_POSITIONS, AUX_POSITION_IDS, AUX_VALID = "lazyllm_hidden", "lazyllm_positions", "lazyllm_ids", "lazyllm_valid"
@@ -436,33 +436,7 @@ def wire_prefill(model, adapter, reducer, applied) -> None:
     if prefill.first is None:
         return
     prefill.install(applied)
-    if model.can_generate() and "generate" not in model.__dict__:
-        model.generate = types.MethodType(_generate_with_prefill, model)
-
-
-def _generate_with_prefill(self, *args, **kwargs):
-    from .transformers import _generate_with_reduction
-
-    applied = get_applied(self)
-    config = applied.config if applied is not None else None
-    if config is None or config.get("kv_policy") is not None or config.get("kv_storage") is not None:
-        return _generate_with_reduction(self, *args, **kwargs)  # builds a TokenReductionCache (ours included)
-    generation_config = kwargs.get("generation_config") or self.generation_config
-    use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-    if kwargs.get("past_key_values") is None and use_cache is not False:
-        label = config.method
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise TokenReductionError(
-                f"{label}: assisted decoding needs a cache it can crop, and a cache holding a pruned prompt cannot be "
-                "cropped; pass past_key_values=transformers.DynamicCache() after hf_tokred.remove(model) to decode densely")
-        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
-        if implementation is not None:
-            raise TokenReductionError(
-                f"{label}: cache_implementation={implementation!r}: a model with lazyllm builds its own cache (a "
-                "TokenReductionCache that holds the pruned prompt) for every generate() call; call "
-                "hf_tokred.remove(model) to use another cache")
-        kwargs["past_key_values"] = TokenReductionCache(self)
-    return _generate_with_reduction(self, *args, **kwargs)
+    install_generate(model, applied)
 
 
 __all__ = ["LazyPrefill", "wire_prefill"]

@@ -76,18 +76,12 @@ def last_compression(model) -> list[dict] | None:
 
 
 def _generate_compressing_prompt(self, *args, **kwargs):
-    from .prefill import _generate_with_prefill
     from .transformers import _generate_with_reduction
 
     applied = get_applied(self)
     reducer = applied.config.get("prompt")
-    # the generate() of the other reducers composed with this one (each builds the cache it needs)
-    if applied.config.get("prefill") is not None:
-        inner = _generate_with_prefill
-    elif applied.config.get("kv_policy") is not None or applied.config.get("kv_storage") is not None:
-        inner = _generate_with_reduction
-    else:
-        inner = type(self).generate
+    # then the generate() that builds the cache the composed KV / prefill reducers need (dense without them)
+    inner = _generate_with_reduction
     if reducer.target_token is None and reducer.rate >= 1.0:
         return inner(self, *args, **kwargs)
     args = list(args)

@@ -289,11 +289,17 @@ def _wire_kv_cache(model, adapter, reducer, applied) -> None:
     # Base models (LlamaModel) cannot generate: they use the cache through build_cache(). A policy and a
     # storage composed together share one override (the second install is the same method).
     # A prompt compressor composed with it installs its own generate(), which calls this one.
-    if model.can_generate() and applied.config.get("prompt") is None:
-        model.generate = types.MethodType(_generate_with_reduction, model)
+    install_generate(model, applied)
     if getattr(reducer, "needs_token_ids", False):
         handle = model.register_forward_pre_hook(_record_input_ids, with_kwargs=True)
         applied.add_undo(handle.remove)
+
+
+def install_generate(model, applied) -> None:
+    """Give ``model`` the ``generate()`` that builds a TokenReductionCache per call (KV and prefill stages), unless
+    a prompt compressor is attached: its own ``generate()`` calls this one after compressing the prompt."""
+    if model.can_generate() and applied.config.get("prompt") is None:
+        model.generate = types.MethodType(_generate_with_reduction, model)
 
 
 def _record_input_ids(module, args, kwargs):
@@ -357,14 +363,17 @@ def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def _generate_with_reduction(self, *args, **kwargs):
+    # KV policies and storages, and a prefill reducer (lazyllm, whose later layers hold part of the prompt), all
+    # need a TokenReductionCache; TokenReductionCache reads the prefill reducer from the model itself.
     applied = get_applied(self)
-    policy = applied.config.get("kv_policy") if applied is not None else None
-    storage = applied.config.get("kv_storage") if applied is not None else None
-    label = "+".join(c.method for c in (policy, storage) if c is not None)
+    config = applied.config if applied is not None else None
+    policy, storage, prefill = (config.get(stage) if config is not None else None
+                                for stage in ("kv_policy", "kv_storage", "prefill"))
+    label = "+".join(c.method for c in (prefill, policy, storage) if c is not None)
     generation_config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
     cache = kwargs.get("past_key_values")
-    if (policy or storage) is not None and cache is None and use_cache is not False:
+    if label and cache is None and use_cache is not False:
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise TokenReductionError(
                 f"{label}: assisted decoding needs a cache it can crop, and this cache cannot be "
@@ -376,7 +385,7 @@ def _generate_with_reduction(self, *args, **kwargs):
             # did not do: the cache below is ours.
             raise TokenReductionError(
                 f"{label}: cache_implementation={implementation!r} (a generate() argument or set in the model's "
-                "generation_config): a model with a KV reduction builds its own cache "
+                "generation_config): a model with a KV or prefill reduction builds its own cache "
                 "(a TokenReductionCache) for every generate() call, so it cannot use another cache implementation; "
                 "to decode densely, call hf_tokred.remove(model) or pass past_key_values=transformers.DynamicCache()"
             )
