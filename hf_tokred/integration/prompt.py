@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import threading
 import types
 import weakref
@@ -39,7 +38,7 @@ import weakref
 import torch
 
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
-from ..prompt.base import SEPARATOR, _count, load_scorer
+from ..prompt.base import SEPARATOR, _count, load_scorer, saved_tokenizer
 from ..prompt.layout import split_prompt
 from .wiring import get_applied, register_wiring
 
@@ -155,11 +154,9 @@ def _tokenizer(model, applied, given):
     cached = getattr(applied, "prompt_tokenizer", None)
     if cached is not None:
         return cached
-    from ..prompt.base import _auto_tokenizer
-
-    folder = getattr(model, "name_or_path", "") or ""
-    tokenizer = _auto_tokenizer(folder) if folder and os.path.isdir(folder) else None
+    tokenizer = saved_tokenizer(model)
     if tokenizer is None:
+        folder = getattr(model, "name_or_path", "") or ""
         raise TokenReductionError(
             f"{applied.config.method}: compressing the prompt needs the model's tokenizer, and none is saved in "
             f"{folder or 'the model folder'!r}; pass it as generate(..., tokenizer=tokenizer)")

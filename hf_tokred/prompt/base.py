@@ -136,14 +136,23 @@ def load_scorer(scorer=None, tokenizer=None) -> Scorer:
         raise ConfigError(f"scorer: expected a causal LM, a local folder or None, got {type(scorer).__name__}; "
                           + _no_scorer_help(), field="scorer")
     if tokenizer is None:
-        folder = getattr(scorer, "name_or_path", "") or ""
-        if folder and os.path.isdir(folder):
-            tokenizer = _auto_tokenizer(folder)
+        tokenizer = saved_tokenizer(scorer)
     _check_tokenizer(scorer, tokenizer)
     return Scorer(scorer, tokenizer)
 
 
-def _auto_tokenizer(folder: str):
+def saved_tokenizer(source):
+    """The tokenizer saved in a local folder, or in the folder a model was loaded from (its ``name_or_path``);
+    None when there is none (a model built in memory, a Hub id, a folder without tokenizer files).
+
+    Example:
+        >>> from hf_tokred.prompt.base import saved_tokenizer
+        >>> saved_tokenizer("/no/such/folder") is None
+        True
+    """
+    folder = source if isinstance(source, (str, os.PathLike)) else getattr(source, "name_or_path", "") or ""
+    if not folder or not os.path.isdir(folder):
+        return None
     from transformers import AutoTokenizer
 
     try:
@@ -167,7 +176,7 @@ def _load_scorer_folder(path) -> Scorer:
         raise MissingFileError(f"scorer: {folder!r} is not a local folder; " + _no_scorer_help())
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _auto_tokenizer(folder)
+    tokenizer = saved_tokenizer(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     except (OSError, ValueError) as err:

@@ -63,7 +63,7 @@ import torch
 
 from ...config import param, register_method
 from ...errors import ConfigError, MissingFileError
-from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer, _check_tokenizer
+from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer, _check_tokenizer, saved_tokenizer
 
 KEEP_NAMES = ("keep", "preserve", "preserved", "retain")
 # Where a chunk may end: after one of these characters (a sentence end) or before a line break.
@@ -197,20 +197,7 @@ def load_classifier(classifier=None, tokenizer=None, window: int = 512) -> Class
     if not isinstance(classifier, torch.nn.Module):
         raise ConfigError(f"classifier: expected a local folder or a token-classification model, got "
                           f"{type(classifier).__name__}; " + classifier_help(), field="classifier")
-    if tokenizer is None:
-        folder = getattr(classifier, "name_or_path", "") or ""
-        if folder and os.path.isdir(folder):
-            tokenizer = _auto_tokenizer(folder)
-    return check_classifier(classifier, tokenizer, window)
-
-
-def _auto_tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
-        return None
+    return check_classifier(classifier, tokenizer if tokenizer is not None else saved_tokenizer(classifier), window)
 
 
 def _load_folder(folder: str, window: int) -> Classifier:
@@ -231,7 +218,7 @@ def _load_folder(folder: str, window: int) -> Classifier:
     if config.num_labels != 2:
         raise ConfigError(f"classifier: LLMLingua-2 needs two labels (drop, keep), {folder!r} has "
                           f"num_labels={config.num_labels}", field="classifier")
-    tokenizer = _auto_tokenizer(folder)
+    tokenizer = saved_tokenizer(folder)
     try:
         model = AutoModelForTokenClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as err:
