@@ -29,13 +29,12 @@ from ..kv.cache import layer_stored_length
 
 
 def _prompt_ids(tokenizer, length: int) -> torch.Tensor:
-    from pydoc_data.topics import topics
+    from .longctx import corpus_ids
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = corpus_ids(tokenizer)
     if ids.shape[-1] < length:
         raise ValueError(f"prompt_lengths: the offline text has {ids.shape[-1]} tokens, fewer than {length}")
-    return ids[:, :length]
+    return ids[None, :length]
 
 
 def measure_ttft(model, tokenizer, prompt_lengths=(2048, 4096), config=None, repeats: int = 2) -> list[dict]:
