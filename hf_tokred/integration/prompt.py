@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
-from ..prompt.base import SEPARATOR, _count, load_scorer, saved_tokenizer
+from ..prompt.base import SEPARATOR, _count, load_scorer, pad_batch, saved_tokenizer
 from ..prompt.layout import split_prompt
 from .wiring import get_applied, register_wiring
 
@@ -97,7 +97,7 @@ def _generate_compressing_prompt(self, *args, **kwargs):
     if store is None:
         store = _LAST.results = weakref.WeakKeyDictionary()
     store[self] = results
-    new_ids, new_mask = _left_pad(rows, _pad_id(self, tokenizer), input_ids.device)
+    new_ids, new_mask = (t.to(input_ids.device) for t in pad_batch(rows, _pad_id(self, tokenizer), left=True))
     kwargs["attention_mask"] = new_mask
     output = inner(self, new_ids, *args, **kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -172,17 +172,6 @@ def _pad_id(model, tokenizer) -> int:
         if value is not None:
             return int(value)
     return 0
-
-
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, length - len(row):] = torch.tensor(row)
-            mask[i, length - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def install() -> None:

@@ -191,6 +191,26 @@ def _load_scorer_folder(path) -> Scorer:
 # ---------------------------------------------------------------------------------------------
 
 
+def pad_batch(rows: list[list[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one ``(batch, longest)`` LongTensor padded with ``pad`` on the right (or the ``left``, as
+    generation wants), and its attention mask.
+
+    Example:
+        >>> ids, mask = pad_batch([[5, 6, 7], [8]], 0, left=True)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    length = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            mask[i, span] = 1
+    return ids, mask
+
+
 def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | None = None, *, window: int = 512,
                     max_batch_tokens: int | None = None) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
     """``-log p(token | prefix + preceding tokens)`` of every token of every text, in nats.
@@ -235,12 +255,7 @@ def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | No
             while end < len(order) and (end - start + 1) * len(items[order[end]][1]) <= budget:
                 end += 1
             batch = [items[i] for i in order[start:end]]
-            length = max(len(b[1]) for b in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for row, (_, seq, _, _) in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
+            ids, mask = pad_batch([seq for _, seq, _, _ in batch], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             # -log softmax(logits)[target] without materializing the whole log-softmax
             target = ids[:, 1:].to(logits.device)

@@ -63,7 +63,7 @@ import torch
 
 from ...config import param, register_method
 from ...errors import ConfigError, MissingFileError
-from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer, _check_tokenizer, saved_tokenizer
+from ...prompt.base import PromptCompressorConfig, PromptJob, Scorer, _check_tokenizer, pad_batch, saved_tokenizer
 
 KEEP_NAMES = ("keep", "preserve", "preserved", "retain")
 # Where a chunk may end: after one of these characters (a sentence end) or before a line break.
@@ -304,13 +304,8 @@ def token_keep_probabilities(classifier: Classifier, texts: list[str], *,
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = [items[i] for i in order[start:start + batch_size]]
-            rows = [classifier.before + list(enc["input_ids"][t][a:b]) + classifier.after for t, a, b in batch]
-            length = max(len(r) for r in rows)
-            ids = torch.full((len(rows), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for row, seq in enumerate(rows):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
+            ids, mask = pad_batch([classifier.before + list(enc["input_ids"][t][a:b]) + classifier.after
+                                   for t, a, b in batch], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             keep = logits.float().softmax(-1)[..., classifier.keep_index].cpu()
             for row, (t, a, b) in enumerate(batch):
