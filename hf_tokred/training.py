@@ -596,7 +596,7 @@ def _llmlingua2_examples(classifier, items: list[dict], subtokens: str) -> tuple
     """Token ids (with the special tokens) and token labels of every chunk of every labelled text, and the
     number of text tokens. A token takes its word's label (``subtokens="all"``) or only a word's first token
     does (``"first"``; the others, like the special tokens, are -100)."""
-    from .methods.prompt.llmlingua2 import chunk_spans
+    from .methods.prompt.llmlingua2 import chunk_spans, token_units
 
     tokenizer = classifier.tokenizer
     texts = [item["text"] for item in items]
@@ -604,9 +604,7 @@ def _llmlingua2_examples(classifier, items: list[dict], subtokens: str) -> tuple
     examples, tokens = [], 0
     for item, ids, offsets in zip(items, enc["input_ids"], enc["offset_mapping"]):
         text = item["text"]
-        ends = torch.tensor([e for _, e in _unit_spans(text)], dtype=torch.long)
-        starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
-        unit = torch.searchsorted(ends, starts, right=True).clamp(max=len(ends) - 1).tolist()
+        unit = token_units([e for _, e in _unit_spans(text)], offsets).tolist()
         word_labels = [int(v) for v in item["labels"]]
         token_labels = []
         for t, u in enumerate(unit):
@@ -627,9 +625,10 @@ def _llmlingua2_model(base, tokenizer, seed: int):
     """A two-label token classifier, its tokenizer and a name for the model card, from ``base``."""
     import os
 
-    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
     from .errors import ConfigError, MissingFileError
+    from .prompt.base import saved_tokenizer
 
     labels = {"num_labels": 2, "id2label": dict(LLMLINGUA2_LABELS),
               "label2id": {v: k for k, v in LLMLINGUA2_LABELS.items()}}
@@ -655,15 +654,13 @@ def _llmlingua2_model(base, tokenizer, seed: int):
                 folder, local_files_only=True, use_safetensors=True, **({} if is_classifier else labels))
         except (OSError, ValueError) as err:
             raise MissingFileError(f"base: {folder!r} holds no loadable safetensors encoder ({err})") from None
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        return model, tokenizer, name
+        return model, tokenizer if tokenizer is not None else saved_tokenizer(folder), name
     if not isinstance(base, torch.nn.Module) or not hasattr(base, "config"):
         raise ConfigError(f"base: expected None (the embedded all-MiniLM-L6-v2), a local folder or a transformers "
                           f"encoder, got {type(base).__name__}", field="base")
     name = getattr(base, "name_or_path", "") or type(base).__name__
-    if tokenizer is None and os.path.isdir(name):
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    if tokenizer is None:
+        tokenizer = saved_tokenizer(base)
     if type(base).__name__.endswith("ForTokenClassification"):
         if base.config.num_labels != 2:
             raise ConfigError(f"base: {type(base).__name__} has num_labels={base.config.num_labels}; LLMLingua-2 "

@@ -313,6 +313,18 @@ def token_keep_probabilities(classifier: Classifier, texts: list[str], *,
     return [(probs, [tuple(o) for o in offsets]) for probs, offsets in zip(out, enc["offset_mapping"])]
 
 
+def token_units(ends: list[int], offsets) -> torch.Tensor:
+    """The word each token belongs to (the one it starts in): indices into the words whose character spans end at
+    ``ends``, one per token of ``offsets``.
+
+    Example:
+        >>> token_units([3, 9], [(0, 3), (4, 7), (7, 9)]).tolist()
+        [0, 1, 1]
+    """
+    token_starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
+    return torch.searchsorted(torch.tensor(ends, dtype=torch.long), token_starts, right=True).clamp(max=len(ends) - 1)
+
+
 def unit_probabilities(starts: list[int], ends: list[int], probs: torch.Tensor, offsets, mode: str = "mean",
                        ) -> torch.Tensor:
     """A word's ``p(keep)`` from its tokens': their mean (``"mean"``) or the first one's (``"first"``).
@@ -332,8 +344,7 @@ def unit_probabilities(starts: list[int], ends: list[int], probs: torch.Tensor, 
         return torch.zeros(0)
     if not offsets:
         return torch.full((n,), 0.5)
-    token_starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
-    unit = torch.searchsorted(torch.tensor(ends, dtype=torch.long), token_starts, right=True).clamp(max=n - 1)
+    unit = token_units(ends, offsets)
     count = torch.zeros(n).index_add_(0, unit, torch.ones(len(offsets)))
     if mode == "first":
         first = torch.full((n,), len(offsets), dtype=torch.long)
