@@ -64,10 +64,10 @@ from typing import Any
 from unittest import mock
 
 from ..errors import ConfigError, MissingDependencyError, MissingFileError
+from ..prompt.base import SEPARATOR, count_tokens  # counted and joined exactly as hf_tokred.compress_prompt does
 
 LLMLINGUA_VERSION = "0.2.2"
 INSTALL_HINT = 'pip install "hf_tokred[llmlingua-reference]"'
-SEPARATOR = "\n\n"  # llmlingua and hf_tokred.prompt both join instruction, documents and question this way
 METHODS = ("llmlingua", "longllmlingua")
 # The README's recommended LongLLMLingua call (parameter names as in llmlingua 0.2.2's compress_prompt).
 LONGLLMLINGUA_SETTINGS: dict[str, Any] = {
@@ -214,10 +214,6 @@ def _documents(context) -> list[str]:
     raise ConfigError("context: expected a string or a non-empty list of strings", field="context")
 
 
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-
 def reference_compress(context: list[str] | str, question: str, *, rate: float, method: str, model_folder: str,
                        device: str = "cpu", instruction: str = "") -> dict[str, Any]:
     """Compress a prompt with Microsoft's llmlingua 0.2.2, scored by the causal LM in ``model_folder``.
@@ -262,11 +258,11 @@ def reference_compress(context: list[str] | str, question: str, *, rate: float, 
     elapsed = time.perf_counter() - started
     tokenizer = compressor.tokenizer
     original = SEPARATOR.join(part for part in [instruction, *docs, question] if part.strip())
-    origin_tokens = _count(tokenizer, original)
+    origin_tokens = count_tokens(tokenizer, original)
     return {
         "compressed_prompt": raw["compressed_prompt"],
         "origin_tokens": origin_tokens,
-        "compressed_tokens": _count(tokenizer, raw["compressed_prompt"]),
+        "compressed_tokens": count_tokens(tokenizer, raw["compressed_prompt"]),
         "target_tokens": round(rate * origin_tokens),
         "method": method,
         "time_s": elapsed,

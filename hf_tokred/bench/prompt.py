@@ -99,10 +99,6 @@ def task_samples(tokenizer, task: str, n: int, *, seed: int, context_length: int
     return out
 
 
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def compress_samples(samples: list[TextSample], method: str, rate: float, *, model, tokenizer, reference: bool = False,
                      model_folder: str | None = None, **method_params) -> list[dict]:
     """Compress every sample's context at ``rate`` (the question given, kept); one record per sample.
@@ -114,6 +110,7 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
         >>> records = compress_samples(samples, "longllmlingua", 0.5, model=model, tokenizer=tok)   # doctest: +SKIP
     """
     import hf_tokred
+    from hf_tokred.prompt.base import count_tokens
 
     records = []
     for sample in samples:
@@ -122,19 +119,17 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
 
             out = reference_compress([sample.context], sample.question, rate=rate, method=method,
                                      model_folder=model_folder)
-            compressed = out.get("compressed_context")
-            if compressed is None:
-                compressed = out["compressed_prompt"]
-                if compressed.rstrip().endswith(sample.question):
-                    compressed = compressed.rstrip()[:-len(sample.question)].rstrip()
+            compressed = out["compressed_prompt"].rstrip()  # llmlingua appends the question it kept: take it off
+            if compressed.endswith(sample.question):
+                compressed = compressed[:-len(sample.question)].rstrip()
         else:
             # the budget counts in the answering model's tokenizer; llmlingua2 scores with its classifier instead
             scorer = {"scorer": model, "tokenizer": tokenizer} if method != "llmlingua2" else {}
             out = hf_tokred.compress_prompt(sample.context, sample.question, rate=rate, method=method,
                                             target_tokenizer=tokenizer, **scorer, **method_params)
             compressed = out["compressed_documents"][0]
-        records.append({"compressed": compressed, "context_tokens": _count(tokenizer, sample.context),
-                        "compressed_context_tokens": _count(tokenizer, compressed), "time_s": out["time_s"],
+        records.append({"compressed": compressed, "context_tokens": count_tokens(tokenizer, sample.context),
+                        "compressed_context_tokens": count_tokens(tokenizer, compressed), "time_s": out["time_s"],
                         "budget_met": out.get("budget_met")})
     return records
 

@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
-from ..prompt.base import SEPARATOR, _count, load_scorer, pad_batch, saved_tokenizer
+from ..prompt.base import SEPARATOR, count_tokens, load_scorer, pad_batch, saved_tokenizer
 from ..prompt.layout import split_prompt
 from .wiring import get_applied, register_wiring
 
@@ -124,9 +124,9 @@ def _compress_rows(model, reducer, tokenizer, input_ids, attention_mask):
             rows.append(tokenizer(layout.join(docs), add_special_tokens=False)["input_ids"])
             results.append(None)
             continue
-        context_tokens = _count(tokenizer, context)
+        context_tokens = count_tokens(tokenizer, context)
         question = layout.question
-        around = _count(tokenizer, SEPARATOR.join([context, question])) - context_tokens if question else 0
+        around = count_tokens(tokenizer, SEPARATOR.join([context, question])) - context_tokens if question else 0
         budget = reducer.target_token if reducer.target_token is not None else round(reducer.rate * context_tokens)
         job = dataclasses.replace(reducer, target_token=max(1, budget + around))
         result = job.compress(docs, question or None, scorer=scorer, target_tokenizer=tokenizer)

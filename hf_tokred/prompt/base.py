@@ -641,7 +641,7 @@ class PromptCompressorConfig(TokenReductionConfig):
         loaded = self.load_model(scorer, tokenizer)
         started = time.perf_counter()  # compression time: the scorer is loaded once per process, not per prompt
         target = target_tokenizer if target_tokenizer is not None else loaded.tokenizer
-        origin_tokens = _count(target, original)
+        origin_tokens = count_tokens(target, original)
         budget = self.target_token if self.target_token is not None else round(self.rate * origin_tokens)
         result = {"method": self.method_key, "origin_tokens": origin_tokens, "target_tokens": budget,
                   "documents": list(range(len(docs))), "budget_met": True, "budget_note": None}
@@ -720,7 +720,13 @@ def _check_text(value, name: str) -> str:
     return value
 
 
-def _count(tokenizer, text: str) -> int:
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of ``text`` in ``tokenizer``, without special tokens: how every budget and count is measured.
+
+    Example:
+        >>> count_tokens(tokenizer, "")                                                   # doctest: +SKIP
+        0
+    """
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
@@ -769,7 +775,7 @@ def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[s
 
     def build(chosen) -> tuple[str, int]:
         text = _assemble(segments, contexts, order, keeps_of(chosen))
-        return text, _count(tokenizer, text)
+        return text, count_tokens(tokenizer, text)
 
     tol = _tolerance(budget)
     text0, n0 = build([])
@@ -797,7 +803,7 @@ def _select(segments, contexts, priorities, order, tokenizer, budget) -> tuple[s
 
 
 def _finish(result, text, origin_tokens, tokenizer, started, scored) -> dict[str, Any]:
-    compressed = _count(tokenizer, text)
+    compressed = count_tokens(tokenizer, text)
     result.update({
         "compressed_prompt": text,
         "compressed_tokens": compressed,
