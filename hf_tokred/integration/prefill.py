@@ -121,8 +121,9 @@ class LazyPrefill:
         if len(self.blocks) != self.num_layers:
             raise UnsupportedModelError(f"{config.method}: {type(model).__name__} has {len(self.blocks)} decoder blocks "
                                         f"and {self.num_layers} layer types; hf_tokred cannot tell which block is which")
-        self.stages = dict(config.resolve_schedule(self.num_layers))
+        self.stages = dict(self._resolve_stages())
         self.first = min(self.stages) if self.stages else None
+        self.revive = getattr(config, "revive", False)
         self.attention = {m.layer_idx: m for m in adapter.attention_modules(model)}
         self.eager = STOCK_IMPLEMENTATIONS.get(model.config._attn_implementation,
                                                model.config._attn_implementation) == "eager"
@@ -131,21 +132,35 @@ class LazyPrefill:
 
     # -- pass bookkeeping ------------------------------------------------------------------
 
+    def _resolve_stages(self) -> list[tuple[int, float]]:
+        """``[(layer, keep), ...]``: the layers after which tokens are pruned (-1: before the first layer)."""
+        return self.config.resolve_schedule(self.num_layers)
+
     def current(self) -> _Pass | None:
         return self._states.get(threading.get_ident())
 
     def install(self, applied) -> None:
         handles = [self.blocks[0].register_forward_pre_hook(self._start, with_kwargs=True)]
+        handles += self._install_scoring(applied)
         for j in range(self.first + 1, self.num_layers):
             handles.append(self.blocks[j].register_forward_pre_hook(self._make_enter(j), with_kwargs=True))
+        handles.append(self.blocks[-1].register_forward_hook(self._finish, with_kwargs=True, always_call=True))
+        for handle in handles:
+            applied.add_undo(handle.remove)
+
+    def _install_scoring(self, applied) -> list:
+        """Observers scoring the tokens at each pruning layer and the hooks pruning after it; returns the hooks'
+        handles (they run after the first layer's pass-opening pre-hook, before the later layers' gathering)."""
+        handles = []
         for p in self.stages:
             handles.append(self.blocks[p].register_forward_hook(self._make_prune(p), with_kwargs=True))
             observer = _Importance(self, p)
             add_observer(self.attention[p], observer)
             applied.add_undo(lambda m=self.attention[p], o=observer: remove_observer(m, o))
-        handles.append(self.blocks[-1].register_forward_hook(self._finish, with_kwargs=True, always_call=True))
-        for handle in handles:
-            applied.add_undo(handle.remove)
+        return handles
+
+    def _begin(self, state: _Pass, kwargs: dict) -> None:
+        """Called when a pass opens (a subclass records what it needs about the call)."""
 
     def _start(self, module, args, kwargs):
         self._states.pop(threading.get_ident(), None)
@@ -161,7 +176,7 @@ class LazyPrefill:
         mode = None
         if length > 1 and past == 0:
             mode = "prune"
-        elif length == 1 and past > 0 and self.config.revive and isinstance(cache, TokenReductionCache):
+        elif length == 1 and past > 0 and self.revive and isinstance(cache, TokenReductionCache):
             mode = "revive"
         if mode is None:
             return None
@@ -179,10 +194,11 @@ class LazyPrefill:
             state.cache_ok = self._cache_ok(cache)
             state.real_length = valid.sum(dim=-1)
             first_real = torch.where(valid, index, length).amin(dim=-1)
-            state.sink_end = first_real + self.config.sink_tokens
+            state.sink_end = first_real + getattr(self.config, "sink_tokens", 0)
         else:
             state.row_ids = position_ids
         self._states[threading.get_ident()] = state
+        self._begin(state, kwargs)
         return None
 
     def _cache_ok(self, cache) -> bool:
@@ -215,11 +231,19 @@ class LazyPrefill:
         if scores.shape[-1] != state.rows.shape[-1]:
             raise TokenReductionError(f"{self.config.method}: layer {layer} scored {scores.shape[-1]} keys for "
                                       f"{state.rows.shape[-1]} tokens")
+        index, index_valid = self._select(state, layer, scores, hidden)
+        return self._drop(state, layer, index, index_valid, hidden)
+
+    def _select(self, state: _Pass, layer: int, scores: torch.Tensor, hidden: torch.Tensor):
+        """``(index, index_valid)`` of the slots that go on after ``layer`` (see :func:`select_kept`)."""
         keep = self.stages[layer]
         counts = torch.tensor([self.config.kept_count(keep, int(n)) for n in state.real_length.tolist()],
                               device=hidden.device)
-        index, index_valid = select_kept(scores, state.rows, state.valid, counts, state.sink_end,
-                                          recent=self.config.query_window)
+        return select_kept(scores, state.rows, state.valid, counts, state.sink_end, recent=self.config.query_window)
+
+    def _drop(self, state: _Pass, layer: int, index: torch.Tensor, index_valid: torch.Tensor, hidden: torch.Tensor):
+        """Gather ``hidden`` down to the slots ``index`` (None when nothing changes); the dropped slots' hidden
+        states become their outputs."""
         slots = state.rows.shape[-1]
         if index.shape[-1] == slots and bool(index_valid.eq(state.valid).all()):
             return None  # every row keeps what it has: nothing changes
@@ -234,7 +258,7 @@ class LazyPrefill:
         cache = state.cache
         if cache is not None and not state.cache_ok:
             setattr(cache, _PARTIAL, True)  # usable for this call's logits, refused for decoding (see _start)
-        elif cache is not None and self.config.revive:
+        elif cache is not None and self.revive:
             self._store_aux(cache.layers[layer + 1], state, dropped, hidden)
         state.rows, state.valid = state.rows.gather(-1, index), index_valid
         state.changed = True

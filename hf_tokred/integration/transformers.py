@@ -32,7 +32,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
 from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
 from ..errors import ConfigError, MissingFileError, SideCarError, TokenReductionError, UnsupportedModelError
-from ..kv.cache import TokenReductionCache
+from ..kv.cache import TokenReductionCache, partial_prompt_reducer
 from .wiring import (
     MODULES_ATTR,
     STATE_ATTR,
@@ -326,10 +326,10 @@ def build_cache(model, config: TokenReductionConfig | dict | None = None) -> Tok
         config = applied.config
     cfg = TokenReductionConfig.coerce(config)
     policy, storage = cfg.get("kv_policy"), cfg.get("kv_storage")
-    if policy is None and storage is None and cfg.get("prefill") is None:
+    if policy is None and storage is None and partial_prompt_reducer(cfg) is None:
         raise ConfigError(
-            f"build_cache: {cfg.method} holds no KV policy, KV storage or prefill reducer (stages 'kv_policy', "
-            "'kv_storage', 'prefill')",
+            f"build_cache: {cfg.method} holds no KV policy, KV storage, prefill reducer or visual-token method "
+            "(stages 'kv_policy', 'kv_storage', 'prefill', 'visual')",
             field="method",
         )
     if applied is None:
@@ -367,8 +367,8 @@ def _generate_with_reduction(self, *args, **kwargs):
     # need a TokenReductionCache; TokenReductionCache reads the prefill reducer from the model itself.
     applied = get_applied(self)
     config = applied.config if applied is not None else None
-    policy, storage, prefill = (config.get(stage) if config is not None else None
-                                for stage in ("kv_policy", "kv_storage", "prefill"))
+    policy, storage = (config.get(stage) if config is not None else None for stage in ("kv_policy", "kv_storage"))
+    prefill = partial_prompt_reducer(config) if config is not None else None
     label = "+".join(c.method for c in (prefill, policy, storage) if c is not None)
     generation_config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))

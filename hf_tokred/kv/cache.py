@@ -495,6 +495,18 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         self.buffers["mass"] = self.buffers["mass"].scatter(2, keep, torch.where(total > 0, total, kept_mass))
 
 
+def partial_prompt_reducer(config: TokenReductionConfig) -> TokenReductionConfig | None:
+    """The reducer of ``config`` after which some decoder layers hold only part of the prompt (a prefill reducer,
+    lazyllm, or a visual-token method), or None; it says which layers with ``subset_layers(model)``.
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig
+        >>> partial_prompt_reducer(TokenReductionConfig(method="fastv")).method
+        'fastv'
+    """
+    return config.get("prefill") or config.get("visual")
+
+
 def _expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.view(*index.shape, *([1] * (like.dim() - 3))).expand(*index.shape, *like.shape[3:])
 
@@ -575,7 +587,7 @@ class TokenReductionCache(Cache):
         applied = get_applied(model)
         # A prefill reducer attached to the model (LazyLLM) feeds later layers only part of the prompt: those layers
         # track their slots' positions (ReducingLayer, evicting nothing unless a policy acts on them too).
-        prefill = applied.config.get("prefill") if applied is not None else None
+        prefill = partial_prompt_reducer(applied.config) if applied is not None else None
         subset = prefill.subset_layers(model) if prefill is not None else []
         if policy is None and storage is None and not subset:
             raise TokenReductionError("TokenReductionCache needs a KV policy, a KV storage, or both")

@@ -33,3 +33,6 @@ from .prompt import (
     llmlingua2,  # noqa: F401
     longllmlingua,  # noqa: F401
 )
+from .vlm import (
+    fastv,  # noqa: F401
+)

@@ -1,0 +1,1 @@
+"""Visual-token methods for vision-language models (one file each)."""
