@@ -165,7 +165,7 @@ class VisualPrefill(LazyPrefill):
         state.visual_count = state.visual.sum(dim=-1)
         state.memory = {}
         state.inputs = {}
-        if self.before and bool(torch.isin(ids, torch.tensor(self.token_ids, device=ids.device)).any()):
+        if self.before:
             video = set(visual_token_ids(self.model, self.record)) - set(self.image_ids)
             if video and bool(torch.isin(ids, torch.tensor(sorted(video), device=ids.device)).any()):
                 raise UnsupportedModelError(f"{method}: acts on images before the language model; this prompt holds "

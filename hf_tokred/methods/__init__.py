@@ -35,4 +35,7 @@ from .prompt import (
 )
 from .vlm import (
     fastv,  # noqa: F401
+    prumerge,  # noqa: F401
+    turbo,  # noqa: F401
+    visionzip,  # noqa: F401
 )
