@@ -37,6 +37,7 @@ FIGURES = {
     "kv_storage": "[kv.md](kv.md#compressed-kv-storage-issue-6)",
     "sequence": "[encoders.md](encoders.md)",
     "diffusion": "[diffusion.md](diffusion.md)",
+    "visual": "[vlm.md](vlm.md)",
 }
 
 _WHEN = {"step": "every step", "prefill": "once after the prompt"}
@@ -77,6 +78,10 @@ def _models(cls) -> dict[str, list[str]] | None:
     kinds = cls.model_kinds if isinstance(cls.model_kinds, (tuple, list)) else None
     if kinds is None:
         return None
+    if cls.stage == "visual":  # the vision-language families model_patches/vlm.py describes
+        from .model_patches.vlm import VISION_RECORDS
+
+        return {"vlm": sorted({record.name for record in VISION_RECORDS.values()})}
     adapters = registered_adapters()
     # a refused architecture (its adapter records why, e.g. data2vec_vision) is not one a method works on
     return {kind: [a.name for a in adapters if a.kind == kind and getattr(a, "unsupported", None) is None]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from vlm_models import BUILDERS, IMAGE, SIZES
+from vlm_models import BUILDERS, IMAGE, SIZES, llava_processor
 
 import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig
@@ -188,6 +188,28 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert get_applied(loaded).config.method == "fastv"
     assert torch.equal(greedy(loaded, kw), expected)
+
+
+@pytest.mark.parametrize("method", ["fastv", "visionzip"])
+def test_image_text_to_text_pipeline(tmp_path, method):
+    from PIL import Image
+    from transformers import pipeline
+
+    model, _ = build("llava")
+    model.save_pretrained(tmp_path)
+    llava_processor().save_pretrained(tmp_path)
+    picture = Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    chat = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "w5 w6 w7"}]}]
+    dense = pipeline("image-text-to-text", model=str(tmp_path))
+    reduced = pipeline("image-text-to-text", model=str(tmp_path), model_kwargs={"token_reduction": METHODS[method]})
+    assert get_applied(reduced.model).config.method == method
+    assert get_applied(dense.model) is None
+    out = reduced(text=chat, max_new_tokens=3, min_new_tokens=3, return_full_text=False)
+    assert len(out[0]["generated_text"].split()) == 3
+    noop = pipeline("image-text-to-text", model=str(tmp_path),
+                    model_kwargs={"token_reduction": {**METHODS[method], "keep": 1.0}})
+    assert noop(text=chat, max_new_tokens=3, return_full_text=False) == dense(text=chat, max_new_tokens=3,
+                                                                               return_full_text=False)
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

@@ -217,6 +217,25 @@ def idefics3(seed: int = 0):
     return model, make_inputs
 
 
+def llava_processor():
+    """A ``LlavaProcessor`` for :func:`llava` built in memory: a word-level tokenizer (``w0`` .. ``w119``,
+    ``<image>`` = the placeholder id) and a 32 px CLIP image processor; no files needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(4, 120)}
+    vocab.update({"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE})
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=template,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl,
             "qwen2_5_vl": lambda seed=0: qwen2_vl(seed, "2.5"), "idefics3": idefics3, "paligemma": paligemma}
 # One size list per family: two images of different sizes where the family supports them.

@@ -9,9 +9,9 @@ from __future__ import annotations
 from ..errors import ArgumentError, UnsupportedModelError
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
 from . import prefill as _prefill  # noqa: F401  (registers the "prefill" wiring: lazyllm)
-from . import vlm as _vlm  # noqa: F401  (registers the "visual" wiring: visual-token methods)
 from . import prompt as _prompt  # noqa: F401  (registers the "prompt" wiring)
 from . import transformers as _transformers
+from . import vlm as _vlm  # noqa: F401  (registers the "visual" wiring: visual-token methods)
 from .transformers import build_cache, compress_context
 
 
