@@ -38,7 +38,8 @@ class TopImportance(BeforeLLMConfig):
 BEFORE = {"method": "test_top_importance", "keep": 0.5}
 METHODS = {"fastv": IN_LLM, "before": BEFORE, "visionzip": {"method": "visionzip", "keep": 0.5},
            "prumerge": {"method": "prumerge", "keep": 0.5}, "prumerge_plus": {"method": "prumerge", "plus": True},
-           "turbo": {"method": "turbo", "keep": 0.5}}
+           "turbo": {"method": "turbo", "keep": 0.5}, "sparsevlm": {"method": "sparsevlm", "keep": 0.3},
+           "ivtp": {"method": "ivtp", "keep": 0.5, "layer": 1, "group_size": 4}}
 
 
 def build(family):
@@ -107,8 +108,15 @@ def test_cache_holds_only_kept_visual_tokens(family, method):
     cfg = TokenReductionConfig(**METHODS[method])
     kept = length - visual + cfg.kept_count(visual)
     stored = cache.stored_lengths()
-    if method == "fastv":  # layers 0 and 1 hold every token, the later ones the kept ones (+ 3 decoded, - 1)
-        assert stored == [length + 2] * 2 + [kept + 2] * (layers - 2)
+    if cfg.insertion == "in_llm":  # layers up to the first cut hold every token (+ 3 decoded, - 1), then fewer
+        schedule = cfg.resolve_schedule(layers)
+        first, last_keep = schedule[0][0], schedule[-1][1]
+        assert stored[: first + 1] == [length + 2] * (first + 1)
+        final = length - visual + cfg.kept_count(visual, last_keep) + 2
+        if method == "sparsevlm":  # recycled carriers go on beside the kept tokens
+            assert final <= stored[-1] < stored[first + 1] <= length + 2
+        else:
+            assert stored[first + 1:] == [final] * (layers - first - 1)
     elif family == "llava_next":  # its newline tokens are kept on top of the share of the others
         assert stored == [stored[0]] * layers and stored[0] < length + 2
     elif getattr(cfg, "adaptive", False) and not getattr(cfg, "plus", False):  # PruMerge: at most the budget

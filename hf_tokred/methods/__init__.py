@@ -35,7 +35,9 @@ from .prompt import (
 )
 from .vlm import (
     fastv,  # noqa: F401
+    ivtp,  # noqa: F401
     prumerge,  # noqa: F401
+    sparsevlm,  # noqa: F401
     turbo,  # noqa: F401
     visionzip,  # noqa: F401
 )
