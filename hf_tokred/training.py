@@ -977,3 +977,7 @@ def evaluate_llmlingua2(classifier, labelled: list[dict], *, tokenizer=None, bat
 
 
 __all__ += ["evaluate_llmlingua2", "llmlingua2_labels", "stdlib_corpus", "train_llmlingua2"]
+
+
+# The learned visual-token methods' recipe lives beside the VLM wiring it needs; it is part of this module's API.
+from .training_vlm import train_visual_pruner, visual_pruner_loss, visual_ratio_loss  # noqa: E402,F401

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -35,12 +36,24 @@ import torch
 
 from ..attention import AttentionObserver, add_observer, mask_keep, remove_observer
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
+from ..kv.cache import ReducingLayer
 from ..methods.prompt.lazyllm import select_kept
 from ..model_patches.vlm import inner_model, vision_record
-from ..vlm.base import BeforeLLMConfig, ImageTokens, InLLMConfig, LayerAttention, VisualTokenConfig
+from ..vlm.base import (
+    BeforeLLMConfig,
+    ImageTokens,
+    InLLMConfig,
+    KeepRecord,
+    LayerAttention,
+    LearnedInLLMConfig,
+    VisualTokenConfig,
+)
 from .prefill import LazyPrefill, _Pass, _rows
 from .transformers import install_generate
-from .wiring import register_wiring
+from .wiring import MODULES_ATTR, register_wiring
+
+# Attribute of a model carrying a visual method: its engine (for the training losses' records).
+ENGINE_ATTR = "_hf_tokred_visual"
 
 
 def visual_token_ids(model, record, include_video: bool = True) -> list[int]:
@@ -133,6 +146,11 @@ class VisualPrefill(LazyPrefill):
         self._tower: dict[int, list] = {}
         self._signals: dict[int, list] = {}
         self._by_feature: dict[int, dict] = {}
+        self.learned = isinstance(config, LearnedInLLMConfig)
+        self.decode_at = config.decode_layer(self.num_layers) if self.learned else None
+        self._records: dict[int, list] = {}
+        self._answers: dict[int, torch.Tensor | None] = {}
+        self._dense: dict[int, bool] = {}
 
     def _resolve_stages(self) -> list[tuple[int, float]]:
         if self.before:
@@ -145,6 +163,40 @@ class VisualPrefill(LazyPrefill):
         handle = self.model.register_forward_pre_hook(self._record_ids, with_kwargs=True)
         applied.add_undo(handle.remove)
         super().install(applied)
+        setattr(self.model, ENGINE_ATTR, self)
+        applied.add_undo(lambda: self.model.__dict__.pop(ENGINE_ATTR, None))
+        if self.learned:
+            self._install_learned(applied)
+
+    def learned_module(self):
+        """The method's learned modules (``model.hf_tokred_modules[method]``), or None."""
+        modules = self.model._modules.get(MODULES_ATTR)
+        return modules[self.config.method] if modules is not None and self.config.method in modules else None
+
+    def records(self) -> list[KeepRecord]:
+        """The soft decisions of this thread's last training-mode forward pass (empty after an inference pass)."""
+        return self._records.get(threading.get_ident(), [])
+
+    def _start(self, module, args, kwargs):
+        if self._dense.get(threading.get_ident()):
+            return None  # a dense pass (the training teacher): nothing is scored or dropped
+        return super()._start(module, args, kwargs)
+
+    @contextlib.contextmanager
+    def dense(self):
+        """Within this block the method does nothing in this thread: the model runs densely (the teacher)."""
+        key = threading.get_ident()
+        previous = self._dense.get(key, False)
+        self._dense[key] = True
+        try:
+            yield
+        finally:
+            self._dense[key] = previous
+
+    def set_answers(self, answers: torch.Tensor | None) -> None:
+        """Training: mark the answer tokens ``(batch, length)`` of the next forward pass, whose visibility a
+        decoding-time predictor learns (None: no answer tokens)."""
+        self._answers[threading.get_ident()] = answers
 
     def _record_ids(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -165,6 +217,17 @@ class VisualPrefill(LazyPrefill):
         state.visual_count = state.visual.sum(dim=-1)
         state.memory = {}
         state.inputs = {}
+        state.soft_masks = []
+        module = self.learned_module() if self.learned else None
+        if self.learned and module is None:
+            raise TokenReductionError(f"{method}: the model has no learned modules (model.{MODULES_ATTR}[{method!r}]); "
+                                      "apply the method with hf_tokred.apply or from_pretrained")
+        state.memory["modules"] = module
+        state.soft = module is not None and module.training
+        records = state.memory["records"] = []
+        self._records[threading.get_ident()] = records
+        answers = self._answers.get(threading.get_ident())
+        state.answers = None if answers is None else answers.to(ids.device).bool() & state.valid
         if self.before:
             video = set(visual_token_ids(self.model, self.record)) - set(self.image_ids)
             if video and bool(torch.isin(ids, torch.tensor(sorted(video), device=ids.device)).any()):
@@ -265,16 +328,81 @@ class VisualPrefill(LazyPrefill):
                 return
             self._signals[key].extend(group)
 
+    def _install_learned(self, applied) -> None:
+        first = min(self.stages) if self.stages else self.num_layers
+        if self.decode_at is not None:
+            first = min(first, self.decode_at)
+            handle = self.blocks[self.decode_at].register_forward_hook(self._decode_decisions, with_kwargs=True)
+            applied.add_undo(handle.remove)
+            handle = self.blocks[-1].register_forward_hook(self._hide_dropped, with_kwargs=True)
+            applied.add_undo(handle.remove)
+        for layer in range(first + 1, self.num_layers):
+            observer = _SoftBias(self, layer)
+            add_observer(self.attention[layer], observer)
+            applied.add_undo(lambda m=self.attention[layer], o=observer: remove_observer(m, o))
+
+    def _decode_decisions(self, module, args, kwargs, output):
+        """After the decoding predictor's layer: training, soft keep masks of the answer tokens; decoding, whether
+        the new token stays visible to later steps."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        state = self.current()
+        key = threading.get_ident()
+        if state is not None and state.soft:
+            answers = state.answers
+            if answers is None:
+                return None
+            rows = answers.gather(-1, state.rows - state.past)
+            keep = self.config.decode_keep(hidden, state.memory)
+            state.memory["records"].append(KeepRecord(self.decode_at, keep, rows, self.config.decode_target))
+            state.soft_masks.append((self.decode_at, torch.where(rows, keep, torch.ones_like(keep))))
+            return None
+        cache = kwargs.get("past_key_values")
+        if state is None and hidden.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
+            modules = self.learned_module()
+            with torch.no_grad():
+                keep = self.config.decode_keep(hidden, {"modules": modules})[:, -1]
+            self._pending_drop = (key, cache, keep < 0.5)
+        return None
+
+    def _hide_dropped(self, module, args, kwargs, output):
+        pending = getattr(self, "_pending_drop", None)
+        if pending is None or pending[0] != threading.get_ident():
+            return None
+        self._pending_drop = None
+        _, cache, dropped = pending
+        if not bool(dropped.any()):
+            return None
+        for j in range(self.decode_at + 1, self.num_layers):
+            layer = cache.layers[j]
+            if isinstance(layer, ReducingLayer) and layer.valid is not None:
+                layer.valid[dropped, :, -1] = False  # the step's slot: later steps no longer attend to it
+        return None
+
     def tower_calls(self) -> list | None:
         return self._tower.get(threading.get_ident())
 
     # -- pruning inside the LLM ------------------------------------------------------------------
 
+    def _make_prune(self, layer: int):
+        prune = super()._make_prune(layer)
+
+        def hook(module, args, kwargs, output):
+            state = self.current()
+            if state is not None and getattr(state, "soft", False):
+                return None  # training: nothing is dropped, later layers see the soft masks
+            return prune(module, args, kwargs, output)
+        return hook
+
     def _select(self, state: _Pass, layer: int, scores: torch.Tensor, hidden: torch.Tensor):
         visual = state.visual.gather(-1, state.rows - state.past) & state.valid
         keep = self.stages[layer]
-        counts = torch.tensor([self.config.kept_count(int(n), keep) for n in state.visual_count.tolist()],
-                              device=scores.device)
+        counts = None
+        if self.learned:
+            counts = self.config.kept_counts(scores, visual, layer, state.memory)
+        if counts is None:
+            counts = torch.tensor([self.config.kept_count(int(n), keep) for n in state.visual_count.tolist()],
+                                  device=scores.device)
+        counts = torch.minimum(counts.to(scores.device), visual.sum(dim=-1))
         ranked = torch.where(visual, scores.float(), -torch.inf)
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
@@ -375,7 +503,7 @@ class _LayerScores(AttentionObserver):
         state = self.owner.current()
         if state is None or state.mode != "prune":
             return
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and state.soft):
             rows = state.rows - state.past
             visual = state.visual.gather(-1, rows) & state.valid
             batch, keys = query.shape[0], key.shape[-2]
@@ -386,12 +514,49 @@ class _LayerScores(AttentionObserver):
             attention = LayerAttention(query, key, getattr(module, "scaling", None) or query.shape[-1] ** -0.5,
                                        visible, visual, state.valid & ~visual, state.inputs.get(self.layer),
                                        getattr(module, "attn_logit_softcapping", None))
+            if state.soft:
+                if self.layer in self.owner.stages:
+                    keep = self.owner.config.soft_keep(attention, self.layer, state.memory)
+                    target = self.owner.stages[self.layer]
+                    state.memory["records"].append(KeepRecord(self.layer, keep, visual, target))
+                    state.soft_masks.append((self.layer, torch.where(visual, keep, torch.ones_like(keep))))
+                return
             scores = self.owner.config.score(attention, self.layer, state.memory)
             if self.layer in self.owner.stages:
                 if scores is None or tuple(scores.shape) != (batch, keys):
                     raise RuntimeError(f"{self.owner.config.method}.score: expected ({batch}, {keys}) scores at "
                                        f"pruning layer {self.layer}")
                 state.scores[self.layer] = (scores, None)
+
+
+class _SoftBias(AttentionObserver):
+    """Training: adds ``log(keep)`` of the soft masks of earlier stages to the key columns (queries after them)."""
+
+    def __init__(self, owner: VisualPrefill, layer: int):
+        self.owner, self.layer = owner, layer
+
+    def prepare(self, module, query, key, value, attention_mask):
+        state = self.owner.current()
+        if state is None or not getattr(state, "soft", False):
+            return attention_mask
+        masks = [m for layer, m in state.soft_masks if layer < self.layer]
+        if not masks:
+            return attention_mask
+        keep = masks[0]
+        for m in masks[1:]:
+            keep = keep * m
+        q, k = query.shape[2], key.shape[2]
+        if attention_mask is not None:
+            visible = mask_keep(attention_mask)[:, :, -q:, -k:]
+        else:
+            visible = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
+        dtype = query.dtype
+        floor = torch.finfo(dtype).min
+        bias = torch.where(visible, torch.zeros((), dtype=dtype, device=query.device), floor)
+        # A token hides from the queries after it, not from its own row (a dropped token is not computed at all).
+        later = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q - 1)
+        soft = keep[:, None, None, -k:].clamp_min(1e-6).log().to(dtype) * later
+        return (bias + soft).clamp_min(floor)
 
 
 def _feature_entries(pooled) -> list[torch.Tensor]:

@@ -34,6 +34,8 @@ from .prompt import (
     longllmlingua,  # noqa: F401
 )
 from .vlm import (
+    atp_llava,  # noqa: F401
+    dynamic_llava,  # noqa: F401
     fastv,  # noqa: F401
     ivtp,  # noqa: F401
     prumerge,  # noqa: F401

@@ -232,7 +232,7 @@ class LayerAttention:
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             seen = self.visible[:, chunk][:, None, None]
-            probs = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num_(0.0).mean(dim=(1, 2))
+            probs = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num(0.0).mean(dim=(1, 2))
             total += (probs * queries[:, chunk, None]).sum(dim=1)
         return total / queries.sum(dim=-1, keepdim=True).clamp(min=1)
 
@@ -283,12 +283,81 @@ class InLLMConfig(VisualTokenConfig):
         """Raise :class:`ConfigError` for a layer past the model's depth (no later layer would see the cut)."""
         for layer, _ in schedule:
             if layer > num_layers - 2 or layer < 0:
-                raise ConfigError(f"{self.method}: pruning after layer {layer} is out of range for a language model "
+                raise ConfigError(f"{self.layer_field}: {self.method} pruning after layer {layer} is out of range for a language model "
                                   f"of {num_layers} layers (0..{num_layers - 2})", field=self.layer_field)
         return schedule
 
     layer_field: ClassVar[str] = "k"
 
 
-__all__ = ["INSERTIONS", "BeforeLLMConfig", "ImageTokens", "InLLMConfig", "LayerAttention", "Selection",
+@dataclass
+class KeepRecord:
+    """One learned stage's soft decisions in a training-mode forward pass (for the losses).
+
+    Attributes:
+        layer: the decoder layer after which the stage acts.
+        keep: ``(batch, k)`` keep probabilities of the stage's candidates (differentiable).
+        candidates: ``(batch, k)`` bool: the tokens the stage decides about (visual tokens, or answer tokens for a
+            decoding-time predictor).
+        target: the fraction of candidates the stage should keep.
+    """
+
+    layer: int
+    keep: torch.Tensor
+    candidates: torch.Tensor
+    target: float
+
+
+@dataclass(kw_only=True)
+class LearnedInLLMConfig(InLLMConfig):
+    """An in-LLM method whose scores come from small learned modules on the frozen language model (ATP-LLaVA,
+    Dynamic-LLaVA). Write :meth:`build_modules`, :meth:`score` and :meth:`soft_keep`; optionally
+    :meth:`kept_counts` (instance-wise budgets) and :meth:`decode_keep` (decoding-time predictors).
+
+    Inference (the learned modules in eval mode) drops tokens like any in-LLM method. Training (modules in train
+    mode, ``model.hf_tokred_modules[method].train()``) drops nothing: :meth:`soft_keep` gives each candidate a
+    differentiable keep probability, every later layer's attention adds ``log(keep)`` to the candidate's key column
+    (for the queries after it), and the decisions are recorded as :class:`KeepRecord` for the losses of
+    :func:`hf_tokred.training.visual_pruner_loss`. The modules are ``learned_modules`` (saved to
+    ``token_reduction.safetensors``); ``memory["modules"]`` holds them during a pass.
+    """
+
+    learned: ClassVar[bool] = True
+
+    def learned_modules(self, model, adapter) -> dict[str, torch.nn.Module]:
+        from ..model_patches.decoder import decoder_layer_types
+
+        width = model.config.get_text_config(decoder=True).hidden_size
+        module = self.build_modules(width, len(decoder_layer_types(model)[0]))
+        parameter = next(model.parameters())
+        module.train(model.training)  # an eval-mode model drops tokens from its first call on
+        return {self.method: module.to(parameter.device)}
+
+    def build_modules(self, hidden_size: int, num_layers: int) -> torch.nn.Module:
+        """The learned modules for a language model of this width and depth (an ``nn.ModuleDict`` keyed by the
+        pruning layer, usually)."""
+        raise NotImplementedError  # abstract: every registered subclass writes it
+
+    def soft_keep(self, attention: LayerAttention, layer: int, memory: dict) -> torch.Tensor:
+        """Training: differentiable keep probabilities ``(batch, k)`` in (0, 1) at pruning layer ``layer``."""
+        raise NotImplementedError  # abstract: every registered subclass writes it
+
+    def kept_counts(self, scores: torch.Tensor, visual: torch.Tensor, layer: int, memory: dict
+                    ) -> torch.Tensor | None:
+        """Inference: how many visual tokens each row keeps at ``layer`` (``(batch,)``), or None for the fixed
+        ``keep`` schedule."""
+        return None
+
+    def decode_layer(self, num_layers: int) -> int | None:
+        """The layer after which a decoding-time predictor decides whether each new token stays visible to later
+        steps (None: no such predictor)."""
+        return None
+
+    def decode_keep(self, hidden: torch.Tensor, memory: dict) -> torch.Tensor:
+        """Keep probabilities ``(batch, q)`` of tokens from their hidden states ``(batch, q, width)`` after
+        :meth:`decode_layer` (decoding: the new token; training: the answer tokens)."""
+        raise NotImplementedError  # only called when decode_layer is not None
+
+
+__all__ = ["INSERTIONS", "BeforeLLMConfig", "KeepRecord", "LearnedInLLMConfig", "ImageTokens", "InLLMConfig", "LayerAttention", "Selection",
            "VisualTokenConfig"]
