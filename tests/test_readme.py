@@ -79,7 +79,14 @@ def _tiny_repos(root: Path) -> dict[str, str]:
 
     pipe_repo = root / "tiny-dit-pipeline"
     tiny_dit_pipeline().save_pretrained(pipe_repo)
-    return {"repo": str(repo), "vit_repo": str(vit_repo), "bert_repo": str(bert_repo), "pipe_repo": str(pipe_repo)}
+
+    from vlm_models import llava, llava_processor
+
+    vlm_repo = root / "tiny-llava"
+    llava()[0].save_pretrained(vlm_repo)
+    llava_processor().save_pretrained(vlm_repo)
+    return {"repo": str(repo), "vit_repo": str(vit_repo), "bert_repo": str(bert_repo), "pipe_repo": str(pipe_repo),
+            "vlm_repo": str(vlm_repo)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +172,18 @@ def _check_prompt_compression(ns):
     assert ns["out"].shape[-1] == ns["inputs"]["input_ids"].shape[-1] + 16
 
 
+def _check_vlm(ns):
+    applied = get_applied(ns["vlm"]).config
+    assert applied.get("visual").method == "visionzip" and applied.get("kv_storage").method == "kivi"
+    assert ns["out"].shape[-1] > ns["inputs"]["input_ids"].shape[-1]  # the prompt, then the new tokens
+    cache = hf_tokred.build_cache(ns["vlm"])
+    ns["vlm"].generate(**ns["inputs"], max_new_tokens=2, past_key_values=cache)
+    images = int((ns["inputs"]["input_ids"] == ns["vlm"].config.image_token_id).sum())
+    assert max(cache.stored_lengths()) < ns["inputs"]["input_ids"].shape[-1] - images // 2  # "a quarter of each image"
+
+
 CHECKS = {
+    "AutoModelForImageTextToText.from_pretrained(vlm_repo": _check_vlm,
     '"method": "longllmlingua", "rate": 0.5}': _check_prompt_compression,
     "hf_tokred.build_cache(model)": _check_cache,
     "hf_tokred.remove(model)": _check_attach,
