@@ -19,7 +19,6 @@ from hf_tokred.methods.vlm.ivtp import group_ranks, rollout_step
 from hf_tokred.methods.vlm.sparsevlm import (
     cluster_tokens,
     instruction_queries,
-    query_attention,
     recycle_tokens,
     select_raters,
 )
@@ -100,7 +99,7 @@ def test_sparsevlm_raters_are_instruction_text_above_the_mean():
     assert (raters & ~candidates).sum() == 0 and raters.any(dim=-1).all()
     for b in range(raters.shape[0]):  # the rule by hand: attention mass on the image >= the candidates' mean
         index = candidates[b].nonzero().flatten()
-        mass = (query_attention(attention, index)[b] * attention.visual[b]).sum(-1)
+        mass = (attention.query_attention(index)[b] * attention.visual[b]).sum(-1)
         assert torch.equal(raters[b, index], mass >= mass.mean() * (1 - 1e-6))
         assert 0 < int(raters[b].sum()) < index.numel()
     # the score is the raters' attention, averaged over heads and raters
@@ -240,7 +239,7 @@ def test_ivtp_rollout_by_hand():
     eye = torch.eye(12)
 
     def mixed(attention):  # full head-averaged attention, residual added
-        return 0.5 * query_attention(attention, torch.arange(12))[0] + 0.5 * eye
+        return 0.5 * attention.query_attention(torch.arange(12))[0] + 0.5 * eye
 
     expected = mixed(second) @ mixed(first) @ torch.diag(visual.float())
     torch.testing.assert_close(rollout_step(second, rollout_step(first))[0], expected)

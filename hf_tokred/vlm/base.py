@@ -208,6 +208,35 @@ class LayerAttention:
     hidden: torch.Tensor
     softcap: float | None = None
 
+    def query_attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities ``(batch, len(rows), k)`` of the chosen query positions to every key, averaged
+        over query heads (not over queries). ``rows`` is a 1-D index into the query axis; a query that sees no key
+        (padding) gives zeros.
+
+        Example:
+            >>> import torch
+            >>> visible = torch.ones(3, 3, dtype=torch.bool).tril()[None]
+            >>> attn = LayerAttention(torch.zeros(1, 2, 3, 4), torch.randn(1, 1, 3, 4), 0.5, visible,
+            ...                       torch.tensor([[True, True, False]]), torch.tensor([[False, False, True]]),
+            ...                       torch.zeros(1, 3, 8))
+            >>> attn.query_attention(torch.tensor([1, 2])).tolist()     # zero queries: uniform over what they see
+            [[[0.5, 0.5, 0.0], [0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]]
+        """
+        batch, heads, _, dim = self.query.shape
+        kv_heads = self.key.shape[1]
+        keys = self.key.float().transpose(-1, -2)[:, :, None]
+        out = []
+        for chunk in rows.split(256):  # a few hundred queries at a time bound the memory
+            qc = self.query[:, :, chunk].float().reshape(batch, kv_heads, heads // kv_heads, chunk.numel(), dim)
+            logits = (qc @ keys) * self.scaling
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            seen = self.visible[:, chunk][:, None, None]
+            out.append(logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num(0.0).mean(dim=(1, 2)))
+        if not out:
+            return self.query.new_zeros(batch, 0, self.key.shape[-2], dtype=torch.float32)
+        return torch.cat(out, dim=1)
+
     def attention_from(self, queries: torch.Tensor) -> torch.Tensor:
         """Attention probabilities ``(batch, k)`` from the chosen queries to every key, averaged over query heads
         and over the chosen queries of each row (rows with none give zeros).
@@ -222,19 +251,10 @@ class LayerAttention:
             >>> attn.attention_from(torch.tensor([[False, False, True]])).tolist()   # a zero query: uniform
             [[0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]
         """
-        batch, heads, q, dim = self.query.shape
-        kv_heads = self.key.shape[1]
-        total = self.query.new_zeros(batch, self.key.shape[-2], dtype=torch.float32)
         picked = queries.any(dim=0).nonzero().flatten()
-        for chunk in picked.split(256):  # a few hundred queries at a time bound the memory
-            qc = self.query[:, :, chunk].float().reshape(batch, kv_heads, heads // kv_heads, chunk.numel(), dim)
-            logits = (qc @ self.key.float().transpose(-1, -2)[:, :, None]) * self.scaling
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            seen = self.visible[:, chunk][:, None, None]
-            probs = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num(0.0).mean(dim=(1, 2))
-            total += (probs * queries[:, chunk, None]).sum(dim=1)
-        return total / queries.sum(dim=-1, keepdim=True).clamp(min=1)
+        probs = self.query_attention(picked)  # (batch, picked, k)
+        weights = queries[:, picked].to(probs.dtype)[..., None]
+        return (probs * weights).sum(dim=1) / queries.sum(dim=-1, keepdim=True).clamp(min=1)
 
     def last_position(self) -> torch.Tensor:
         """``(batch, q)`` bool marking each row's last query (the last prompt token in prefill)."""

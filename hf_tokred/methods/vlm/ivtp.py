@@ -55,7 +55,7 @@ import torch
 from ...config import param, register_method
 from ...errors import ConfigError
 from ...vlm.base import InLLMConfig, LayerAttention
-from .sparsevlm import instruction_queries, query_attention
+from .sparsevlm import instruction_queries
 
 MEMORY_KEY = "ivtp.rollout"
 
@@ -170,7 +170,7 @@ def rollout_step(attention: LayerAttention, previous: torch.Tensor | None = None
     visual = attention.visual
     if previous is None or tuple(previous.shape) != (visual.shape[0], k, k):
         previous = torch.diag_embed(visual.float())
-    probs = query_attention(attention, torch.arange(k, device=visual.device))
+    probs = attention.query_attention(torch.arange(k, device=visual.device))
     mixed = 0.5 * probs + 0.5 * torch.eye(k, device=probs.device)
     return mixed @ previous.to(mixed.device)
 

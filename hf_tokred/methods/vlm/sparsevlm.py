@@ -148,37 +148,6 @@ class SparseVLMConfig(InLLMConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def query_attention(attention: LayerAttention, rows: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities ``(batch, len(rows), k)`` of the chosen query positions to every key, averaged
-    over query heads (not over queries). ``rows`` is a 1-D index into the query axis; a query that sees no key
-    (padding) gives zeros.
-
-    Example:
-        >>> import torch
-        >>> from hf_tokred.vlm.base import LayerAttention
-        >>> visible = torch.ones(3, 3, dtype=torch.bool).tril()[None]
-        >>> attn = LayerAttention(torch.zeros(1, 2, 3, 4), torch.randn(1, 1, 3, 4), 0.5, visible,
-        ...                       torch.tensor([[True, True, False]]), torch.tensor([[False, False, True]]),
-        ...                       torch.zeros(1, 3, 8))
-        >>> query_attention(attn, torch.tensor([1, 2])).tolist()     # zero queries: uniform over what they see
-        [[[0.5, 0.5, 0.0], [0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]]
-    """
-    batch, heads, _, dim = attention.query.shape
-    kv_heads = attention.key.shape[1]
-    keys = attention.key.float().transpose(-1, -2)[:, :, None]
-    out = []
-    for chunk in rows.split(256):  # a few hundred queries at a time bound the memory
-        qc = attention.query[:, :, chunk].float().reshape(batch, kv_heads, heads // kv_heads, chunk.numel(), dim)
-        logits = (qc @ keys) * attention.scaling
-        if attention.softcap:
-            logits = torch.tanh(logits / attention.softcap) * attention.softcap
-        seen = attention.visible[:, chunk][:, None, None]
-        out.append(logits.masked_fill(~seen, float("-inf")).softmax(dim=-1).nan_to_num_(0.0).mean(dim=(1, 2)))
-    if not out:
-        return attention.query.new_zeros(batch, 0, attention.key.shape[-2], dtype=torch.float32)
-    return torch.cat(out, dim=1)
-
-
 def instruction_queries(attention: LayerAttention) -> torch.Tensor:
     """``(batch, q)`` bool: the text queries that can see at least one of their row's visual keys (the text after
     the row's first visual token, in a causal model). Queries are the last ``q`` keys (``q == k`` in prefill).
@@ -218,7 +187,7 @@ def select_raters(attention: LayerAttention) -> torch.Tensor:
     picked = candidates.any(dim=0).nonzero().flatten()
     raters = torch.zeros_like(candidates)
     if picked.numel():
-        relevance = (query_attention(attention, picked) * attention.visual[:, None, :]).sum(dim=-1)  # (batch, picked)
+        relevance = (attention.query_attention(picked) * attention.visual[:, None, :]).sum(dim=-1)  # (batch, picked)
         chosen = candidates[:, picked]
         mean = (relevance * chosen).sum(dim=-1, keepdim=True) / chosen.sum(dim=-1, keepdim=True).clamp(min=1)
         raters[:, picked] = chosen & (relevance >= mean * (1 - 1e-6))
@@ -290,5 +259,5 @@ def recycle_tokens(hidden: torch.Tensor, scores: torch.Tensor, dropped: torch.Te
     return carriers, means[live][position].to(hidden.dtype)
 
 
-__all__ = ["SparseVLMConfig", "cluster_tokens", "instruction_queries", "query_attention", "recycle_tokens",
+__all__ = ["SparseVLMConfig", "cluster_tokens", "instruction_queries", "recycle_tokens",
            "select_raters"]
