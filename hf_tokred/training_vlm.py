@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import TokenReductionError
@@ -97,13 +99,15 @@ def visual_ratio_loss(records) -> torch.Tensor:
 
 def train_visual_pruner(model, batches: list[dict], *, steps: int = 100, lr: float = 1e-3, ratio_weight: float = 2.0,
                         lr_schedule: str = "constant", shuffle: bool = True, seed: int = 0, log_every: int = 0,
-                        log=print, progress: bool = True) -> list[float]:
+                        log=print, progress: bool = True, around=None) -> list[float]:
     """Train the learned modules of the visual method attached to ``model`` (``atp_llava``, ``dynamic_llava``).
 
     Runs ``steps`` AdamW steps over ``batches`` (model inputs plus ``answer_mask``, see
     :func:`visual_pruner_loss`) with everything but the method's modules frozen, a fixed ``seed`` and a progress bar;
     the dense teacher's logits are computed once per batch. Leaves the model in eval mode (hard drop) and returns
     the loss of every step. Save with ``model.save_pretrained`` (modules to ``token_reduction.safetensors``).
+    ``around(index)``, when given, returns a context manager every forward pass of batch ``index`` runs in (e.g. a
+    hook that injects that batch's image features).
 
     Example:
         >>> losses = train_visual_pruner(model, batches, steps=50)                    # doctest: +SKIP
@@ -119,11 +123,13 @@ def train_visual_pruner(model, batches: list[dict], *, steps: int = 100, lr: flo
     for parameter in params:
         parameter.requires_grad_(True)
     model.eval()
+    around = around or (lambda index: contextlib.nullcontext())
     teachers = {}
     with engine.dense(), torch.no_grad():
         for i, batch in enumerate(batches):
             inputs = {k: v for k, v in batch.items() if k != ANSWER_KEY}
-            teachers[i] = model(**inputs, use_cache=False).logits
+            with around(i):
+                teachers[i] = model(**inputs, use_cache=False).logits
     learned.train()
     bar = None
     if progress:
@@ -132,7 +138,8 @@ def train_visual_pruner(model, batches: list[dict], *, steps: int = 100, lr: flo
         bar = tqdm(total=steps, desc=f"train {engine.config.method}", unit="step")
 
     def step_loss(index: int) -> torch.Tensor:
-        loss = visual_pruner_loss(model, batches[index], ratio_weight=ratio_weight, teacher_logits=teachers[index])
+        with around(index):
+            loss = visual_pruner_loss(model, batches[index], ratio_weight=ratio_weight, teacher_logits=teachers[index])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
