@@ -84,8 +84,9 @@ def _models(cls) -> dict[str, list[str]] | None:
         return {"vlm": sorted({record.name for record in VISION_RECORDS.values()})}
     adapters = registered_adapters()
     # a refused architecture (its adapter records why, e.g. data2vec_vision) is not one a method works on
-    return {kind: [a.name for a in adapters if a.kind == kind and getattr(a, "unsupported", None) is None]
-            for kind in kinds}
+    only = getattr(cls, "supported_adapters", None)  # a method that acts on a few adapters of its kind (madtp)
+    return {kind: [a.name for a in adapters if a.kind == kind and getattr(a, "unsupported", None) is None
+                   and (only is None or a.name in only)] for kind in kinds}
 
 
 def method_rows() -> list[dict]:

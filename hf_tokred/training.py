@@ -979,5 +979,16 @@ def evaluate_llmlingua2(classifier, labelled: list[dict], *, tokenizer=None, bat
 __all__ += ["evaluate_llmlingua2", "llmlingua2_labels", "stdlib_corpus", "train_llmlingua2"]
 
 
-# The learned visual-token methods' recipe lives beside the VLM wiring it needs; it is part of this module's API.
-from .training_vlm import train_visual_pruner, visual_pruner_loss, visual_ratio_loss  # noqa: E402,F401
+# The recipes of the learned visual-token methods and of MADTP live in their own modules (which import helpers from
+# this one); they are part of this module's API, resolved on first use.
+_RECIPES = {"train_madtp": "training_madtp", "madtp_loss": "training_madtp", "train_visual_pruner": "training_vlm",
+            "visual_pruner_loss": "training_vlm", "visual_ratio_loss": "training_vlm"}
+
+
+def __getattr__(name: str):
+    module = _RECIPES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)

@@ -157,6 +157,7 @@ class SequenceState:
         self.token_counts: list[int] = []
         self.row_counts: list[torch.Tensor] = []
         self.records: dict[str, Any] = {}
+        self.block_masks: dict[int, torch.Tensor | None] = {}  # mask_route != "block": each block's mask
 
     # -- the current tokens -------------------------------------------------------------------
 
@@ -322,6 +323,47 @@ class _Statistics(AttentionObserver):
                                                         state.class_tokens, valid)
 
 
+# How the mask of the current tokens reaches a block's attention (``EncoderAdapter.mask_route``): as the block's
+# ``attention_mask`` argument; through an observer of hf_tokred's attention function (the block passes no mask on,
+# e.g. BLIP-2's vision attention calls the interface with ``attention_mask=None``); or applied to the attention
+# probabilities entering the module at ``adapter.attention_probs`` (BLIP's vision attention bypasses the interface):
+# ``p * exp(mask)`` renormalised, which is softmax(logits + mask).
+MASK_ROUTES = ("block", "attention", "probabilities")
+
+
+class _MaskDelivery(AttentionObserver):
+    """Hands block ``index``'s mask of the current tokens to hf_tokred's attention function (``mask_route="attention"``)."""
+
+    def __init__(self, state: SequenceState, index: int):
+        self.state = state
+        self.index = index
+
+    def prepare(self, module, query, key, value, attention_mask):
+        mask = self.state.block_masks.get(self.index)
+        if mask is None:
+            return attention_mask
+        if attention_mask is not None:
+            raise TokenReductionError(f"{type(module).__name__}: the attention received a mask of its own although its "
+                                      "adapter says the block passes none on (mask_route='attention')")
+        return mask
+
+
+def _probability_mask_hook(state: SequenceState, index: int):
+    """Forward pre-hook on the module receiving block ``index``'s attention probabilities (``mask_route="probabilities"``)."""
+
+    def hook(module, args):
+        mask = state.block_masks.get(index)
+        if mask is None:
+            return None
+        probs = args[0]
+        weight = mask_keep(mask).to(probs.dtype) if mask.dtype == torch.bool else mask.float().exp().to(probs.dtype)
+        probs = probs * weight
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        return (probs, *args[1:])
+
+    return hook
+
+
 # ---------------------------------------------------------------------------------------------
 # Hooks
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +485,14 @@ def _check_model(model, adapter, reducer) -> None:
         raise UnsupportedModelError(f"{reducer.method} cannot act on {name}: {refusal}")
     # transformers' own flag for "every attention module calls the attention interface": without it the
     # attention statistics, masks and position biases of a shortened sequence cannot reach the attention.
-    if not getattr(type(model), "_supports_attention_backend", False):
+    bypass = not getattr(adapter, "uses_attention_interface", True)
+    if bypass and getattr(reducer, "needs", ()):
+        raise UnsupportedModelError(
+            f"{reducer.method} needs attention statistics ({', '.join(sorted(reducer.needs))}); the attention of {name} "
+            "does not go through transformers' attention interface, so only reducers that need none (madtp, "
+            "dynamicvit) can act on it"
+        )
+    if not bypass and not getattr(type(model), "_supports_attention_backend", False):
         raise UnsupportedModelError(
             f"{reducer.method} cannot act on {name}: its attention does not go through transformers' attention "
             "interface (the class does not set _supports_attention_backend), so hf_tokred can neither observe "
@@ -455,7 +504,7 @@ def _check_model(model, adapter, reducer) -> None:
                 f"{reducer.method} shortens the sequence inside the encoder; {name} reads the hidden states of every "
                 f"block at the input length and cannot use it. Use {', '.join(adapter.examples)}"
             )
-    if not getattr(reducer, "restore_length", False):
+    if not getattr(reducer, "restore_length", False) and not getattr(adapter, "cross_modal", False):
         for suffix in _PER_TOKEN_HEADS:
             if name.endswith(suffix):
                 raise UnsupportedModelError(
@@ -529,6 +578,9 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
     protected = adapter.protected(model) if hasattr(adapter, "protected") else adapter.protected_tokens
     class_tokens = getattr(adapter, "class_tokens", min(protected, 1))
 
+    route = getattr(adapter, "mask_route", "block")
+    if route not in MASK_ROUTES:
+        raise UnsupportedModelError(f"adapter {adapter.name}: mask_route must be one of {MASK_ROUTES}, got {route!r}")
     state = SequenceState(reducer, schedule, protected, class_tokens, point)
     setattr(model, STATE_ATTR, state)
     applied.add_undo(lambda: model.__dict__.pop(STATE_ATTR, None))
@@ -597,7 +649,15 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             state.block_anchor[index] = state.anchor if state.changed else None
             if not state.changed:
                 return None
-            args, kwargs = _with_hidden_and_mask(args, dict(kwargs), hidden, state.follow_mask(mask, hidden.dtype))
+            current = state.follow_mask(mask, hidden.dtype)
+            if route == "block":
+                args, kwargs = _with_hidden_and_mask(args, dict(kwargs), hidden, current)
+            else:  # the block does not hand a mask to its attention: the attention's own hook applies it
+                state.block_masks[index] = current
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": hidden}
             for name in position_inputs:
                 if kwargs.get(name) is not None:
                     kwargs[name] = gather_sequence(kwargs[name], state.anchor, f"{type(module).__name__} {name}")
@@ -723,11 +783,22 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             handles.append(biases[index].register_forward_hook(make_bias_hook(index), prepend=True))
         for handle in handles:
             applied.add_undo(handle.remove)
+        if route == "attention" and reducing:
+            delivery = _MaskDelivery(state, index)
+            add_observer(attention, delivery)
+            applied.add_undo(lambda attention=attention, delivery=delivery: remove_observer(attention, delivery))
+        elif route == "probabilities" and reducing:
+            probs = _submodule(block, adapter.attention_probs, index, adapter, "attention probabilities")
+            handle = probs.register_forward_pre_hook(_probability_mask_hook(state, index), prepend=True)
+            applied.add_undo(handle.remove)
         target = statistics_target(index)
         if target is not None:
             observer = _Statistics(state, target)
             add_observer(attention, observer)
             applied.add_undo(lambda attention=attention, observer=observer: remove_observer(attention, observer))
+    install = getattr(reducer, "install", None)
+    if callable(install):  # extra hooks a method needs beyond the blocks (e.g. madtp's text guidance)
+        install(model, adapter, applied)
 
 
 def _real_tokens_first(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:

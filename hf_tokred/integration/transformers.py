@@ -150,7 +150,8 @@ def _attach(model, adapter, cfg, modules) -> None:
         if any(r.stage in _PER_MODEL_STATE_STAGES for r in cfg.iter_reducers()):
             guard_concurrent_calls(model, cfg.method, applied)
         target = REDUCED_IMPLEMENTATIONS.get(attn, attn)
-        if attn != target:
+        # An adapter whose attention bypasses the interface (BLIP's vision tower) applies masks through its own hooks.
+        if attn != target and getattr(adapter, "uses_attention_interface", True):
             model.set_attn_implementation(target)
             if model.config._attn_implementation != target:
                 raise UnsupportedModelError(

@@ -10,6 +10,7 @@ from .encoder import (
     diffrate,  # noqa: F401
     dynamicvit,  # noqa: F401
     evit,  # noqa: F401
+    madtp,  # noqa: F401
     tome,  # noqa: F401
     tps,  # noqa: F401
     zero_tprune,  # noqa: F401
