@@ -24,7 +24,8 @@ from . import __version__
 
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
 BENCH_COMMANDS: list[str] = ["hf_tokred.bench.demo", "hf_tokred.bench.kv", "hf_tokred.bench.diffusion",
-                             "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage", "hf_tokred.bench.prompt"]
+                             "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage", "hf_tokred.bench.prompt",
+                             "hf_tokred.bench.vlm"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods

@@ -39,3 +39,24 @@ def test_train_on_captions_trains_only_the_method(tiny, method):  # noqa: F811
         import hf_tokred
 
         hf_tokred.remove(model)
+
+
+def test_quality_rows_of_a_learned_method_train_first_and_detach_after(tiny):  # noqa: F811
+    from hf_tokred.bench.vlm import run_quality
+
+    model, tok = tiny
+    result = run_quality(model, tok, configs=[{"method": "dynamic_llava", "keep": 0.5}], samples=2, train_steps=2,
+                         train_samples=2)
+    dense, learned = result["rows"]
+    assert "training" not in dense and learned["training"]["steps"] == 2 and learned["training"]["samples"] == 2
+    assert get_applied(model) is None  # the trained reduction is removed after its row
+
+
+def test_method_params_reach_the_configs():
+    from hf_tokred.cli import build_parser
+
+    args = build_parser().parse_args(["vlm-bench", "--methods", "ivtp,dynamic_llava", "--param", "ivtp.group_size=576",
+                                      "--train-steps", "5"])
+    assert args.param == [("ivtp", "group_size", 576)] and args.train_steps == 5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["vlm-bench", "--param", "nope.k=1"])

@@ -380,8 +380,9 @@ class Reduction:
         ...     model.generate(ids)
     """
 
-    def __init__(self, model, config):
-        self.model, self.config, self.attached = model, config, False
+    def __init__(self, model, config, owned: bool = False):
+        # owned: the reduction is already attached (e.g. trained in place) and is removed on exit
+        self.model, self.config, self.attached = model, config, owned
 
     def __enter__(self):
         import hf_tokred
