@@ -704,7 +704,8 @@ def quality_targets(result: dict) -> list[str]:
     """
     dense = result["rows"][0]["accuracy"]
     lines = []
-    quarter = [r for r in result["rows"][1:] if _method(r) in IN_LLM and _keep(r) and abs(_keep(r) - 0.25) < 1e-9]
+    quarter = [r for r in result["rows"][1:]
+               if _method(r) in IN_LLM + LEARNED and _keep(r) and abs(_keep(r) - 0.25) < 1e-9]
     paper = [r for r in result["rows"][1:] if _method(r) == "fastv" and _keep(r) == 0.5
              and r["config"].get("k", 2) == 2]
     for what, rows in (("best in-LLM method at keep 1/4", quarter), ("FastV k=2 keep=0.5", paper[:1])):
