@@ -48,14 +48,20 @@ from transformers import Trainer
 from .errors import TokenReductionError
 from .integration.wiring import MODULES_ATTR, get_applied
 
+# The learned sequence reducers the shared helpers below serve, with the config the error message suggests.
+_SEQUENCE_EXAMPLES = {"dynamicvit": "{'method': 'dynamicvit', 'keep_rate': 0.7}",
+                      "madtp": "{'method': 'madtp', 'keep': 0.5}"}
 
-def _reducer(model):
+
+def _reducer(model, method: str = "dynamicvit"):
+    """The attached sequence-stage reducer ``method`` (dynamicvit or madtp), or a TokenReductionError saying how to
+    attach one."""
     applied = get_applied(model)
     reducer = None if applied is None else applied.config.get("sequence")
-    if reducer is None or reducer.method != "dynamicvit":
+    if reducer is None or reducer.method != method:
         raise TokenReductionError(
-            f"{type(model).__name__} has no dynamicvit reduction attached; apply one first: "
-            "hf_tokred.apply(model, {'method': 'dynamicvit', 'keep_rate': 0.7})"
+            f"{type(model).__name__} has no {method} reduction attached; apply one first: "
+            f"hf_tokred.apply(model, {_SEQUENCE_EXAMPLES[method]})"
         )
     return reducer
 
@@ -72,13 +78,17 @@ def predictors(model) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def dense_pass(model):
-    """Within this block the attached DynamicViT reduction does nothing: the model runs densely (the teacher).
+    """Within this block the attached learned sequence reducer (DynamicViT or MADTP) does nothing: the model runs
+    densely (the teacher).
 
     Example:
         >>> with dense_pass(model), torch.no_grad():                  # doctest: +SKIP
         ...     teacher_out = model(**batch)
     """
-    reducer = _reducer(model)
+    applied = get_applied(model)
+    sequence = None if applied is None else applied.config.get("sequence")
+    reducer = _reducer(model, sequence.method if sequence is not None and sequence.method in _SEQUENCE_EXAMPLES
+                       else "dynamicvit")
     previous = getattr(reducer, "_dense", False)
     reducer._dense = True
     try:

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,20 +29,11 @@ import os
 import torch
 
 from .errors import ConfigError, TokenReductionError
-from .integration.wiring import MODULES_ATTR, get_applied
-from .training import _batch_order, _check_loop, _load_checkpoint, _save_checkpoint, lr_factor
+from .integration.wiring import MODULES_ATTR
+from .training import _batch_order, _check_loop, _load_checkpoint, _reducer, _save_checkpoint, dense_pass, lr_factor
 
 STATE_NAME = "madtp_training.json"
 CHECKPOINT = "checkpoint"
-
-
-def _reducer(model):
-    applied = get_applied(model)
-    reducer = None if applied is None else applied.config.get("sequence")
-    if reducer is None or reducer.method != "madtp":
-        raise TokenReductionError(f"{type(model).__name__} has no madtp reduction attached; apply one first: "
-                                  "hf_tokred.apply(model, {'method': 'madtp', 'keep': 0.5})")
-    return reducer
 
 
 def madtp_heads(model) -> torch.nn.Module:
@@ -52,25 +42,8 @@ def madtp_heads(model) -> torch.nn.Module:
     Example:
         >>> params = madtp_heads(blip).parameters()                    # doctest: +SKIP
     """
-    _reducer(model)
+    _reducer(model, "madtp")
     return model._modules[MODULES_ATTR]["madtp"]
-
-
-@contextlib.contextmanager
-def dense_pass(model):
-    """Within this block the attached madtp reduction does nothing (the teacher pass).
-
-    Example:
-        >>> with dense_pass(blip), torch.no_grad():                    # doctest: +SKIP
-        ...     teacher = blip(**batch)
-    """
-    reducer = _reducer(model)
-    previous = getattr(reducer, "_dense", False)
-    reducer._dense = True
-    try:
-        yield model
-    finally:
-        reducer._dense = previous
 
 
 def _vision_module(model):
@@ -101,7 +74,7 @@ def madtp_loss(model, batch: dict, *, distill_weight: float = 1.0, pooled_weight
     """
     from .methods.encoder.madtp import alignment_loss, ratio_loss, stage_decisions
 
-    reducer = _reducer(model)
+    reducer = _reducer(model, "madtp")
     heads = madtp_heads(model)
     if not heads.training:
         raise TokenReductionError("madtp_loss: the heads are in eval mode (hard drop); call madtp_heads(model).train()")
@@ -253,7 +226,7 @@ def train_madtp(model, batches: list[dict], *, steps: int = 100, lr: float = 1e-
     _check_loop("train_madtp", batches, steps, lr, lr_schedule)
     if not isinstance(save_every, int) or save_every < 1:
         raise ConfigError(f"save_every: expected an int >= 1, got {save_every!r}", field="save_every")
-    reducer = _reducer(model)
+    reducer = _reducer(model, "madtp")
     heads = madtp_heads(model)
     params = list(heads.parameters())
     trainable = {id(p) for p in params}
