@@ -731,6 +731,24 @@ def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _resumable_step(loss, optimizer, params: list, state: dict, bar, checkpoint, module, save_every: int, steps: int,
+                    max_grad_norm: float | None = None) -> None:
+    """One optimizer step of a resumable training loop: backward, optional gradient clipping, step; the loss and
+    the step count go into ``state``, the progress bar moves, and every ``save_every`` steps (and at the last one)
+    ``module``'s trained ``params`` and the optimizer are checkpointed to ``checkpoint`` (a folder, or None)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    state["losses"].append(round(loss.item(), 6))
+    state["step"] += 1
+    bar.update(1)
+    bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
+    if checkpoint is not None and (state["step"] % save_every == 0 or state["step"] == steps):
+        _save_checkpoint(checkpoint, module, optimizer, params, state)
+
+
 def _load_checkpoint(folder: str, model, optimizer, params: list) -> None:
     import os
 
@@ -905,16 +923,8 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(lr_schedule, step, steps)
             loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            state["losses"].append(round(loss.item(), 6))
-            state["step"] = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
-            if checkpoint is not None and (state["step"] % save_every == 0 or state["step"] == steps):
-                _save_checkpoint(checkpoint, model, optimizer, params, state)
+            _resumable_step(loss, optimizer, params, state, bar, checkpoint, model, save_every, steps,
+                            max_grad_norm=max_grad_norm)
         bar.close()
         model.eval()
         if output_dir is not None:

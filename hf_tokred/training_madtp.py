@@ -30,7 +30,7 @@ import torch
 
 from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR
-from .training import _batch_order, _check_loop, _load_checkpoint, _reducer, _save_checkpoint, dense_pass, lr_factor
+from .training import _batch_order, _check_loop, _load_checkpoint, _reducer, _resumable_step, dense_pass, lr_factor
 
 STATE_NAME = "madtp_training.json"
 CHECKPOINT = "checkpoint"
@@ -263,15 +263,7 @@ def train_madtp(model, batches: list[dict], *, steps: int = 100, lr: float = 1e-
                 group["lr"] = lr * lr_factor(lr_schedule, step, steps)
             loss = madtp_loss(model, batches[order[step]], distill_weight=distill_weight, pooled_weight=pooled_weight,
                               ratio_weight=ratio_weight, align_weight=align_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["losses"].append(round(loss.item(), 6))
-            state["step"] = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
-            if checkpoint is not None and (state["step"] % save_every == 0 or state["step"] == steps):
-                _save_checkpoint(checkpoint, heads, optimizer, params, state)
+            _resumable_step(loss, optimizer, params, state, bar, checkpoint, heads, save_every, steps)
         bar.close()
     finally:
         torch.random.set_rng_state(rng_state)
