@@ -40,12 +40,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 
 import torch
 from transformers import Trainer
 
-from .errors import TokenReductionError
+from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR, get_applied
 
 # The learned sequence reducers the shared helpers below serve, with the config the error message suggests.
@@ -731,6 +733,29 @@ def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _prepare_checkpoint(output_dir, resume: bool, module, optimizer, params: list, state: dict):
+    """``(output_dir, checkpoint folder)`` of a resumable training loop (both None without ``output_dir``): the
+    folder is created, and with ``resume`` a checkpoint there of the same run (``state["fingerprint"]``) is loaded
+    into ``module``'s ``params`` and the optimizer, and its step and losses into ``state``; one of another run is a
+    ConfigError naming the settings that differ."""
+    if output_dir is None:
+        return None, None
+    output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+    os.makedirs(output_dir, exist_ok=True)
+    checkpoint = os.path.join(output_dir, _CHECKPOINT)
+    if resume and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)
+        fingerprint = state["fingerprint"]
+        if saved.get("fingerprint") != fingerprint:
+            differ = sorted(k for k in fingerprint if saved.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise ConfigError(f"output_dir: {output_dir!r} holds a checkpoint of another run ({', '.join(differ)} "
+                              "differ); pass resume=False to start over, or another output_dir", field="output_dir")
+        _load_checkpoint(checkpoint, module, optimizer, params)
+        state.update(step=saved["step"], losses=saved["losses"])
+    return output_dir, checkpoint
+
+
 def _resumable_step(loss, optimizer, params: list, state: dict, bar, checkpoint, module, save_every: int, steps: int,
                     max_grad_norm: float | None = None) -> None:
     """One optimizer step of a resumable training loop: backward, optional gradient clipping, step; the loss and
@@ -886,22 +911,8 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=lr)
         params = decay + no_decay
-        checkpoint = None
-        if output_dir is not None:
-            output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
-            os.makedirs(output_dir, exist_ok=True)
-            checkpoint = os.path.join(output_dir, _CHECKPOINT)
         torch.manual_seed(seed)
-        if checkpoint is not None and resume and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
-                saved = json.load(fh)
-            if saved.get("fingerprint") != fingerprint:
-                differ = sorted(k for k in fingerprint if saved.get("fingerprint", {}).get(k) != fingerprint[k])
-                raise ConfigError(f"output_dir: {output_dir!r} holds a checkpoint of another run ({', '.join(differ)} "
-                                  "differ); pass resume=False to start over, or another output_dir",
-                                  field="output_dir")
-            _load_checkpoint(checkpoint, model, optimizer, params)
-            state.update(step=saved["step"], losses=saved["losses"])
+        output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, model, optimizer, params, state)
         order: list[int] = []
         generator = torch.Generator().manual_seed(seed)
         while len(order) < steps * batch_size:

@@ -30,10 +30,9 @@ import torch
 
 from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR
-from .training import _batch_order, _check_loop, _load_checkpoint, _reducer, _resumable_step, dense_pass, lr_factor
+from .training import _batch_order, _check_loop, _prepare_checkpoint, _reducer, _resumable_step, dense_pass, lr_factor
 
 STATE_NAME = "madtp_training.json"
-CHECKPOINT = "checkpoint"
 
 
 def madtp_heads(model) -> torch.nn.Module:
@@ -237,23 +236,10 @@ def train_madtp(model, batches: list[dict], *, steps: int = 100, lr: float = 1e-
                                weights=[distill_weight, pooled_weight, ratio_weight, align_weight])
     state = {"step": 0, "losses": [], "fingerprint": fingerprint}
     rng_state = torch.random.get_rng_state()
-    checkpoint = None
     try:
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr)
-        if output_dir is not None:
-            output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
-            os.makedirs(output_dir, exist_ok=True)
-            checkpoint = os.path.join(output_dir, CHECKPOINT)
-        if checkpoint is not None and resume and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
-                saved = json.load(fh)
-            if saved.get("fingerprint") != fingerprint:
-                differ = sorted(k for k in fingerprint if saved.get("fingerprint", {}).get(k) != fingerprint[k])
-                raise ConfigError(f"output_dir: {output_dir!r} holds a checkpoint of another run ({', '.join(differ)} "
-                                  "differ); pass resume=False to start over, or another output_dir", field="output_dir")
-            _load_checkpoint(checkpoint, heads, optimizer, params)
-            state.update(step=saved["step"], losses=saved["losses"])
+        output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, heads, optimizer, params, state)
         order = _batch_order(len(batches), steps, shuffle, torch.Generator().manual_seed(seed))
         model.eval()
         heads.train()
