@@ -139,7 +139,8 @@ class VisualPrefill(LazyPrefill):
         self.record = vision_record(model, config.method)
         self.before = isinstance(config, BeforeLLMConfig)
         self.token_ids = visual_token_ids(model, self.record, include_video=not self.before)
-        self.image_ids = visual_token_ids(model, self.record, include_video=False)
+        images = visual_token_ids(model, self.record, include_video=False)
+        self.video_ids = sorted(set(visual_token_ids(model, self.record)) - set(images))
         super().__init__(model, adapter, config)
         self.inner = inner_model(model)
         self._ids: dict[int, torch.Tensor | None] = {}
@@ -229,8 +230,8 @@ class VisualPrefill(LazyPrefill):
         answers = self._answers.get(threading.get_ident())
         state.answers = None if answers is None else answers.to(ids.device).bool() & state.valid
         if self.before:
-            video = set(visual_token_ids(self.model, self.record)) - set(self.image_ids)
-            if video and bool(torch.isin(ids, torch.tensor(sorted(video), device=ids.device)).any()):
+            video = self.video_ids
+            if video and bool(torch.isin(ids, torch.tensor(video, device=ids.device)).any()):
                 raise UnsupportedModelError(f"{method}: acts on images before the language model; this prompt holds "
                                             "video tokens, which it does not score (use an in-LLM method: fastv, "
                                             "sparsevlm, ivtp)")
@@ -444,8 +445,7 @@ class VisualPrefill(LazyPrefill):
         signals = self._signals.pop(key, [])
         if state is None or state.mode != "prune":
             return None
-        images = state.visual & torch.isin(self._ids[key].to(state.visual.device).expand_as(state.visual),
-                                           torch.tensor(self.image_ids, device=state.visual.device))
+        images = state.visual  # before the LLM the visual tokens are the image placeholders only
         if not bool(images.any()):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
