@@ -86,11 +86,18 @@ def visual_ratio_loss(records) -> torch.Tensor:
         0.0
     """
     total = torch.zeros(())
-    running: dict[int, torch.Tensor] = {}
+    # Stages decide about the same candidates (every visual token: in training nothing is dropped) in tensors of
+    # their own, so stages chain by equal candidate masks, not by tensor identity.
+    running: list[tuple[torch.Tensor, torch.Tensor]] = []
     for record in records:
-        key = id(record.candidates)
-        cumulative = record.keep if key not in running else running[key] * record.keep
-        running[key] = cumulative
+        index = next((i for i, (candidates, _) in enumerate(running)
+                      if candidates.shape == record.candidates.shape and torch.equal(candidates, record.candidates)),
+                     None)
+        cumulative = record.keep if index is None else running[index][1] * record.keep
+        if index is None:
+            running.append((record.candidates, cumulative))
+        else:
+            running[index] = (record.candidates, cumulative)
         weight = record.candidates.to(cumulative.dtype)
         kept = (cumulative * weight).sum() / weight.sum().clamp(min=1)
         total = total.to(kept.device) + (kept.float() - record.target) ** 2

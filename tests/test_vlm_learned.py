@@ -146,7 +146,7 @@ def test_atp_counts_differ_per_row_and_stay_within_the_visual_tokens():
 def test_ratio_loss_and_bad_input():
     cand = torch.ones(1, 4, dtype=torch.bool)
     first = KeepRecord(1, torch.full((1, 4), 0.5), cand, 0.5)
-    second = KeepRecord(2, torch.full((1, 4), 0.5), cand, 0.25)  # cumulative 0.25: on target
+    second = KeepRecord(2, torch.full((1, 4), 0.5), cand.clone(), 0.25)  # cumulative 0.25: on target
     assert visual_ratio_loss([first, second]).item() == 0.0
     assert abs(visual_ratio_loss([KeepRecord(1, torch.ones(1, 4), cand, 0.5)]).item() - 0.25) < 1e-6
     model, make = build()
