@@ -25,7 +25,7 @@ from . import __version__
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
 BENCH_COMMANDS: list[str] = ["hf_tokred.bench.demo", "hf_tokred.bench.kv", "hf_tokred.bench.diffusion",
                              "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage", "hf_tokred.bench.prompt",
-                             "hf_tokred.bench.vlm"]
+                             "hf_tokred.bench.vlm", "hf_tokred.bench.nlp"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods
@@ -128,22 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                                               "TokenReductionConfig.from_pretrained(NAME) or hf-tokred demo --config NAME.")
     presets.set_defaults(handler=_cmd_presets)
 
-    train = commands.add_parser("train", help="train the learned part of a method (llmlingua2's classifier)",
+    train = commands.add_parser("train", help="train the learned part of a method",
                                 description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("method", choices=TRAINABLE, help="the method whose learned part to train")
-    train.add_argument("--corpus", metavar="FILE",
-                       help="training text, paragraphs separated by blank lines (default: the Python documentation "
-                            "shipped with the standard library, training split)")
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/llmlingua2-minilm); "
-                                                      "an interrupted run resumes from its checkpoint there")
-    train.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
-    train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=1e-4, help="learning rate (default: 1e-4)")
-    train.add_argument("--batch-size", type=_positive_int, default=16, help="chunks per step (default: 16)")
-    train.add_argument("--rate", type=_float_in(0.01, 1.0), default=0.5,
-                       help="rate at which llmlingua labels the corpus (keep/drop per word; default: 0.5)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    train.set_defaults(handler=_cmd_train)
+    recipes = train.add_subparsers(dest="method", metavar="METHOD", title="methods")
+    recipes.required = True
+    # Each trainable method's recipe module adds its own subcommand (add_train_command(recipes)); its handler
+    # takes the parsed args and returns the exit status.
+    for module in TRAIN_COMMANDS.values():
+        importlib.import_module(module).add_train_command(recipes)
 
     # Benchmark commands live beside their harness; each module's add_command(commands) adds one subcommand
     # whose handler takes the parsed args and returns the exit status.
@@ -236,45 +228,15 @@ def _cmd_presets(args) -> int:
     return 0
 
 
-TRAINABLE = ("llmlingua2",)
+# The methods `hf-tokred train` knows, and the module holding each one's subcommand.
+TRAIN_COMMANDS: dict[str, str] = {
+    name: f"hf_tokred.recipes.{name}" for name in ("llmlingua2", "mrt5", "token_pooling", "token_dropping", "tokenskip")
+}
+TRAINABLE = tuple(TRAIN_COMMANDS)
 TRAIN_DESCRIPTION = """\
-Train the learned part of a method on text on this machine; nothing is downloaded.
-
-llmlingua2: a keep/drop token classifier (BertForTokenClassification) fine-tuned from the embedded
-all-MiniLM-L6-v2 on labels that our llmlingua (scored by the embedded SmolLM2) produces on the corpus at
---rate. The folder it writes loads with compress_prompt(method="llmlingua2", classifier=DIR) and
-pushes to the Hub like any model. With the default corpus the held-out split is evaluated at the end.
-
-examples:
-  hf-tokred train llmlingua2                          ~40 min on 2 CPU cores (labels, then 300 steps)
-  hf-tokred train llmlingua2 --corpus my_docs.txt --output ./llmlingua2-mine --steps 500
+Train the learned part of a method on this machine; nothing is downloaded. Each method has its own
+options (hf-tokred train METHOD --help), a fixed seed, progress bars and a resumable output folder.
 """
-
-
-def _cmd_train(args) -> int:
-    from .embedded import cache_dir
-    from .errors import MissingFileError
-    from .training import evaluate_llmlingua2, llmlingua2_labels, stdlib_corpus, train_llmlingua2
-
-    if args.corpus:
-        try:
-            with open(args.corpus, encoding="utf-8") as f:
-                texts = [p.strip() for p in f.read().split("\n\n") if p.strip()]
-        except OSError as err:
-            raise MissingFileError(f"--corpus: cannot read {args.corpus!r} ({err.strerror})") from None
-    else:
-        texts = stdlib_corpus("train")
-    output = args.output or os.path.join(cache_dir(), "llmlingua2-minilm")
-    _log(f"llmlingua2: labelling {len(texts)} paragraphs with llmlingua at rate {args.rate}, then {args.steps} steps")
-    train_llmlingua2(texts, rate=args.rate, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     output_dir=output, progress=not args.no_progress)
-    print(f"saved to {output}: compress_prompt(..., method='llmlingua2', classifier={output!r})")
-    if not args.corpus:
-        heldout = llmlingua2_labels(stdlib_corpus("heldout"), rate=args.rate)
-        metrics = evaluate_llmlingua2(output, heldout)
-        print(format_table(["held-out", "value"], [[k, f"{v:.3f}" if isinstance(v, float) else str(v)]
-                                                    for k, v in metrics.items()], right={1}))
-    return 0
 
 
 def _log(message: str) -> None:

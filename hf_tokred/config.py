@@ -326,7 +326,8 @@ class TokenReductionConfig:
     ``TokenReductionConfig(method="key", **params)`` returns the subclass registered under ``key``.
     Subclasses declare their fields with :func:`param` and may override :meth:`validate` for checks
     across fields. Class attributes describe the method: ``stage`` (where it acts, one of
-    :data:`STAGES`), ``model_kinds`` (adapter kinds it supports, see ``hf_tokred.model_patches``),
+    :data:`STAGES`), ``wiring`` (the wiring function that attaches it, when it is not the stage's own),
+    ``model_kinds`` (adapter kinds it supports, see ``hf_tokred.model_patches``),
     ``learned`` (has trainable parts), ``paper`` (arXiv id) and ``status``.
 
     Example:
@@ -339,6 +340,9 @@ class TokenReductionConfig:
     method: str | None = None
 
     stage: ClassVar[str] = ""
+    # Two methods may act at one stage (so they cannot be composed) but be attached differently, as MrT5's
+    # delete gate and an encoder's ToMe both shorten a sequence; such a method names its own wiring.
+    wiring: ClassVar[str | None] = None
     model_kinds: ClassVar[tuple[str, ...]] = ()
     learned: ClassVar[bool] = False
     paper: ClassVar[str] = ""
@@ -394,6 +398,11 @@ class TokenReductionConfig:
         """Checks across fields; override in subclasses and raise :class:`ConfigError`."""
 
     # -- structure --------------------------------------------------------------------------
+
+    @property
+    def wiring_key(self) -> str:
+        """The key of the wiring function that attaches this reducer (``wiring``, else ``stage``)."""
+        return type(self).wiring or self.stage
 
     def iter_reducers(self) -> list[TokenReductionConfig]:
         """The single-stage reducers this config holds (itself, or the parts of a composition)."""

@@ -454,6 +454,25 @@ LLMLINGUA2_STATE = "llmlingua2_training.json"
 _CHECKPOINT = "checkpoint"
 
 
+def read_paragraphs(path: str) -> list[str]:
+    """The paragraphs (separated by blank lines) of a UTF-8 text file, for a recipe's ``--corpus``.
+
+    Raises :class:`~hf_tokred.errors.MissingFileError` naming the file when it cannot be read.
+
+    Example:
+        >>> from hf_tokred.training import read_paragraphs
+        >>> read_paragraphs("notes.txt")[:1]                                    # doctest: +SKIP
+        ['The first paragraph.']
+    """
+    from .errors import MissingFileError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise MissingFileError(f"--corpus: cannot read {path!r} ({getattr(err, 'strerror', None) or err})") from None
+
+
 def stdlib_corpus(split: str = "train", *, min_words: int = 30, max_words: int = 250,
                   heldout_fraction: float = 0.2) -> list[str]:
     """Prose paragraphs of the Python documentation shipped with the standard library (``pydoc_data.topics``).

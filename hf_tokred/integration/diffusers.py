@@ -1122,7 +1122,7 @@ def check_supported(denoiser: ModelMixin, config: TokenReductionConfig):
             raise UnsupportedModelError(
                 f"{reducer.method}: reducers with learned parts are not wired for diffusers yet"
             )
-        wiring_for(reducer.stage)
+        wiring_for(reducer.wiring_key)
         _diffusion_wiring(reducer).check(denoiser, adapter, reducer)
     return adapter
 
@@ -1151,7 +1151,7 @@ def apply_to_diffusers(obj, config, *, component: str | None = None):
     setattr(denoiser, STATE_ATTR, applied)
     try:
         for reducer in cfg.iter_reducers():
-            wiring_for(reducer.stage)(denoiser, adapter, reducer, applied)
+            wiring_for(reducer.wiring_key)(denoiser, adapter, reducer, applied)
         # The hooks keep the running call's token grid and matchings on the denoiser: one call at a time.
         guard_concurrent_calls(denoiser, cfg.method, applied)
         denoiser.register_to_config(**{CONFIG_KEY: cfg.to_dict()})

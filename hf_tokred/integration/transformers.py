@@ -67,7 +67,7 @@ def check_supported(model: PreTrainedModel, config: TokenReductionConfig):
 
     adapter = find_adapter(model)
     for reducer in config.iter_reducers():
-        wiring_for(reducer.stage)
+        wiring_for(reducer.wiring_key)
         if adapter.kind not in reducer.model_kinds:
             fits = ", ".join(
                 f"{a.name} ({', '.join(a.examples or a.match)})" for a in registered_adapters() if a.kind in reducer.model_kinds
@@ -146,7 +146,7 @@ def _attach(model, adapter, cfg, modules) -> None:
         if modules is not None:
             model.add_module(MODULES_ATTR, modules)
         for reducer in cfg.iter_reducers():
-            wiring_for(reducer.stage)(model, adapter, reducer, applied)
+            wiring_for(reducer.wiring_key)(model, adapter, reducer, applied)
         if any(r.stage in _PER_MODEL_STATE_STAGES for r in cfg.iter_reducers()):
             guard_concurrent_calls(model, cfg.method, applied)
         target = REDUCED_IMPLEMENTATIONS.get(attn, attn)

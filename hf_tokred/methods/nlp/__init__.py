@@ -1,0 +1,1 @@
+"""NLP sequence reducers: MrT5, Dynamic Token Pooling, Token Dropping, TokenSkip."""

@@ -1,0 +1,9 @@
+"""``hf-tokred train token_dropping``: (being written; the helper replaces this whole file)."""
+
+
+def add_train_command(subparsers) -> None:
+    subparsers.add_parser("token_dropping", help="(being written)").set_defaults(handler=run)
+
+
+def run(args) -> int:
+    raise RuntimeError("hf-tokred train token_dropping is being written")
