@@ -168,4 +168,4 @@ def find_adapter(model) -> ModelAdapter:
 
 
 # Importing registers the adapters.
-from . import beit, bert, clip, cohere2, data2vec_vision, decoder, deit, dinov2, distilbert, dit, flux, modernbert, pixart, roberta, sd3, siglip, unet, vit, vlm, blip  # noqa: E402,F401,I001
+from . import beit, bert, clip, cohere2, data2vec_vision, decoder, deit, dinov2, distilbert, dit, flux, modernbert, pixart, roberta, sd3, siglip, t5, unet, vit, vlm, blip  # noqa: E402,F401,I001

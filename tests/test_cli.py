@@ -186,3 +186,28 @@ def _tiny_causal_lm():
     from conftest import make_tiny_llama
 
     return make_tiny_llama()
+
+
+def test_train_has_one_subcommand_per_trainable_method(capsys):
+    from hf_tokred.cli import TRAINABLE, build_parser
+
+    assert exit_code(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in TRAINABLE)
+    assert {"llmlingua2", "mrt5", "token_pooling", "token_dropping", "tokenskip"} <= set(TRAINABLE)
+    assert build_parser().parse_args(["train", "llmlingua2", "--rate", "0.4"]).rate == 0.4
+    assert exit_code(["train"]) == 2  # a method is required
+    assert exit_code(["train", "no_such_method"]) == 2
+
+
+def test_a_recipe_corpus_that_cannot_be_read_is_a_clear_error(tmp_path):
+    from hf_tokred.errors import MissingFileError
+    from hf_tokred.training import read_paragraphs
+
+    (tmp_path / "docs.txt").write_text("first paragraph\nstill first\n\n\nsecond\n\n", encoding="utf-8")
+    assert read_paragraphs(str(tmp_path / "docs.txt")) == ["first paragraph\nstill first", "second"]
+    with pytest.raises(MissingFileError, match="--corpus: cannot read .*missing.txt"):
+        read_paragraphs(str(tmp_path / "missing.txt"))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(MissingFileError, match="--corpus"):
+        read_paragraphs(str(tmp_path / "binary.txt"))

@@ -335,6 +335,35 @@ class DecodingProbeConfig(TokenReductionConfig):
     tag: str = param("probe", str, help="label written on the model")
 
 
+@register_method("test_own_wiring")
+@dataclass(kw_only=True)
+class OwnWiringProbeConfig(TokenReductionConfig):
+    """A sequence reducer attached by a wiring of its own (as MrT5's delete gate is), not the encoders' one."""
+
+    stage = "sequence"
+    wiring = "test_own_wiring"
+    model_kinds = ("decoder",)
+
+
+def test_a_method_may_name_its_own_wiring(tiny_llama, monkeypatch):
+    from hf_tokred.integration import wiring
+
+    def wire_probe(model, adapter, reducer, applied):
+        model.own_wiring_probe = reducer.method
+        applied.add_undo(lambda: delattr(model, "own_wiring_probe"))
+
+    monkeypatch.setitem(wiring._WIRING, "test_own_wiring", wire_probe)
+    cfg = OwnWiringProbeConfig()
+    assert cfg.wiring_key == "test_own_wiring" and TokenReductionConfig(**STREAM).wiring_key == "kv_policy"
+    hf_tokred.apply(tiny_llama, cfg)
+    assert tiny_llama.own_wiring_probe == "test_own_wiring"
+    hf_tokred.remove(tiny_llama)
+    assert not hasattr(tiny_llama, "own_wiring_probe")
+    # it still acts at its stage: it cannot be composed with another sequence reducer
+    with pytest.raises(ConfigError, match="both act at stage 'sequence'"):
+        hf_tokred.compose(cfg, {"method": "tome", "r": 2})
+
+
 def test_composition_attaches_every_part_and_remove_undoes_all(tiny_llama):
     from hf_tokred.integration.wiring import register_wiring
 

@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 from ..errors import ArgumentError, UnsupportedModelError
+from . import delete_gate as _delete_gate  # noqa: F401  (registers the "mrt5" wiring: MrT5's delete gate)
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
+from . import hourglass as _hourglass  # noqa: F401  (registers the "token_pooling" wiring)
 from . import prefill as _prefill  # noqa: F401  (registers the "prefill" wiring: lazyllm)
 from . import prompt as _prompt  # noqa: F401  (registers the "prompt" wiring)
+from . import token_dropping as _token_dropping  # noqa: F401  (registers the "token_dropping" wiring)
+from . import tokenskip as _tokenskip  # noqa: F401  (registers the "tokenskip" wiring)
 from . import transformers as _transformers
 from . import vlm as _vlm  # noqa: F401  (registers the "visual" wiring: visual-token methods)
 from .transformers import build_cache, compress_context

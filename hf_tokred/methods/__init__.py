@@ -28,6 +28,12 @@ from .kv import (
     streamingllm,  # noqa: F401
     tova,  # noqa: F401
 )
+from .nlp import (
+    mrt5,  # noqa: F401
+    token_dropping,  # noqa: F401
+    token_pooling,  # noqa: F401
+    tokenskip,  # noqa: F401
+)
 from .prompt import (
     lazyllm,  # noqa: F401
     llmlingua,  # noqa: F401
