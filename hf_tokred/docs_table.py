@@ -38,6 +38,13 @@ FIGURES = {
     "sequence": "[encoders.md](encoders.md)",
     "diffusion": "[diffusion.md](diffusion.md)",
     "visual": "[vlm.md](vlm.md)",
+    "prompt": "[prompt.md](prompt.md)",
+    "prefill": "[prompt.md](prompt.md)",
+    # methods with a wiring of their own are written up by family, not by stage
+    "mrt5": "[nlp.md](nlp.md)",
+    "token_pooling": "[nlp.md](nlp.md)",
+    "token_dropping": "[nlp.md](nlp.md)",
+    "tokenskip": "[nlp.md](nlp.md)",
 }
 
 _WHEN = {"step": "every step", "prefill": "once after the prompt"}
@@ -116,7 +123,7 @@ def method_rows() -> list[dict]:
             "stage": stage,
             "models": _models(cls),
             "status": cls.status,
-            "figures": FIGURES.get(cls.stage, ""),
+            "figures": FIGURES.get(cls.wiring or cls.stage, ""),
         })
     return rows
 

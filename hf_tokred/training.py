@@ -728,13 +728,12 @@ def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -
     import shutil
     import tempfile
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     parent = os.path.dirname(folder)
     work = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
     os.chmod(work, 0o755)  # mkdtemp's 0o700 would make the checkpoint private to its writer
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(work, "model.safetensors"))
+    save_model(model, os.path.join(work, "model.safetensors"), force_contiguous=True)  # tied weights (shared tensors) are stored once
     tensors = {"rng.torch": torch.get_rng_state()}
     for i, p in enumerate(params):
         for key, value in optimizer.state.get(p, {}).items():
@@ -796,9 +795,9 @@ def _resumable_step(loss, optimizer, params: list, state: dict, bar, checkpoint,
 def _load_checkpoint(folder: str, model, optimizer, params: list) -> None:
     import os
 
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+    load_model(model, os.path.join(folder, "model.safetensors"), strict=True)
     tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     for name, value in tensors.items():
@@ -1032,7 +1031,11 @@ __all__ += ["evaluate_llmlingua2", "llmlingua2_labels", "stdlib_corpus", "train_
 # The recipes of the learned visual-token methods and of MADTP live in their own modules (which import helpers from
 # this one); they are part of this module's API, resolved on first use.
 _RECIPES = {"train_madtp": "training_madtp", "madtp_loss": "training_madtp", "train_visual_pruner": "training_vlm",
-            "visual_pruner_loss": "training_vlm", "visual_ratio_loss": "training_vlm"}
+            "visual_pruner_loss": "training_vlm", "visual_ratio_loss": "training_vlm",
+            "train_token_pooling": "recipes.token_pooling",
+            "train_token_dropping": "recipes.token_dropping", "TokenDroppingCallback": "recipes.token_dropping",
+            "train_tokenskip": "recipes.tokenskip",
+            "train_mrt5": "recipes.mrt5"}
 
 
 def __getattr__(name: str):
