@@ -28,7 +28,7 @@ import torch
 
 from hf_tokred.errors import UnsupportedModelError
 
-KINDS = ("decoder", "encoder", "unet", "dit")
+KINDS = ("decoder", "encoder", "unet", "dit", "seq2seq")
 
 
 @dataclass(frozen=True)
