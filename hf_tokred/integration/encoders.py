@@ -43,7 +43,9 @@ its exact position; a merged token takes its anchor's.
 
 With ``restore_length=True`` the last block's output is expanded back to the input length and order through
 the source map (``origin``: for every input token, the current token carrying it, -1 once dropped; dropped
-tokens keep the state they had when dropped).
+tokens keep the state they had when dropped). A reducer may instead name a block before which the sequence
+comes back (``restore_block(num_blocks)``, e.g. Token Dropping's last layer, which sees every token again):
+that block's input is restored and it and the later blocks run at the input length with the model's own mask.
 
 Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the model
 exactly. After a forward pass: :func:`token_sizes`, :func:`token_counts`, :func:`source_map`, :func:`unmerge`.
@@ -586,6 +588,9 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
     applied.add_undo(lambda: model.__dict__.pop(STATE_ATTR, None))
     last = len(blocks) - 1
     reducing = any(schedule)
+    # The block whose *input* gets the input length back (None: the last block's output, see restore_length).
+    restore_at = getattr(reducer, "restore_block", None)
+    restore_block = restore_at(len(blocks)) if callable(restore_at) and state.restore_length else None
 
     def context(index, hidden, size, valid, training):
         from ..methods.encoder.base import ReductionContext
@@ -637,6 +642,12 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             hidden, mask = _hidden_and_mask(args, kwargs)
             if index == 0:
                 hidden = start(hidden, mask)
+            restored = index == restore_block and state.changed
+            if restored:
+                hidden = _restore(state, hidden)
+                # Back at the input layout: the model's own mask and position inputs apply again (a soft mask
+                # still has to be added by hf_tokred).
+                state.changed = state.key_weight is not None
             if point == "input" and schedule[index]:
                 state.entry[index] = (state.size, state.valid())
                 pending, soft = decide(index, hidden, module.training)
@@ -648,7 +659,7 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
             state.entry[index] = (state.size, state.valid())
             state.block_anchor[index] = state.anchor if state.changed else None
             if not state.changed:
-                return None
+                return _with_hidden_and_mask(args, dict(kwargs), hidden, mask) if restored else None
             current = state.follow_mask(mask, hidden.dtype)
             if route == "block":
                 args, kwargs = _with_hidden_and_mask(args, dict(kwargs), hidden, current)
