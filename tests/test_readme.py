@@ -182,7 +182,16 @@ def _check_vlm(ns):
     assert max(cache.stored_lengths()) < ns["inputs"]["input_ids"].shape[-1] - images // 2  # "a quarter of each image"
 
 
+def _check_mrt5(ns):
+    kept = ns["kept_mask"](ns["encoded"])
+    assert kept.sum(1).tolist() == ns["batch"]["attention_mask"].sum(1).tolist()  # a fresh gate keeps every byte
+    assert ns["encoded"].last_hidden_state.shape[1] == kept.shape[1]
+    assert get_applied(ns["byt5"]).config.method == "mrt5"
+    assert ns["answer"].shape[0] == 2 and ns["answer"].shape[1] <= 9
+
+
 CHECKS = {
+    "hf_tokred.apply(byt5, {": _check_mrt5,
     "AutoModelForImageTextToText.from_pretrained(vlm_repo": _check_vlm,
     '"method": "longllmlingua", "rate": 0.5}': _check_prompt_compression,
     "hf_tokred.build_cache(model)": _check_cache,
