@@ -10,3 +10,67 @@ Example:
     >>> build_parser().parse_args(["train", "llmlingua2", "--steps", "5"]).steps
     5
 """
+
+from __future__ import annotations
+
+import argparse
+import os
+
+CORPUS_HELP = ("training text, paragraphs separated by blank lines (default: the Python documentation shipped with "
+               "the standard library, training split)")
+
+
+def add_recipe_parser(subparsers, name: str, *, help: str, description: str, output: str, steps: int,
+                      corpus: bool = True) -> argparse.ArgumentParser:
+    """Add ``hf-tokred train NAME`` with the options every recipe shares and return its parser for the method's own.
+
+    The shared options: ``--corpus FILE`` (when the recipe trains on text; see :func:`recipe_texts`), ``--output DIR``
+    (default ``~/.cache/hf_tokred/<output>``; an interrupted run resumes from its checkpoint there), ``--steps``,
+    ``--seed`` and ``--no-progress``. The caller adds its options and ``set_defaults(handler=...)``.
+
+    Example:
+        >>> import argparse
+        >>> subparsers = argparse.ArgumentParser().add_subparsers()
+        >>> parser = add_recipe_parser(subparsers, "mine", help="h", description="d", output="mine", steps=10)
+        >>> parser.parse_args([]).steps, parser.parse_args(["--steps", "3"]).steps
+        (10, 3)
+    """
+    from ..cli import _positive_int
+
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    if corpus:
+        parser.add_argument("--corpus", metavar="FILE", help=CORPUS_HELP)
+    parser.add_argument("--output", metavar="DIR", help=f"output folder (default: ~/.cache/hf_tokred/{output}); an "
+                                                        "interrupted run resumes from its checkpoint there")
+    parser.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def recipe_texts(args) -> list[str]:
+    """The training texts of a recipe's command: the ``--corpus`` file's paragraphs, else the standard library's
+    documentation (training split).
+
+    Example:
+        >>> import argparse
+        >>> len(recipe_texts(argparse.Namespace(corpus=None))) > 100
+        True
+    """
+    from ..training import read_paragraphs, stdlib_corpus
+
+    return read_paragraphs(args.corpus) if getattr(args, "corpus", None) else stdlib_corpus("train")
+
+
+def recipe_output(args, default: str) -> str:
+    """``--output``, else ``~/.cache/hf_tokred/<default>``.
+
+    Example:
+        >>> import argparse
+        >>> recipe_output(argparse.Namespace(output="here"), "mine")
+        'here'
+    """
+    from ..embedded import cache_dir
+
+    return args.output or os.path.join(cache_dir(), default)

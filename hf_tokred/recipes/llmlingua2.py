@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-
 DESCRIPTION = """\
 llmlingua2: a keep/drop token classifier (BertForTokenClassification) fine-tuned from the embedded
 all-MiniLM-L6-v2 on labels that our llmlingua (scored by the embedded SmolLM2) produces on the corpus at
@@ -26,32 +23,25 @@ def add_train_command(subparsers) -> None:
         0.5
     """
     from ..cli import _float_in, _positive_int
+    from . import add_recipe_parser
 
-    train = subparsers.add_parser("llmlingua2", help="LLMLingua-2's keep/drop token classifier on all-MiniLM-L6-v2",
-                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--corpus", metavar="FILE",
-                       help="training text, paragraphs separated by blank lines (default: the Python documentation "
-                            "shipped with the standard library, training split)")
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/llmlingua2-minilm); "
-                                                      "an interrupted run resumes from its checkpoint there")
-    train.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
+    train = add_recipe_parser(subparsers, "llmlingua2", help="LLMLingua-2's keep/drop token classifier on "
+                              "all-MiniLM-L6-v2", description=DESCRIPTION, output="llmlingua2-minilm", steps=300)
     train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=1e-4, help="learning rate (default: 1e-4)")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="chunks per step (default: 16)")
     train.add_argument("--rate", type=_float_in(0.01, 1.0), default=0.5,
                        help="rate at which llmlingua labels the corpus (keep/drop per word; default: 0.5)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.set_defaults(handler=run)
 
 
 def run(args) -> int:
     """Label the corpus, train the classifier, save it and (default corpus) evaluate the held-out split."""
     from ..cli import _log, format_table
-    from ..embedded import cache_dir
-    from ..training import evaluate_llmlingua2, llmlingua2_labels, read_paragraphs, stdlib_corpus, train_llmlingua2
+    from ..training import evaluate_llmlingua2, llmlingua2_labels, stdlib_corpus, train_llmlingua2
+    from . import recipe_output, recipe_texts
 
-    texts = read_paragraphs(args.corpus) if args.corpus else stdlib_corpus("train")
-    output = args.output or os.path.join(cache_dir(), "llmlingua2-minilm")
+    texts = recipe_texts(args)
+    output = recipe_output(args, "llmlingua2-minilm")
     _log(f"llmlingua2: labelling {len(texts)} paragraphs with llmlingua at rate {args.rate}, then {args.steps} steps")
     train_llmlingua2(texts, rate=args.rate, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      output_dir=output, progress=not args.no_progress)

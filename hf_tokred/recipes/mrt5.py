@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -515,35 +514,28 @@ def add_train_command(subparsers) -> None:
         >>> build_parser().parse_args(["train", "mrt5"]).target_deletion
         0.5
     """
-    from ..cli import _float_in, _positive_int
+    from ..cli import _float_in
+    from . import add_recipe_parser
 
-    train = subparsers.add_parser("mrt5", help="MrT5's delete gate on a byte-level T5 trained from scratch",
-                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--corpus", metavar="FILE",
-                       help="training text, paragraphs separated by blank lines (default: the Python documentation "
-                            "shipped with the standard library, training split)")
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/byt5-mrt5, or "
-                                                      "byt5-dense with --no-delete); an interrupted run resumes there")
-    train.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
+    train = add_recipe_parser(subparsers, "mrt5", help="MrT5's delete gate on a byte-level T5 trained from scratch",
+                              description=DESCRIPTION, output="byt5-mrt5 (byt5-dense with --no-delete)", steps=300)
     train.add_argument("--target-deletion", type=_float_in(0.0, 0.95), default=0.5,
                        help="fraction of the bytes the gate learns to delete (default: 0.5)")
     train.add_argument("--gate-layer", type=int, default=DEFAULT_GATE_LAYER,
                        help=f"encoder blocks before the gate (default: {DEFAULT_GATE_LAYER}: the gate acts after the "
                             "third of six)")
     train.add_argument("--no-delete", action="store_true", help="train the same model without the gate (baseline)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=run)
 
 
 def run(args) -> int:
     """Train the model, save it, and (default corpus) report its held-out span-corruption loss."""
     from ..cli import _log, format_table
-    from ..embedded import cache_dir
-    from ..training import read_paragraphs, stdlib_corpus
+    from ..training import stdlib_corpus
+    from . import recipe_output, recipe_texts
 
-    texts = read_paragraphs(args.corpus) if args.corpus else stdlib_corpus("train")
-    output = args.output or os.path.join(cache_dir(), "byt5-dense" if args.no_delete else "byt5-mrt5")
+    texts = recipe_texts(args)
+    output = recipe_output(args, "byt5-dense" if args.no_delete else "byt5-mrt5")
     _log(f"mrt5: {args.steps} steps on {len(texts)} paragraphs, {'no gate' if args.no_delete else 'with the gate'}")
     model = train_mrt5(texts, steps=args.steps, delete=not args.no_delete, gate_layer=args.gate_layer,
                        target_deletion=args.target_deletion, seed=args.seed, output_dir=output,

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -478,34 +477,25 @@ def add_train_command(subparsers) -> None:
         >>> build_parser().parse_args(["train", "token_dropping"]).keep
         0.5
     """
-    from ..cli import _float_in, _positive_int
+    from ..cli import _float_in
+    from . import add_recipe_parser
 
-    train = subparsers.add_parser("token_dropping", help="continued MLM pretraining of all-MiniLM-L6-v2 with Token "
-                                                         "Dropping", description=DESCRIPTION,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--corpus", metavar="FILE",
-                       help="training text, paragraphs separated by blank lines (default: the Python documentation "
-                            "shipped with the standard library, training split)")
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/minilm-token-dropping);"
-                                                      " an interrupted run resumes from its checkpoint there")
-    train.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
+    train = add_recipe_parser(subparsers, "token_dropping", help="continued MLM pretraining of all-MiniLM-L6-v2 "
+                              "with Token Dropping", description=DESCRIPTION, output="minilm-token-dropping", steps=200)
     train.add_argument("--keep", type=_float_in(0.01, 1.0), default=0.5,
                        help="fraction of the droppable tokens the middle blocks keep (default: 0.5)")
     train.add_argument("--keep-reduction", action="store_true",
                        help="save the model with the reduction and its importance table attached")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=run)
 
 
 def run(args) -> int:
     """Train on the corpus and save the model (a plain BertForMaskedLM unless --keep-reduction)."""
     from ..cli import _log
-    from ..embedded import cache_dir
-    from ..training import read_paragraphs, stdlib_corpus
+    from . import recipe_output, recipe_texts
 
-    texts = read_paragraphs(args.corpus) if args.corpus else stdlib_corpus("train")
-    output = args.output or os.path.join(cache_dir(), "minilm-token-dropping")
+    texts = recipe_texts(args)
+    output = recipe_output(args, "minilm-token-dropping")
     _log(f"token_dropping: {len(texts)} paragraphs, {args.steps} steps at keep {args.keep}")
     model = train_token_dropping(None, texts, keep=args.keep, steps=args.steps, seed=args.seed, output_dir=output,
                                  keep_reduction=args.keep_reduction, progress=not args.no_progress)

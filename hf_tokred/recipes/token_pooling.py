@@ -9,7 +9,6 @@ folder it writes loads with ``LlamaForCausalLM.from_pretrained(DIR)`` (the reduc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -317,33 +316,27 @@ def add_train_command(subparsers) -> None:
         'whitespace'
     """
     from ..cli import _float_in, _positive_int
+    from . import add_recipe_parser
 
-    train = subparsers.add_parser("token_pooling", help="a byte-level hourglass decoder (Dynamic Token Pooling) "
-                                                        "trained from scratch", description=DESCRIPTION,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--corpus", metavar="FILE", help="training text, paragraphs separated by blank lines "
-                                                        "(default: the standard library's documentation, training split)")
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/token-pooling-"
-                                                      "BOUNDARIES); an interrupted run resumes from its checkpoint")
+    train = add_recipe_parser(subparsers, "token_pooling", help="a byte-level hourglass decoder (Dynamic Token "
+                              "Pooling) trained from scratch", description=DESCRIPTION,
+                              output="token-pooling-BOUNDARIES", steps=300)
     train.add_argument("--boundaries", choices=BOUNDARY_CHOICES, default="whitespace",
                        help="segment ends: whitespace bytes, a learned predictor, or none (the unpooled baseline)")
     train.add_argument("--rate", type=_float_in(0.01, 1.0), default=0.2,
                        help="boundary rate, 1 / shorten factor: the learned predictor's prior (default: 0.2)")
     train.add_argument("--layers", type=_positive_int, default=8, help="decoder layers (default: 8: 2, 4 pooled, 2)")
-    train.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default: 300)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=run)
 
 
 def run(args) -> int:
     """Train, save and report held-out bits per byte (default corpus)."""
     from ..cli import _log
-    from ..embedded import cache_dir
-    from ..training import read_paragraphs, stdlib_corpus
+    from ..training import stdlib_corpus
+    from . import recipe_output, recipe_texts
 
-    texts = read_paragraphs(args.corpus) if args.corpus else stdlib_corpus("train")
-    output = args.output or os.path.join(cache_dir(), f"token-pooling-{args.boundaries}")
+    texts = recipe_texts(args)
+    output = recipe_output(args, f"token-pooling-{args.boundaries}")
     reduction = default_reduction(args.boundaries, rate=args.rate)
     if reduction is not None:
         reduction.pooled_layers(args.layers)  # a clear error for a depth below pre + post before training

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -638,12 +637,11 @@ def add_train_command(subparsers) -> None:
         0.6
     """
     from ..cli import _float_in, _positive_int
+    from . import add_recipe_parser
 
-    train = subparsers.add_parser("tokenskip", help="TokenSkip's LoRA on SmolLM2: shorter reasoning at a chosen ratio",
-                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--output", metavar="DIR", help="output folder (default: ~/.cache/hf_tokred/smollm2-tokenskip); "
-                                                      "an interrupted run resumes from its checkpoint there")
-    train.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    train = add_recipe_parser(subparsers, "tokenskip", help="TokenSkip's LoRA on SmolLM2: shorter reasoning at a "
+                              "chosen ratio", description=DESCRIPTION, output="smollm2-tokenskip (smollm2-cot with "
+                              "--uncompressed)", steps=100, corpus=False)
     train.add_argument("--batch-size", type=_positive_int, default=4, help="examples per step (default: 4)")
     train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=5e-4, help="learning rate (default: 5e-4)")
     train.add_argument("--ratio", type=_float_in(0.5, 1.0), default=0.6, choices=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
@@ -652,18 +650,17 @@ def add_train_command(subparsers) -> None:
                        help="the baseline: train on uncompressed traces only (ratio 1.0)")
     train.add_argument("--classifier", metavar="DIR", help="llmlingua2 classifier folder for the compression")
     train.add_argument("--heldout", type=_positive_int, default=48, help="held-out problems evaluated (default: 48)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.set_defaults(handler=run)
 
 
 def run(args) -> int:
     """Train the LoRA on the embedded SmolLM2, save it, evaluate the held-out problems."""
     from ..cli import _log, format_table
-    from ..embedded import cache_dir, load_smollm2
+    from ..embedded import load_smollm2
+    from . import recipe_output
 
     model, tokenizer = load_smollm2()
-    output = args.output or os.path.join(cache_dir(), "smollm2-cot" if args.uncompressed else "smollm2-tokenskip")
+    output = recipe_output(args, "smollm2-cot" if args.uncompressed else "smollm2-tokenskip")
     ratios, ratio = ((1.0,), 1.0) if args.uncompressed else ((0.5, 0.6, 0.7, 0.8, 0.9, 1.0), args.ratio)
     method, classifier = default_compressor(args.classifier)
     _log(f"tokenskip: {args.steps} steps of {args.batch_size}, ratios {list(ratios)}, compression by {method}")
