@@ -720,6 +720,23 @@ def _fingerprint(items: list[dict], **settings) -> dict:
     return {"data_sha256": digest.hexdigest(), **settings}
 
 
+def decay_groups(params, weight_decay: float) -> tuple[list[dict], list]:
+    """AdamW parameter groups with weight decay on the matrices only (not on biases and norm weights), and the
+    parameters in the groups' order (the order the checkpoints store their AdamW moments in).
+
+    Example:
+        >>> import torch
+        >>> from hf_tokred.training import decay_groups
+        >>> groups, params = decay_groups(torch.nn.Linear(4, 2).parameters(), 0.1)
+        >>> [g["weight_decay"] for g in groups], [tuple(p.shape) for p in params]
+        ([0.1, 0.0], [(2, 4), (2,)])
+    """
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], decay + no_decay
+
+
 def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -> None:
     """Weights, AdamW moments and the RNG state (safetensors) plus the step and losses (JSON), written to a
     temporary folder that then replaces ``folder``: an interrupted save never leaves half a checkpoint."""
@@ -923,12 +940,8 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "texts": len(items),
                  "words": len(labels_flat), "tokens": tokens, "examples": len(examples),
                  "keep_fraction": sum(labels_flat) / max(len(labels_flat), 1)}
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-        params = decay + no_decay
+        groups, params = decay_groups(model.parameters(), weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, model, optimizer, params, state)
         order: list[int] = []
@@ -1025,7 +1038,7 @@ def evaluate_llmlingua2(classifier, labelled: list[dict], *, tokenizer=None, bat
             "word_f1_at_rate": rate_f1, "tokens": n_tokens, "words": n_words}
 
 
-__all__ += ["evaluate_llmlingua2", "llmlingua2_labels", "stdlib_corpus", "train_llmlingua2"]
+__all__ += ["decay_groups", "evaluate_llmlingua2", "llmlingua2_labels", "read_paragraphs", "stdlib_corpus", "train_llmlingua2"]
 
 
 # The recipes of the learned visual-token methods and of MADTP live in their own modules (which import helpers from

@@ -99,11 +99,22 @@ def _generate_compressing_prompt(self, *args, **kwargs):
     store[self] = results
     new_ids, new_mask = (t.to(input_ids.device) for t in pad_batch(rows, _pad_id(self, tokenizer), left=True))
     kwargs["attention_mask"] = new_mask
-    output = inner(self, new_ids, *args, **kwargs)
+    return with_caller_prompt(inner(self, new_ids, *args, **kwargs), input_ids, new_ids.shape[1])
+
+
+def with_caller_prompt(output, input_ids: torch.Tensor, rewritten_length: int):
+    """``generate()``'s ``output`` for a rewritten prompt of ``rewritten_length`` tokens, with the caller's own
+    ``input_ids`` in front of the new tokens instead: what ``generate()`` returns for the prompt it was given
+    (rows repeated for beams and ``num_return_sequences``). A tensor or a ``GenerateOutput`` (changed in place).
+
+    Example:
+        >>> import torch
+        >>> with_caller_prompt(torch.tensor([[7, 8, 9, 5]]), torch.tensor([[1, 2]]), 3).tolist()
+        [[1, 2, 5]]
+    """
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    # the caller's prompt, then the new tokens: what generate() returns for the prompt it was given
     prompt = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    sequences = torch.cat([prompt, sequences[:, new_ids.shape[1]:]], dim=1)
+    sequences = torch.cat([prompt, sequences[:, rewritten_length:]], dim=1)
     if isinstance(output, torch.Tensor):
         return sequences
     output.sequences = sequences

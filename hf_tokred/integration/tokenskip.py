@@ -31,6 +31,7 @@ import torch
 from ..errors import TokenReductionError
 from ..methods.nlp.tokenskip import MODULE_NAME
 from ..prompt.base import pad_batch
+from .prompt import with_caller_prompt
 from .wiring import MODULES_ATTR, get_applied, register_wiring
 
 
@@ -67,14 +68,7 @@ def _generate_with_control(self, *args, **kwargs):
     rows = [input_ids[b][mask[b]].tolist() + control for b in range(input_ids.shape[0])]
     new_ids, new_mask = (t.to(input_ids.device) for t in pad_batch(rows, _pad_id(generation_config), left=True))
     output = _generate_with_reduction(self, new_ids, *args, attention_mask=new_mask, **kwargs)
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    # the caller's prompt, then the new tokens: what generate() returns for the prompt it was given
-    prompt = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    sequences = torch.cat([prompt, sequences[:, new_ids.shape[1]:]], dim=1)
-    if isinstance(output, torch.Tensor):
-        return sequences
-    output.sequences = sequences
-    return output
+    return with_caller_prompt(output, input_ids, new_ids.shape[1])
 
 
 def _ids(value) -> list[int]:

@@ -339,7 +339,7 @@ def train_token_dropping(model=None, texts=None, *, tokenizer=None, keep: float 
     from .. import apply, remove
     from ..integration.token_dropping import importance_table, keep_positions, last_drop, mlm_token_losses
     from ..integration.wiring import get_applied
-    from ..training import LR_SCHEDULES, _prepare_checkpoint, _resumable_step, lr_factor, stdlib_corpus
+    from ..training import LR_SCHEDULES, _prepare_checkpoint, _resumable_step, decay_groups, lr_factor, stdlib_corpus
 
     if texts is None:
         texts = stdlib_corpus("train")
@@ -390,11 +390,8 @@ def train_token_dropping(model=None, texts=None, *, tokenizer=None, keep: float 
                                    max_grad_norm=max_grad_norm)
         state = {"step": 0, "losses": [], "kept": [], "fingerprint": fingerprint, "chunks": len(chunks),
                  "tokens": sum(len(c) for c in chunks)}
-        decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-        params = decay + no_decay
+        groups, params = decay_groups(model.parameters(), weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, model, optimizer, params, state)
         state.setdefault("kept", [])

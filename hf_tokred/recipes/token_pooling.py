@@ -202,7 +202,7 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
 
     from ..config import TokenReductionConfig
     from ..integration.hourglass import last_pooling
-    from ..training import _prepare_checkpoint, _save_checkpoint, stdlib_corpus
+    from ..training import _prepare_checkpoint, _save_checkpoint, decay_groups, stdlib_corpus
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
                             ("layers", layers, isinstance(layers, int) and layers >= 1),
@@ -249,12 +249,8 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
         model.generation_config.eos_token_id = None  # bytes never stop early on a random EOS
         if reduction is not None:
             hf_tokred.apply(model, reduction)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-        params = decay + no_decay
+        groups, params = decay_groups(model.parameters(), 0.1)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
         starts = torch.randint(0, stream.numel() - seq_len, (steps, batch_size),
                                generator=torch.Generator().manual_seed(seed))
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, model, optimizer, params, state)
