@@ -944,10 +944,7 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
         optimizer = torch.optim.AdamW(groups, lr=lr)
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, model, optimizer, params, state)
-        order: list[int] = []
-        generator = torch.Generator().manual_seed(seed)
-        while len(order) < steps * batch_size:
-            order += torch.randperm(len(examples), generator=generator).tolist()
+        order = _batch_order(len(examples), steps * batch_size, True, torch.Generator().manual_seed(seed))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         device = next(model.parameters()).device
         model.train()

@@ -437,7 +437,7 @@ def train_tokenskip(model, tokenizer, *, problems: list[Problem] | None = None, 
     from tqdm.auto import tqdm
 
     from ..methods.nlp.tokenskip import MODULE_NAME
-    from ..training import LR_SCHEDULES, _prepare_checkpoint, _resumable_step, lr_factor
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
 
     _check_settings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, save_every=save_every,
                     max_grad_norm=max_grad_norm, train_problems=train_problems)
@@ -474,10 +474,7 @@ def train_tokenskip(model, tokenizer, *, problems: list[Problem] | None = None, 
                  "compression": compression_summary(examples), "seconds": 0.0}
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, lora, optimizer, params, state)
-        order: list[int] = []
-        generator = torch.Generator().manual_seed(seed)
-        while len(order) < steps * batch_size:
-            order += torch.randperm(len(examples), generator=generator).tolist()
+        order = _batch_order(len(examples), steps * batch_size, True, torch.Generator().manual_seed(seed))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = model.get_input_embeddings().weight.device
         was_training = model.training
