@@ -78,19 +78,26 @@ def predictors(model) -> torch.nn.Module:
     return model._modules[MODULES_ATTR]["dynamicvit"]
 
 
+def _sequence_reducer(model, what: str):
+    """The attached sequence-stage reducer, or a TokenReductionError saying how to attach one."""
+    applied = get_applied(model)
+    reducer = None if applied is None else applied.config.get("sequence")
+    if reducer is None:
+        raise TokenReductionError(f"{what}: {type(model).__name__} has no sequence reduction attached; apply one first, "
+                                  "e.g. hf_tokred.apply(model, {'method': 'dynamicvit', 'keep_rate': 0.7})")
+    return reducer
+
+
 @contextlib.contextmanager
 def dense_pass(model):
-    """Within this block the attached learned sequence reducer (DynamicViT or MADTP) does nothing: the model runs
-    densely (the teacher).
+    """Within this block the attached sequence reducer (any encoder method: DynamicViT, MADTP, ToMe, ...) does
+    nothing: the model runs densely (the teacher of a distillation loss).
 
     Example:
         >>> with dense_pass(model), torch.no_grad():                  # doctest: +SKIP
         ...     teacher_out = model(**batch)
     """
-    applied = get_applied(model)
-    sequence = None if applied is None else applied.config.get("sequence")
-    reducer = _reducer(model, sequence.method if sequence is not None and sequence.method in _SEQUENCE_EXAMPLES
-                       else "dynamicvit")
+    reducer = _sequence_reducer(model, "dense_pass")
     previous = getattr(reducer, "_dense", False)
     reducer._dense = True
     try:
@@ -368,16 +375,18 @@ def _pooled_cosine(model, model_inputs: dict, dense: torch.Tensor) -> torch.Tens
 def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, lr: float = 3e-5,
                       lr_schedule: str = "linear", shuffle: bool = True, seed: int = 0, log_every: int = 0,
                       log=print) -> list[float]:
-    """Fine-tune the backbone of a DynamicViT-reduced ``model`` through its *hard* reduction (predictors fixed).
+    """Fine-tune the backbone of a reduced ``model`` through its *hard* reduction (learned parts fixed).
 
-    The predictors stay in eval mode, so every step runs exactly the inference graph: each stage drops (or,
-    with ``fuse=True``, fuses) the tokens its predictor ranks lowest, and the backbone (AdamW at ``lr``,
-    ``lr_schedule`` decay, no weight decay) learns to give the sentence embedding of the remaining tokens
-    (:func:`pooled_cosine_loss`) the direction of the dense ``teacher``'s (a separate frozen model, e.g. a
-    copy made before ``hf_tokred.apply``). Run it after :func:`train_dynamicvit` has trained the predictors.
-    This is the fuse-aware part: the fused token's size weighs in the loss as it does at inference.
-    ``batches`` are visited in a new seeded order every pass (``shuffle``). Leaves every parameter frozen
-    and the model in eval mode; returns the loss of every step.
+    Works for every encoder sequence reducer: the learned parts (``model.hf_tokred_modules``: DynamicViT's
+    predictors, A-ViT's halting heads, ...) stay frozen in eval mode, so every step runs exactly the inference
+    graph (each stage drops, fuses or merges what it would at inference), and the backbone (AdamW at ``lr``,
+    ``lr_schedule`` decay, no weight decay) learns to give the sentence embedding of the reduced sequence
+    (:func:`pooled_cosine_loss`) the direction of the dense ``teacher``'s (a separate frozen model, e.g. a copy
+    made before ``hf_tokred.apply``). For a learned method run it after the method's own trainer (e.g.
+    :func:`train_dynamicvit`); for a training-free one (ToMe) it adapts the backbone to the reduction. The
+    size of a fused or merged token weighs in the loss as it does at inference. ``batches`` are visited in a
+    new seeded order every pass (``shuffle``). Leaves every parameter frozen and the model in eval mode;
+    returns the loss of every step.
 
     Example:
         >>> teacher = copy.deepcopy(model)                                                 # doctest: +SKIP
@@ -386,15 +395,16 @@ def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, 
         >>> losses = fine_tune_reduced(model, batches, teacher=teacher, steps=300)         # doctest: +SKIP
     """
     _check_loop("fine_tune_reduced", batches, steps, lr, lr_schedule)
-    learned = predictors(model)
+    _sequence_reducer(model, "fine_tune_reduced")
+    learned = model._modules.get(MODULES_ATTR) or torch.nn.ModuleDict()
     if teacher is None or teacher is model:
         raise TokenReductionError("fine_tune_reduced: needs a separate frozen dense teacher model (e.g. "
                                   "copy.deepcopy(model) made before hf_tokred.apply)")
-    trainable = {id(p) for p in learned.parameters()}
-    backbone = [p for p in model.parameters() if id(p) not in trainable]
+    learned_ids = {id(p) for p in learned.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in learned_ids]
     for parameter in model.parameters():
-        parameter.requires_grad_(id(parameter) not in trainable)
-    model.eval()  # the backbone without dropout, the predictors in eval mode: the hard drop of inference
+        parameter.requires_grad_(id(parameter) not in learned_ids)
+    model.eval()  # the backbone without dropout, the learned parts in eval mode: the hard reduction of inference
     dense: dict[int, torch.Tensor] = {}  # the frozen teacher's embeddings, computed once per batch
 
     def step_loss(index: int) -> torch.Tensor:

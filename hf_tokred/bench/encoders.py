@@ -356,17 +356,18 @@ def _label(params: dict) -> str:
 
 def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, batch_size: int = DEFAULT_BATCH,
                 train_texts: int = 64, train_steps: int = 40, calibration_texts: int = 32,
-                train_backbone: bool = False, train_lr: float = 3e-3, backbone_lr: float | None = None,
+                train_backbone: bool = False, train_lr: float | None = None, backbone_lr: float | None = None,
                 lr_schedule: str = "constant", shuffle: bool = False, finetune_steps: int = 0,
                 finetune_lr: float = 3e-5, variants: list | None = None, log=None) -> dict:
     """The quality part: every variant of the chosen ``methods`` at every setting on MiniLM; the JSON-ready record.
 
-    ``variants`` are ``(label, method, [params, ...])`` (default :data:`QUALITY_VARIANTS`). DynamicViT predictors train for ``train_steps`` steps on ``train_texts``
-    texts after the evaluation set (:func:`hf_tokred.training.train_dynamicvit`, learning rate ``train_lr``),
+    ``variants`` are ``(label, method, [params, ...])`` (default :data:`QUALITY_VARIANTS`). The learned parts of a learned
+    method (DynamicViT's predictors, ...) train for ``train_steps`` steps on ``train_texts`` texts after the
+    evaluation set (``hf_tokred.training.train_<method>``, learning rate ``train_lr``, default the method's own),
     one training per setting (``lr_schedule``: constant or decaying learning rate; ``shuffle``: a seeded new order
     of the training batches every pass); with ``train_backbone`` a copy of the model is fine-tuned with them (at
     ``backbone_lr``, distilled from the untouched dense model), so later rows still see the original weights;
-    with ``finetune_steps`` a copy's backbone is then fine-tuned through the hard reduction, predictors fixed
+    with ``finetune_steps`` a copy's backbone is then fine-tuned through the hard reduction, learned parts fixed
     (:func:`hf_tokred.training.fine_tune_reduced`, ``finetune_lr`` with a linear decay, shuffled batches);
     DiffRate measures its sensitivities once on ``calibration_texts`` of those texts and calibrates a schedule
     per FLOPs target (:func:`hf_tokred.methods.encoder.diffrate.calibrate`).
@@ -407,41 +408,25 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
                 params, extra = _calibrated(model, tokenizer, params, learning, texts, calibration_texts,
                                             batch_size, log)
             cfg = _config(method, params)
+            learned = cfg.learned
             fine_tune = method == "dynamicvit" and train_backbone
-            hard_tune = method == "dynamicvit" and finetune_steps > 0
+            hard_tune = learned and finetune_steps > 0
             # A fine-tuned backbone must not leak into later rows: train a copy, the dense model is its teacher.
             target = copy.deepcopy(model) if fine_tune or hard_tune else model
             hf_tokred.apply(target, cfg)
             try:
-                if method == "dynamicvit":
-                    from hf_tokred.training import fine_tune_reduced, train_dynamicvit
-
-                    trained = time.perf_counter()
-                    losses = train_dynamicvit(target, training_batches(), steps=train_steps, lr=train_lr,
-                                              train_backbone=fine_tune, teacher=model if fine_tune else None,
-                                              backbone_lr=backbone_lr if fine_tune else None,
-                                              lr_schedule=lr_schedule, shuffle=shuffle)
-                    extra = {"train_steps": train_steps, "train_texts": train_texts, "train_lr": train_lr,
-                             "train_backbone": fine_tune, "backbone_lr": (backbone_lr or train_lr / 100)
-                             if fine_tune else None, "lr_schedule": lr_schedule, "shuffle": shuffle,
-                             "train_s": round(time.perf_counter() - trained, 1), "final_loss": round(losses[-1], 5)}
-                    log(f"dynamicvit {_label(params)}: trained {'predictors and backbone' if fine_tune else 'predictors'}"
-                        f" in {extra['train_s']:.0f} s (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
-                    if hard_tune:
-                        tuned = time.perf_counter()
-                        tune_losses = fine_tune_reduced(target, training_batches(), teacher=model,
-                                                        steps=finetune_steps, lr=finetune_lr)
-                        extra.update({"finetune_steps": finetune_steps, "finetune_lr": finetune_lr,
-                                      "finetune_s": round(time.perf_counter() - tuned, 1),
-                                      "finetune_final_loss": round(tune_losses[-1], 6)})
-                        log(f"dynamicvit {_label(params)}: fine-tuned the backbone through the hard reduction in "
-                            f"{extra['finetune_s']:.0f} s (loss {tune_losses[0]:.5f} -> {tune_losses[-1]:.5f})")
+                if learned:
+                    extra = _train_learned(method, params, target, model, training_batches(), log,
+                                           train_steps=train_steps, train_texts=train_texts, train_lr=train_lr,
+                                           fine_tune=fine_tune, backbone_lr=backbone_lr, lr_schedule=lr_schedule,
+                                           shuffle=shuffle, finetune_steps=finetune_steps if hard_tune else 0,
+                                           finetune_lr=finetune_lr)
                 embeddings, flops = embed_with_flops(target, batches, reduced=True)
             finally:
                 hf_tokred.remove(target)
             row = {"variant": label, "method": method, "setting": _label(shown), "params": params,
                    "flops_saved": round(1 - flops / dense_flops, 6), "cosine": cosine_stats(embeddings, reference),
-                   "learned": method in LEARNED, "wall_s": round(time.perf_counter() - started, 2), **extra}
+                   "learned": method in LEARNED or cfg.learned, "wall_s": round(time.perf_counter() - started, 2), **extra}
             rows.append(row)
             log(f"{label:14s} {row['setting']:28s} saved {row['flops_saved']:.3f}  cos {row['cosine']['mean']:.4f}")
     at_target = {}
@@ -460,6 +445,41 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
         "cosine_at_30pct_saved": at_target,
         "not_registered": missing,
     }
+
+
+def _train_learned(method: str, params: dict, target, teacher, batches: list[dict], log, *, train_steps: int,
+                   train_texts: int, train_lr: float | None, fine_tune: bool, backbone_lr: float | None,
+                   lr_schedule: str, shuffle: bool, finetune_steps: int, finetune_lr: float) -> dict:
+    """Train the learned parts of ``target`` (reduced with ``method``) with ``hf_tokred.training.train_<method>``
+    (phase 1), then, with ``finetune_steps``, its backbone through the hard reduction (phase 2,
+    :func:`hf_tokred.training.fine_tune_reduced`); ``teacher`` is the untouched dense model. Returns the row's
+    training record."""
+    from hf_tokred import training
+
+    trainer = getattr(training, f"train_{method}")
+    options = {"lr": train_lr} if train_lr is not None else {}
+    if method == "dynamicvit":
+        options.update(train_backbone=fine_tune, teacher=teacher if fine_tune else None,
+                       backbone_lr=backbone_lr if fine_tune else None)
+    else:
+        options["teacher"] = teacher
+    started = time.perf_counter()
+    losses = trainer(target, batches, steps=train_steps, lr_schedule=lr_schedule, shuffle=shuffle, **options)
+    extra = {"train_steps": train_steps, "train_texts": train_texts, "train_lr": train_lr,
+             "train_backbone": fine_tune, "backbone_lr": (backbone_lr or (train_lr or 3e-3) / 100) if fine_tune else None,
+             "lr_schedule": lr_schedule, "shuffle": shuffle, "train_s": round(time.perf_counter() - started, 1),
+             "final_loss": round(losses[-1], 5)}
+    log(f"{method} {_label(params)}: trained {'the learned parts and the backbone' if fine_tune else 'the learned parts'}"
+        f" in {extra['train_s']:.0f} s (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    if finetune_steps:
+        started = time.perf_counter()
+        tune_losses = training.fine_tune_reduced(target, batches, teacher=teacher, steps=finetune_steps, lr=finetune_lr)
+        extra.update({"finetune_steps": finetune_steps, "finetune_lr": finetune_lr,
+                      "finetune_s": round(time.perf_counter() - started, 1),
+                      "finetune_final_loss": round(tune_losses[-1], 6)})
+        log(f"{method} {_label(params)}: fine-tuned the backbone through the hard reduction in "
+            f"{extra['finetune_s']:.0f} s (loss {tune_losses[0]:.5f} -> {tune_losses[-1]:.5f})")
+    return extra
 
 
 # Candidate rates of the benchmark's DiffRate calibration (a coarser grid than the default keeps it to minutes).
@@ -806,9 +826,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                         help=f"texts per batch of the quality part (default: {DEFAULT_BATCH})")
     parser.add_argument("--train-texts", type=_positive_int, default=64, metavar="N",
-                        help="texts (after the evaluation set) that train DynamicViT (default: 64)")
+                        help="texts (after the evaluation set) that train the learned methods (default: 64)")
     parser.add_argument("--train-steps", type=_positive_int, default=40, metavar="N",
-                        help="optimizer steps of each DynamicViT training (default: 40)")
+                        help="optimizer steps of each learned method's training (default: 40)")
     parser.add_argument("--dynamicvit-keep-rate", type=float, action="append", metavar="RHO",
                         help="a DynamicViT keep_rate of the quality part, repeatable (default: "
                              f"{' '.join(str(p['keep_rate']) for p in _DYNAMICVIT_SETTINGS)})")
@@ -817,21 +837,21 @@ def add_command(subparsers) -> None:
                              f"{' '.join(str(b) for b in _DYNAMICVIT_SETTINGS[0]['layers'])})")
     parser.add_argument("--predictor-dim", type=_positive_int, metavar="N",
                         help="width of the DynamicViT predictors (default: the model's hidden size, the paper's)")
-    parser.add_argument("--train-lr", type=float, default=3e-3, metavar="LR",
-                        help="learning rate of the DynamicViT predictors (default: 3e-3)")
+    parser.add_argument("--train-lr", type=float, metavar="LR",
+                        help="learning rate of the learned parts (default: each method's own; DynamicViT 3e-3)")
     parser.add_argument("--train-backbone", action="store_true",
                         help="DynamicViT: fine-tune a copy of the backbone with the predictors, distilled from the "
                              "dense model (the paper's joint training)")
     parser.add_argument("--backbone-lr", type=float, metavar="LR",
                         help="learning rate of the backbone with --train-backbone (default: --train-lr / 100)")
     parser.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
-                        help="DynamicViT training: learning-rate schedule (default: constant)")
+                        help="learned methods' training: learning-rate schedule (default: constant)")
     parser.add_argument("--shuffle", action="store_true",
-                        help="DynamicViT training: visit the training batches in a new seeded order every pass "
+                        help="learned methods' training: visit the training batches in a new seeded order every pass "
                              "(default: in order, shortest texts first)")
     parser.add_argument("--finetune-steps", type=_positive_int, default=0, metavar="N",
-                        help="DynamicViT: after training the predictors, fine-tune a copy of the backbone for N steps "
-                             "through the hard reduction (predictors fixed) on the embedding cosine to the dense model "
+                        help="learned methods: after training their learned parts, fine-tune a copy of the backbone for N "
+                             "steps through the hard reduction (learned parts fixed) on the embedding cosine to the dense model "
                              "(default: 0, off)")
     parser.add_argument("--finetune-lr", type=float, default=3e-5, metavar="LR",
                         help="learning rate of --finetune-steps (linear decay to 0; default: 3e-5)")

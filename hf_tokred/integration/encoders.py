@@ -604,6 +604,8 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
 
     def decide(index, hidden, training):
         """Run the reducer at block ``index``; returns (pending hard reduction or None, soft mask or None)."""
+        if getattr(reducer, "_dense", False):  # hf_tokred.training.dense_pass: the model runs dense (a teacher)
+            return None, None
         size, valid = state.entry[index]
         if state.needs and index not in state.stats and state.reduce_at == "attention":
             raise TokenReductionError(

@@ -1,0 +1,57 @@
+"""The training tools every encoder sequence reducer shares: dense_pass and fine_tune_reduced on any method."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import hf_tokred
+from hf_tokred.errors import TokenReductionError
+from hf_tokred.training import dense_pass, fine_tune_reduced, pooled_cosine_loss
+
+
+def make_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def batch(seed=0):
+    ids = torch.randint(5, 64, (2, 20), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_dense_pass_runs_any_sequence_reducer_densely():
+    dense = make_bert()
+    model = hf_tokred.apply(copy.deepcopy(dense), {"method": "tome", "r": 4})
+    inputs = batch()
+    with torch.no_grad():
+        assert model(**inputs).last_hidden_state.shape[1] == 20 - 3 * 4
+        with dense_pass(model):
+            inside = model(**inputs).last_hidden_state
+        reduced_again = model(**inputs).last_hidden_state
+    assert torch.equal(inside, dense(**inputs).last_hidden_state)
+    assert reduced_again.shape[1] == 8
+    with pytest.raises(TokenReductionError, match="no sequence reduction attached"):
+        with dense_pass(make_bert()):
+            pass
+
+
+def test_fine_tune_reduced_adapts_the_backbone_to_a_training_free_reducer():
+    teacher = make_bert()
+    model = hf_tokred.apply(copy.deepcopy(teacher), {"method": "tome", "r": 4})
+    batches = [batch(seed) for seed in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        start = pooled_cosine_loss(model, batches[0], teacher)
+    losses = fine_tune_reduced(model, batches, teacher=teacher, steps=10, lr=1e-3, shuffle=False)
+    with torch.no_grad():
+        assert len(losses) == 10 and pooled_cosine_loss(model, batches[0], teacher) < start
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), make_bert().parameters()))  # teacher untouched
