@@ -40,11 +40,12 @@ FIGURES = {
     "visual": "[vlm.md](vlm.md)",
     "prompt": "[prompt.md](prompt.md)",
     "prefill": "[prompt.md](prompt.md)",
-    # methods with a wiring of their own are written up by family, not by stage
+    # methods with a wiring of their own are written up by family where it is not their stage's (else: the stage's)
     "mrt5": "[nlp.md](nlp.md)",
     "token_pooling": "[nlp.md](nlp.md)",
     "token_dropping": "[nlp.md](nlp.md)",
     "tokenskip": "[nlp.md](nlp.md)",
+    "ssm_prune": "[encoders.md](encoders.md#state-space-models-ssm_prune-mamba-mamba-2)",
 }
 
 _WHEN = {"step": "every step", "prefill": "once after the prompt"}
@@ -123,7 +124,7 @@ def method_rows() -> list[dict]:
             "stage": stage,
             "models": _models(cls),
             "status": cls.status,
-            "figures": FIGURES.get(cls.wiring or cls.stage, ""),
+            "figures": FIGURES.get(cls.wiring) or FIGURES.get(cls.stage, ""),
         })
     return rows
 
@@ -160,7 +161,9 @@ def methods_markdown() -> str:
     lines += ["", "| key | method | paper | stage | architectures (adapters) | status | figures |",
               "|---|---|---|---|---|---|---|"]
     for row in method_rows():
-        paper = f"[{row['paper']}](https://arxiv.org/abs/{row['paper']})" if row["paper"] else "—"
+        paper = row["paper"] or "—"
+        if re.fullmatch(r"\d{4}\.\d{4,5}", paper):  # an arXiv id (else a venue, e.g. a paper with no preprint)
+            paper = f"[{paper}](https://arxiv.org/abs/{paper})"
         lines.append(f"| `{row['key']}` | {row['title']} | {paper} | {row['stage']} | "
                      f"{format_models(row['models'], code=True)} | {row['status']} | {row['figures'] or '—'} |")
     lines += ["", "Adapters: the architectures each model kind covers (`hf_tokred.model_patches`).", "",

@@ -365,9 +365,14 @@ def _pooled_cosine(model, model_inputs: dict, dense: torch.Tensor) -> torch.Tens
     from .integration.encoders import token_sizes
 
     hidden = _last_hidden(model(**model_inputs))
-    real = _real_mask(model_inputs, hidden)
-    # nothing reduced (e.g. keep_rate=1.0): the masked mean; else each output token weighs as the tokens it holds
-    sizes = real if hidden.shape[1] == real.shape[1] else token_sizes(model).to(hidden.dtype)
+    # each output token weighs as the input tokens it holds (0 for padding); without a sequence state (a reducer
+    # with its own wiring) the attention mask, when there is one
+    try:
+        sizes = token_sizes(model).to(hidden.dtype)
+    except TokenReductionError:
+        sizes = None
+    if sizes is None or sizes.shape != hidden.shape[:2]:
+        sizes = _real_mask(model_inputs, hidden)
     pooled = (hidden * sizes[..., None]).sum(dim=1) / sizes.sum(dim=1, keepdim=True).clamp_min(1e-6)
     return 1 - torch.nn.functional.cosine_similarity(pooled.float(), dense.float(), dim=-1).mean()
 
@@ -1055,7 +1060,10 @@ _RECIPES = {"train_madtp": "training_madtp", "madtp_loss": "training_madtp", "tr
             "train_token_pooling": "recipes.token_pooling",
             "train_token_dropping": "recipes.token_dropping", "TokenDroppingCallback": "recipes.token_dropping",
             "train_tokenskip": "recipes.tokenskip",
-            "train_mrt5": "recipes.mrt5"}
+            "train_mrt5": "recipes.mrt5", "train_dydit": "recipes.dydit", "train_tokenlearner": "recipes.tokenlearner",
+            "train_avit": "recipes.avit", "avit_loss": "recipes.avit", "train_ia_red2": "recipes.ia_red2",
+            "ia_red2_loss": "recipes.ia_red2", "train_evo_vit": "recipes.evo_vit", "train_stvit": "recipes.stvit",
+            "train_spvit": "recipes.spvit", "train_tocom": "recipes.tocom"}
 
 
 def __getattr__(name: str):

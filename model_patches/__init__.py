@@ -28,7 +28,7 @@ import torch
 
 from hf_tokred.errors import UnsupportedModelError
 
-KINDS = ("decoder", "encoder", "unet", "dit", "seq2seq")
+KINDS = ("decoder", "encoder", "unet", "dit", "seq2seq", "ssm")
 
 
 @dataclass(frozen=True)
@@ -169,3 +169,4 @@ def find_adapter(model) -> ModelAdapter:
 
 # Importing registers the adapters.
 from . import beit, bert, clip, cohere2, data2vec_vision, decoder, deit, dinov2, distilbert, dit, flux, modernbert, pixart, roberta, sd3, siglip, t5, unet, vit, vlm, blip  # noqa: E402,F401,I001
+from . import mamba, timesformer, videomae, xclip  # noqa: E402,F401,I001

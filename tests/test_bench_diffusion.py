@@ -38,8 +38,10 @@ def test_diffusion_benchmark_tiny(tmp_path, capsys):
         ("tomesd 0.1.3", "ratio=0.5"), ("tome_sd (ours)", "ratio=0.5"),
         ("tomesd 0.1.3", "ratio=0.7"), ("tome_sd (ours)", "ratio=0.7"),
         ("todo (ours)", "downsample_factor=2"),
+        ("freqts (ours, partial step)", "ratio=0.5 full_every=3"), ("freqts (ours, partial step)", "ratio=0.7 full_every=3"),
     ]
-    assert [r["method"] for r in dit["results"]] == ["dense", "tome_sd (ours)", "tome_sd (ours)", "todo (ours)"]
+    assert [r["method"] for r in dit["results"]] == ["dense", "tome_sd (ours)", "tome_sd (ours)", "todo (ours)",
+                                                      *["freqts (ours, partial step)"] * 2, *["dydit (ours)"] * 2]
     for run in (unet, dit):
         dense, *reduced = run["results"]
         assert dense["relative_error"] == 0 and dense["flop_speedup"] == 1

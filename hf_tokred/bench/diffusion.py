@@ -54,7 +54,13 @@ MODELS = ("unet", "dit")
 SIZES = ("full", "tiny")
 DEFAULT_RATIOS = (0.3, 0.5, 0.7)
 DEFAULT_TODO_FACTORS = (2,)
-METHODS = ("tome_sd", "tomesd", "todo")
+METHODS = ("tome_sd", "tomesd", "todo", "freqts", "dydit")
+# FreqTS recomputes every token every third step; the bench times one of its partial steps (a run averages
+# 1 full + 2 partial steps).
+FREQTS_FULL_EVERY = 3
+# DyDiT on the DiT only (its paper's target): (heads, MLP groups, tokens through the MLP) kept, fixed routes on random
+# weights, about the paper's DyDiT-XL at lambda 0.7 (29 % saved) and 0.5 (51 %).
+DYDIT_PRESETS = ((0.875, 0.875, 0.8), (0.625, 0.625, 0.7))
 
 COMMAND_DESCRIPTION = """\
 One denoising step of a Stable Diffusion 1.5 UNet (64x64 latents) and of a DiT-XL/2 transformer
@@ -128,23 +134,32 @@ def build_dit(size: str = "full"):
     ).eval()
 
 
-def model_inputs(name: str, model, batch: int = 2) -> Callable[[], torch.Tensor]:
-    """A function running one step of ``model`` on fixed random inputs (the CFG batch) and returning its output."""
+def step_inputs(name: str, model, batch: int = 2) -> dict:
+    """The fixed random inputs of one step of ``model`` (the CFG batch), as keyword arguments of its forward."""
     generator = torch.Generator().manual_seed(1)
     size = model.config.sample_size
     latent = torch.randn(batch, model.config.in_channels, size, size, generator=generator)
     timestep = torch.full((batch,), 500)
     if name == "unet":
         text = torch.randn(batch, 77, model.config.cross_attention_dim, generator=generator)
+        return {"sample": latent, "timestep": timestep, "encoder_hidden_states": text}
+    labels = torch.tensor([i % model.config.num_embeds_ada_norm for i in range(batch)])
+    labels[batch // 2 :] = model.config.num_embeds_ada_norm  # the null class of the uncond half
+    return {"hidden_states": latent, "timestep": timestep, "class_labels": labels}
+
+
+def model_inputs(name: str, model, batch: int = 2) -> Callable[[], torch.Tensor]:
+    """A function running one step of ``model`` on :func:`step_inputs` and returning its output."""
+    inputs = step_inputs(name, model, batch)
+    if name == "unet":  # sample and timestep positional: tomesd's hooks read them from args
+        sample, timestep, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
 
         def step():
-            return model(latent, timestep, encoder_hidden_states=text).sample
+            return model(sample, timestep, encoder_hidden_states=text).sample
     else:
-        labels = torch.tensor([i % model.config.num_embeds_ada_norm for i in range(batch)])
-        labels[batch // 2 :] = model.config.num_embeds_ada_norm  # the null class of the uncond half
 
         def step():
-            return model(latent, timestep=timestep, class_labels=labels).sample
+            return model(**inputs).sample
 
     return step
 
@@ -167,6 +182,11 @@ class Variant:
     block_times: list[float] = field(default_factory=list)
     flops: int = 0
     output: torch.Tensor | None = None
+    # FLOPs that depend on the values (a learned router's choices): counted on the real model, not the meta copy.
+    data_dependent: bool = False
+    # Untimed calls after attach: a cross-step method (freqts) fills its cache on its first call, a full step; the
+    # timed and counted call is then one of its partial steps.
+    prime: int = 0
 
 
 def _tomesd():
@@ -201,7 +221,36 @@ def build_variants(model_name: str, methods, ratios, todo_factors) -> list[Varia
         for factor in todo_factors:
             variants.append(Variant("todo (ours)", f"downsample_factor={factor}",
                                     ours({"method": "todo", "downsample_factor": factor}), hf_tokred.remove))
+    if "freqts" in methods:
+        for ratio in ratios:
+            cfg = {"method": "freqts", "ratio": ratio, "full_every": FREQTS_FULL_EVERY}
+            if model_name == "unet":
+                cfg["max_downsample"] = 8  # every UNet level: level 1 alone saves little (convolutions dominate)
+            variants.append(Variant("freqts (ours, partial step)", f"ratio={ratio:g} full_every={FREQTS_FULL_EVERY}",
+                                    ours(cfg), hf_tokred.remove, prime=1))
+    if "dydit" in methods and model_name == "dit":
+        variants.extend(_dydit_variant(*preset) for preset in DYDIT_PRESETS)
     return variants
+
+
+def _dydit_variant(heads: float, groups: float, tokens: float) -> Variant:
+    """DyDiT with fixed routes (an untrained DyDiT is dense): set once on the step's input, reloaded on every attach."""
+    import hf_tokred
+    from hf_tokred.recipes.dydit import preset_routes
+
+    routes = {}
+
+    def attach(model):
+        hf_tokred.apply(model, {"method": "dydit"})
+        if not routes:
+            with torch.no_grad():
+                preset_routes(model, step_inputs("dit", model), heads=heads, groups=groups, tokens=tokens)
+            routes.update({k: v.clone() for k, v in model.hf_tokred_modules.state_dict().items()})
+        else:
+            model.hf_tokred_modules.load_state_dict(routes)
+
+    return Variant("dydit (ours)", f"heads={heads:g} groups={groups:g} tokens={tokens:g}", attach, hf_tokred.remove,
+                   data_dependent=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +371,12 @@ def run_model(model_name: str, size: str, variants: list[Variant], repeats: int,
         shapes_only = _build(model_name, size)
         meta_step = model_inputs(model_name, shapes_only, batch)
     for variant in variants:
+        if variant.data_dependent:
+            continue
         variant.attach(shapes_only)
         try:
+            for _ in range(variant.prime):
+                meta_step()
             variant.flops, _ = count_flops(meta_step)
         finally:
             variant.detach(shapes_only)
@@ -331,6 +384,16 @@ def run_model(model_name: str, size: str, variants: list[Variant], repeats: int,
 
     model = _build(model_name, size)
     step = model_inputs(model_name, model, batch)
+    for variant in variants:
+        if variant.data_dependent:
+            variant.attach(model)
+            try:
+                with torch.no_grad():
+                    for _ in range(variant.prime):
+                        step()
+                    variant.flops, _ = count_flops(step)
+            finally:
+                variant.detach(model)
     with torch.no_grad():
         step()  # warm-up: one-time allocations and kernel choices land on no variant
     profiles = {}
@@ -340,6 +403,9 @@ def run_model(model_name: str, size: str, variants: list[Variant], repeats: int,
             for variant in _round_order(variants, round_index):
                 variant.attach(model)
                 try:
+                    with torch.no_grad():
+                        for _ in range(variant.prime):
+                            step()
                     timer.reset()
                     with torch.no_grad():
                         start, cpu_start = time.perf_counter(), time.process_time()

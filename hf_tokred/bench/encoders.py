@@ -1,6 +1,6 @@
 """The encoder benchmark: ``hf-tokred encoders``.
 
-Two parts, chosen with ``--part``:
+Three parts, chosen with ``--part`` (default: the first two):
 
 ``quality``
     The real all-MiniLM-L6-v2 (embedded, :func:`hf_tokred.embedded.load_minilm`) embeds a fixed set of
@@ -23,6 +23,9 @@ Two parts, chosen with ``--part``:
     where the methods reduce, without scoring) is timed once per repetition, the variants interleaved
     (dense, m1, m2, ..., dense, m1, ...), and the table shows medians, the speed-up its FLOP count
     predicts (dense FLOPs / its FLOPs), the measured speed-up and their ratio.
+``video``
+    ``VideoMAEModel`` and ``TimesformerModel`` (ViT-B/16 blocks, 16 frames, random weights): FLOPs and time of
+    dense, TokenLearner and TESTA (:func:`hf_tokred.bench.video.run_video`).
 
 Example:
     >>> from hf_tokred.bench.encoders import stdlib_texts
@@ -50,7 +53,8 @@ import torch
 
 from .common import median
 
-PARTS = ("quality", "speed")
+PARTS = ("quality", "speed", "video")
+DEFAULT_PARTS = ("quality", "speed")
 TEXT_LENGTHS = (64, 128, 192, 256)
 DEFAULT_TEXTS = 192
 DEFAULT_BATCH = 16
@@ -81,6 +85,16 @@ QUALITY_VARIANTS: list[tuple[str, str, list[dict]]] = [
     # (48 texts, frozen backbone: 0.955 at 32.5 % saved vs 0.920 at 34.7 % for keep 0.7 at blocks 1, 3, 4).
     ("dynamicvit", "dynamicvit", [{"keep_rate": k, "layers": [2], "predictor_dim": 96} for k in (0.6, 0.5, 0.4)]),
 ]
+# The wave-2 learned methods, at the settings of docs/encoders.md ("Learned pruners on MiniLM"); run with --method
+# (each trains for minutes to tens of minutes, so the default run leaves them out).
+WAVE2_QUALITY_VARIANTS: list[tuple[str, str, list[dict]]] = [
+    ("ia_red2", "ia_red2", [{"keep_rate": k, "layers": [2], "select": "top_k"} for k in (0.6, 0.55, 0.5)]),
+    ("spvit", "spvit", [{"keep_rate": k, "layers": [2], "selector_dim": 96} for k in (0.6, 0.5)]),
+    ("tocom", "tocom", [{"ratio": r, "source_ratio": 0.0, "rank": 4, "metric": "hidden"} for r in (0.1, 0.15)]),
+    ("avit", "avit", [{"target_depth": 0.7, "layers": [2], "prior_std": 3.0, "eps": 0.5}]),
+    ("evo_vit", "evo_vit", [{"keep_rate": 0.65}]),
+    ("stvit", "stvit", [{"ratio": 0.5, "start": 1}, {"ratio": 0.5, "start": 2}]),
+]
 _DYNAMICVIT_SETTINGS = next(settings for _, method, settings in QUALITY_VARIANTS if method == "dynamicvit")
 # Methods whose settings are learned on the training texts before they are evaluated.
 LEARNED = ("diffrate", "dynamicvit")
@@ -97,8 +111,18 @@ SPEED_VARIANTS: list[tuple[str, str, dict]] = [
     ("tps", "tps", {"keep_rate": 0.7}),
     ("diffrate", "diffrate", {"prune": [8] * 12, "merge": [8] * 12}),
     ("dynamicvit", "dynamicvit", {"keep_rate": 0.7}),
+    # Wave 2, each at its paper's or fragment's setting (untrained learned parts: speed does not depend on them,
+    # except A-ViT's halting, whose untrained heads halt every patch by block 8 at target_depth 0.7).
+    ("avit", "avit", {"target_depth": 0.7}),
+    ("ia_red2", "ia_red2", {"keep_rate": 0.7, "select": "top_k"}),
+    ("evo_vit", "evo_vit", {"keep_rate": 0.5}),
+    ("stvit", "stvit", {"ratio": 0.25}),
+    ("spvit", "spvit", {"keep_rate": 0.7}),
+    ("tocom", "tocom", {"r": 16, "source_r": 8, "rank": 4}),
+    ("tokenlearner", "tokenlearner", {"num_tokens": 8}),  # before block 6 of 12 (the middle, its default)
 ]
-METHODS = tuple(dict.fromkeys(method for _, method, _ in QUALITY_VARIANTS))
+METHODS = tuple(dict.fromkeys(method for _, method, _ in QUALITY_VARIANTS))  # the default run
+QUALITY_VARIANTS += WAVE2_QUALITY_VARIANTS
 
 COMMAND_DESCRIPTION = f"""\
 Encoder token reduction: quality of sentence embeddings on the real all-MiniLM-L6-v2 against FLOPs saved
@@ -408,11 +432,14 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
                 params, extra = _calibrated(model, tokenizer, params, learning, texts, calibration_texts,
                                             batch_size, log)
             cfg = _config(method, params)
-            learned = cfg.learned
+            # Trained first: methods with learned parts, and those whose recipe trains the backbone for them (evo_vit).
+            learned = cfg.learned or f"train_{method}" in training_recipes()
             fine_tune = method == "dynamicvit" and train_backbone
-            hard_tune = learned and finetune_steps > 0
-            # A fine-tuned backbone must not leak into later rows: train a copy, the dense model is its teacher.
-            target = copy.deepcopy(model) if fine_tune or hard_tune else model
+            # ToCom's point is not to re-tune the model: its plug-in alone is trained.
+            hard_tune = learned and finetune_steps > 0 and method != "tocom"
+            # Training must not leak into later rows (some recipes train the backbone): train a copy, the dense
+            # model is its teacher.
+            target = copy.deepcopy(model) if learned else model
             hf_tokred.apply(target, cfg)
             try:
                 if learned:
@@ -426,7 +453,7 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
                 hf_tokred.remove(target)
             row = {"variant": label, "method": method, "setting": _label(shown), "params": params,
                    "flops_saved": round(1 - flops / dense_flops, 6), "cosine": cosine_stats(embeddings, reference),
-                   "learned": method in LEARNED or cfg.learned, "wall_s": round(time.perf_counter() - started, 2), **extra}
+                   "learned": method in LEARNED or learned, "wall_s": round(time.perf_counter() - started, 2), **extra}
             rows.append(row)
             log(f"{label:14s} {row['setting']:28s} saved {row['flops_saved']:.3f}  cos {row['cosine']['mean']:.4f}")
     at_target = {}
@@ -445,6 +472,13 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
         "cosine_at_30pct_saved": at_target,
         "not_registered": missing,
     }
+
+
+def training_recipes() -> set[str]:
+    """The ``train_<method>`` functions :mod:`hf_tokred.training` provides (its own and its recipe modules')."""
+    from hf_tokred import training
+
+    return {name for name in [*vars(training), *training._RECIPES] if name.startswith("train_")}
 
 
 def _train_learned(method: str, params: dict, target, teacher, batches: list[dict], log, *, train_steps: int,
@@ -818,7 +852,8 @@ def add_command(subparsers) -> None:
         description=COMMAND_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--part", action="append", choices=PARTS, metavar="PART",
-                        help="quality or speed, repeatable (default: both)")
+                        help="quality, speed or video (VideoMAE and TimeSformer at 16 frames: TokenLearner and TESTA "
+                             "against dense), repeatable (default: quality and speed)")
     parser.add_argument("--method", action="append", metavar="M",
                         help=f"a method, repeatable (default: {' '.join(METHODS)})")
     parser.add_argument("--texts", type=_positive_int, default=DEFAULT_TEXTS, metavar="N",
@@ -876,7 +911,7 @@ def _cmd_encoders(args) -> int:
     from hf_tokred import __version__
 
     parser = args.parser
-    parts = args.part or list(PARTS)
+    parts = args.part or list(DEFAULT_PARTS)
     methods = list(dict.fromkeys(args.method or METHODS))
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
@@ -935,6 +970,11 @@ def _cmd_encoders(args) -> int:
     if "speed" in parts:
         record["speed"] = run_speed(methods, size=args.vit, batch=args.batch, repeats=args.repeats, log=_log)
         print(format_speed(record["speed"]))
+    if "video" in parts:
+        from .video import format_video, run_video
+
+        record["video"] = run_video(repeats=args.repeats, log=_log)
+        print(format_video(record["video"]))
     record["machine"]["load_average_after"] = _machine()["load_average"]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -26,9 +26,11 @@ tables, text prefixes) comes from ``hf_tokred.model_patches.diffusion_blocks``.
 
 The config is stored as ``_token_reduction`` in the denoiser's ``config.json`` (an underscore key:
 diffusers keeps it silently on load and writes it back on save, and a process without hf_tokred
-loads a dense model), so ``pipe.save_pretrained`` needs no wrapper. :func:`install` (run by
+loads a dense model). Learned parts (``learned_modules``) are attached as ``denoiser.hf_tokred_modules``;
+the wrapped ``ModelMixin.save_pretrained`` keeps them out of the denoiser's weights file and writes them
+to ``token_reduction.safetensors`` beside it (``pipe.save_pretrained`` saves each component that way). :func:`install` (run by
 ``import hf_tokred``) wraps ``DiffusionPipeline.from_pretrained`` and ``ModelMixin.from_pretrained``
-so that ``token_reduction=cfg`` works and a saved reduction comes back on load.
+so that ``token_reduction=cfg`` works and a saved reduction (with its learned parts) comes back on load.
 
 Example:
     >>> import hf_tokred
@@ -50,7 +52,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,10 +72,11 @@ from diffusers.models.attention_processor import (
     XFormersAttnProcessor,
 )
 
-from ..config import TokenReductionConfig, registered_methods
-from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
+from ..config import WEIGHTS_NAME, TokenReductionConfig, registered_methods
+from ..errors import ConfigError, MissingFileError, TokenReductionError, UnsupportedModelError
 from .wiring import (
     DENSE_HINT,
+    MODULES_ATTR,
     STATE_ATTR,
     AppliedReduction,
     check_request,
@@ -961,6 +966,15 @@ register_diffusion_wiring("tome_sd", check=_check_tome_sd, attach=_attach_tome_s
 
 
 def _diffusion_wiring(reducer) -> DiffusionWiring:
+    if reducer.method not in _DIFFUSION_WIRING:
+        # A method may register its wiring in its own module, hf_tokred/integration/<method>.py, imported on
+        # first use (so that ``import hf_tokred`` does not import diffusers).
+        module = f"{__package__}.{reducer.method}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
     try:
         return _DIFFUSION_WIRING[reducer.method]
     except KeyError:
@@ -1118,22 +1132,23 @@ def check_supported(denoiser: ModelMixin, config: TokenReductionConfig):
                 f"{reducer.method} acts on {'/'.join(reducer.model_kinds)} denoisers; {type(denoiser).__name__} is a "
                 f"{adapter.kind} ({adapter.name}). Supported denoisers: {_supported_denoisers()}"
             )
-        if reducer.learned:
-            raise UnsupportedModelError(
-                f"{reducer.method}: reducers with learned parts are not wired for diffusers yet"
-            )
         wiring_for(reducer.wiring_key)
         _diffusion_wiring(reducer).check(denoiser, adapter, reducer)
     return adapter
 
 
-def apply_to_diffusers(obj, config, *, component: str | None = None):
+def apply_to_diffusers(obj, config, *, component: str | None = None, weights_from: str | None = None,
+                       weights_required: bool = False, hub_kwargs: dict | None = None):
     """Attach a diffusion reduction to a pipeline or denoiser (``hf_tokred.apply`` for diffusers) and return ``obj``.
 
     ``obj`` is a ``DiffusionPipeline`` (its ``unet`` or ``transformer``, or the one named by
     ``component``, is reduced) or a denoiser model. Every check runs before the model is touched;
     re-applying replaces the previous reduction, and if attaching fails half-way the previous state
-    is restored.
+    (with its learned parts) is restored.
+
+    A reducer with learned parts (``learned_modules``) gets them attached as
+    ``denoiser.hf_tokred_modules``; ``weights_from`` is a folder (or Hub repo) holding their
+    ``token_reduction.safetensors`` (missing: fresh parts, unless ``weights_required``).
 
     Example:
         >>> import hf_tokred
@@ -1144,12 +1159,32 @@ def apply_to_diffusers(obj, config, *, component: str | None = None):
     cfg = TokenReductionConfig.coerce(config)
     denoiser = find_denoiser(obj, component)
     adapter = check_supported(denoiser, cfg)
+    weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {}, weights_required)
+    modules = _build_learned_modules(denoiser, adapter, cfg, weights_file)
     previous = get_applied(denoiser)
+    previous_modules = denoiser._modules.get(MODULES_ATTR)
     if previous is not None:
         remove_from_diffusers(denoiser)
+    try:
+        _attach(denoiser, adapter, cfg, modules)
+    except BaseException:
+        if previous is not None:
+            try:
+                _attach(denoiser, previous.adapter, previous.config, previous_modules)
+            except Exception:  # the first error is the one to report; the denoiser is left dense
+                remove_from_diffusers(denoiser)
+        raise
+    return obj
+
+
+def _attach(denoiser, adapter, cfg, modules) -> None:
+    """Attach a checked ``cfg`` with its built learned ``modules`` (or None); undone completely on failure."""
     applied = AppliedReduction(cfg, adapter)
     setattr(denoiser, STATE_ATTR, applied)
     try:
+        if modules is not None:
+            denoiser.add_module(MODULES_ATTR, modules)
+            applied.add_undo(lambda: denoiser._modules.pop(MODULES_ATTR, None))
         for reducer in cfg.iter_reducers():
             wiring_for(reducer.wiring_key)(denoiser, adapter, reducer, applied)
         # The hooks keep the running call's token grid and matchings on the denoiser: one call at a time.
@@ -1157,15 +1192,55 @@ def apply_to_diffusers(obj, config, *, component: str | None = None):
         denoiser.register_to_config(**{CONFIG_KEY: cfg.to_dict()})
     except BaseException:
         remove_from_diffusers(denoiser)
-        if previous is not None:
-            try:
-                apply_to_diffusers(denoiser, previous.config)
-            except Exception:  # the first error is the one to report; the denoiser is left dense
-                pass
         raise
     finally:
         _invalidate_registry_caches(denoiser)
-    return obj
+
+
+def _build_learned_modules(denoiser, adapter, cfg, weights_file) -> torch.nn.ModuleDict | None:
+    """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``."""
+    from .transformers import load_side_car
+
+    modules = {}
+    for reducer in cfg.iter_reducers():
+        modules.update(reducer.learned_modules(denoiser, adapter))
+    if not modules:
+        return None
+    # New modules start in training mode; they follow the denoiser's mode (eval after from_pretrained).
+    holder = torch.nn.ModuleDict(modules).train(denoiser.training)
+    if weights_file is not None:
+        load_side_car(holder, weights_file, cfg.method)
+    return holder
+
+
+def _resolve_weights(cfg, weights_from, hub_kwargs: dict, required: bool) -> str | None:
+    """The path of ``token_reduction.safetensors`` in ``weights_from`` (a folder, or ``(repo, subfolder)``), or None."""
+    if not cfg.learned or weights_from is None:
+        return None
+    source, subfolder = weights_from if isinstance(weights_from, tuple) else (weights_from, None)
+    source = os.fspath(source)
+    path = None
+    if os.path.isdir(source):
+        candidate = os.path.join(source, subfolder or "", WEIGHTS_NAME)
+        path = candidate if os.path.isfile(candidate) else None
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(source, WEIGHTS_NAME, subfolder=subfolder, **{
+                k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None})
+        except Exception:  # missing entry, offline, no such repo: treated as "no saved parts"
+            path = None
+    if path is None and required:
+        where = os.path.join(source, subfolder) if subfolder else source
+        raise MissingFileError(
+            f"{WEIGHTS_NAME} is missing from {where}: the {cfg.method} reduction has learned parts saved "
+            "there; restore the file, or load with token_reduction=False for the dense model"
+        )
+    return path
+
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 
 
 def remove_from_diffusers(obj):
@@ -1211,13 +1286,17 @@ def _invalidate_registry_caches(denoiser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
-    """Apply ``request``, or the reduction saved in the model's config, to a freshly loaded model."""
+def _attach_on_load(model: ModelMixin, request, config_file: str, weights_from=None, hub_kwargs=None) -> None:
+    """Apply ``request``, or the reduction saved in the model's config, to a freshly loaded model.
+
+    ``weights_from`` (a folder or repo, or ``(folder or repo, subfolder)``) holds the learned parts.
+    """
     if request is False:
         remove_from_diffusers(model)
         return
     if request is not None:
-        apply_to_diffusers(model, request)
+        # A new reduction passed as an argument starts its learned parts fresh unless the folder holds them.
+        apply_to_diffusers(model, request, weights_from=weights_from, hub_kwargs=hub_kwargs)
         return
     stored = model.config.get(CONFIG_KEY)
     if stored is None or get_applied(model) is not None:
@@ -1226,7 +1305,7 @@ def _attach_on_load(model: ModelMixin, request, config_file: str) -> None:
     if cfg is False:  # "_token_reduction": false, written by hand: the dense model
         return
     try:
-        apply_to_diffusers(model, cfg)
+        apply_to_diffusers(model, cfg, weights_from=weights_from, weights_required=True, hub_kwargs=hub_kwargs)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{config_file}: {CONFIG_KEY}: {err} ({DENSE_HINT})") from None
 
@@ -1238,7 +1317,9 @@ def _model_from_pretrained(original, cls, pretrained_model_name_or_path, *args, 
     if request is None and _LOADING_PIPELINE.get():
         return out
     if isinstance(model, ModelMixin):
-        _attach_on_load(model, request, saved_config_path(pretrained_model_name_or_path, kwargs.get("subfolder")))
+        subfolder = kwargs.get("subfolder")
+        _attach_on_load(model, request, saved_config_path(pretrained_model_name_or_path, subfolder),
+                        (pretrained_model_name_or_path, subfolder), kwargs)
     return out
 
 
@@ -1250,11 +1331,40 @@ def _pipeline_from_pretrained(original, cls, pretrained_model_name_or_path, *arg
     finally:
         _LOADING_PIPELINE.reset(marker)
     if isinstance(request, TokenReductionConfig):
-        apply_to_diffusers(pipe, request)
+        name = next((n for n in DENOISER_COMPONENTS if getattr(pipe, n, None) is find_denoiser(pipe)), None)
+        apply_to_diffusers(pipe, request, weights_from=(pretrained_model_name_or_path, name), hub_kwargs=kwargs)
     else:
         for name, component in _model_components(pipe):
-            _attach_on_load(component, request, saved_config_path(pretrained_model_name_or_path, name))
+            _attach_on_load(component, request, saved_config_path(pretrained_model_name_or_path, name),
+                            (pretrained_model_name_or_path, name), kwargs)
     return pipe
+
+
+def _model_save_pretrained(original, self, save_directory, *args, **kwargs):
+    # Learned parts stay out of the denoiser's own weights file (a process without hf_tokred loads a clean
+    # model) and go to token_reduction.safetensors beside it; a dense save drops a stale one.
+    learned = self._modules.get(MODULES_ATTR) if get_applied(self) is not None else None
+    push = kwargs.pop("push_to_hub", False) if learned is not None else False
+    if learned is not None:
+        del self._modules[MODULES_ATTR]
+    try:
+        result = original(self, save_directory, *args, **kwargs)
+    finally:
+        if learned is not None:
+            self._modules[MODULES_ATTR] = learned
+    if kwargs.get("is_main_process", True):
+        target = os.path.join(os.fspath(save_directory), WEIGHTS_NAME)
+        if learned is not None:
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().contiguous().cpu() for k, v in learned.state_dict().items()}
+            save_file(tensors, target, metadata={"format": "pt"})
+        elif os.path.isfile(target) or os.path.islink(target):
+            os.remove(target)
+    if push:  # diffusers uploads inside save_pretrained, before the side car exists: push the whole folder now
+        repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        self.push_to_hub(repo_id, **{k: kwargs[k] for k in ("token", "private", "commit_message") if k in kwargs})
+    return result
 
 
 def install() -> None:
@@ -1275,6 +1385,16 @@ def install() -> None:
         owner.from_pretrained = classmethod(_wrap_from_pretrained(original, wrapper))
         owner._hf_tokred_original_from_pretrained = original
         owner._hf_tokred_installed = True
+    if not ModelMixin.__dict__.get("_hf_tokred_save_installed", False):
+        original_save = ModelMixin.__dict__["save_pretrained"]
+
+        @functools.wraps(original_save)
+        def save_pretrained(self, *args, **kwargs):
+            return _model_save_pretrained(original_save, self, *args, **kwargs)
+
+        ModelMixin.save_pretrained = save_pretrained
+        ModelMixin._hf_tokred_original_save_pretrained = original_save
+        ModelMixin._hf_tokred_save_installed = True
 
 
 def _wrap_from_pretrained(original, wrapper):

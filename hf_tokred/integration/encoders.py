@@ -46,6 +46,12 @@ the source map (``origin``: for every input token, the current token carrying it
 tokens keep the state they had when dropped). A reducer may instead name a block before which the sequence
 comes back (``restore_block(num_blocks)``, e.g. Token Dropping's last layer, which sees every token again):
 that block's input is restored and it and the later blocks run at the input length with the model's own mask.
+A reducer may also restore the sequence after some blocks' output as part of the method (``restore_after(num_blocks)``,
+independent of ``restore_length``; Evo-ViT after every reducing block, STViT after its semantic-token stage).
+How a carried token gets its state back is the reducer's ``restore_update``: ``"copy"`` (its carrier's state) or
+``"residual"``: its own state at the reduction point plus the update its carrier received since
+(``h_t + carrier_now - carrier_then``, accumulated over several reductions in ``SequenceState.offset``); a kept
+token thus comes back exactly as it was computed, and tokens folded into a summary token share its update.
 
 Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the model
 exactly. After a forward pass: :func:`token_sizes`, :func:`token_counts`, :func:`source_map`, :func:`unmerge`.
@@ -135,6 +141,8 @@ class SequenceState:
         self.restore_length = bool(getattr(reducer, "restore_length", False))
         self.reduce_at = getattr(reducer, "reduce_at", "attention")
         self.needs = frozenset(getattr(reducer, "needs", ()))
+        self.restore_update = getattr(reducer, "restore_update", "copy")
+        self.restores = self.restore_length  # set by the wiring: the sequence comes back at the input length somewhere
         self.modules = None
         self.reset()
 
@@ -149,6 +157,7 @@ class SequenceState:
         self.block_anchor: dict[int, torch.Tensor | None] = {}  # anchors at each block's input (None: unchanged)
         self.masks: dict[int, tuple[torch.Tensor, bool]] = {}  # id(mask) -> (mask, structured), this call's masks
         self.archive: torch.Tensor | None = None
+        self.offset: torch.Tensor | None = None  # restore_update="residual": (B, N_in, C) state at reduction - carrier's
         self.key_weight: torch.Tensor | None = None
         self.keep_self = True
         self.soft_eps = 1e-6
@@ -193,13 +202,21 @@ class SequenceState:
         slots = pending.composite_slots()
         origin = self.origin
         new_origin = torch.where(origin >= 0, slots.gather(1, origin.clamp(min=0)), -1)
-        if self.restore_length:
+        if self.restores:
             dropped = (origin >= 0) & (new_origin < 0)
             if bool(dropped.any()):
                 channels = pending.before.shape[-1]
                 states = pending.before.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, channels))
                 archive = self.archive if self.archive is not None else torch.zeros_like(states)
                 self.archive = torch.where(dropped[..., None], states, archive)
+            if self.restore_update == "residual":
+                # Each carried input token remembers (its state before this reduction) - (its carrier's state after
+                # it); at the restore it gets carrier_now + this offset. A kept token's offset is exactly 0.
+                channels = pending.before.shape[-1]
+                then = pending.before.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, channels))
+                carrier = pending.merged.gather(1, new_origin.clamp(min=0)[..., None].expand(-1, -1, channels))
+                delta = torch.where((new_origin >= 0)[..., None], then - carrier, torch.zeros_like(then))
+                self.offset = delta if self.offset is None else self.offset + delta
         self.origin = new_origin
         for plan in pending.plans:
             self.anchor = self.anchor.gather(1, plan.keep)
@@ -523,6 +540,8 @@ def _check_model(model, adapter, reducer) -> None:
             raise UnsupportedModelError(f"{reducer.method}: a sequence reducer must define {attr}()")
     if getattr(reducer, "reduce_at", "attention") not in ("attention", "input"):
         raise UnsupportedModelError(f"{reducer.method}: reduce_at must be 'attention' or 'input'")
+    if getattr(reducer, "restore_update", "copy") not in ("copy", "residual"):
+        raise UnsupportedModelError(f"{reducer.method}: restore_update must be 'copy' or 'residual'")
 
 
 def _plans(result, method: str):
@@ -591,6 +610,12 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
     # The block whose *input* gets the input length back (None: the last block's output, see restore_length).
     restore_at = getattr(reducer, "restore_block", None)
     restore_block = restore_at(len(blocks)) if callable(restore_at) and state.restore_length else None
+    after = getattr(reducer, "restore_after", None)
+    restore_after = frozenset(after(len(blocks)) if callable(after) else ())
+    bad = sorted(i for i in restore_after if not isinstance(i, int) or not 0 <= i <= last)
+    if bad:
+        raise TokenReductionError(f"{reducer.method}: restore_after() named block {bad[0]}; the model has blocks 0..{last}")
+    state.restores = state.restore_length or bool(restore_after)
 
     def context(index, hidden, size, valid, training):
         from ..methods.encoder.base import ReductionContext
@@ -736,9 +761,11 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
                 state.soften(soft)
             state.stats.pop(index, None)
             state.finished.add(index)
-            if index == last and state.restore_length and state.changed:
+            if state.changed and ((index == last and state.restore_length) or index in restore_after):
                 hidden = _restore(state, hidden)
                 changed = True
+                # Back at the input layout: the next blocks use the model's own mask (a soft mask still needs ours).
+                state.changed = state.key_weight is not None
             state.token_counts.append(hidden.shape[1])
             state.row_counts.append((state.size[..., 0] > 0).sum(dim=1))
             if not changed:
@@ -830,11 +857,15 @@ def _real_tokens_first(state: SequenceState, hidden: torch.Tensor) -> torch.Tens
 
 
 def _restore(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
-    """The last block's output at the input length and order (see ``restore_length``)."""
+    """``hidden`` at the input length and order (see ``restore_length``, ``restore_after``, ``restore_update``)."""
     origin = state.origin
     full = hidden.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    if state.offset is not None:
+        full = full + state.offset.to(full.dtype)  # zero for kept and dropped tokens
     if state.archive is not None:
         full = torch.where((origin >= 0)[..., None], full, state.archive.to(full.dtype))
+    state.offset = None
+    state.archive = None
     batch, n = origin.shape
     state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if state.input_valid is None
                   else state.input_valid.to(torch.float32)[..., None])

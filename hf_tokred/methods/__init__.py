@@ -1,16 +1,26 @@
 """Every method, one file each; importing this package registers them all."""
 
 from .diffusion import (
+    dydit,  # noqa: F401
+    freqts,  # noqa: F401
     todo,  # noqa: F401
     tome_sd,  # noqa: F401
 )
 from .encoder import (
     atc,  # noqa: F401
     ats,  # noqa: F401
+    avit,  # noqa: F401
     diffrate,  # noqa: F401
     dynamicvit,  # noqa: F401
     evit,  # noqa: F401
+    evo_vit,  # noqa: F401
+    ia_red2,  # noqa: F401
     madtp,  # noqa: F401
+    spvit,  # noqa: F401
+    stvit,  # noqa: F401
+    testa,  # noqa: F401
+    tocom,  # noqa: F401
+    tokenlearner,  # noqa: F401
     tome,  # noqa: F401
     tps,  # noqa: F401
     zero_tprune,  # noqa: F401
@@ -39,6 +49,9 @@ from .prompt import (
     llmlingua,  # noqa: F401
     llmlingua2,  # noqa: F401
     longllmlingua,  # noqa: F401
+)
+from .ssm import (
+    ssm_prune,  # noqa: F401
 )
 from .vlm import (
     atp_llava,  # noqa: F401

@@ -50,6 +50,8 @@ STATISTICS = ("metric", "cls_attention", "attention", "value_norm")
 # Where a reducer acts inside a block: after the block's attention (between attention and MLP, or at the
 # block output on architectures whose adapter names no hook point), or on the block's input.
 REDUCE_AT = ("attention", "input")
+# How a carried token's state is rebuilt when the sequence is restored (``restore_update``).
+RESTORE_UPDATES = ("copy", "residual")
 
 
 @dataclass(kw_only=True)
@@ -73,6 +75,11 @@ class EncoderReducerConfig(TokenReductionConfig):
     model_kinds = ("encoder",)
     needs: ClassVar[frozenset[str]] = frozenset()
     reduce_at: ClassVar[str] = "attention"
+    # How a token carried by another one (merged, fused, summarised) gets its state when the sequence comes back
+    # at the input length (``restore_length``, ``restore_block``, ``restore_after``): "copy" takes the carrier's
+    # state; "residual" takes the token's own state at the reduction point plus the update its carrier received
+    # since (``h_t + (carrier_now - carrier_then)``; Evo-ViT's fast path, STViT's recovery). See RESTORE_UPDATES.
+    restore_update: ClassVar[str] = "copy"
 
     restore_length: bool = param(False, bool, help="return last_hidden_state at the input length (unmerge)")
     prop_attn: bool = param(False, bool, help="proportional attention: add log(size) to the attention logits")
@@ -88,6 +95,22 @@ class EncoderReducerConfig(TokenReductionConfig):
     def plan(self, ctx: ReductionContext) -> Reduction | SoftMask | list[Reduction] | None:
         """Decide the reduction of one block (see :class:`ReductionContext`); None leaves the block dense."""
         raise NotImplementedError(f"{type(self).__name__} must define plan()")
+
+    def restore_after(self, num_blocks: int) -> list[int]:
+        """Blocks after whose output the sequence comes back at the input length and order (none by default).
+
+        Unlike ``restore_length`` (the last block's output) and ``restore_block`` (one block's input, with
+        ``restore_length``), this is part of the method: e.g. Evo-ViT restores after every reducing block (the
+        sequence keeps its full length between blocks), STViT after the last block of its semantic-token stage.
+        Each restored token gets its state as :attr:`restore_update` says; a token dropped without a carrier
+        keeps the state it had when dropped. The next blocks run at the input length with the model's own mask.
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig(method="tome", r=2).restore_after(4)
+            []
+        """
+        return []
 
 
 @dataclass(kw_only=True)
@@ -483,6 +506,7 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "REDUCE_AT",
+    "RESTORE_UPDATES",
     "STATISTICS",
     "EncoderReducerConfig",
     "KeepRateConfig",

@@ -1,0 +1,175 @@
+"""Training Evo-ViT (``hf-tokred train evo_vit``): the backbone learns to run with the slow-fast token evolution.
+
+Evo-ViT has no modules of its own: the paper trains the whole vision transformer with the slow-fast update.
+:func:`train_evo_vit` fine-tunes the backbone of a model reduced with ``method="evo_vit"`` through the reduction
+(the inference path, model in eval mode) so that the size-weighted mean of its ``last_hidden_state`` (the
+sentence embedding) points as the dense teacher's: loss ``1 - cosine`` (``hf_tokred.training.pooled_cosine_loss``).
+The same loop, :func:`train_backbone`, serves STViT (``hf_tokred.recipes.stvit``).
+
+Example:
+    >>> import hf_tokred
+    >>> from hf_tokred.recipes.evo_vit import train_evo_vit
+    >>> hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.6})                # doctest: +SKIP
+    >>> losses = train_evo_vit(model, batches, teacher=dense_copy, steps=200)            # doctest: +SKIP
+    >>> model.save_pretrained("minilm-evo-vit")                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TokenReductionError
+
+DESCRIPTION = """Fine-tune all-MiniLM-L6-v2 (embedded copy) to run with Evo-ViT (arXiv 2108.01390): from block
+--start on, the top --keep-rate tokens by global CLS attention take the slow path, the rest share one
+representative's update. Distilled from the dense model (1 - cosine of the sentence embeddings); saves the model
+and its token_reduction config to the output folder."""
+
+
+def train_backbone(model, batches: list[dict], *, method: str, teacher=None, steps: int = 60, lr: float = 1e-4,
+                   lr_schedule: str = "constant", shuffle: bool = False, seed: int = 0, log_every: int = 0,
+                   log=print, progress: bool = True) -> list[float]:
+    """Fine-tune the backbone of ``model`` (reduced with ``method``) through its hard reduction toward the dense
+    embeddings; every parameter of ``model.hf_tokred_modules`` stays frozen. Returns the loss of every step.
+
+    ``teacher`` is a separate frozen dense model; when None the dense embeddings of every batch are computed
+    once, before the first step, with :func:`hf_tokred.training.dense_pass` on ``model`` itself (the teacher is
+    the model as it was before training). A tqdm bar shows the steps unless ``log_every`` or ``progress=False``.
+
+    Example:
+        >>> losses = train_backbone(model, batches, method="stvit", steps=10)        # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from ..integration.encoders import STATE_ATTR
+    from ..integration.wiring import MODULES_ATTR
+    from ..training import _check_loop, _dense_embedding, _model_inputs, _optimize, _pooled_cosine, dense_pass
+
+    name = f"train_{method}"
+    _check_loop(name, batches, steps, lr, lr_schedule)
+    if getattr(model.__dict__.get(STATE_ATTR), "reducer", None) is None or \
+            model.__dict__[STATE_ATTR].reducer.method != method:
+        raise TokenReductionError(f"{name}: {type(model).__name__} has no {method} reduction attached; apply one "
+                                  f"first, e.g. hf_tokred.apply(model, {{'method': '{method}'}})")
+    if teacher is model:  # the benchmark passes the model itself when it trains in place: its dense pass, now
+        teacher = None
+    dense: dict[int, torch.Tensor] = {}
+    if teacher is None:
+        with dense_pass(model):
+            model.eval()
+            for index, batch in enumerate(batches):
+                dense[index] = _dense_embedding(model, _model_inputs(batch))
+    learned = model._modules.get(MODULES_ATTR) or torch.nn.ModuleDict()
+    learned_ids = {id(p) for p in learned.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in learned_ids]
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in learned_ids)
+    model.eval()  # the inference path: no dropout, the hard reduction
+    bar = tqdm(total=steps, desc=name, disable=bool(log_every) or not progress)
+
+    def step_loss(index: int) -> torch.Tensor:
+        inputs = _model_inputs(batches[index])
+        if index not in dense:
+            dense[index] = _dense_embedding(teacher, inputs)
+        loss = _pooled_cosine(model, inputs, dense[index])
+        bar.update(1)
+        return loss
+
+    try:
+        return _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches),
+                         steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
+                         log=log, label=f"{method} step", digits=5)
+    finally:
+        bar.close()
+
+
+def train_evo_vit(model, batches: list[dict], *, teacher=None, steps: int = 60, lr: float = 1e-4,
+                  lr_schedule: str = "constant", shuffle: bool = False, seed: int = 0, log_every: int = 0,
+                  log=print, progress: bool = True) -> list[float]:
+    """Fine-tune the backbone of a model reduced with ``method="evo_vit"`` through the slow-fast update (the paper
+    trains the whole model; Evo-ViT has no modules of its own). See :func:`train_backbone`.
+
+    Example:
+        >>> import copy, hf_tokred
+        >>> teacher = copy.deepcopy(model)                                                 # doctest: +SKIP
+        >>> hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.6})                # doctest: +SKIP
+        >>> losses = train_evo_vit(model, batches, teacher=teacher, steps=200)             # doctest: +SKIP
+    """
+    return train_backbone(model, batches, method="evo_vit", teacher=teacher, steps=steps, lr=lr,
+                          lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every, log=log,
+                          progress=progress)
+
+
+def training_batches(tokenizer, args, skip: int = 192) -> list[dict]:
+    """The batches of a recipe command: ``--corpus`` paragraphs, else the benchmark's text lengths after its 192
+    evaluation texts (``--texts`` of them, batches of 16).
+
+    Example:
+        >>> batches = training_batches(tokenizer, args)                  # doctest: +SKIP
+    """
+    from ..bench.encoders import stdlib_texts, text_batches
+
+    if getattr(args, "corpus", None):
+        from . import recipe_texts
+
+        paragraphs = recipe_texts(args)[: args.texts]
+        return [dict(tokenizer(paragraphs[i:i + 16], truncation=True, max_length=256, padding=True,
+                               return_tensors="pt")) for i in range(0, len(paragraphs), 16)]
+    return text_batches(tokenizer, stdlib_texts(tokenizer, args.texts, skip=skip), 16)
+
+
+def run_recipe(args, method: str, config: dict, trainer) -> int:
+    """Load MiniLM, apply ``config``, train with ``trainer`` and save to the output folder (``save_pretrained``).
+
+    Example:
+        >>> run_recipe(args, "evo_vit", {"method": "evo_vit"}, train_evo_vit)           # doctest: +SKIP
+        0
+    """
+    import hf_tokred
+
+    from ..embedded import load_minilm
+    from . import recipe_output
+
+    output = recipe_output(args, f"minilm-{method.replace('_', '-')}")
+    hf_tokred.TokenReductionConfig.coerce(config)  # a clear error before loading the model
+    model, tokenizer = load_minilm()
+    batches = training_batches(tokenizer, args)
+    hf_tokred.apply(model, config)
+    losses = trainer(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed,
+                     progress=not args.no_progress)
+    print(f"{method}: loss {losses[0]:.5f} -> {losses[-1]:.5f} over {len(losses)} steps")
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"saved to {output}")
+    return 0
+
+
+def add_train_command(subparsers) -> None:
+    """Add ``hf-tokred train evo_vit`` to the ``train`` subparsers.
+
+    Example:
+        >>> import argparse
+        >>> sub = argparse.ArgumentParser().add_subparsers()
+        >>> add_train_command(sub)
+        >>> sub.choices["evo_vit"].parse_args(["--keep-rate", "0.6"]).keep_rate
+        0.6
+    """
+    from ..cli import _positive_int
+    from . import add_recipe_parser
+
+    train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
+                              description=DESCRIPTION, output="minilm-evo-vit", steps=300)
+    train.add_argument("--keep-rate", type=float, default=0.65, help="slow-path fraction (default: 0.65)")
+    train.add_argument("--start", type=int, default=1, help="first reducing block (default: 1)")
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    train.add_argument("--texts", type=_positive_int, default=1024, help="training texts (default: 1024)")
+    train.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """Train on MiniLM and save the model with its token_reduction config to the output folder."""
+    config = {"method": "evo_vit", "keep_rate": args.keep_rate, "layers": list(range(args.start, 6))}
+    return run_recipe(args, "evo_vit", config, train_evo_vit)
+
+
+__all__ = ["add_train_command", "train_backbone", "train_evo_vit"]

@@ -1,0 +1,144 @@
+"""Evo-ViT (slow-fast token evolution): tiny ViT and BERT; full-length outputs, the fast path's shared residual
+update, batched == per-row, training the backbone and save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_vit as make_vit
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel, BertConfig, BertModel
+
+import hf_tokred
+from hf_tokred import ConfigError, TokenReductionConfig
+from hf_tokred.integration.encoders import STATE_ATTR, token_counts, token_sizes
+from hf_tokred.recipes.evo_vit import train_evo_vit
+
+
+def make_bert(layers=4):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def padded_batch(seed=2, lengths=(30, 17, 9)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def test_config_schedule_and_errors():
+    cfg = TokenReductionConfig(method="evo_vit", keep_rate=0.5)
+    assert cfg.schedule(12) == [None] * 3 + [0.5] * 9
+    assert cfg.restore_after(12) == list(range(3, 12))
+    assert TokenReductionConfig(method="evo_vit", keep_rate=1.0).restore_after(6) == []
+    with pytest.raises(ConfigError, match="layers"):
+        TokenReductionConfig(method="evo_vit", layers=[0, 2])
+    with pytest.raises(ConfigError, match="keep_rate"):
+        TokenReductionConfig(method="evo_vit", keep_rate=0.0)
+    with pytest.raises(ConfigError, match="ema"):
+        TokenReductionConfig(method="evo_vit", ema=1.0)
+    model = make_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="layers"):
+        hf_tokred.apply(model, {"method": "evo_vit", "layers": [7]})
+    assert STATE_ATTR not in model.__dict__ and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_keep_rate_one_is_bit_identical_and_remove_restores(images):
+    model = make_vit()
+    with torch.no_grad():
+        dense = model(pixel_values=images).last_hidden_state
+        hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 1.0})
+        assert torch.equal(model(pixel_values=images).last_hidden_state, dense)
+        hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.5})
+        out = model(pixel_values=images).last_hidden_state
+        assert out.shape == dense.shape and not torch.allclose(out, dense)
+        hf_tokred.remove(model)
+        assert torch.equal(model(pixel_values=images).last_hidden_state, dense)
+
+
+def test_slow_tokens_run_the_block_and_placeholders_share_the_representative_update(images):
+    model = make_vit(layers=3)
+    hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.25, "layers": [2]})
+    seen = {}
+    model.layers[1].register_forward_hook(lambda m, a, o: seen.__setitem__("in", o[0] if isinstance(o, tuple) else o))
+    model.layers[2].register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(pixel_values=images)
+    assert token_counts(model) == [65, 65, 65] and (token_sizes(model) == 1).all()
+    record = model.__dict__[STATE_ATTR].records["evo_vit"]
+    slot_of = record["slot_of"]
+    assert (slot_of[:, 0] == 0).all()  # CLS on the slow path, in place
+    fused = slot_of.max(dim=1).values  # the representative is the last slot: 1 + 16 slow tokens
+    assert (fused == 17).all()
+    update = seen["out"] - seen["in"]
+    for row in range(3):
+        placeholders = update[row][slot_of[row] == fused[row]]
+        assert placeholders.shape[0] == 64 - 16
+        torch.testing.assert_close(placeholders, placeholders[:1].expand_as(placeholders), rtol=1e-5, atol=1e-5)
+        slow = update[row][(slot_of[row] < fused[row])]
+        assert not torch.allclose(slow[1:], slow[1:2].expand_as(slow[1:]))
+    # the slow tokens' outputs are the block run on slow tokens + representative: fewer FLOPs than dense
+    dense = make_vit(layers=3)
+    assert flops(lambda: model(pixel_values=images)) < 0.85 * flops(lambda: dense(pixel_values=images))
+
+
+def test_global_attention_is_a_running_average_over_blocks(images):
+    model = make_vit()
+    hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.5, "layers": [1, 2, 3], "ema": 0.5})
+    with torch.no_grad():
+        model(pixel_values=images)
+    record = model.__dict__[STATE_ATTR].records["evo_vit"]
+    assert record["global"].shape == (3, 65) and (record["global"][:, 1:] >= 0).all()
+    assert token_counts(model) == [65] * 4
+
+
+def test_padded_bert_batch_equals_each_row_alone():
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.5, "layers": [1, 2, 3]})
+    batch = padded_batch()
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        assert out.shape[:2] == batch["input_ids"].shape
+        for row, length in enumerate((30, 17, 9)):
+            alone = model(input_ids=batch["input_ids"][row:row + 1, :length]).last_hidden_state[0]
+            torch.testing.assert_close(out[row, :length], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_train_backbone_then_save_load_is_identical(tmp_path):
+    model = make_bert()
+    hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.5, "layers": [1, 2]})
+    batches = [padded_batch(seed) for seed in range(3)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_evo_vit(model, batches, steps=4, lr=1e-3, progress=False)
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    test = padded_batch(7)
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+    model.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**test).last_hidden_state, out)
+    with pytest.raises(hf_tokred.TokenReductionError, match="evo_vit"):
+        train_evo_vit(make_bert(), batches, steps=1, progress=False)
