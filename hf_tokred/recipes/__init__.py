@@ -74,3 +74,43 @@ def recipe_output(args, default: str) -> str:
     from ..embedded import cache_dir
 
     return args.output or os.path.join(cache_dir(), default)
+
+
+def minilm_batches(tokenizer, args, skip: int = 192) -> list[dict]:
+    """The batches of a recipe command: ``--corpus`` paragraphs, else the benchmark's text lengths after its 192
+    evaluation texts (``--texts`` of them, batches of 16).
+
+    Example:
+        >>> batches = minilm_batches(tokenizer, args)                    # doctest: +SKIP
+    """
+    from ..bench.encoders import stdlib_texts, text_batches
+
+    if getattr(args, "corpus", None):
+        paragraphs = recipe_texts(args)[: args.texts]
+        return [dict(tokenizer(paragraphs[i:i + 16], truncation=True, max_length=256, padding=True,
+                               return_tensors="pt")) for i in range(0, len(paragraphs), 16)]
+    return text_batches(tokenizer, stdlib_texts(tokenizer, args.texts, skip=skip), 16)
+
+
+def run_minilm_recipe(args, method: str, config: dict, trainer, **train_options) -> int:
+    """Load MiniLM, apply ``config``, train with ``trainer`` (``train_options`` besides steps, lr, seed) and save to the
+    output folder (``save_pretrained``): the ``run`` of the encoder recipes' commands.
+
+    Example:
+        >>> run_minilm_recipe(args, "evo_vit", {"method": "evo_vit"}, train_evo_vit)    # doctest: +SKIP
+        0
+    """
+    import hf_tokred
+
+    from ..embedded import load_minilm
+    output = recipe_output(args, f"minilm-{method.replace('_', '-')}")
+    hf_tokred.TokenReductionConfig.coerce(config)  # a clear error before loading the model
+    model, tokenizer = load_minilm()
+    batches = minilm_batches(tokenizer, args)
+    hf_tokred.apply(model, config)
+    losses = trainer(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed, **train_options)
+    print(f"{method}: loss {losses[0]:.5f} -> {losses[-1]:.5f} over {len(losses)} steps")
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"saved to {output}")
+    return 0

@@ -100,50 +100,6 @@ def train_evo_vit(model, batches: list[dict], *, teacher=None, steps: int = 60, 
                           progress=progress)
 
 
-def training_batches(tokenizer, args, skip: int = 192) -> list[dict]:
-    """The batches of a recipe command: ``--corpus`` paragraphs, else the benchmark's text lengths after its 192
-    evaluation texts (``--texts`` of them, batches of 16).
-
-    Example:
-        >>> batches = training_batches(tokenizer, args)                  # doctest: +SKIP
-    """
-    from ..bench.encoders import stdlib_texts, text_batches
-
-    if getattr(args, "corpus", None):
-        from . import recipe_texts
-
-        paragraphs = recipe_texts(args)[: args.texts]
-        return [dict(tokenizer(paragraphs[i:i + 16], truncation=True, max_length=256, padding=True,
-                               return_tensors="pt")) for i in range(0, len(paragraphs), 16)]
-    return text_batches(tokenizer, stdlib_texts(tokenizer, args.texts, skip=skip), 16)
-
-
-def run_recipe(args, method: str, config: dict, trainer) -> int:
-    """Load MiniLM, apply ``config``, train with ``trainer`` and save to the output folder (``save_pretrained``).
-
-    Example:
-        >>> run_recipe(args, "evo_vit", {"method": "evo_vit"}, train_evo_vit)           # doctest: +SKIP
-        0
-    """
-    import hf_tokred
-
-    from ..embedded import load_minilm
-    from . import recipe_output
-
-    output = recipe_output(args, f"minilm-{method.replace('_', '-')}")
-    hf_tokred.TokenReductionConfig.coerce(config)  # a clear error before loading the model
-    model, tokenizer = load_minilm()
-    batches = training_batches(tokenizer, args)
-    hf_tokred.apply(model, config)
-    losses = trainer(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed,
-                     progress=not args.no_progress)
-    print(f"{method}: loss {losses[0]:.5f} -> {losses[-1]:.5f} over {len(losses)} steps")
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    print(f"saved to {output}")
-    return 0
-
-
 def add_train_command(subparsers) -> None:
     """Add ``hf-tokred train evo_vit`` to the ``train`` subparsers.
 
@@ -168,8 +124,10 @@ def add_train_command(subparsers) -> None:
 
 def run(args) -> int:
     """Train on MiniLM and save the model with its token_reduction config to the output folder."""
+    from . import run_minilm_recipe
+
     config = {"method": "evo_vit", "keep_rate": args.keep_rate, "layers": list(range(args.start, 6))}
-    return run_recipe(args, "evo_vit", config, train_evo_vit)
+    return run_minilm_recipe(args, "evo_vit", config, train_evo_vit, progress=not args.no_progress)
 
 
 __all__ = ["add_train_command", "train_backbone", "train_evo_vit"]

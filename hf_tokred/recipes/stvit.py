@@ -13,7 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from .evo_vit import run_recipe, train_backbone
+from . import run_minilm_recipe
+from .evo_vit import train_backbone
 
 DESCRIPTION = """Fine-tune all-MiniLM-L6-v2 (embedded copy) to run with STViT (arXiv 2303.11273): blocks --start to
 --end - 1 see --ratio semantic tokens per token, the last blocks every token again. Distilled from the dense model;
@@ -60,7 +61,7 @@ def add_train_command(subparsers) -> None:
 def run(args) -> int:
     """Train on MiniLM and save the model with its token_reduction config to the output folder."""
     config = {"method": "stvit", "ratio": args.ratio, "start": args.start, "end": args.end}
-    return run_recipe(args, "stvit", config, train_stvit)
+    return run_minilm_recipe(args, "stvit", config, train_stvit, progress=not args.no_progress)
 
 
 __all__ = ["add_train_command", "train_stvit"]

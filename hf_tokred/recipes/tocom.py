@@ -130,31 +130,11 @@ def add_train_command(subparsers) -> None:
 
 def run(args) -> int:
     """Train on MiniLM with the corpus texts and save the model with its plug-in to the output folder."""
-    import hf_tokred
+    from . import run_minilm_recipe
 
-    from ..bench.encoders import stdlib_texts, text_batches
-    from ..embedded import load_minilm
-    from . import recipe_output
-
-    output = recipe_output(args, "minilm-tocom")
-    model, tokenizer = load_minilm()
     config = {"method": "tocom", "ratio": args.ratio, "source_ratio": args.source_ratio, "rank": args.rank,
               "metric": "hidden"}
-    hf_tokred.TokenReductionConfig.coerce(config)  # a clear error before loading texts
-    if getattr(args, "corpus", None):
-        from . import recipe_texts
-
-        paragraphs = recipe_texts(args)[: args.texts]
-        batches = [dict(tokenizer(paragraphs[i:i + 16], truncation=True, max_length=256, padding=True,
-                                  return_tensors="pt")) for i in range(0, len(paragraphs), 16)]
-    else:  # the benchmark's text lengths, after its 192 evaluation texts
-        batches = text_batches(tokenizer, stdlib_texts(tokenizer, args.texts, skip=192), 16)
-    hf_tokred.apply(model, config)
-    losses = train_tocom(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed,
-                         log_every=0 if args.no_progress else 25)
-    model.save_pretrained(output)
-    print(f"tocom: final loss {losses[-1]:.5f}; saved to {output}")
-    return 0
+    return run_minilm_recipe(args, "tocom", config, train_tocom, log_every=0 if args.no_progress else 25)
 
 
 __all__ = ["add_train_command", "teacher_embedding", "train_tocom"]
