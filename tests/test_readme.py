@@ -190,7 +190,16 @@ def _check_mrt5(ns):
     assert ns["answer"].shape[0] == 2 and ns["answer"].shape[1] <= 9
 
 
+def _check_learned_encoder(ns):
+    from safetensors.torch import load_file
+
+    saved = load_file("out-ia-red2/token_reduction.safetensors")
+    assert saved and all(key.startswith("ia_red2.") for key in saved)  # the interpreters, apart from the weights
+    assert get_applied(ns["bert"]).config.method == "ia_red2"
+
+
 CHECKS = {
+    "train_ia_red2(bert, batches": _check_learned_encoder,
     "hf_tokred.apply(byt5, {": _check_mrt5,
     "AutoModelForImageTextToText.from_pretrained(vlm_repo": _check_vlm,
     '"method": "longllmlingua", "rate": 0.5}': _check_prompt_compression,
