@@ -75,7 +75,7 @@ def test_layer_out_of_range_is_refused_at_apply_and_leaves_the_model_dense():
 
 def test_schedule_resolution_and_counts():
     cfg = TokenReductionConfig(method="lazyllm")
-    assert cfg.resolve_schedule(30) == [(19, 0.3), (24, 0.1)]
+    assert cfg.resolve_schedule(30) == [(18, 0.2), (23, 0.05)]
     assert lazy(schedule=[[0.5, 0.5], [0.6, 0.3]]).resolve_schedule(4) == [(1, 0.3)]  # same layer: smaller keep
     assert cfg.kept_count(0.7, 10) == 7 and cfg.kept_count(0.01, 10) == 5  # sinks + last token
     assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
