@@ -1198,19 +1198,11 @@ def _attach(denoiser, adapter, cfg, modules) -> None:
 
 
 def _build_learned_modules(denoiser, adapter, cfg, weights_file) -> torch.nn.ModuleDict | None:
-    """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``."""
-    from .transformers import load_side_car
+    """The reduction's learned parts (transformers' builder), in the denoiser's mode (eval after from_pretrained)."""
+    from .transformers import _build_learned_modules as build
 
-    modules = {}
-    for reducer in cfg.iter_reducers():
-        modules.update(reducer.learned_modules(denoiser, adapter))
-    if not modules:
-        return None
-    # New modules start in training mode; they follow the denoiser's mode (eval after from_pretrained).
-    holder = torch.nn.ModuleDict(modules).train(denoiser.training)
-    if weights_file is not None:
-        load_side_car(holder, weights_file, cfg.method)
-    return holder
+    holder = build(denoiser, adapter, cfg, weights_file)
+    return None if holder is None else holder.train(denoiser.training)
 
 
 def _resolve_weights(cfg, weights_from, hub_kwargs: dict, required: bool) -> str | None:

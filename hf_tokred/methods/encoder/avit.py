@@ -57,7 +57,7 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError
-from .base import EncoderReducerConfig, Reduction
+from .base import EncoderReducerConfig, Reduction, beside_block
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "avit"
@@ -231,10 +231,7 @@ class AViTConfig(EncoderReducerConfig):
         stages = self.halting_blocks(len(blocks))
         first = blocks[stages[0]] if stages else blocks[0]
         heads = HaltingHeads(_hidden_size(model, first), stages, self.initial_score(len(blocks)))
-        heads.train(model.training)
-        parameter = next(first.parameters(), None)
-        if parameter is not None:
-            heads.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+        beside_block(heads, first, model.training)
         return {MODULE_NAME: heads}
 
     def target_distribution(self, num_blocks: int) -> tuple[torch.Tensor, list[int]]:

@@ -504,8 +504,27 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(1, 2)
 
 
+def beside_block(module: torch.nn.Module, block: torch.nn.Module, training: bool) -> torch.nn.Module:
+    """``module`` (a method's learned part) in ``training`` mode, on the device and floating dtype of ``block``.
+
+    An eval-mode model's learned parts start in eval mode, so it reduces from its first call on.
+
+    Example:
+        >>> import torch
+        >>> part = beside_block(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double(), training=False)
+        >>> part.weight.dtype, part.training
+        (torch.float64, False)
+    """
+    module.train(training)
+    parameter = next(block.parameters(), None)
+    if parameter is not None:
+        module.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+    return module
+
+
 __all__ = [
     "REDUCE_AT",
+    "beside_block",
     "RESTORE_UPDATES",
     "STATISTICS",
     "EncoderReducerConfig",

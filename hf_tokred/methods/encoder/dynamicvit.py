@@ -61,7 +61,7 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import TokenReductionError, UnsupportedModelError
-from .base import KeepRateConfig, SoftMask, keep_counts, keep_top
+from .base import KeepRateConfig, SoftMask, beside_block, keep_counts, keep_top
 
 MODULE_NAME = "dynamicvit"
 RECORD_KEY = "dynamicvit"
@@ -201,10 +201,7 @@ class DynamicViTConfig(KeepRateConfig):
         stages = self.reducing_layers(len(blocks))
         first = blocks[stages[0]] if stages else blocks[0]
         predictors = DynamicViTPredictors(_hidden_size(model, first), stages, self.keep_rate, self.predictor_dim)
-        predictors.train(model.training)  # an eval-mode model drops tokens from its first call on
-        parameter = next(first.parameters(), None)
-        if parameter is not None:
-            predictors.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+        beside_block(predictors, first, model.training)
         return {MODULE_NAME: predictors}
 
     def schedule(self, num_blocks: int) -> list[float | None]:

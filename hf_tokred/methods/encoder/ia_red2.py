@@ -48,7 +48,7 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
-from .base import KeepRateConfig, Reduction, SoftMask, keep_counts, keep_top
+from .base import KeepRateConfig, Reduction, SoftMask, beside_block, keep_counts, keep_top
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "ia_red2"
@@ -188,10 +188,7 @@ class IARed2Config(KeepRateConfig):
         stages = self.reducing_layers(len(blocks))
         first = blocks[stages[0]] if stages else blocks[0]
         nets = Interpreters(_hidden_size(model, first), stages, self.interpreter_dim, self.heads, self.keep_rate)
-        nets.train(model.training)
-        parameter = next(first.parameters(), None)
-        if parameter is not None:
-            nets.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+        beside_block(nets, first, model.training)
         return {MODULE_NAME: nets}
 
     def plan(self, ctx):

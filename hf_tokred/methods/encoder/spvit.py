@@ -47,7 +47,7 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import TokenReductionError, UnsupportedModelError
-from .base import KeepRateConfig, SoftMask, keep_counts, keep_top
+from .base import KeepRateConfig, SoftMask, beside_block, keep_counts, keep_top
 from .dynamicvit import TokenPredictor
 
 MODULE_NAME = "spvit"
@@ -177,10 +177,7 @@ class SPViTConfig(KeepRateConfig):
         if dim < 4:
             raise UnsupportedModelError(f"spvit: the hidden size must be >= 4, got {dim}")
         selectors = TokenSelectors(dim, stages, self.keep_rate, self.selector_dim, mlp_dim)
-        selectors.train(model.training)
-        parameter = next(first.parameters(), None)
-        if parameter is not None:
-            selectors.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+        beside_block(selectors, first, model.training)
         return {MODULE_NAME: selectors}
 
     def plan(self, ctx):
