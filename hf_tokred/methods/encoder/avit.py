@@ -253,17 +253,11 @@ class AViTConfig(EncoderReducerConfig):
 
     def plan(self, ctx):
         """One halting block: soft key masks of the halted tokens (training) or a hard drop (inference)."""
-        modules = ctx.modules
-        if modules is None or MODULE_NAME not in modules:
-            raise TokenReductionError("avit: the model has no halting heads (model.hf_tokred_modules['avit']); attach "
-                                      "the reduction with hf_tokred.apply or from_pretrained")
-        heads = modules[MODULE_NAME]
+        heads = ctx.learned_part(MODULE_NAME, "halting heads")
         stage = heads.stage_of(ctx.block)
-        batch, n = ctx.batch_size, ctx.num_tokens
+        n = ctx.num_tokens
         device = ctx.hidden.device
-        real = torch.ones(batch, n, dtype=torch.bool, device=device) if ctx.valid is None else ctx.valid
-        candidates = real.clone()
-        candidates[:, : ctx.protected] = False
+        real, candidates = ctx.real_and_candidates()
         record = ctx.state.records.get(RECORD_KEY)
         if record is None:
             record = ctx.state.records[RECORD_KEY] = HaltingRecord()

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...config import TokenReductionConfig, param
-from ...errors import ConfigError
+from ...errors import ConfigError, TokenReductionError
 
 # Attention statistics a reducer may ask for (``needs``); the wiring computes only these, only in the
 # blocks that reduce, from the queries/keys/values the attention function already has.
@@ -216,6 +216,26 @@ class ReductionContext:
     @property
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
+
+    def learned_part(self, name: str, what: str) -> Any:
+        """The learned part ``model.hf_tokred_modules[name]`` (``what`` names it in the error when it is missing).
+
+        Example:
+            >>> predictors = ctx.learned_part("dynamicvit", "predictors")      # doctest: +SKIP
+        """
+        if self.modules is None or name not in self.modules:
+            raise TokenReductionError(f"{name}: the model has no {what} (model.hf_tokred_modules['{name}']); attach the "
+                                      "reduction with hf_tokred.apply or from_pretrained")
+        return self.modules[name]
+
+    def real_and_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, N)`` bool masks: the real tokens, and those of them a stage may drop (the unprotected ones)."""
+        real = self.valid
+        if real is None:
+            real = torch.ones(self.batch_size, self.num_tokens, dtype=torch.bool, device=self.hidden.device)
+        candidates = real.clone()
+        candidates[:, : self.protected] = False
+        return real, candidates
 
     def real_counts(self) -> torch.Tensor:
         """``(B,)`` long: real (non-padding) unprotected tokens per row."""

@@ -212,17 +212,10 @@ class DynamicViTConfig(KeepRateConfig):
         """One stage: Gumbel keep decisions as a soft mask (training) or a hard top-k drop (inference)."""
         if getattr(self, "_dense", False):
             return None
-        modules = ctx.modules
-        if modules is None or MODULE_NAME not in modules:
-            raise TokenReductionError("dynamicvit: the model has no predictors (model.hf_tokred_modules['dynamicvit']); "
-                                      "attach the reduction with hf_tokred.apply or from_pretrained")
-        predictors = modules[MODULE_NAME]
+        predictors = ctx.learned_part(MODULE_NAME, "predictors")
         stage = predictors.stage_of(ctx.block)
         predictor = predictors[stage]
-        batch, n = ctx.batch_size, ctx.num_tokens
-        real = torch.ones(batch, n, dtype=torch.bool, device=ctx.hidden.device) if ctx.valid is None else ctx.valid
-        candidates = real.clone()
-        candidates[:, : ctx.protected] = False
+        real, candidates = ctx.real_and_candidates()
         if predictor.training:
             record = ctx.state.records.setdefault(RECORD_KEY, [])
             policy = record[-1].policy if record else real.to(ctx.hidden.dtype)

@@ -193,17 +193,11 @@ class IARed2Config(KeepRateConfig):
 
     def plan(self, ctx):
         """One stage: sampled keep actions as a soft mask (training) or a hard drop (inference)."""
-        modules = ctx.modules
-        if modules is None or MODULE_NAME not in modules:
-            raise TokenReductionError("ia_red2: the model has no interpreters (model.hf_tokred_modules['ia_red2']); "
-                                      "attach the reduction with hf_tokred.apply or from_pretrained")
-        nets = modules[MODULE_NAME]
+        nets = ctx.learned_part(MODULE_NAME, "interpreters")
         stage = nets.stage_of(ctx.block)
-        batch, n = ctx.batch_size, ctx.num_tokens
+        n = ctx.num_tokens
         device = ctx.hidden.device
-        real = torch.ones(batch, n, dtype=torch.bool, device=device) if ctx.valid is None else ctx.valid
-        candidates = real.clone()
-        candidates[:, : ctx.protected] = False
+        real, candidates = ctx.real_and_candidates()
         record = ctx.state.records.get(RECORD_KEY)
         if record is None:
             record = ctx.state.records[RECORD_KEY] = InterpretRecord()

@@ -414,14 +414,10 @@ class MADTPConfig(EncoderReducerConfig):
         hard drop of each row's lowest-aligned patch tokens (inference)."""
         if getattr(self, "_dense", False):
             return None
-        modules = ctx.modules
-        if modules is None or MODULE_NAME not in modules:
-            raise TokenReductionError("madtp: the model has no heads (model.hf_tokred_modules['madtp']); attach the "
-                                      "reduction with hf_tokred.apply or from_pretrained")
-        heads = modules[MODULE_NAME]
+        heads = ctx.learned_part(MODULE_NAME, "heads")
         stage = heads.stage_of(ctx.block)
         hidden = ctx.hidden
-        batch, n = ctx.batch_size, ctx.num_tokens
+        batch = ctx.batch_size
         device = hidden.device
         text, has_text = None, None
         guidance = heads.current_guidance() if self.guidance != "vision" else None
@@ -433,9 +429,7 @@ class MADTPConfig(EncoderReducerConfig):
         if self.guidance == "text" and (text is None or not bool(has_text.all())):
             raise TokenReductionError("guidance: madtp is set to guidance='text' but this call carries no text for "
                                       "some image (pass input_ids, or use guidance='auto')")
-        real = torch.ones(batch, n, dtype=torch.bool, device=device) if ctx.valid is None else ctx.valid
-        candidates = real.clone()
-        candidates[:, : ctx.protected] = False
+        real, candidates = ctx.real_and_candidates()
         record = ctx.state.records.setdefault(RECORD_KEY, [])
         training = heads.training
         policy = None

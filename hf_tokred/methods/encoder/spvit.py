@@ -182,16 +182,10 @@ class SPViTConfig(KeepRateConfig):
 
     def plan(self, ctx):
         """One stage: Gumbel keep decisions as a soft mask (training) or keep top-k and package the rest (inference)."""
-        modules = ctx.modules
-        if modules is None or MODULE_NAME not in modules:
-            raise TokenReductionError("spvit: the model has no token selectors (model.hf_tokred_modules['spvit']); "
-                                      "attach the reduction with hf_tokred.apply or from_pretrained")
-        selectors = modules[MODULE_NAME]
+        selectors = ctx.learned_part(MODULE_NAME, "token selectors")
         selector = selectors[selectors.stage_of(ctx.block)]
-        batch, n = ctx.batch_size, ctx.num_tokens
-        real = torch.ones(batch, n, dtype=torch.bool, device=ctx.hidden.device) if ctx.valid is None else ctx.valid
-        candidates = real.clone()
-        candidates[:, : ctx.protected] = False
+        n = ctx.num_tokens
+        real, candidates = ctx.real_and_candidates()
         if selector.training:
             record = ctx.state.records.setdefault(RECORD_KEY, [])
             policy = record[-1].policy if record else real.to(ctx.hidden.dtype)
