@@ -44,7 +44,9 @@ MAX_DEPTH = 8
 
 # Where a reducer acts. One config may hold at most one reducer per stage: two KV policies (or two
 # sequence reducers) would fight over the same tokens, so composition rejects them.
-STAGES = ("sequence", "visual", "prompt", "prefill", "kv_policy", "kv_storage", "diffusion", "decoding")
+# "context" compresses a whole context into a few learned cache entries or memory slots (gist tokens, ICAE);
+# "decoding" drafts tokens for the model to verify (EAGLE).
+STAGES = ("sequence", "visual", "prompt", "prefill", "context", "kv_policy", "kv_storage", "diffusion", "decoding")
 
 # What a method's ``status`` class attribute may say, and what each means (``hf-tokred methods`` and the
 # generated table of docs/methods.md print these). A method that declares no status is registered as

@@ -100,3 +100,32 @@ def make_tiny_vit(image: int = 32, patch: int = 4, layers: int = 4):
                        num_attention_heads=4, intermediate_size=128)
     config._attn_implementation = "sdpa"
     return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def make_tiny_bert(layers: int = 4):
+    """A seeded random 4-layer BERT (hidden 64, 64-token vocabulary), SDPA attention, no pooler, no dropout, eval."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def padded_bert_batch(seed: int = 2, lengths=(30, 17, 9)) -> dict:
+    """Right-padded rows of random ids for :func:`make_tiny_bert` (id 2 first, as a CLS), with their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def images():
+    """Three random 32x32 RGB images (for :func:`make_tiny_vit`)."""
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))

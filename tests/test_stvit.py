@@ -16,11 +16,6 @@ from hf_tokred.methods.encoder.stvit import semantic_slots
 from hf_tokred.recipes.stvit import train_stvit
 
 
-@pytest.fixture
-def images():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
 def test_config_stage_and_errors():
     cfg = TokenReductionConfig(method="stvit", ratio=0.25)
     assert cfg.stage_blocks(12) == (3, 11) and cfg.schedule(12)[3] == 0.25 and cfg.restore_after(12) == [10]

@@ -7,9 +7,11 @@ import argparse
 
 import pytest
 import torch
+from conftest import make_tiny_bert as make_bert
 from conftest import make_tiny_vit as make_vit
+from conftest import padded_bert_batch as padded_batch
 from safetensors import safe_open
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import AutoModel
 
 import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError, UnsupportedModelError
@@ -22,28 +24,7 @@ from hf_tokred.training import dense_pass
 LAYERS = 4
 
 
-def make_bert():
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    config._attn_implementation = "sdpa"
-    return BertModel(config, add_pooling_layer=False).eval()
 
-
-def padded_batch(seed=2, lengths=(30, 17, 9)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
-    ids[:, 0] = 2
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@pytest.fixture
-def images():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def randomize(model):

@@ -40,6 +40,7 @@ from .wiring import (
     UserRequest,
     check_request,
     config_from_saved,
+    context_compressor,
     get_applied,
     guard_concurrent_calls,
     register_wiring,
@@ -339,8 +340,13 @@ def build_cache(model, config: TokenReductionConfig | dict | None = None) -> Tok
 
 
 def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     config: TokenReductionConfig | dict | None = None) -> TokenReductionCache:
+                     config: TokenReductionConfig | dict | None = None):
     """Prefill ``input_ids`` (a context shared by later questions) into a fresh cache and compress it.
+
+    With a KV policy (or storage) the result is a :class:`TokenReductionCache`. With a context compressor
+    attached (stage ``"context"``: ``gist``, ``icae``) it is a
+    :class:`~hf_tokred.integration.wiring.CompressedContext`: the context as a few learned cache entries, asked
+    with ``model.generate(torch.cat([ctx.prefix_ids, question_ids], -1), past_key_values=ctx.fresh_cache())``.
 
     This is the *query-agnostic* mode: the policy decides what to keep without seeing the question.
     Pass the returned cache to ``generate`` with the context followed by the question; ``generate`` only
@@ -354,6 +360,13 @@ def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         >>> full = torch.cat([context_ids, question_ids], dim=-1)                               # doctest: +SKIP
         >>> model.generate(full, past_key_values=cache, max_new_tokens=20)                      # doctest: +SKIP
     """
+    applied = get_applied(model)
+    cfg = TokenReductionConfig.coerce(config) if config is not None else applied.config if applied else None
+    context = cfg.get("context") if cfg is not None else None
+    if context is not None:  # gist tokens, ICAE: the context becomes a few learned cache entries
+        if applied is None or applied.config.get("context") is None:
+            raise TokenReductionError(f"compress_context: attach the {context.method} reduction first (hf_tokred.apply)")
+        return context_compressor(context.wiring_key)(model, applied.config.get("context"), input_ids, attention_mask)
     cache = build_cache(model, config)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:

@@ -66,6 +66,59 @@ def wiring_for(stage: str) -> Callable:
         raise UnsupportedModelError(f"reducers of stage {stage!r} cannot be attached to a model yet") from None
 
 
+_CONTEXT_COMPRESSORS: dict[str, Callable] = {}
+
+
+def register_context_compressor(key: str):
+    """Decorator registering how a reducer of stage ``"context"`` (gist tokens, ICAE) compresses a context.
+
+    The function ``compress(model, reducer, input_ids, attention_mask) -> CompressedContext`` is what
+    :func:`hf_tokred.compress_context` calls when the attached reduction holds a reducer whose ``wiring_key`` is
+    ``key``.
+    """
+
+    def decorator(fn):
+        _CONTEXT_COMPRESSORS[key] = fn
+        return fn
+
+    return decorator
+
+
+def context_compressor(key: str) -> Callable:
+    """The function registered with :func:`register_context_compressor` for ``key``."""
+    try:
+        return _CONTEXT_COMPRESSORS[key]
+    except KeyError:
+        raise UnsupportedModelError(f"no context compressor is registered for {key!r}") from None
+
+
+@dataclass
+class CompressedContext:
+    """A context compressed into a few cache entries (gist tokens' KV, ICAE's memory slots), to reuse across calls.
+
+    ``cache`` holds ``prefix_ids.shape[1]`` entries per layer and row; ``prefix_ids`` are the ids that stand for
+    them in ``generate``'s ``input_ids`` (``generate`` feeds only the ids after the cached ones), so a question is
+    asked with ``model.generate(torch.cat([ctx.prefix_ids, question_ids], -1), past_key_values=ctx.fresh_cache())``.
+    ``context_tokens`` is the number of real context tokens per row it stands for.
+    """
+
+    cache: Any
+    prefix_ids: Any
+    context_tokens: list[int]
+    method: str
+
+    def fresh_cache(self):
+        """A copy of the cache for one ``generate`` call (generation appends to the cache it is given)."""
+        import copy
+
+        return copy.deepcopy(self.cache)
+
+    @property
+    def entries(self) -> int:
+        """Cache entries per row and layer."""
+        return int(self.prefix_ids.shape[1])
+
+
 def get_applied(model) -> AppliedReduction | None:
     """The :class:`AppliedReduction` of a reduced model, or None."""
     return getattr(model, STATE_ATTR, None)

@@ -149,7 +149,8 @@ def _hidden_size(model, block) -> int:
         size = getattr(holder, "hidden_size", None)
         if isinstance(size, int):
             return size
-    raise UnsupportedModelError(f"dynamicvit: cannot find the hidden size of {type(model).__name__}")
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot find its hidden size (no LayerNorm in its blocks, "
+                                "no hidden_size in its config): a learned part cannot be sized for it")
 
 
 @register_method("dynamicvit")

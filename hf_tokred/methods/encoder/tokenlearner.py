@@ -47,6 +47,7 @@ from torch import nn
 
 from ...config import TokenReductionConfig, param, register_method
 from ...errors import ConfigError, UnsupportedModelError
+from .dynamicvit import _hidden_size
 
 MODULE_NAME = "tokenlearner"
 
@@ -203,21 +204,12 @@ class TokenLearnerConfig(TokenReductionConfig):
         self.check_model(model, adapter)
         blocks = adapter.blocks(model)
         block = blocks[self.reducing_layer(len(blocks))]
-        channels = _hidden_size(model)
+        channels = _hidden_size(model, block)
         module = TokenLearnerModule(channels, max(self.num_tokens, 1), self.hidden_dim, self.fuse)
         parameter = next(block.parameters(), None)
         if parameter is not None:
             module.to(device=parameter.device, dtype=parameter.dtype)
         return {MODULE_NAME: module}
-
-
-def _hidden_size(model) -> int:
-    config = getattr(model, "config", None)
-    for holder in (getattr(config, "vision_config", None), config):
-        size = getattr(holder, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    raise UnsupportedModelError(f"tokenlearner: cannot find the hidden size of {type(model).__name__}")
 
 
 from ...integration import tokenlearner as _wiring  # noqa: E402,F401  (registers the "tokenlearner" wiring)
