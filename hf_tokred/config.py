@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 from .errors import ConfigError, MissingFileError, UnknownMethodError
 
 CONFIG_NAME = "token_reduction_config.json"
+# A preset of a learned method says where its learned parts come from (see _preset_learned).
+PRESET_LEARNED_KEY = "hf_tokred_learned"
 WEIGHTS_NAME = "token_reduction.safetensors"
 VERSION_KEY = "hf_tokred_version"
 
@@ -350,6 +352,8 @@ class TokenReductionConfig:
     paper: ClassVar[str] = ""
     status: ClassVar[str] = "stable"
     method_key: ClassVar[str | None] = None
+    # Set on a config read from a preset of a learned method: a PresetLearned (shipped weights or how to train).
+    preset_learned: ClassVar[Any] = None
 
     def __new__(cls, *args, **kwargs):
         if args:
@@ -540,7 +544,7 @@ class TokenReductionConfig:
             return cls._from_json_file(name)
         preset = _preset_path(name)
         if preset is not None:
-            return cls._from_json_file(preset)
+            return cls._from_json_file(preset, preset_name=name.removesuffix(".json"))
         if name.count("/") > 1:  # "org/model/purpose" can only be a preset, never a Hub repo id
             raise MissingFileError(
                 f"{name!r} is not a folder, a file or a preset; presets are: {', '.join(list_presets())}"
@@ -548,15 +552,19 @@ class TokenReductionConfig:
         return cls._from_json_file(_download(name, CONFIG_NAME, hub_kwargs))
 
     @classmethod
-    def _from_json_file(cls, path: str) -> TokenReductionConfig:
+    def _from_json_file(cls, path: str, preset_name: str | None = None) -> TokenReductionConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             # RecursionError: json's decoder on a file nested thousands of levels deep
             raise ConfigError(f"{path}: not a readable JSON token-reduction config ({type(err).__name__}: {err})") from None
+        learned = data.pop(PRESET_LEARNED_KEY, None) if preset_name is not None and isinstance(data, dict) else None
         try:
-            return cls.from_dict(data)
+            cfg = cls.from_dict(data)
+            if learned is not None or (preset_name is not None and cfg.learned):
+                cfg.preset_learned = _preset_learned(learned, path, preset_name, cfg)
+            return cfg
         except ConfigError as err:
             raise type(err)(f"{path}: {err}", field=err.field) from None
 
@@ -694,6 +702,40 @@ def _preset_path(name: str) -> str | None:
         node = node / p
     node = node / f"{parts[-1]}.json"
     return os.fspath(node) if node.is_file() else None
+
+
+def _preset_learned(learned: Any, path: str, name: str, cfg: TokenReductionConfig) -> PresetLearned:
+    """Where a preset of a learned method gets its learned parts: the ``"hf_tokred_learned"`` entry of its JSON.
+
+    ``{"weights": "<file>.safetensors"}`` names trained parts shipped beside the JSON (small ones only);
+    ``{"train": "<command>"}`` says how to train them (they are too large to ship). A preset of a learned method
+    must have one of the two, so that applying it never silently starts from untrained parts.
+    """
+    if not cfg.learned:
+        raise ConfigError(f"{PRESET_LEARNED_KEY}: {cfg.method} has no learned parts; remove the entry",
+                          field=PRESET_LEARNED_KEY)
+    if not (isinstance(learned, dict) and len(learned) == 1 and set(learned) <= {"weights", "train"}
+            and isinstance(next(iter(learned.values())), str)):
+        raise ConfigError(f'{PRESET_LEARNED_KEY}: a preset of the learned method {cfg.method} needs {{"weights": '
+                          f'"<file>.safetensors"}} (trained parts shipped beside it) or {{"train": "<command>"}} (how '
+                          f"to train them), got {learned!r}", field=PRESET_LEARNED_KEY)
+    if "train" in learned:
+        return PresetLearned(name, train=learned["train"])
+    weights = learned["weights"]
+    full = os.path.join(os.path.dirname(path), weights)
+    if os.path.basename(weights) != weights or not weights.endswith(".safetensors") or not os.path.isfile(full):
+        raise ConfigError(f"{PRESET_LEARNED_KEY}: weights must name a .safetensors file beside the preset, got "
+                          f"{weights!r}", field=PRESET_LEARNED_KEY)
+    return PresetLearned(name, weights=full)
+
+
+@dataclass(frozen=True)
+class PresetLearned:
+    """Where the learned parts of a config read from a preset come from (see :func:`_preset_learned`)."""
+
+    preset: str
+    weights: str | None = None
+    train: str | None = None
 
 
 def _download(repo_id: str, filename: str, hub_kwargs: dict) -> str:

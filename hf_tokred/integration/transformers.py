@@ -186,18 +186,29 @@ def remove_from_model(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _resolve_weights(cfg, weights_from, hub_kwargs, required) -> str | None:
-    if not cfg.learned or weights_from is None:
+    if not cfg.learned:
         return None
-    from transformers.utils import cached_file
+    path = None
+    if weights_from is not None:
+        from transformers.utils import cached_file
 
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None}
-    path = cached_file(os.fspath(weights_from), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False, **kwargs)
-    if path is None and required:
+        kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None}
+        path = cached_file(os.fspath(weights_from), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **kwargs)
+    if path is None and required and weights_from is not None:
         raise MissingFileError(
             f"{WEIGHTS_NAME} is missing from {weights_from}: the {cfg.method} reduction has learned parts saved "
             "there; restore the file, or load with token_reduction=False for the dense model"
         )
+    preset = cfg.preset_learned
+    if path is None and preset is not None:  # a preset's parts: shipped with it, or trained by the user first
+        if preset.weights is None:
+            raise MissingFileError(
+                f"the preset {preset.preset} ({cfg.method}) ships no trained parts (too large for the package): "
+                f"train them with `{preset.train}`, then load the folder it saves "
+                "(from_pretrained(folder), or hf_tokred.apply(model, folder))"
+            )
+        path = preset.weights
     return path
 
 

@@ -250,7 +250,7 @@ def config_from_saved(stored, config_file: str, key: str = "token_reduction"):
                 "token_reduction=...)",
                 field=key,
             )
-        stored = TokenReductionConfig._from_json_file(preset)
+        stored = TokenReductionConfig._from_json_file(preset, preset_name=stored)
     try:
         return TokenReductionConfig.coerce(stored)
     except ConfigError as err:
