@@ -27,6 +27,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .integration import apply, build_cache, compress_context, install, remove
+from .integration.eagle import eagle_assistant
 from .kv.cache import TokenReductionCache
 from .prompt import compress_prompt
 
@@ -48,6 +49,7 @@ __all__ = [
     "compress_context",
     "compress_prompt",
     "compose",
+    "eagle_assistant",
     "list_presets",
     "register_method",
     "registered_methods",

@@ -25,7 +25,8 @@ from . import __version__
 # Modules that each contribute one benchmark subcommand through ``add_command(subparsers)``.
 BENCH_COMMANDS: list[str] = ["hf_tokred.bench.demo", "hf_tokred.bench.kv", "hf_tokred.bench.diffusion",
                              "hf_tokred.bench.encoders", "hf_tokred.bench.kvstorage", "hf_tokred.bench.prompt",
-                             "hf_tokred.bench.vlm", "hf_tokred.bench.nlp", "hf_tokred.bench.ssm"]
+                             "hf_tokred.bench.vlm", "hf_tokred.bench.nlp", "hf_tokred.bench.ssm",
+                             "hf_tokred.bench.learned_lm"]
 
 DESCRIPTION = """\
 Token reduction for Hugging Face models: run a demo on a real embedded model, list the methods
@@ -231,7 +232,8 @@ def _cmd_presets(args) -> int:
 # The methods `hf-tokred train` knows, and the module holding each one's subcommand.
 TRAIN_COMMANDS: dict[str, str] = {
     name: f"hf_tokred.recipes.{name}" for name in ("llmlingua2", "mrt5", "token_pooling", "token_dropping", "tokenskip",
-                                                   "dydit", "avit", "ia_red2", "evo_vit", "stvit", "spvit", "tocom")
+                                                   "dydit", "avit", "ia_red2", "evo_vit", "stvit", "spvit", "tocom",
+                                                   "eagle", "gist", "icae", "dcp")
 }
 TRAINABLE = tuple(TRAIN_COMMANDS)
 TRAIN_DESCRIPTION = """\

@@ -31,7 +31,8 @@ from pathlib import Path
 START = "<!-- methods-table:start (generated from the registry by `python -m hf_tokred.docs_table`; do not edit) -->"
 END = "<!-- methods-table:end -->"
 
-# Where each stage's measured figures are written up (links relative to docs/).
+# Where each stage's measured figures are written up (links relative to docs/); a method key or wiring key listed here
+# wins over its stage.
 FIGURES = {
     "kv_policy": "[kv.md](kv.md)",
     "kv_storage": "[kv.md](kv.md#compressed-kv-storage-issue-6)",
@@ -46,6 +47,9 @@ FIGURES = {
     "token_dropping": "[nlp.md](nlp.md)",
     "tokenskip": "[nlp.md](nlp.md)",
     "ssm_prune": "[encoders.md](encoders.md#state-space-models-ssm_prune-mamba-mamba-2)",
+    "context": "[learned_lm.md](learned_lm.md)",
+    "decoding": "[learned_lm.md](learned_lm.md)",
+    "dcp": "[learned_lm.md](learned_lm.md)",  # a KV policy, but written up with the other learned LM reducers
 }
 
 _WHEN = {"step": "every step", "prefill": "once after the prompt"}
@@ -124,7 +128,7 @@ def method_rows() -> list[dict]:
             "stage": stage,
             "models": _models(cls),
             "status": cls.status,
-            "figures": FIGURES.get(cls.wiring) or FIGURES.get(cls.stage, ""),
+            "figures": FIGURES.get(key) or FIGURES.get(cls.wiring) or FIGURES.get(cls.stage, ""),
         })
     return rows
 

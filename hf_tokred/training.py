@@ -1063,7 +1063,9 @@ _RECIPES = {"train_madtp": "training_madtp", "madtp_loss": "training_madtp", "tr
             "train_mrt5": "recipes.mrt5", "train_dydit": "recipes.dydit", "train_tokenlearner": "recipes.tokenlearner",
             "train_avit": "recipes.avit", "avit_loss": "recipes.avit", "train_ia_red2": "recipes.ia_red2",
             "ia_red2_loss": "recipes.ia_red2", "train_evo_vit": "recipes.evo_vit", "train_stvit": "recipes.stvit",
-            "train_spvit": "recipes.spvit", "train_tocom": "recipes.tocom"}
+            "train_spvit": "recipes.spvit", "train_tocom": "recipes.tocom",
+            "train_eagle": "recipes.eagle", "train_gist": "recipes.gist", "train_icae": "recipes.icae",
+            "train_dcp": "recipes.dcp"}
 
 
 def __getattr__(name: str):

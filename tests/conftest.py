@@ -129,3 +129,31 @@ def padded_bert_batch(seed: int = 2, lengths=(30, 17, 9)) -> dict:
 def images():
     """Three random 32x32 RGB images (for :func:`make_tiny_vit`)."""
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def assert_loads_without_hf_tokred(folder, ids: torch.Tensor, expected_logits: torch.Tensor) -> None:
+    """A fresh Python process that never imports hf_tokred loads ``folder`` with transformers alone and gets
+    ``expected_logits`` (the dense model's) for ``ids``: a reduced model's checkpoint stays a plain checkpoint."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    with tempfile.TemporaryDirectory() as work:
+        expected = os.path.join(work, "expected.pt")
+        torch.save(expected_logits, expected)
+        script = textwrap.dedent(f"""
+            import sys, torch
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained({str(folder)!r})
+            with torch.no_grad():
+                logits = model(torch.tensor({ids.tolist()!r})).logits
+            assert torch.equal(logits, torch.load({expected!r})), "logits differ from the dense model's"
+            assert "hf_tokred" not in sys.modules
+            print("dense ok")
+        """)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dense ok" in result.stdout

@@ -69,10 +69,10 @@ def test_check_settings_rejects_bad_choices(changes, field):
     assert err.value.field == field
 
 
-def test_default_policies_are_every_registered_kv_policy():
+def test_default_policies_are_every_training_free_kv_policy():
     settings = kv.check_settings(kv.KVBenchSettings(keeps=(0.5,)))
-    expected = sorted(k for k, c in hf_tokred.registered_methods().items() if c.stage == "kv_policy")
-    assert list(settings.policies) == expected and "streamingllm" in expected
+    expected = sorted(k for k, c in hf_tokred.registered_methods().items() if c.stage == "kv_policy" and not c.learned)
+    assert list(settings.policies) == expected and "streamingllm" in expected and "dcp" not in expected
     assert set(settings.configs) == {(p, 0.5) for p in expected}
 
 

@@ -89,3 +89,23 @@ def test_the_entry_is_refused_on_a_method_without_learned_parts(presets):
     name = write("plain", {"method": "streamingllm", "max_tokens": 64, "hf_tokred_learned": {"train": "x"}})
     with pytest.raises(ConfigError, match="no learned parts"):
         hf_tokred.TokenReductionConfig.from_pretrained(name)
+
+
+def test_the_package_presets_of_the_learned_lm_methods():
+    """dcp-50 ships its trained gates (1.4 MB) and loads on the embedded SmolLM2; eagle, gist-8 and icae-4x are too
+    large to ship and name their training command."""
+    from safetensors.torch import load_file
+
+    from hf_tokred.embedded import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    for name in ("eagle", "gist-8", "icae-4x"):
+        with pytest.raises(MissingFileError, match=f"hf-tokred train {name.split('-')[0]}"):
+            hf_tokred.apply(model, f"HuggingFaceTB/SmolLM2-135M-Instruct/{name}")
+    hf_tokred.apply(model, "HuggingFaceTB/SmolLM2-135M-Instruct/dcp-50")
+    shipped = load_file(hf_tokred.TokenReductionConfig.from_pretrained(
+        "HuggingFaceTB/SmolLM2-135M-Instruct/dcp-50").preset_learned.weights)
+    assert all(torch.equal(model.hf_tokred_modules.state_dict()[k], v) for k, v in shipped.items())
+    ids = tokenizer("The pass key is 31415. " * 40, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)

@@ -198,7 +198,15 @@ def _check_learned_encoder(ns):
     assert get_applied(ns["bert"]).config.method == "ia_red2"
 
 
+def _check_learned_lm(ns):
+    dense = ns["drafting"].generate(**ns["inputs"], max_new_tokens=8, do_sample=False)
+    assert torch.equal(ns["out"], dense)  # "verified: the model's own greedy output"
+    assert ns["ctx"].entries == 4 and all(layer.keys.shape[-2] == 4 for layer in ns["ctx"].cache.layers)
+    assert ns["answer"].shape[1] == 4 + ns["question"].shape[1] + 4
+
+
 CHECKS = {
+    "assistant_model=hf_tokred.eagle_assistant(drafting)": _check_learned_lm,
     "train_ia_red2(bert, batches": _check_learned_encoder,
     "hf_tokred.apply(byt5, {": _check_mrt5,
     "AutoModelForImageTextToText.from_pretrained(vlm_repo": _check_vlm,

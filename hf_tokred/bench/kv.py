@@ -125,7 +125,8 @@ class KVBenchSettings:
 
 
 def kv_policies() -> list[str]:
-    """Registry keys of every KV policy (stage ``"kv_policy"``), sorted.
+    """Registry keys of every training-free KV policy (stage ``"kv_policy"``), sorted; a learned policy (``dcp``)
+    needs its trained part and has its own benchmark (``hf-tokred learned-lm dcp``).
 
     Example:
         >>> from hf_tokred.bench.kv import kv_policies
@@ -134,7 +135,8 @@ def kv_policies() -> list[str]:
     """
     import hf_tokred
 
-    return sorted(key for key, cls in hf_tokred.registered_methods().items() if cls.stage == "kv_policy")
+    return sorted(key for key, cls in hf_tokred.registered_methods().items()
+                  if cls.stage == "kv_policy" and not cls.learned)
 
 
 def make_config(policy: str, keep: float, params=()):

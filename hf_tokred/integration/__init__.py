@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from ..errors import ArgumentError, UnsupportedModelError
 from . import delete_gate as _delete_gate  # noqa: F401  (registers the "mrt5" wiring: MrT5's delete gate)
+from . import eagle as _eagle  # noqa: F401  (registers the "decoding" wiring: EAGLE's draft head)
 from . import encoders as _encoders  # noqa: F401  (registers the "sequence" wiring)
+from . import gist as _gist  # noqa: F401  (registers the "gist" wiring)
 from . import hourglass as _hourglass  # noqa: F401  (registers the "token_pooling" wiring)
+from . import icae as _icae  # noqa: F401  (registers the "icae" wiring)
 from . import prefill as _prefill  # noqa: F401  (registers the "prefill" wiring: lazyllm)
 from . import prompt as _prompt  # noqa: F401  (registers the "prompt" wiring)
 from . import token_dropping as _token_dropping  # noqa: F401  (registers the "token_dropping" wiring)

@@ -38,6 +38,12 @@ from .kv import (
     streamingllm,  # noqa: F401
     tova,  # noqa: F401
 )
+from .lm import (
+    dcp,  # noqa: F401
+    eagle,  # noqa: F401
+    gist,  # noqa: F401
+    icae,  # noqa: F401
+)
 from .nlp import (
     mrt5,  # noqa: F401
     token_dropping,  # noqa: F401

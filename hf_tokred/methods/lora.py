@@ -16,11 +16,50 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import TokenReductionConfig, param
 from ..errors import ConfigError, UnsupportedModelError
+
+TARGETS_HELP = ("names (last path part, e.g. 'q_proj') of the Linear layers in the decoder blocks given a LoRA; "
+                "empty = every Linear layer in the blocks")
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(TokenReductionConfig):
+    """Fields of a method that trains a LoRA (``rank``, ``alpha``, ``target_modules``), their checks, and the LoRA.
+
+    A subclass may declare the three fields again to change their defaults (ICAE's LoRA targets ``q_proj`` and
+    ``v_proj``, as its paper's does); a subclass's :meth:`validate` calls ``super().validate()``.
+
+    Example:
+        >>> from hf_tokred import TokenReductionConfig
+        >>> TokenReductionConfig(method="gist", rank=4, alpha=8.0).scaling
+        2.0
+    """
+
+    rank: int = param(8, int, low=1, high=4096, help="LoRA rank r")
+    alpha: float = param(16.0, float, low=0.0, high=1e6, low_open=True, help="LoRA alpha; scaling = alpha / rank")
+    target_modules: list = param([], str, sequence=True, help=TARGETS_HELP)
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.target_modules):
+            if not name or "." in name:
+                raise ConfigError(f"target_modules[{i}]: expected the last part of a module path (e.g. 'q_proj'), "
+                                  f"got {name!r}", field="target_modules")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's ``alpha / rank``."""
+        return self.alpha / self.rank
+
+    def lora_layers(self, model, adapter, seed: int = 0) -> LoRALayers:
+        """A fresh :class:`LoRALayers` (``lora_B`` zero) on this config's targets in ``model``'s decoder blocks."""
+        targets = lora_targets(model, adapter, self.target_modules, method=self.method_key)
+        return LoRALayers(targets, self.rank, self.scaling, seed=seed)
 
 
 def lora_targets(model, adapter, target_modules=(), *, method: str = "lora") -> dict[str, nn.Linear]:
@@ -140,4 +179,4 @@ class LoRALayers(nn.Module):
         return [model.get_submodule(path).register_forward_hook(self.lora(path).hook) for path in self.paths]
 
 
-__all__ = ["LoRA", "LoRALayers", "lora_targets"]
+__all__ = ["LoRA", "LoRAConfig", "LoRALayers", "lora_targets"]

@@ -161,7 +161,8 @@ def token_windows(tokenizer, texts: list[str], length: int, *, count: int | None
     return torch.tensor(windows, dtype=torch.long).reshape(len(windows), length)
 
 
-_REQUESTS = (
+# The request templates of instruction_prompts ({text} is a passage).
+REQUESTS = (
     "Summarize the following text in two sentences.\n\n{text}",
     "Explain the following passage to a beginner.\n\n{text}",
     "{text}\n\nWhat is the main point of this text?",
@@ -187,7 +188,7 @@ def instruction_prompts(split: str = "train", count: int | None = None, *, seed:
     """
     rng = random.Random(seed)
     texts = [t for t in lm_texts(split) if len(t.split()) <= max_words]
-    prompts = [rng.choice(_REQUESTS).format(text=t) for t in texts]
+    prompts = [rng.choice(REQUESTS).format(text=t) for t in texts]
     rng.shuffle(prompts)
     return prompts if count is None else prompts[:count]
 

@@ -73,9 +73,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from ...config import MAX_INT, TokenReductionConfig, param, register_method
+from ...config import MAX_INT, param, register_method
 from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
-from ..lora import LoRALayers, lora_targets
+from ..lora import LoRAConfig, LoRALayers
 
 MODULE_NAME = "tokenskip"
 # The ratios of the paper: gamma in {0.5, ..., 0.9}, and 1.0 for the uncompressed trace.
@@ -133,7 +133,7 @@ def _check_controls(controls: list, ratios: list[float]) -> None:
 
 @register_method("tokenskip")
 @dataclass(kw_only=True)
-class TokenSkipConfig(TokenReductionConfig):
+class TokenSkipConfig(LoRAConfig):
     """TokenSkip (arXiv 2502.12067): a LoRA that makes a causal LM's chain of thought shorter at a chosen ``ratio``.
 
     ``ratio`` is the compression asked for, one of ``ratios`` (the ratios the adapter was trained with);
@@ -163,11 +163,6 @@ class TokenSkipConfig(TokenReductionConfig):
     control_ids: list = field(default_factory=list, metadata={
         "help": "the control token ids of every ratio in `ratios` (a list of int lists, see build_controls), "
                 "appended after the prompt; empty: no control (a plain LoRA)"})
-    rank: int = param(8, int, low=1, high=4096, help="LoRA rank r")
-    alpha: float = param(16.0, float, low=0.0, high=1e6, low_open=True, help="LoRA alpha; scaling = alpha / rank")
-    target_modules: list = param([], str, sequence=True,
-                                 help="names (last path part, e.g. 'q_proj') of the Linear layers in the decoder "
-                                      "blocks given a LoRA; empty = every Linear layer in the blocks")
 
     def validate(self) -> None:
         if not self.ratios:
@@ -180,15 +175,7 @@ class TokenSkipConfig(TokenReductionConfig):
                               f"({', '.join(str(r) for r in self.ratios)}); pick one of them", field="ratio")
         _check_controls(self.control_ids, list(self.ratios))
         self.control_ids = [[int(t) for t in ids] for ids in self.control_ids]
-        for i, name in enumerate(self.target_modules):
-            if not name or "." in name:
-                raise ConfigError(f"target_modules[{i}]: expected the last part of a module path (e.g. 'q_proj'), "
-                                  f"got {name!r}", field="target_modules")
-
-    @property
-    def scaling(self) -> float:
-        """LoRA's ``alpha / rank``."""
-        return self.alpha / self.rank
+        super().validate()
 
     def ratio_index(self, ratio: float) -> int | None:
         """The index of ``ratio`` in ``ratios`` (None when the adapter was not trained with it)."""
@@ -232,8 +219,7 @@ class TokenSkipConfig(TokenReductionConfig):
                 raise ConfigError(f"control_ids[{i}]: token id {bad[0]} is outside the vocabulary of "
                                   f"{type(model).__name__} ({vocab} tokens): the controls were built with another "
                                   "tokenizer", field="control_ids")
-        targets = lora_targets(model, adapter, self.target_modules, method="tokenskip")
-        return {MODULE_NAME: LoRALayers(targets, self.rank, self.scaling)}
+        return {MODULE_NAME: self.lora_layers(model, adapter)}
 
 
 # ---------------------------------------------------------------------------------------------

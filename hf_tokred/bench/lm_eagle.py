@@ -1,0 +1,179 @@
+"""``hf-tokred learned-lm eagle``: EAGLE drafting against plain greedy and prompt-lookup decoding on SmolLM2.
+
+Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the draft head ``hf-tokred train eagle`` saved
+(``--weights``, default ``~/.cache/hf_tokred/smollm2-eagle``). Data: held-out chat requests about passages of the
+standard library's documentation (:func:`hf_tokred.recipes.lm_data.instruction_prompts`, split ``"heldout"``: no
+paragraph is shared with training). Every prompt is generated at batch 1, greedy, ``--max-new-tokens`` new tokens
+(256 by default; generation stops earlier at the end token), three ways on the same model, in turn:
+
+* ``greedy``: plain ``model.generate()``;
+* ``prompt lookup``: transformers' own prompt-lookup assisted decoding (``prompt_lookup_num_tokens=10``);
+* ``eagle``: ``model.generate(..., assistant_model=eagle_assistant(model))``.
+
+Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
+the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
+1.0 for greedy; the mean accepted draft tokens plus the target's own token) and whether every output is identical
+to greedy's. Timings on a shared CPU are indicative only; token counts are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+PROMPT_LOOKUP_TOKENS = 10
+
+
+def add_command(subparsers) -> None:
+    """Add ``hf-tokred learned-lm eagle``.
+
+    Example:
+        >>> from hf_tokred.cli import build_parser
+        >>> build_parser().parse_args(["learned-lm", "eagle"]).max_new_tokens
+        256
+    """
+    import argparse
+
+    from ..cli import _positive_int
+
+    parser = subparsers.add_parser("eagle", help="EAGLE drafting: accepted tokens per verification and decode "
+                                                 "tokens/s against greedy and prompt lookup",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", metavar="DIR", default=None,
+                        help="folder saved by `hf-tokred train eagle` (default: ~/.cache/hf_tokred/smollm2-eagle)")
+    parser.add_argument("--samples", type=_positive_int, default=8, help="held-out prompts (default: 8)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                        help="new tokens per prompt (default: 256)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=run)
+
+
+def default_weights() -> str:
+    from ..embedded import cache_dir
+
+    return os.path.join(cache_dir(), "smollm2-eagle")
+
+
+class _ForwardClock:
+    """Counts a model's forward passes and notes when the first one (the prefill) ended."""
+
+    def __init__(self, model):
+        self.calls, self.prefill_end = 0, None
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        if self.calls == 1:
+            self.prefill_end = time.perf_counter()
+
+    def reset(self):
+        self.calls, self.prefill_end = 0, None
+
+
+def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True) -> dict:
+    """The figures of ``hf-tokred learned-lm eagle`` as a dict.
+
+    Example:
+        >>> result = run_bench(samples=2, max_new_tokens=64)                                   # doctest: +SKIP
+        >>> result["rows"]["eagle"]["tokens_per_verification"]                                 # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_tokred  # noqa: F401  (from_pretrained re-attaches the head)
+
+    from ..errors import MissingFileError
+    from ..integration.eagle import eagle_assistant
+    from ..recipes.eagle import TRAINING_STATE
+    from ..recipes.lm_data import chat_ids, instruction_prompts
+
+    weights = os.path.abspath(os.path.expanduser(weights or default_weights()))
+    if not os.path.isfile(os.path.join(weights, "token_reduction.safetensors")):
+        raise MissingFileError(f"{weights} holds no trained EAGLE head (token_reduction.safetensors); train one first "
+                               "with `hf-tokred train eagle` or pass --weights DIR")
+    model = AutoModelForCausalLM.from_pretrained(weights).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    assistant = eagle_assistant(model)
+    budget = {}
+    if os.path.isfile(os.path.join(weights, TRAINING_STATE)):
+        with open(os.path.join(weights, TRAINING_STATE), encoding="utf-8") as fh:
+            state = json.load(fh)
+        budget = {"steps": state["step"], "batch_size": state["fingerprint"]["batch_size"],
+                  "sequences": state["sequences"], "tokens": state["tokens"], "seconds": state["seconds"],
+                  "data": state["data"]}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+    rows = {"greedy": {}, "prompt lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+            "eagle": {"assistant_model": assistant}}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "verifications": 0, "identical": 0} for name in rows}
+    clock = _ForwardClock(model)
+    try:
+        prompts = instruction_prompts("heldout", samples, seed=0)
+        with torch.no_grad():
+            warm = torch.tensor([chat_ids(tokenizer, "Hello")])
+            for extra in rows.values():  # warm-up: first calls allocate
+                model.generate(warm, attention_mask=torch.ones_like(warm), **{**common, "max_new_tokens": 8}, **extra)
+            for prompt in tqdm(prompts, desc="eagle bench", disable=not progress):
+                ids = torch.tensor([chat_ids(tokenizer, prompt)])
+                reference = None
+                for name, extra in rows.items():
+                    clock.reset()
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), **common, **extra)
+                    end = time.perf_counter()
+                    new = out[0, ids.shape[1]:]
+                    if reference is None:
+                        reference = new
+                    decoded = max(new.numel() - 1, 0)
+                    total = totals[name]
+                    total["tokens"] += decoded
+                    total["seconds"] += end - clock.prefill_end
+                    total["verifications"] += clock.calls - 1
+                    total["identical"] += int(torch.equal(new, reference))
+    finally:
+        clock.handle.remove()
+    base = totals["greedy"]["tokens"] / max(totals["greedy"]["seconds"], 1e-9)
+    result_rows = {}
+    for name, total in totals.items():
+        speed = total["tokens"] / max(total["seconds"], 1e-9)
+        result_rows[name] = {"tokens_per_s": round(speed, 2), "speedup": round(speed / base, 3),
+                             "tokens_per_verification": round(total["tokens"] / max(total["verifications"], 1), 3),
+                             "identical": total["identical"], "decode_tokens": total["tokens"]}
+    return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
+            "reduction": model.config.token_reduction, "rows": result_rows,
+            "note": "timings on a shared CPU are indicative only; token counts are exact"}
+
+
+def format_result(result: dict) -> str:
+    """The table ``hf-tokred learned-lm eagle`` prints."""
+    from ..cli import format_table
+
+    samples = result["samples"]
+    table = format_table(
+        ["decoding", "tokens/s", "speed-up", "tokens / verification", "identical to greedy"],
+        [[name, f"{row['tokens_per_s']:.1f}", f"{row['speedup']:.2f}x", f"{row['tokens_per_verification']:.2f}",
+          f"{'yes' if row['identical'] == samples else 'no'} ({row['identical']}/{samples})"]
+         for name, row in result["rows"].items()], right={1, 2, 3})
+    return table
+
+
+def run(args) -> int:
+    from ..cli import _log
+
+    result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress)
+    budget = result["budget"]
+    if budget:
+        _log(f"eagle head: {budget['steps']} steps x {budget['batch_size']} sequences on {budget['sequences']} "
+             f"sequences ({budget['tokens']} tokens), {budget['seconds']:.0f} s of training")
+    print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, greedy, up to "
+          f"{result['max_new_tokens']} new tokens (timings on a shared CPU are indicative)")
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+__all__ = ["add_command", "format_result", "run_bench"]

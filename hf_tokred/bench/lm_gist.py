@@ -1,0 +1,206 @@
+"""``hf-tokred learned-lm gist``: answers through 8 gist tokens against the dense model's, KV bytes and time to first token.
+
+Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the gist tokens ``hf-tokred train gist`` saved
+(``--weights``, default ``~/.cache/hf_tokred/smollm2-gist``). Data: held-out chat requests about ~200-token passages of
+the standard library's documentation (:func:`hf_tokred.recipes.gist.gist_prompts`, split ``"heldout"``: no paragraph
+is shared with training). References: the dense model's greedy answers to the full prompts (cached).
+
+Reported:
+
+* ROUGE-L (F1 of the longest common token subsequence) of the greedy answers against the dense answers, with the
+  prompt given as: the full prompt (the reference itself: 1.0 under greedy decoding), the trained gist tokens (the
+  user turn compressed into ``num_gist`` cache entries, the assistant header after them), a fresh untrained gist
+  (same shape, no training) and no prompt at all (the assistant header only), the last two as floors; the ratio of
+  the gist figure to the full prompt's is the issue's target (>= 0.8);
+* KV bytes of the reused prompt per row: the gist cache (``num_gist`` entries per layer) against the full prompt's
+  cache (its length in entries);
+* time to first token at batch 1: a question asked through a reused gist cache (a copy of the cache + the assistant
+  header + one decoding step) against the full prompt (prefill + one step), median of a few repeats. Timings on a
+  shared CPU are indicative only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+
+def add_command(subparsers) -> None:
+    """Add ``hf-tokred learned-lm gist``.
+
+    Example:
+        >>> from hf_tokred.cli import build_parser
+        >>> build_parser().parse_args(["learned-lm", "gist"]).samples
+        32
+    """
+    import argparse
+
+    from ..cli import _positive_int
+
+    parser = subparsers.add_parser("gist", help="gist tokens: ROUGE-L against the dense answers, KV bytes, TTFT",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", metavar="DIR", default=None,
+                        help="folder saved by `hf-tokred train gist` (default: ~/.cache/hf_tokred/smollm2-gist)")
+    parser.add_argument("--samples", type=_positive_int, default=32, help="held-out prompts (default: 32)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=run)
+
+
+def default_weights() -> str:
+    from ..embedded import cache_dir
+
+    return os.path.join(cache_dir(), "smollm2-gist")
+
+
+def run_bench(weights: str | None = None, samples: int = 32, progress: bool = True) -> dict:
+    """The figures of ``hf-tokred learned-lm gist`` as a dict.
+
+    Example:
+        >>> result = run_bench(samples=8)                                                    # doctest: +SKIP
+        >>> result["rouge_l"]["gist"] / result["rouge_l"]["full prompt"]                     # doctest: +SKIP
+    """
+    import torch
+
+    import hf_tokred
+
+    from ..cli import _log
+    from ..embedded import load_smollm2
+    from ..errors import MissingFileError
+    from ..integration.wiring import get_applied
+    from ..recipes.gist import MAX_NEW_TOKENS, TARGET_TOKENS, TRAINING_STATE, gist_answers, gist_data, mean_rouge_l
+
+    weights = os.path.abspath(os.path.expanduser(weights or default_weights()))
+    if not os.path.isfile(os.path.join(weights, "token_reduction.safetensors")):
+        raise MissingFileError(f"{weights} holds no trained gist tokens (token_reduction.safetensors); train them "
+                               "first with `hf-tokred train gist` or pass --weights DIR")
+    with open(os.path.join(weights, "config.json"), encoding="utf-8") as fh:
+        saved = json.load(fh).get("token_reduction")
+    if not saved or saved.get("method") != "gist":
+        raise MissingFileError(f"{weights}/config.json holds no gist reduction")
+    budget = {}
+    state_file = os.path.join(weights, TRAINING_STATE)
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as fh:
+            state = json.load(fh)
+        fp = state["fingerprint"]
+        budget = {"steps": state["step"], "batch_size": fp["batch_size"], "examples": state["examples"],
+                  "lr": fp["lr"], "embedding_lr": fp["embedding_lr"], "seed": fp["seed"],
+                  "train_seconds": state.get("seconds"),
+                  "final_loss": round(sum(state["losses"][-10:]) / max(len(state["losses"][-10:]), 1), 4),
+                  "first_loss": round(sum(state["losses"][:10]) / max(len(state["losses"][:10]), 1), 4)}
+    model, tokenizer = load_smollm2()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    _log(f"gist bench: dense answers to {samples} held-out prompts (cached after the first run)")
+    data = gist_data(model, tokenizer, "heldout", samples, target_tokens=TARGET_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
+                     progress=progress)
+    references = [e["answer"] for e in data]
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos, "pad": pad, "progress": progress}
+    rouge = {"full prompt": 1.0}
+    _log("gist bench: no prompt (the assistant header only)")
+    rouge["no prompt"] = mean_rouge_l(gist_answers(model, data, mode="none", **kwargs), references)
+    fresh = {k: v for k, v in saved.items()}
+    hf_tokred.apply(model, fresh)  # fresh gist embeddings and LoRA: no training
+    _log("gist bench: fresh (untrained) gist tokens")
+    rouge["fresh gist"] = mean_rouge_l(gist_answers(model, data, mode="gist", **kwargs), references)
+    hf_tokred.remove(model)
+    hf_tokred.apply(model, saved, weights_from=weights)
+    num_gist = get_applied(model).config.get("context").num_gist
+    _log(f"gist bench: trained gist tokens ({num_gist})")
+    gisted = gist_answers(model, data, mode="gist", **kwargs)
+    rouge["gist"] = mean_rouge_l(gisted, references)
+
+    # KV bytes and time to first token of one reused prompt (batch 1)
+    example = data[0]
+    context = torch.tensor([example["context"]])
+    tail = torch.tensor([example["tail"]])
+    full = torch.cat([context, tail], -1)
+    with torch.no_grad():
+        ctx = hf_tokred.compress_context(model, context)
+    gist_bytes = _cache_bytes(ctx.cache)
+    prompt_tokens = statistics.mean(len(e["context"]) + len(e["tail"]) for e in data)
+
+    def ttft_gist():
+        with torch.no_grad():
+            model.generate(torch.cat([ctx.prefix_ids, tail], -1), past_key_values=ctx.fresh_cache(), max_new_tokens=1,
+                           do_sample=False, pad_token_id=pad)
+
+    def ttft_full():
+        with torch.no_grad():
+            model.generate(full, max_new_tokens=1, do_sample=False, pad_token_id=pad, return_dict_in_generate=True)
+
+    hf_tokred.remove(model)  # the full prompt runs on the dense model (the gist hooks add nothing outside compress)
+    from transformers import DynamicCache
+
+    dense_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(full, past_key_values=dense_cache, use_cache=True)
+    full_bytes = _cache_bytes(dense_cache)
+    t_full = _median_seconds(ttft_full)
+    hf_tokred.apply(model, saved, weights_from=weights)
+    with torch.no_grad():
+        ctx = hf_tokred.compress_context(model, context)
+    t_gist = _median_seconds(ttft_gist)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hf_tokred.compress_context(model, context)
+    compress_seconds = time.perf_counter() - t0
+    ratio = rouge["gist"] / rouge["full prompt"]
+    return {
+        "method": "gist", "model": "SmolLM2-135M-Instruct (embedded, fp32)", "weights": weights,
+        "num_gist": num_gist, "samples": len(data), "prompt_tokens": round(prompt_tokens, 1),
+        "max_new_tokens": MAX_NEW_TOKENS, "budget": budget,
+        "rouge_l": {k: round(v, 4) for k, v in rouge.items()}, "gist_vs_full": round(ratio, 4),
+        "target_met": ratio >= 0.8,
+        "kv_bytes": {"gist": gist_bytes, "full prompt": full_bytes, "gist_entries": ctx.entries,
+                     "full_entries": int(full.shape[1])},
+        "ttft_seconds": {"reused gist": round(t_gist, 4), "full prompt": round(t_full, 4),
+                         "compress once": round(compress_seconds, 4)},
+        "examples": [{"prompt": data[i]["prompt"][:200], "dense": tokenizer.decode(references[i]),
+                      "gist": tokenizer.decode(gisted[i])} for i in range(min(2, len(data)))],
+    }
+
+
+def _cache_bytes(cache) -> int:
+    return int(sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in cache.layers))
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args) -> int:
+    """Run the benchmark and print its table (``--json``: also write the results)."""
+    from ..cli import format_table
+
+    result = run_bench(args.weights, args.samples, progress=not args.no_progress)
+    rouge, kv, ttft, budget = result["rouge_l"], result["kv_bytes"], result["ttft_seconds"], result["budget"]
+    if budget:
+        print(f"gist tokens: k = {result['num_gist']}, trained {budget['steps']} steps of {budget['batch_size']} on "
+              f"{budget['examples']} prompts (loss {budget['first_loss']} -> {budget['final_loss']}, "
+              f"{budget['train_seconds']} s on a shared CPU)")
+    print(f"{result['samples']} held-out prompts of {result['prompt_tokens']} tokens, greedy answers of up to "
+          f"{result['max_new_tokens']} tokens, ROUGE-L against the dense model's answers to the full prompt")
+    rows = [["full prompt (reference)", f"{rouge['full prompt']:.3f}", str(kv["full_entries"]), f"{kv['full prompt']:,}",
+             f"{ttft['full prompt'] * 1000:.0f}"],
+            [f"gist, {result['num_gist']} tokens (trained)", f"{rouge['gist']:.3f}", str(kv["gist_entries"]),
+             f"{kv['gist']:,}", f"{ttft['reused gist'] * 1000:.0f}"],
+            ["gist, fresh (untrained)", f"{rouge['fresh gist']:.3f}", str(kv["gist_entries"]), f"{kv['gist']:,}", "-"],
+            ["no prompt", f"{rouge['no prompt']:.3f}", "0", "0", "-"]]
+    print(format_table(["prompt given as", "ROUGE-L", "KV entries", "KV bytes", "TTFT ms"], rows, right={1, 2, 3, 4}))
+    print(f"gist / full prompt ROUGE-L: {result['gist_vs_full']:.3f} (target >= 0.8: "
+          f"{'met' if result['target_met'] else 'missed'}); compressing a prompt once: "
+          f"{ttft['compress once'] * 1000:.0f} ms (timings on a shared CPU are indicative)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+    return 0

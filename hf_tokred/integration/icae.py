@@ -1,0 +1,241 @@
+"""Wiring of ICAE (``icae``): the LoRA encoder that runs only inside ``compress_context``, and the frozen decoder.
+
+``hf_tokred.apply(model, {"method": "icae", ...})`` (or ``from_pretrained`` of a folder saved with it) attaches
+the learned part (LoRA, memory-token and ``<AE>`` embeddings at ``model.hf_tokred_modules["icae"]``) and installs
+nothing on the model: plain ``forward`` and ``generate`` stay the dense model's, bit for bit, and ``remove()``
+has nothing to undo but the learned part.
+
+:func:`hf_tokred.compress_context` (registered here for ``icae``) then
+
+1. cuts every row's real tokens (``attention_mask == 1``; left-, right- or unpadded) into
+   ``cfg.chunk_lengths(L)`` chunks; all rows must need the same number of chunks (a clear error otherwise:
+   compress such rows separately), which holds for every batch of contexts of at most ``chunk_tokens`` tokens;
+2. encodes each chunk (batched over rows) with the LoRA hooks attached for that call only: the chunk's
+   tokens, left-padded, then the memory tokens, positions from 0 for every row; the final-norm hidden states at
+   the memory positions are the chunk's slots;
+3. runs the frozen decoder (no LoRA) over all slots as ``inputs_embeds`` at positions ``0..S-1`` into a fresh
+   ``DynamicCache``: ``S = chunks * memory_slots`` entries per layer, the same for every row, so no padding
+   and no mask are needed afterwards and each row gives the same result as alone.
+
+``prefix_ids`` are ``S`` copies of a placeholder id (the first id that is no pad, end or start token), so
+``generate`` sees no padding in them. Ask with
+``model.generate(torch.cat([ctx.prefix_ids, question_ids], -1), past_key_values=ctx.fresh_cache())``: the question
+then sits at positions ``S, S+1, ...`` as in training. :func:`reconstruct` decodes the context back from the
+slots (the autoencoding task), :func:`icae_losses` are the training objectives of the recipe.
+
+The LoRA hooks are registered on the model for the duration of one ``compress_context`` call: a plain forward of
+the same model running in another thread at that moment would see them, so serialize such calls (or give each
+thread its own model).
+
+Example:
+    >>> model = hf_tokred.apply(model, {"method": "icae"}, weights_from="smollm2-icae")     # doctest: +SKIP
+    >>> ctx = hf_tokred.compress_context(model, context_ids)                               # doctest: +SKIP
+    >>> ctx.entries                                                                        # doctest: +SKIP
+    128
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import TokenReductionError
+from ..methods.lm.icae import MODULE_NAME, ICAEConfig, encoder_inputs
+from .wiring import MODULES_ATTR, CompressedContext, get_applied, register_context_compressor, register_wiring
+
+
+@register_wiring("icae")
+def wire_icae(model, adapter, reducer, applied) -> None:
+    """Check the learned part fits the model; install nothing (the LoRA runs only inside ``compress_context``)."""
+    parts = model._modules[MODULES_ATTR][MODULE_NAME]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if parts.memory.shape != (reducer.memory_slots, hidden):
+        raise TokenReductionError(f"icae: the memory embeddings have shape {tuple(parts.memory.shape)}, expected "
+                                  f"({reducer.memory_slots}, {hidden}) for memory_slots={reducer.memory_slots} and "
+                                  f"{type(model).__name__}'s hidden size {hidden}")
+
+
+def _attached(model) -> tuple[ICAEConfig, torch.nn.Module]:
+    applied = get_applied(model)
+    reducer = applied.config.get("context") if applied is not None else None
+    if not isinstance(reducer, ICAEConfig):
+        raise TokenReductionError("icae: the model has no icae reduction attached; apply one first "
+                                  "(hf_tokred.apply(model, {'method': 'icae', ...}))")
+    return reducer, model._modules[MODULES_ATTR][MODULE_NAME]
+
+
+@contextlib.contextmanager
+def encoder_mode(model):
+    """The LoRA hooks attached for the duration of the block (the encoder); removed afterwards even on error."""
+    _, parts = _attached(model)
+    handles = parts.lora.attach(model)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_inputs(model, input_ids, attention_mask) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise TokenReductionError("icae: the context must be token ids, a (batch, length) LongTensor; got "
+                                  f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0:
+        raise TokenReductionError("icae: the context is empty (0 tokens); there is nothing to compress")
+    vocab = model.get_input_embeddings().num_embeddings
+    if bool((input_ids < 0).any()) or bool((input_ids >= vocab).any()):
+        raise TokenReductionError(f"icae: context token ids must be in [0, {vocab})")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise TokenReductionError(f"icae: attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, "
+                                  f"input_ids {tuple(input_ids.shape)}; they must match")
+    return attention_mask.bool()
+
+
+def chunk_rows(cfg: ICAEConfig, input_ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's real tokens cut by ``cfg.chunk_lengths``: a list (one per chunk) of ``(ids, mask)`` batches,
+    right-padded. Every row must need the same number of chunks."""
+    rows = [input_ids[b][mask[b]] for b in range(input_ids.shape[0])]
+    if any(r.numel() == 0 for r in rows):
+        raise TokenReductionError("icae: a row of the context has no tokens (its attention_mask is all 0)")
+    cuts = [cfg.chunk_lengths(int(r.numel())) for r in rows]
+    counts = sorted({len(c) for c in cuts})
+    if len(counts) > 1:
+        raise TokenReductionError(
+            f"icae: the rows need different numbers of {cfg.chunk_tokens}-token chunks ({counts}: lengths "
+            f"{[int(r.numel()) for r in rows]}), so they would get different numbers of memory slots; compress them "
+            "in separate calls (rows of at most chunk_tokens tokens always batch)")
+    chunks = []
+    for j in range(counts[0]):
+        pieces = []
+        for r, c in zip(rows, cuts):
+            start = sum(c[:j])
+            pieces.append(r[start:start + c[j]])
+        width = max(p.numel() for p in pieces)
+        ids = torch.zeros(len(pieces), width, dtype=torch.long, device=input_ids.device)
+        m = torch.zeros(len(pieces), width, dtype=torch.bool, device=input_ids.device)
+        for b, p in enumerate(pieces):
+            ids[b, :p.numel()] = p
+            m[b, :p.numel()] = True
+        chunks.append((ids, m))
+    return chunks
+
+
+def encode_chunk(model, parts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One chunk per row -> ``(batch, memory_slots, hidden)`` slots (the LoRA must be attached: :func:`encoder_mode`).
+    Keeps the autograd graph (the recipe trains through it)."""
+    embeds = model.get_input_embeddings()(ids)
+    inputs, attention, positions = encoder_inputs(embeds, mask, parts.memory)
+    out = model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -parts.memory.shape[0]:]
+
+
+def encode(model, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The memory slots of a batch of contexts: ``(batch, chunks * memory_slots, hidden)`` (chunk slots in order)."""
+    cfg, parts = _attached(model)
+    mask = _check_inputs(model, input_ids, attention_mask)
+    chunks = chunk_rows(cfg, input_ids, mask)
+    with encoder_mode(model):
+        slots = [encode_chunk(model, parts, ids, m) for ids, m in chunks]
+    return torch.cat(slots, 1)
+
+
+def placeholder_id(model) -> int:
+    """The id standing for a memory slot in ``prefix_ids``: the smallest id that is no pad, end or start token."""
+    special = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if value is None:
+                continue
+            special.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return next(i for i in range(len(special) + 1) if i not in special)
+
+
+def slots_cache(model, slots: torch.Tensor):
+    """The frozen decoder's KV of ``slots`` (fed as input embeddings at positions ``0..S-1``): a ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    batch, count, _ = slots.shape
+    positions = torch.arange(count, device=slots.device).unsqueeze(0).expand(batch, -1)
+    model.base_model(inputs_embeds=slots.to(model.get_input_embeddings().weight.dtype), position_ids=positions,
+                     past_key_values=cache, use_cache=True)
+    return cache
+
+
+@register_context_compressor("icae")
+def compress_icae(model, reducer, input_ids, attention_mask=None) -> CompressedContext:
+    """``hf_tokred.compress_context`` for ICAE: the contexts' memory slots as the decoder's KV cache."""
+    mask = _check_inputs(model, input_ids, attention_mask)
+    with torch.no_grad():
+        slots = encode(model, input_ids, mask)
+        cache = slots_cache(model, slots)
+    prefix = torch.full(slots.shape[:2], placeholder_id(model), dtype=torch.long, device=input_ids.device)
+    return CompressedContext(cache=cache, prefix_ids=prefix, context_tokens=[int(v) for v in mask.sum(1)],
+                             method="icae")
+
+
+def reconstruct(model, ctx: CompressedContext, max_new_tokens: int) -> torch.Tensor:
+    """Greedy autoencoding: the decoder, given the slots and ``<AE>``, writes the context back; ``(batch, max_new_tokens)``.
+
+    Example:
+        >>> ctx = hf_tokred.compress_context(model, context_ids)          # doctest: +SKIP
+        >>> (reconstruct(model, ctx, context_ids.shape[1]) == context_ids).float().mean()   # doctest: +SKIP
+    """
+    _, parts = _attached(model)
+    cache = ctx.fresh_cache()
+    batch, start = ctx.prefix_ids.shape
+    embedding = model.get_input_embeddings()
+    step = parts.ae.to(embedding.weight.dtype).unsqueeze(0).expand(batch, -1, -1)
+    out = []
+    with torch.no_grad():
+        for i in range(max_new_tokens):
+            positions = torch.full((batch, 1), start + i, device=step.device, dtype=torch.long)
+            logits = model(inputs_embeds=step, position_ids=positions, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1].argmax(-1)
+            out.append(token)
+            step = embedding(token).unsqueeze(1)
+    return torch.stack(out, 1)
+
+
+def icae_losses(model, context: torch.Tensor, continuation: torch.Tensor | None = None):
+    """The pretraining objectives for a batch of full chunks ``context`` (``(batch, L)``, no padding; several
+    chunks when ``L > chunk_tokens``, cut as at inference): returns ``(ae_loss, ae_accuracy)`` for the
+    autoencoding (decoder given ``[slots, <AE>, context[:-1]]`` predicts ``context``) or, with ``continuation``,
+    ``(lm_loss, lm_accuracy)`` for language modelling (decoder given ``[slots, continuation[:-1]]`` predicts
+    ``continuation``). Losses keep the graph (the LoRA and the embeddings get gradients; the model is frozen)."""
+    cfg, parts = _attached(model)
+    mask = torch.ones_like(context, dtype=torch.bool)
+    with encoder_mode(model):
+        slots = torch.cat([encode_chunk(model, parts, ids, m) for ids, m in chunk_rows(cfg, context, mask)], 1)
+    if continuation is None:
+        return decoder_loss(model, slots, context, autoencode=True)
+    return decoder_loss(model, slots, continuation, autoencode=False)
+
+
+def decoder_loss(model, slots: torch.Tensor, targets: torch.Tensor, *, autoencode: bool):
+    """Teacher-forced ``(loss, accuracy)`` of the frozen decoder reading ``slots`` (``(batch, S, hidden)``):
+    reconstructing ``targets`` after ``<AE>`` (``autoencode``) or continuing with them."""
+    _, parts = _attached(model)
+    embedding = model.get_input_embeddings()
+    batch, count = slots.shape[:2]
+    if autoencode:
+        prefix = [slots, parts.ae.unsqueeze(0).expand(batch, -1, -1).to(slots.dtype)]
+        first = count  # logits at the <AE> position predict targets[0]
+    else:
+        prefix = [slots]
+        first = count - 1  # the last slot predicts targets[0]
+    inputs = torch.cat(prefix + [embedding(targets[:, :-1])], 1)
+    positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(batch, -1)
+    logits = model(inputs_embeds=inputs, position_ids=positions, use_cache=False,
+                   logits_to_keep=inputs.shape[1] - first).logits
+    logits = logits[:, : targets.shape[1]]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    accuracy = float((logits.argmax(-1) == targets).float().mean())
+    return loss, accuracy
+
+
+__all__ = ["compress_icae", "decoder_loss", "encode", "encoder_mode", "icae_losses", "reconstruct", "slots_cache"]

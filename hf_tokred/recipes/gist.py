@@ -1,0 +1,490 @@
+"""Gist tokens' recipe (arXiv 2304.08467): ~200-token prompts, the dense model's answers, the gist embeddings and LoRA.
+
+* :func:`gist_prompts`: chat requests (summarise, explain, list key facts...) about passages of about
+  ``target_tokens`` tokens, built from consecutive paragraphs of :func:`~hf_tokred.recipes.lm_data.lm_texts` and
+  trimmed at a word boundary, so the chat prompt (system prompt and assistant header included) is about
+  ``target_tokens`` long. ``"train"`` and ``"heldout"`` never share a paragraph.
+* :func:`split_prompt`: a chat prompt as ``(context, tail)``: the compressed part (everything up to the end of the
+  user turn) and the assistant header that follows the gist tokens uncompressed (``generate`` needs at least one id
+  after the cached ones).
+* :func:`train_gist`: the dense model's greedy answers (:func:`~hf_tokred.recipes.lm_data.dense_generations`,
+  cached) as targets, the cross-entropy of the answer read through the gist cache
+  (:func:`hf_tokred.integration.gist.gist_cache` + :func:`~hf_tokred.integration.gist.continuation_logits`, the
+  very functions ``compress_context`` uses); resumable, saved with ``save_pretrained`` and a model card.
+* :func:`evaluate_gist`: ROUGE-L of the answers through the gist cache against the dense model's answers.
+
+``hf-tokred train gist`` runs the recipe on the embedded SmolLM2-135M-Instruct.
+
+Example:
+    >>> from hf_tokred.embedded import load_smollm2
+    >>> from hf_tokred.training import train_gist
+    >>> model, tokenizer = load_smollm2()                                                  # doctest: +SKIP
+    >>> model = train_gist(model, tokenizer, steps=80, output_dir="smollm2-gist")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+
+import torch
+
+from ..errors import ConfigError
+
+TRAINING_STATE = "gist_training.json"
+TARGET_TOKENS = 200
+MAX_NEW_TOKENS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _chat_without_header(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def split_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """``(context, tail)`` of the chat prompt ``chat_ids(tokenizer, prompt)``: the user turn (compressed into the gist
+    tokens) and the assistant header after it (fed after the gist cache, uncompressed).
+
+    Example:
+        >>> context, tail = split_prompt(tokenizer, "Hello")                   # doctest: +SKIP
+        >>> tokenizer.decode(tail)                                              # doctest: +SKIP
+        '<|im_start|>assistant\\n'
+    """
+    from .lm_data import chat_ids
+
+    full = [int(i) for i in chat_ids(tokenizer, prompt)]
+    context = _chat_without_header(tokenizer, prompt)
+    if full[:len(context)] != context or len(full) == len(context):
+        # a template whose generation prompt is not a plain suffix: keep the last token uncompressed
+        return full[:-1], full[-1:]
+    return context, full[len(context):]
+
+
+def gist_prompts(tokenizer, split: str = "train", count: int | None = None, *, target_tokens: int = TARGET_TOKENS,
+                 seed: int = 0) -> list[str]:
+    """Chat requests about passages sized so the chat prompt is about ``target_tokens`` tokens (within 5%).
+
+    Consecutive paragraphs of ``lm_texts(split)`` are joined until the passage is long enough, then trimmed at a
+    word boundary; a request template is drawn (seeded) for each passage; the prompts are shuffled with ``seed`` and
+    the first ``count`` kept.
+
+    Example:
+        >>> prompts = gist_prompts(tokenizer, "heldout", 4)                                # doctest: +SKIP
+        >>> [len(chat_ids(tokenizer, p)) for p in prompts]                                  # doctest: +SKIP
+        [199, 201, 198, 200]
+    """
+    from .lm_data import REQUESTS, chat_ids, lm_texts
+
+    if not isinstance(target_tokens, int) or target_tokens < 64:
+        raise ConfigError(f"target_tokens: expected an int >= 64, got {target_tokens!r}", field="target_tokens")
+    rng = random.Random(seed)
+    overhead = len(chat_ids(tokenizer, REQUESTS[-1].format(text="")))
+    budget = target_tokens - overhead
+    prompts, words = [], []
+    for text in lm_texts(split):
+        words += text.split()
+        if len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < budget:
+            continue
+        template = rng.choice(REQUESTS)
+        low, high = 1, len(words)  # the most words whose prompt fits target_tokens
+        while low < high:
+            mid = (low + high + 1) // 2
+            if len(chat_ids(tokenizer, template.format(text=" ".join(words[:mid])))) <= target_tokens:
+                low = mid
+            else:
+                high = mid - 1
+        prompt = template.format(text=" ".join(words[:low]))
+        if len(chat_ids(tokenizer, prompt)) >= 0.95 * target_tokens:
+            prompts.append(prompt)
+        words = []
+    rng.shuffle(prompts)
+    return prompts if count is None else prompts[:count]
+
+
+ANSWER_CHUNK = 32  # prompts per cache file of dense answers (a longer list reuses the files of a shorter one)
+
+
+def answers_cache(split: str, chunk: int, target_tokens: int, max_new_tokens: int, seed: int) -> str:
+    """The JSON file caching the dense model's answers to the ``chunk``-th run of :data:`ANSWER_CHUNK` gist prompts
+    of ``split`` (under ``hf_tokred``'s cache)."""
+    from ..embedded import cache_dir
+
+    return os.path.join(cache_dir(), "lm_data",
+                        f"gist-{split}-{target_tokens}-{max_new_tokens}-{seed}-{chunk * ANSWER_CHUNK}.json")
+
+
+def gist_data(model, tokenizer, split: str, count: int, *, target_tokens: int = TARGET_TOKENS,
+              max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, progress: bool = True) -> list[dict]:
+    """``count`` examples of ``split``: ``context`` and ``tail`` ids (:func:`split_prompt`) and ``answer`` ids (the dense
+    model's greedy answer; ``model`` must be dense when a cache file is missing).
+
+    The answers are generated and cached :data:`ANSWER_CHUNK` prompts at a time (one JSON file each), so an
+    interrupted run keeps what it finished and a larger ``count`` only generates the new prompts' answers.
+
+    Example:
+        >>> data = gist_data(model, tokenizer, "heldout", 8)                               # doctest: +SKIP
+        >>> sorted(data[0])                                                                 # doctest: +SKIP
+        ['answer', 'context', 'prompt', 'tail']
+    """
+    from .lm_data import dense_generations
+
+    every = gist_prompts(tokenizer, split, target_tokens=target_tokens, seed=seed)
+    if not isinstance(count, int) or not 1 <= count <= len(every):
+        raise ConfigError(f"count: expected 1..{len(every)} ({split} has {len(every)} gist prompts), got {count!r}",
+                          field="count")
+    answers: list[list[int]] = []
+    for chunk in range((count + ANSWER_CHUNK - 1) // ANSWER_CHUNK):
+        prompts = every[chunk * ANSWER_CHUNK:(chunk + 1) * ANSWER_CHUNK]
+        answers += dense_generations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     cache_file=answers_cache(split, chunk, target_tokens, max_new_tokens, seed),
+                                     progress=progress)
+    data = []
+    for prompt, answer in zip(every[:count], answers):
+        context, tail = split_prompt(tokenizer, prompt)
+        data.append({"prompt": prompt, "context": context, "tail": tail, "answer": [int(t) for t in answer]})
+    return data
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _attach(model, reduction, num_gist, rank, alpha, target_modules):
+    import hf_tokred
+
+    from ..integration.wiring import get_applied
+    from ..methods.lm.gist import GistConfig
+
+    applied = get_applied(model)
+    current = applied.config.get("context") if applied is not None else None
+    if isinstance(current, GistConfig) and reduction is None:
+        return current
+    cfg = reduction if reduction is not None else {"method": "gist", "num_gist": num_gist, "rank": rank,
+                                                   "alpha": alpha, "target_modules": list(target_modules)}
+    hf_tokred.apply(model, cfg)
+    return get_applied(model).config.get("context")
+
+
+def gist_loss(model, batch: list[dict], pad: int) -> torch.Tensor:
+    """Mean cross-entropy of the answers of ``batch`` read through their gist caches (the tail's last token
+    predicts the answer's first): the training loss, through the same :func:`gist_cache` as inference.
+
+    Example:
+        >>> loss = gist_loss(model, data[:4], tokenizer.pad_token_id)                     # doctest: +SKIP
+    """
+    from ..integration.gist import continuation_logits, gist_cache
+
+    device = model.get_input_embeddings().weight.device
+    ids, mask = _left_pad([e["context"] for e in batch], pad)
+    cache = gist_cache(model, ids.to(device), mask.to(device), grad=True)
+    rows = [e["tail"] + e["answer"] for e in batch]
+    length = max(len(r) for r in rows)
+    cont = torch.full((len(rows), length), pad, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, (e, row) in enumerate(zip(batch, rows)):
+        cont[i, :len(row)] = torch.tensor(row)
+        cont_mask[i, :len(row)] = 1
+        labels[i, len(e["tail"]):len(row)] = torch.tensor(e["answer"])
+    logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+
+
+def _fingerprint(data: list[dict], **settings) -> dict:
+    digest = hashlib.sha256()
+    for example in data:
+        digest.update(json.dumps([example["context"], example["tail"], example["answer"]]).encode())
+    return {"data_sha256": digest.hexdigest(), **settings}
+
+
+def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=None, num_gist: int = 8, rank: int = 8,
+               alpha: float = 16.0, target_modules=(), steps: int = 80, batch_size: int = 4, lr: float = 4e-3,
+               embedding_lr: float = 2e-2, lr_schedule: str = "cosine", max_grad_norm: float = 1.0,
+               train_prompts: int = 128, target_tokens: int = TARGET_TOKENS, max_new_tokens: int = MAX_NEW_TOKENS,
+               seed: int = 0, output_dir=None, resume: bool = True, save_every: int = 10, progress: bool = True):
+    """Train the gist embeddings and the LoRA on ``model`` (a causal LM; returned with the reduction attached).
+
+    The reduction: the gist one already attached, else ``reduction``, else a fresh one with ``num_gist``, ``rank``,
+    ``alpha`` and ``target_modules``. The data: ``data`` (from :func:`gist_data`), else ``train_prompts`` prompts of
+    about ``target_tokens`` tokens with the dense model's greedy answers (``max_new_tokens``, cached; ``model`` must
+    then be dense when called).
+
+    The loop: only the gist embeddings and the LoRA train, AdamW (``embedding_lr`` for the embeddings, ``lr`` for the
+    LoRA) with a ``lr_schedule`` decay, batches of ``batch_size`` drawn in a fresh seeded order every pass, loss
+    :func:`gist_loss`, gradients clipped to ``max_grad_norm``, a tqdm bar. Fresh parts are drawn from ``seed``;
+    the global RNG is restored afterwards. With ``output_dir``: resumable checkpoints every ``save_every`` steps,
+    and at the end ``save_pretrained`` (the learned parts in ``token_reduction.safetensors``), the tokenizer,
+    ``gist_training.json`` and a model card. The loss of every step is ``model.train_losses``.
+
+    Example:
+        >>> model = train_gist(model, tokenizer, steps=80, output_dir="smollm2-gist")       # doctest: +SKIP
+        >>> ctx = hf_tokred.compress_context(model, prompt_ids)                             # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from ..integration.wiring import MODULES_ATTR
+    from ..methods.lm.gist import EMBEDDINGS_NAME, LORA_NAME
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
+
+    for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
+                            ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+                            ("lr", lr, lr > 0), ("embedding_lr", embedding_lr, embedding_lr > 0),
+                            ("save_every", save_every, isinstance(save_every, int) and save_every >= 1),
+                            ("lr_schedule", lr_schedule, lr_schedule in LR_SCHEDULES)):
+        if not ok:
+            raise ConfigError(f"{name}: invalid value {value!r}", field=name)
+    rng_state = torch.random.get_rng_state()
+    try:
+        if data is None:
+            data = gist_data(model, tokenizer, "train", train_prompts, target_tokens=target_tokens,
+                             max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+        if not data:
+            raise ConfigError("data: expected at least one training example", field="data")
+        cfg = _attach(model, reduction, num_gist, rank, alpha, target_modules)
+        holder = model._modules[MODULES_ATTR]
+        embeddings, lora = holder[EMBEDDINGS_NAME], holder[LORA_NAME]
+        embeddings.reset_parameters(model.get_input_embeddings().weight, seed)
+        lora.reset_parameters(seed)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        params = [embeddings.weight, *lora.parameters()]
+        for parameter in params:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW([{"params": params[:1], "lr": embedding_lr, "base": embedding_lr},
+                                       {"params": params[1:], "lr": lr, "base": lr}], weight_decay=0.0)
+        fingerprint = _fingerprint(data, reduction=cfg.to_dict(), lr=lr, embedding_lr=embedding_lr,
+                                   batch_size=batch_size, seed=seed, lr_schedule=lr_schedule,
+                                   max_grad_norm=max_grad_norm)
+        state = {"step": 0, "losses": [], "fingerprint": fingerprint, "examples": len(data),
+                 "prompt_tokens": round(sum(len(e["context"]) + len(e["tail"]) for e in data) / len(data), 1),
+                 "answer_tokens": round(sum(len(e["answer"]) for e in data) / len(data), 1), "seconds": 0.0}
+        torch.manual_seed(seed)
+        output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, holder, optimizer, params, state)
+        order = _batch_order(len(data), steps * batch_size, True, torch.Generator().manual_seed(seed))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        was_training = model.training
+        model.eval()
+        bar = tqdm(total=steps, initial=min(state["step"], steps), desc="train gist", disable=not progress)
+        start = time.perf_counter()
+        for step in range(state["step"], steps):
+            batch = [data[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+            for group in optimizer.param_groups:
+                group["lr"] = group["base"] * lr_factor(lr_schedule, step, steps)
+            loss = gist_loss(model, batch, pad)
+            _resumable_step(loss, optimizer, params, state, bar, checkpoint, holder, save_every, steps,
+                            max_grad_norm=max_grad_norm)
+            if checkpoint is not None and state["step"] % save_every == 0:
+                state["seconds"] = round(state.get("seconds", 0.0) + time.perf_counter() - start, 2)
+                start = time.perf_counter()
+        bar.close()
+        state["seconds"] = round(state.get("seconds", 0.0) + time.perf_counter() - start, 2)
+        for parameter in params:
+            parameter.requires_grad_(False)
+        model.train(was_training)
+        if output_dir is not None:
+            model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, TRAINING_STATE), "w", encoding="utf-8") as fh:
+                json.dump(state, fh, indent=1)
+            write_model_card(output_dir, model, cfg, state)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    model.train_losses = list(state["losses"])
+    return model
+
+
+def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | None = None) -> None:
+    """Write ``README.md`` of a trained gist folder: training data, steps, seed and (``results``) measured figures."""
+    base = getattr(model, "name_or_path", "") or type(model).__name__
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
+    losses = state["losses"]
+    first = sum(losses[:10]) / max(len(losses[:10]), 1)
+    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    fp = state["fingerprint"]
+    figures = ""
+    if results:
+        figures = "\n## Held-out figures (`hf-tokred learned-lm gist`)\n\n| | value |\n|---|---|\n" + "\n".join(
+            f"| {k} | {v} |" for k, v in results.items()) + "\n"
+    text = f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gist-tokens
+- context-compression
+- hf_tokred
+{f"base_model: {base}{chr(10)}" if hub_id else ""}---
+
+# Gist tokens for `{base}` (hf_tokred)
+
+Gist tokens (Mu et al., arXiv 2304.08467): a prompt is compressed into the keys and values of {cfg.num_gist} learned
+tokens, reused by every later call. `model.safetensors` holds the unchanged base model; the gist embeddings
+({cfg.num_gist} x hidden) and a LoRA (rank {cfg.rank}, alpha {cfg.alpha}, run on the gist tokens only) are in
+`token_reduction.safetensors`.
+
+```python
+import torch, hf_tokred
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("<this folder>")          # gist reduction re-attached
+ctx = hf_tokred.compress_context(model, prompt_ids, attention_mask)     # {cfg.num_gist} cache entries per layer
+out = model.generate(torch.cat([ctx.prefix_ids, question_ids], -1), past_key_values=ctx.fresh_cache())
+```
+
+Without hf_tokred the same folder loads as the plain base model.
+
+## Training
+
+- data: {state["examples"]} chat requests about standard-library documentation passages
+  (`hf_tokred.recipes.gist.gist_prompts`, prompts of {state["prompt_tokens"]} tokens on average), targets the dense
+  model's own greedy answers ({state["answer_tokens"]} tokens on average)
+- loss: cross-entropy of the answer read through the gist cache
+- steps: {state["step"]}, batch size {fp["batch_size"]}, learning rate {fp["lr"]} (LoRA) / {fp["embedding_lr"]}
+  (embeddings), {fp["lr_schedule"]}, seed {fp["seed"]}; {state.get("seconds", 0)} s of training on a shared CPU
+- training loss: first 10 steps {first:.4f}, last 10 steps {final:.4f}
+- data fingerprint (SHA-256): `{fp["data_sha256"]}`
+{figures}
+`checkpoint/` (optimizer state, for resuming) is not needed for inference.
+"""
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens: int = MAX_NEW_TOKENS,
+                 eos_token_id=None, pad: int = 0, batch_size: int = 8, progress: bool = False) -> list[list[int]]:
+    """Greedy answers (new token ids, up to the end token) to ``data`` with the prompt given as ``mode``:
+
+    ``"gist"``: the context compressed by ``hf_tokred.compress_context`` (the attached gist reduction), then the tail;
+    ``"full"``: the whole chat prompt (dense); ``"none"``: the tail only (no prompt at all, a floor).
+
+    Example:
+        >>> answers = gist_answers(model, data, mode="gist")                               # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    import hf_tokred
+
+    if mode not in ("gist", "full", "none"):
+        raise ConfigError(f"mode: expected 'gist', 'full' or 'none', got {mode!r}", field="mode")
+    device = model.get_input_embeddings().weight.device
+    out_rows: list[list[int]] = []
+    for begin in tqdm(range(0, len(data), batch_size), desc=f"answers ({mode})", disable=not progress):
+        chunk = data[begin:begin + batch_size]
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+                  "eos_token_id": eos_token_id}
+        with torch.no_grad():
+            if mode == "gist":
+                ids, mask = _left_pad([e["context"] for e in chunk], pad)
+                ctx = hf_tokred.compress_context(model, ids.to(device), mask.to(device))
+                tail, tail_mask = _left_pad([e["tail"] for e in chunk], pad)
+                inputs = torch.cat([ctx.prefix_ids, tail.to(device)], -1)
+                full_mask = torch.cat([torch.ones_like(ctx.prefix_ids), tail_mask.to(device)], -1)
+                out = model.generate(inputs, attention_mask=full_mask, past_key_values=ctx.fresh_cache(), **kwargs)
+            else:
+                rows = [(e["context"] if mode == "full" else []) + e["tail"] for e in chunk]
+                inputs, full_mask = (t.to(device) for t in _left_pad(rows, pad))
+                out = model.generate(inputs, attention_mask=full_mask, **kwargs)
+        for row in out[:, inputs.shape[1]:].tolist():
+            ends = [i for i, t in enumerate(row) if t == eos_token_id]
+            out_rows.append(row[:ends[0] + 1] if ends else row)
+    return out_rows
+
+
+def mean_rouge_l(candidates: list[list[int]], references: list[list[int]]) -> float:
+    """Mean token-level ROUGE-L F1 (:func:`hf_tokred.methods.lm.gist.rouge_l`) over pairs.
+
+    Example:
+        >>> mean_rouge_l([[1, 2], [3]], [[1, 2], [4]])
+        0.5
+    """
+    from ..methods.lm.gist import rouge_l
+
+    return sum(rouge_l(c, r) for c, r in zip(candidates, references)) / max(len(references), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-tokred train gist
+# ---------------------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+gist: gist tokens (arXiv 2304.08467) on the embedded SmolLM2-135M-Instruct. Chat requests about ~200-token passages
+of the standard library's documentation are answered by the dense model (greedy, cached); the gist embeddings and a
+LoRA that runs on the gist tokens learn to make the answer readable through the gist tokens' KV alone (cross-entropy
+of the dense answer given the gist cache). The folder it writes loads with AutoModelForCausalLM.from_pretrained(DIR);
+measure it with `hf-tokred learned-lm gist`.
+
+examples:
+  hf-tokred train gist                          80 steps of 4 on 128 prompts: ~15 min for the dense answers
+                                                (cached) and ~20 min of training on a shared CPU
+  hf-tokred train gist --num-gist 4 --steps 20 --output ./gist4
+"""
+
+
+def add_train_command(subparsers) -> None:
+    """Add ``hf-tokred train gist`` to the ``train`` subparsers.
+
+    Example:
+        >>> from hf_tokred.cli import build_parser
+        >>> build_parser().parse_args(["train", "gist"]).num_gist
+        8
+    """
+    from ..cli import _float_in, _positive_int
+    from . import add_recipe_parser
+
+    train = add_recipe_parser(subparsers, "gist", help="gist tokens on SmolLM2: a prompt compressed into k cache "
+                              "entries", description=DESCRIPTION, output="smollm2-gist", steps=80, corpus=False)
+    train.add_argument("--num-gist", type=_positive_int, default=8, help="gist tokens k (default: 8)")
+    train.add_argument("--batch-size", type=_positive_int, default=4, help="prompts per step (default: 4)")
+    train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=4e-3, help="LoRA learning rate (default: 4e-3)")
+    train.add_argument("--embedding-lr", type=_float_in(1e-7, 1.0), default=2e-2,
+                       help="gist embeddings' learning rate (default: 2e-2)")
+    train.add_argument("--prompts", type=_positive_int, default=128, help="training prompts (default: 128)")
+    train.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """Train the gist tokens on the embedded SmolLM2 and save them."""
+    from ..cli import _log
+    from ..embedded import load_smollm2
+    from . import recipe_output
+
+    model, tokenizer = load_smollm2()
+    output = recipe_output(args, "smollm2-gist")
+    _log(f"gist: {args.steps} steps of {args.batch_size}, {args.num_gist} gist tokens, {args.prompts} prompts")
+    train_gist(model, tokenizer, num_gist=args.num_gist, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+               embedding_lr=args.embedding_lr, train_prompts=args.prompts, seed=args.seed, output_dir=output,
+               progress=not args.no_progress)
+    losses = model.train_losses
+    print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the gist tokens; "
+          f"loss {sum(losses[:5]) / max(len(losses[:5]), 1):.3f} -> {sum(losses[-5:]) / max(len(losses[-5:]), 1):.3f}; "
+          "measure with `hf-tokred learned-lm gist`")
+    return 0
+
+
+__all__ = ["answers_cache", "gist_answers", "gist_data", "gist_loss", "gist_prompts",
+           "mean_rouge_l", "split_prompt", "train_gist", "write_model_card"]

@@ -1,0 +1,339 @@
+"""EAGLE (arXiv 2401.15077): the draft head as a learned part, drafting through transformers' assisted generation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import assert_loads_without_hf_tokred, make_tiny_llama, make_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import hf_tokred
+from hf_tokred.errors import ConfigError, TokenReductionError
+from hf_tokred.integration import eagle as eagle_wiring
+from hf_tokred.integration.eagle import EagleCandidateGenerator, eagle_assistant
+from hf_tokred.integration.wiring import get_applied
+from hf_tokred.methods.lm.eagle import (
+    EagleHead,
+    best_chain,
+    causal_mask,
+    eagle_loss,
+    expand_beams,
+    frequent_tokens,
+    tree_mask,
+)
+
+SMALL = {"method": "eagle", "draft_vocab": 64, "depth": 4, "top_k": 3, "min_confidence": 0.0}
+
+
+def _prompt(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 120, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def generators(monkeypatch):
+    """The EagleCandidateGenerators built during the test (to read their stats)."""
+    built = []
+    original = EagleCandidateGenerator.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(EagleCandidateGenerator, "__init__", init)
+    return built
+
+
+def _trained_like(model, seed: int = 1):
+    """Give the head non-trivial weights (a random, untrained head drafts badly but must stay exact)."""
+    head = model.hf_tokred_modules["eagle"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# plain functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masks_beams_chain_vocabulary_and_loss():
+    assert causal_mask(2, 2).int()[0, 0].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    anc = torch.tensor([[True, False, False], [False, False, True]])
+    assert tree_mask(1, anc).int()[0, 0].tolist() == [[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 0, 1]]
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    parent, column, score = expand_beams(torch.log(torch.tensor([0.6, 0.4])), lp, 3)
+    assert parent.tolist() == [1, 0, 0] and column.tolist() == [2, 0, 1]  # 0.32, 0.30, 0.18
+    assert torch.allclose(score.exp(), torch.tensor([0.32, 0.30, 0.18]))
+    toks = [torch.tensor([5, 6]), torch.tensor([7, 8]), torch.tensor([9])]
+    par = [torch.tensor([0, 0]), torch.tensor([1, 0]), torch.tensor([1])]
+    sc = [torch.log(torch.tensor([0.6, 0.3])), torch.log(torch.tensor([0.25, 0.2])), torch.log(torch.tensor([0.1]))]
+    assert best_chain(toks, par, sc, 0.0) == [5, 8, 9]  # the deepest best beam, traced back
+    assert best_chain(toks, par, sc, 0.2) == [6, 7]  # cut where the cumulative probability drops below 0.2
+    assert best_chain(toks, par, sc, 0.99) == [5]  # at least one token
+    ids = torch.tensor([4, 4, 4, 2, 2, 9])
+    assert frequent_tokens(ids, 2, 10).tolist() == [2, 4]
+    assert frequent_tokens(ids, 3, 10, always=[7]).tolist() == [2, 4, 7]
+    with pytest.raises(ConfigError):
+        frequent_tokens(ids, 11, 10)
+    f = torch.randn(3, 8)
+    loss, reg, cls = eagle_loss(f, f, torch.randn(3, 5), torch.randn(3, 5))
+    assert reg.item() == 0.0 and cls.item() > 0 and torch.isclose(loss, 0.1 * cls)
+    mask = torch.tensor([1.0, 0.0, 0.0])
+    _, reg_masked, _ = eagle_loss(f, f + torch.tensor([[0.0], [5.0], [5.0]]), torch.zeros(3, 5), torch.zeros(3, 5), mask)
+    assert reg_masked.item() == 0.0  # masked positions do not count
+
+
+def test_config_defaults_and_bad_values():
+    cfg = hf_tokred.TokenReductionConfig(method="eagle")
+    assert (cfg.stage, cfg.depth, cfg.top_k, cfg.draft_vocab, cfg.learned) == ("decoding", 6, 4, 8192, True)
+    for field, value in (("depth", 0), ("top_k", 0), ("min_confidence", 1.5), ("draft_vocab", -1)):
+        with pytest.raises(ConfigError) as err:
+            hf_tokred.TokenReductionConfig(method="eagle", **{field: value})
+        assert err.value.field == field
+    model = make_tiny_llama()
+    with pytest.raises(ConfigError) as err:
+        hf_tokred.apply(model, {"method": "eagle", "draft_vocab": 500})  # the tiny vocabulary has 128 tokens
+    assert err.value.field == "draft_vocab" and get_applied(model) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# generation: lossless, the transformers way
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [SMALL, {**SMALL, "top_k": 1, "draft_vocab": 0},
+                                      {**SMALL, "min_confidence": 0.3, "depth": 6}])
+def test_greedy_outputs_identical_to_plain_generate(settings, generators):
+    model = make_tiny_llama()
+    prompts = [_prompt(n, seed=n) for n in (5, 12, 30)]
+    dense = [model.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
+    hf_tokred.apply(model, settings)
+    _trained_like(model)
+    for prompt, expected in zip(prompts, dense):
+        assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), expected)  # plain: dense
+        got = model.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=eagle_assistant(model))
+        assert torch.equal(got, expected)
+    assert len(generators) == len(prompts)
+    for generator in generators:
+        assert generator.stats["rounds"] > 0 and generator.stats["drafted"] >= generator.stats["rounds"]
+        assert generator.stats["drafted"] <= settings["depth"] * generator.stats["rounds"]
+
+
+def test_drafts_the_target_agrees_with_are_accepted(generators):
+    """With drafts the target agrees with (its own greedy continuation, put in place of the tree search), every
+    drafted token is accepted: depth + 1 new tokens per verification, and the output is unchanged."""
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {**SMALL, "draft_vocab": 0, "top_k": 1})
+    prompt = _prompt(8)
+    full = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    original = EagleCandidateGenerator._tree_chain
+
+    def tree_chain(self, root, budget):
+        done = self.fed + 1  # the tokens verified so far (the prompt and the accepted ones)
+        return full[0, done:done + budget].tolist() or original(self, root, budget)
+
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    EagleCandidateGenerator._tree_chain = tree_chain
+    try:
+        got = model.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=eagle_assistant(model))
+    finally:
+        EagleCandidateGenerator._tree_chain = original
+        handle.remove()
+    assert torch.equal(got, full)
+    # the prefill gives 1 token; then 5, 5, 5 (4 drafts + the target's token) and 4 (the length budget)
+    assert len(calls) == 1 + 4 and generators[0].stats["drafted"] == 4 + 4 + 4 + 3
+
+
+def test_sampling_returns_draft_logits_over_the_draft_vocabulary(generators):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, SMALL)
+    _trained_like(model)
+    head = eagle_assistant(model)
+    prompt = _prompt(10)
+    torch.manual_seed(3)
+    first = model.generate(prompt, max_new_tokens=20, do_sample=True, top_k=50, assistant_model=head)
+    torch.manual_seed(3)
+    second = model.generate(prompt, max_new_tokens=20, do_sample=True, top_k=50, assistant_model=head)
+    assert first.shape == (1, 30) and torch.equal(first, second)
+    # one round by hand: the candidates come with their logits, -inf outside the draft vocabulary
+    generator = generators[0]
+    generator.cache.crop(-generator.cache.get_seq_length()) if generator.cache.get_seq_length() else None
+    generator.fed = 0
+    with torch.no_grad():
+        out = model(prompt, output_hidden_states=-1)
+    candidates, logits = generator.get_candidates(prompt, model_outputs=out, is_first_iteration=False)
+    drafted = candidates.shape[1] - prompt.shape[1]
+    assert 1 <= drafted <= SMALL["depth"] and logits.shape == (1, drafted, 128)
+    outside = torch.ones(128, dtype=torch.bool)
+    outside[head.vocab_ids] = False
+    assert torch.isinf(logits[0][:, outside]).all() and torch.isfinite(logits[0][:, ~outside]).any()
+    assert all(t in head.vocab_ids.tolist() for t in candidates[0, prompt.shape[1]:].tolist())
+
+
+def test_batch_of_more_rows_is_a_clear_error_and_other_assistants_still_work():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, SMALL)
+    batch = torch.cat([_prompt(6, 1), _prompt(6, 2)])
+    with pytest.raises(TokenReductionError, match="batch 1 only"):
+        model.generate(batch, max_new_tokens=4, assistant_model=eagle_assistant(model))
+    prompt = _prompt(12)
+    dense = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3), dense)
+
+
+def test_remove_restores_the_model_and_a_detached_head_says_so():
+    model = make_tiny_llama()
+    prompt = _prompt(9)
+    with torch.no_grad():
+        dense = model(prompt).logits
+    hf_tokred.apply(model, SMALL)
+    head = eagle_assistant(model)
+    assert "_get_candidate_generator" in model.__dict__
+    other = make_tiny_llama(seed=0)
+    with pytest.raises(TokenReductionError, match="another model|attached to"):
+        other.generate(prompt, max_new_tokens=3, assistant_model=head)
+    hf_tokred.remove(model)
+    assert "_get_candidate_generator" not in model.__dict__ and not hasattr(model, "hf_tokred_modules")
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, dense)
+    with pytest.raises(TokenReductionError, match="attached to"):
+        model.generate(prompt, max_new_tokens=3, assistant_model=head)
+    with pytest.raises(TokenReductionError, match="no EAGLE reduction"):
+        eagle_assistant(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load, base-model checks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_identical_and_a_process_without_hf_tokred_loads_the_base_model(tmp_path):
+    model = make_tiny_llama()
+    prompt = _prompt(11)
+    with torch.no_grad():
+        dense = model(prompt).logits
+    hf_tokred.apply(model, {**SMALL, "base_hidden_size": 64, "base_vocab_size": 128, "base_num_layers": 2})
+    head = _trained_like(model)
+    with torch.no_grad():
+        head.vocab_ids.copy_(torch.arange(64, 128))
+    expected = model.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=head)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded.generation_config.eos_token_id = None
+    again = eagle_assistant(loaded)
+    assert isinstance(again, EagleHead) and torch.equal(again.vocab_ids, head.vocab_ids)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), head.state_dict().values()))
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=again), expected)
+    assert_loads_without_hf_tokred(tmp_path, prompt, dense)
+
+
+def test_a_head_trained_for_another_base_model_is_refused(tmp_path):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {**SMALL, "base_hidden_size": 64, "base_vocab_size": 128, "base_num_layers": 2,
+                            "base_model": "tiny-a"})
+    model.save_pretrained(tmp_path)
+    saved = model.config.token_reduction
+    wider = make_tiny_llama(hidden_size=96)
+    with pytest.raises(ConfigError) as err:
+        hf_tokred.apply(wider, saved, weights_from=tmp_path)
+    assert err.value.field == "base_hidden_size" and "tiny-a" in str(err.value) and get_applied(wider) is None
+    deeper = make_tiny_llama(num_hidden_layers=3)
+    with pytest.raises(ConfigError) as err:
+        hf_tokred.apply(deeper, saved, weights_from=tmp_path)
+    assert err.value.field == "base_num_layers"
+    other = make_tiny_llama(seed=7)  # same shapes, other weights: the fingerprint differs
+    prompt = _prompt(6)
+    with torch.no_grad():
+        before = other(prompt).logits
+    with pytest.raises(TokenReductionError, match="base_signature"):
+        hf_tokred.apply(other, saved, weights_from=tmp_path)
+    assert get_applied(other) is None and not hasattr(other, "hf_tokred_modules")
+    assert "_get_candidate_generator" not in other.__dict__
+    with torch.no_grad():
+        assert torch.equal(other(prompt).logits, before)
+    same = make_tiny_llama()
+    hf_tokred.apply(same, saved, weights_from=tmp_path)  # the model it was trained for
+    assert isinstance(eagle_assistant(same), EagleHead)
+
+
+def test_bf16_copy_of_the_base_model_keeps_the_fingerprint(tmp_path):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, SMALL)
+    model.save_pretrained(tmp_path)
+    half = make_tiny_llama().to(torch.bfloat16)
+    hf_tokred.apply(half, model.config.token_reduction, weights_from=tmp_path)
+    assert eagle_assistant(half).fc.weight.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# training recipe, CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipe_trains_saves_and_resumes(tmp_path):
+    from hf_tokred.training import train_eagle
+
+    model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
+    out = tmp_path / "out"
+    kwargs = dict(prompts=0, windows=6, window_length=24, batch_size=2, draft_vocab=32, data_dir=tmp_path / "data",
+                  output_dir=out, progress=False, save_every=2)
+    train_eagle(model, tokenizer, steps=4, **kwargs)
+    losses = model.train_losses
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    cfg = model.config.token_reduction
+    assert (cfg["base_hidden_size"], cfg["base_vocab_size"], cfg["base_num_layers"]) == (64, 128, 2)
+    assert {"token_reduction.safetensors", "README.md", "eagle_training.json"} <= set(os.listdir(out))
+    assert os.path.isfile(tmp_path / "data" / "features.safetensors")
+    head = eagle_assistant(model)
+    assert head.vocab_ids.numel() == 32 and tokenizer.eos_token_id in head.vocab_ids.tolist()
+    # resuming the same run from its checkpoint to more steps gives the same weights as one longer run
+    resumed = make_tiny_llama()
+    train_eagle(resumed, tokenizer, steps=4, **kwargs)  # finished: loads the checkpoint, trains nothing
+    assert torch.equal(eagle_assistant(resumed).fc.weight, head.fc.weight)
+
+
+def test_cli_parsers():
+    from hf_tokred.cli import build_parser
+
+    args = build_parser().parse_args(["train", "eagle"])
+    assert (args.prompts, args.windows, args.draft_vocab, args.steps) == (160, 32, 8192, 300)
+    bench = build_parser().parse_args(["learned-lm", "eagle", "--samples", "2"])
+    assert (bench.samples, bench.max_new_tokens, bench.weights) == (2, 256, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trained head on SmolLM2 (when `hf-tokred train eagle` has run)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trained_smollm2_head_drafts_accepted_tokens(generators):
+    from hf_tokred.bench.lm_eagle import default_weights
+
+    weights = default_weights()
+    if not os.path.isfile(os.path.join(weights, "token_reduction.safetensors")):
+        pytest.skip("no trained EAGLE head (hf-tokred train eagle)")
+    from transformers import AutoTokenizer
+
+    from hf_tokred.recipes.lm_data import chat_ids, instruction_prompts
+
+    model = AutoModelForCausalLM.from_pretrained(weights).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    ids = torch.tensor([chat_ids(tokenizer, instruction_prompts("heldout", 1)[0])])
+    dense = model.generate(ids, max_new_tokens=24, do_sample=False)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=eagle_assistant(model))
+    finally:
+        handle.remove()
+    assert torch.equal(got, dense)
+    assert (got.shape[1] - ids.shape[1] - 1) / (len(calls) - 1) > 1.1  # drafts get accepted
+
+
+def test_wiring_module_names_the_stage():
+    assert eagle_wiring.wire_eagle is hf_tokred.integration.wiring.wiring_for("decoding")

@@ -1,0 +1,232 @@
+"""ICAE (arXiv 2307.06945): LoRA encoder -> memory slots read by the frozen decoder, as a context compressor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_loads_without_hf_tokred, make_tiny_llama, make_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import hf_tokred
+from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
+from hf_tokred.integration.icae import encode, icae_losses, reconstruct
+from hf_tokred.integration.wiring import get_applied
+from hf_tokred.methods.lm.icae import encoder_inputs, export_peft_adapter
+
+CFG = {"method": "icae", "memory_slots": 4, "chunk_tokens": 12, "rank": 4, "alpha": 8.0}
+
+
+def _trained_like(model, seed: int = 1):
+    """Give the LoRA and the embeddings non-trivial values (a fresh LoRA is a no-op)."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = model.hf_tokred_modules["icae"]
+    with torch.no_grad():
+        for name, p in parts.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (0.2 if "lora" in name else 1.0))
+    return model
+
+
+def _icae(seed: int = 0, **cfg):
+    model = make_tiny_llama(seed)
+    hf_tokred.apply(model, {**CFG, **cfg})
+    return _trained_like(model)
+
+
+def _ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_chunks_and_errors():
+    cfg = TokenReductionConfig(method="icae")
+    assert (cfg.memory_slots, cfg.chunk_tokens, cfg.ratio) == (32, 128, 4.0)
+    assert cfg.slots_for(512) == 128 and cfg.slots_for(513) == 160 and cfg.slots_for(1) == 32
+    assert cfg.chunk_lengths(300) == [100, 100, 100] and cfg.chunk_lengths(257) == [86, 86, 85]
+    assert cfg.stage == "context" and cfg.learned
+    with pytest.raises(ConfigError, match="memory_slots"):
+        TokenReductionConfig(method="icae", memory_slots=0)
+    with pytest.raises(ConfigError, match="memory_slots"):
+        TokenReductionConfig(method="icae", memory_slots=200, chunk_tokens=128)
+    with pytest.raises(ConfigError, match="target_modules"):
+        TokenReductionConfig(method="icae", target_modules=["model.q_proj"])
+    with pytest.raises(TokenReductionError, match="at least one token"):
+        cfg.chunk_lengths(0)
+
+
+def test_encoder_inputs_left_align_and_positions():
+    embeds = torch.arange(8.0).reshape(1, 4, 2).repeat(2, 1, 1)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])  # a row with padding on both sides
+    inputs, attention, positions = encoder_inputs(embeds, mask, torch.full((2, 2), -1.0))
+    assert attention.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert positions.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert inputs[0, 2:4].tolist() == [[2.0, 3.0], [4.0, 5.0]] and inputs[0, 4:].eq(-1).all()
+
+
+def test_plain_forward_generate_and_remove_are_dense():
+    dense = make_tiny_llama()
+    model = _icae()
+    ids = _ids(10, 2)
+    with torch.no_grad():
+        ref = dense(ids).logits
+        assert torch.equal(model(ids).logits, ref)
+        hf_tokred.compress_context(model, ids)  # the LoRA hooks exist only inside
+        assert torch.equal(model(ids).logits, ref)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, dense.generate(ids, max_new_tokens=5, do_sample=False))
+    hf_tokred.remove(model)
+    assert get_applied(model) is None and not hasattr(model, "hf_tokred_modules")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    assert set(model.state_dict()) == set(dense.state_dict())
+
+
+def test_compress_context_cache_and_generate_reads_the_slots():
+    model = _icae()
+    context, question = _ids(10, 1), _ids(5, 1, seed=3)
+    ctx = hf_tokred.compress_context(model, context)
+    layers = model.config.num_hidden_layers
+    assert ctx.entries == 4 and ctx.prefix_ids.shape == (1, 4) and ctx.context_tokens == [10]
+    assert len(ctx.cache.layers) == layers and all(ctx.cache.layers[i].keys.shape[2] == 4 for i in range(layers))
+    # the question after the cached slots == the frozen decoder fed [slots, question] as embeddings
+    with torch.no_grad():
+        slots = encode(model, context)
+        embeds = torch.cat([slots, model.get_input_embeddings()(question)], 1)
+        ref = model(inputs_embeds=embeds).logits[:, -1]
+        got = model(torch.cat([ctx.prefix_ids, question], -1)[:, 4:], past_key_values=ctx.fresh_cache()).logits[:, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    out = model.generate(torch.cat([ctx.prefix_ids, question], -1), past_key_values=ctx.fresh_cache(),
+                         max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 12) and int(out[0, -3]) == int(ref.argmax(-1))
+    # the LoRA matters in the encoder: without it the slots differ
+    parts = model.hf_tokred_modules["icae"]
+    with torch.no_grad():
+        from hf_tokred.integration.icae import encode_chunk
+        no_lora = encode_chunk(model, parts, context, torch.ones_like(context, dtype=torch.bool))
+    assert not torch.allclose(no_lora, slots, atol=1e-4)
+
+
+def test_batch_with_different_lengths_matches_rows_alone():
+    model = _icae()
+    rows = [_ids(n, 1, seed=n)[0] for n in (12, 7, 9)]
+    left = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for b, r in enumerate(rows):
+        left[b, 12 - r.numel():] = r
+        mask[b, 12 - r.numel():] = 1
+    batched = hf_tokred.compress_context(model, left, mask)
+    right = torch.zeros_like(left)
+    rmask = torch.zeros_like(mask)
+    for b, r in enumerate(rows):
+        right[b, :r.numel()] = r
+        rmask[b, :r.numel()] = 1
+    batched_right = hf_tokred.compress_context(model, right, rmask)
+    assert batched.context_tokens == [12, 7, 9] and batched.entries == 4
+    for b, r in enumerate(rows):
+        alone = hf_tokred.compress_context(model, r[None])
+        for layer in range(model.config.num_hidden_layers):
+            for got in (batched, batched_right):
+                torch.testing.assert_close(got.cache.layers[layer].keys[b], alone.cache.layers[layer].keys[0],
+                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got.cache.layers[layer].values[b], alone.cache.layers[layer].values[0],
+                                           atol=1e-5, rtol=1e-4)
+
+
+def test_long_context_is_compressed_chunk_by_chunk():
+    model = _icae()
+    context = _ids(30, 1)  # chunk_tokens 12 -> 3 chunks of 10 -> 12 slots
+    ctx = hf_tokred.compress_context(model, context)
+    assert ctx.entries == 12 and ctx.cache.layers[0].keys.shape[2] == 12
+    with torch.no_grad():
+        slots = encode(model, context)
+        for j in range(3):
+            torch.testing.assert_close(slots[:, 4 * j:4 * (j + 1)], encode(model, context[:, 10 * j:10 * (j + 1)]),
+                                       atol=1e-5, rtol=1e-4)
+    # rows that need different numbers of chunks cannot share one cache: a clear error
+    batch = torch.cat([context, context], 0)
+    mask = torch.ones_like(batch)
+    mask[1, :25] = 0
+    with pytest.raises(TokenReductionError, match="different numbers of 12-token chunks"):
+        hf_tokred.compress_context(model, batch, mask)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = _icae()
+    ids = _ids(8, 2)
+    with pytest.raises(TokenReductionError, match="attention_mask has shape"):
+        hf_tokred.compress_context(model, ids, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(TokenReductionError, match="empty"):
+        hf_tokred.compress_context(model, torch.zeros(1, 0, dtype=torch.long))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(TokenReductionError, match="no tokens"):
+        hf_tokred.compress_context(model, ids, mask)
+    with pytest.raises(TokenReductionError, match=r"\[0, 128\)"):
+        hf_tokred.compress_context(model, ids + 200)
+    with pytest.raises(TokenReductionError, match="LongTensor"):
+        hf_tokred.compress_context(model, ids.float())
+    with pytest.raises(TokenReductionError, match="attach the icae"):
+        hf_tokred.compress_context(make_tiny_llama(), ids, config={"method": "icae"})
+
+
+def test_save_load_identical_and_dense_without_hf_tokred(tmp_path):
+    model = _icae()
+    context, question = _ids(20, 1), _ids(4, 1, seed=5)
+    saved = tmp_path / "icae"
+    model.save_pretrained(saved)
+    loaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert get_applied(loaded).config.get("context").memory_slots == 4
+    a, b = hf_tokred.compress_context(model, context), hf_tokred.compress_context(loaded, context)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(a.cache.layers[layer].keys, b.cache.layers[layer].keys)
+    full = torch.cat([a.prefix_ids, question], -1)
+    assert torch.equal(model.generate(full, past_key_values=a.fresh_cache(), max_new_tokens=4, do_sample=False),
+                       loaded.generate(full, past_key_values=b.fresh_cache(), max_new_tokens=4, do_sample=False))
+    # a weights file made for other memory_slots is refused, naming the mismatch
+    with pytest.raises(Exception, match=r"icae.memory.* has shape \(4, 64\)"):
+        AutoModelForCausalLM.from_pretrained(saved, token_reduction={**CFG, "memory_slots": 3})
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        assert_loads_without_hf_tokred(saved, ids, make_tiny_llama()(ids).logits)
+
+
+def test_peft_lora_gives_the_same_encoder(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _icae()
+    context = _ids(10, 1)
+    folder = export_peft_adapter(model, tmp_path / "peft")
+    base = make_tiny_llama()
+    encoder = peft.PeftModel.from_pretrained(base, folder).eval()
+    parts = model.hf_tokred_modules["icae"]
+    embeds = torch.cat([base.get_input_embeddings()(context), parts.memory[None].detach()], 1)
+    with torch.no_grad():
+        hidden = encoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][:, -4:]
+        torch.testing.assert_close(hidden, encode(model, context), atol=1e-5, rtol=1e-4)
+
+
+def test_losses_reconstruct_and_training_loop(tmp_path):
+    model = _icae()
+    context, continuation = _ids(12, 2), _ids(12, 2, seed=7)
+    ae, ae_acc = icae_losses(model, context)
+    lm, _ = icae_losses(model, context, continuation)
+    assert ae.requires_grad and ae.item() > 0 and lm.item() > 0 and 0 <= ae_acc <= 1
+    ae.backward()
+    parts = model.hf_tokred_modules["icae"]
+    assert parts.memory.grad is not None and parts.ae.grad is not None
+    ctx = hf_tokred.compress_context(model, context[:1])
+    assert reconstruct(model, ctx, 5).shape == (1, 5)
+
+    from hf_tokred.training import train_icae
+    fresh = make_tiny_llama()
+    windows = torch.randint(3, 120, (6, 24), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "run"
+    trained = train_icae(fresh, make_tiny_tokenizer(), reduction=CFG, windows=windows, steps=4, batch_size=2,
+                         lr=1e-2, heldout=0, output_dir=out, save_every=2, progress=False)
+    assert len(trained.train_losses) == 4 and (out / "token_reduction.safetensors").exists()
+    assert "steps: 4" in (out / "README.md").read_text()
+    assert trained.hf_tokred_modules["icae"].lora.lora(
+        "model.layers.0.self_attn.q_proj").lora_B.weight.abs().sum() > 0
+    again = train_icae(make_tiny_llama(), make_tiny_tokenizer(), reduction=CFG, windows=windows, steps=4,
+                       batch_size=2, lr=1e-2, heldout=0, output_dir=out, save_every=2, progress=False)
+    assert again.train_losses == trained.train_losses  # resumed from the finished checkpoint: nothing redone
+    with pytest.raises(ConfigError, match="windows"):
+        train_icae(make_tiny_llama(), None, reduction=CFG, windows=windows[:, :10], steps=1, heldout=0,
+                   progress=False)
