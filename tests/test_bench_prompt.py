@@ -107,3 +107,30 @@ def test_prompt_bench_end_to_end_on_tiny(tmp_path, capsys):
     assert saved["command"].startswith("hf-tokred prompt-bench") and saved["split"] == "heldout"
     [ttft] = saved["ttft"]
     assert ttft["prompt_tokens"] == 128 and 0.3 < ttft["computed_fraction"] < 0.9
+
+
+def test_prompt_bench_longllmlingua_params_reach_our_rows_only(tmp_path, monkeypatch, capsys):
+    seen = []
+    original = bench.compress_samples
+
+    def recording(samples, method, rate, **kwargs):
+        seen.append((method, {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer", "reference",
+                                                                          "model_folder")}))
+        return original(samples, method, rate, **kwargs)
+
+    monkeypatch.setattr(bench, "compress_samples", recording)
+    out = tmp_path / "bench.json"
+    assert exit_code(["prompt-bench", "--model", "tiny", "--samples", "1", "--rates", "0.5", "--methods",
+                      "llmlingua,longllmlingua", "--context-length", "256", "--no-progress", "--no-reference",
+                      "--longllmlingua-param", "passage_split=sentences", "--longllmlingua-param", "keep_top_passages=1",
+                      "--json", str(out)]) == 0
+    assert 'longllmlingua rate=0.5 (passage_split="sentences", keep_top_passages=1)' in capsys.readouterr().out
+    settings = {"passage_split": "sentences", "keep_top_passages": 1}
+    assert {m: p for m, p in seen} == {"llmlingua": {}, "longllmlingua": settings}
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows][2] == 'longllmlingua rate=0.5 (passage_split="sentences", keep_top_passages=1)'
+    # a bad setting is refused before anything runs, naming the field
+    assert exit_code(["prompt-bench", "--model", "tiny", "--methods", "longllmlingua", "--no-reference",
+                      "--longllmlingua-param", "passage_split=paragraphs"]) == 1
+    assert "passage_split" in capsys.readouterr().err
+    assert exit_code(["prompt-bench", "--longllmlingua-param", "novalue"]) == 2

@@ -177,9 +177,12 @@ def test_target_tokenizer_counts_the_budget(scorer):
 
     words = make_tiny_tokenizer()
     context = " ".join(f"w{i % 120 + 3}" for i in range(200))
-    out = _run(scorer, context, None, rate=0.5, target_tokenizer=words)
+    out = _run(scorer, context, None, rate=0.5, target_tokenizer=words, keep_digits=False)
     assert out["origin_tokens"] == 200
     assert abs(len(words(out["compressed_prompt"], add_special_tokens=False)["input_ids"]) - 100) <= 2
+    # longllmlingua keeps every word with a digit by default: here all of them, so the result says why it is over
+    kept = _run(scorer, context, None, rate=0.5, target_tokenizer=words)
+    assert not kept["budget_met"] and "protected" in kept["budget_note"]
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -284,6 +287,47 @@ def test_apply_refuses_models_that_cannot_generate_and_leaves_them():
     with pytest.raises(UnsupportedModelError, match="compress_prompt"):
         hf_tokred.apply(model, hf_tokred.compose({"method": "longllmlingua"},
                                                  {"method": "streamingllm", "max_tokens": 8}))
+
+
+def test_split_sentences_cuts_at_sentence_ends_blank_lines_and_long_runs():
+    from hf_tokred.prompt.base import Segment, split_sentences
+
+    text = 'He said "stop." Then? A long tail of words here\n\nNew part ends! last'
+    units = [m.span() for m in re.finditer(r"\s*\S+", text)]
+    seg = Segment(text, "context", 0, [a for a, _ in units], [b for _, b in units],
+                  torch.zeros(len(units), dtype=torch.bool), torch.ones(len(units), dtype=torch.long))
+    runs = split_sentences(seg)
+    assert ["".join(seg.unit_text(u) for u in range(a, b)) for a, b in runs] == [
+        'He said "stop."', " Then?", " A long tail of words here", "\n\nNew part ends!", " last"]
+    assert runs[0][0] == 0 and runs[-1][1] == len(seg) and all(x[1] == y[0] for x, y in zip(runs, runs[1:]))
+    assert split_sentences(seg, 2)[3:6] == [(4, 6), (6, 8), (8, 10)]  # the 6-word sentence, in runs of 2 tokens
+
+
+@pytest.mark.parametrize("budget", [{"rate": 0.33}, {"target_token": 24}])
+def test_longllmlingua_keeps_the_most_relevant_sentences_whole(scorer, budget):
+    _, tokenizer = scorer
+    colours, rivers = ["red", "green", "blue", "grey", "white"], ["Nile", "Rhine", "Danube", "Volga", "Loire", "Seine"]
+    context = " ".join(f"Box {i} is {colours[i % 5]} and sits near the {rivers[i % 6]}." for i in range(30))
+    out = _run(scorer, context, method="longllmlingua", passage_split="sentences", keep_top_passages=2,
+               keep_digits=False, **budget)  # every sentence here has digits
+    relevance = out["passage_relevance"]
+    sentences = re.findall(r"\s*[^.!?]*[.!?]", context)
+    assert len(relevance) == len(sentences)  # one passage per sentence
+    best = sorted(range(len(relevance)), key=relevance.__getitem__)[:2]
+    assert out["kept_whole"] == sorted(best)
+    compressed = out["compressed_documents"][0]
+    assert abs(out["compressed_tokens"] - out["target_tokens"]) <= max(1, 0.02 * out["target_tokens"])
+    assert out["budget_met"] and _is_subsequence(_words(compressed), _words(context))
+    if "rate" in budget:  # both best sentences fit: they are there verbatim
+        for p in best:
+            assert sentences[p].strip() in compressed
+    else:  # the budget is smaller than the two sentences: it is spent on the best one first
+        assert len(tokenizer(sentences[best[0]].strip(), add_special_tokens=False)["input_ids"]) <= 14
+        assert sentences[best[0]].strip() in compressed
+    with pytest.raises(ConfigError, match="passage_split"):
+        hf_tokred.TokenReductionConfig(method="longllmlingua", passage_split="paragraphs")
+    with pytest.raises(ConfigError, match="keep_top_passages"):
+        hf_tokred.TokenReductionConfig(method="longllmlingua", keep_top_passages=-1)
 
 
 def test_recover_response():

@@ -137,15 +137,16 @@ def compress_samples(samples: list[TextSample], method: str, rate: float, *, mod
 def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = "heldout",
               rates=DEFAULT_RATES, methods=OUR_METHODS, tasks=TASKS, context_length: int = DEFAULT_CONTEXT,
               reference: bool | None = None, model_folder: str | None = None, llmlingua2_classifier=None,
-              ttft_lengths=DEFAULT_TTFT_LENGTHS, lazyllm_params: dict | None = None, progress: bool = True,
-              log=None) -> dict:
+              ttft_lengths=DEFAULT_TTFT_LENGTHS, lazyllm_params: dict | None = None,
+              longllmlingua_params: dict | None = None, progress: bool = True, log=None) -> dict:
     """Accuracy, kept fraction and compression time of each method at each rate; see the module docstring.
 
     ``reference=None`` includes llmlingua 0.2.2 when it is installed. ``llmlingua2_classifier`` is the
     classifier folder for ``llmlingua2`` (the row is skipped, with a note, when there is none). With
     ``lazyllm`` among the methods, its time to first token against dense is measured at ``ttft_lengths``
     prompt tokens (:func:`hf_tokred.bench.lazyllm_ttft.measure_ttft`; empty: skipped); ``lazyllm_params`` are
-    its settings (default: the method's defaults).
+    its settings (default: the method's defaults); ``longllmlingua_params`` are our ``longllmlingua``'s (its rows'
+    labels then name them; llmlingua 0.2.2's rows are not affected).
 
     Example:
         >>> result = run_bench(model, tokenizer, samples=2, rates=(0.5,))                 # doctest: +SKIP
@@ -157,6 +158,12 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
     log = log or (lambda message: None)
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {tuple(SPLITS)}, got {split!r}")
+    longllmlingua_params = dict(longllmlingua_params or {})
+    if longllmlingua_params:  # a bad setting fails now, naming the field, not after the dense row
+        from ..config import TokenReductionConfig
+
+        TokenReductionConfig(method="longllmlingua", **longllmlingua_params)
+    lll_settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in longllmlingua_params.items())
     data = {task: task_samples(tokenizer, task, samples, seed=SPLITS[split] + i, context_length=context_length)
             for i, task in enumerate(tasks)}
     if reference is None:
@@ -171,7 +178,8 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
                 if rate == rates[0]:
                     notes.append("llmlingua2: no classifier folder (train one: hf-tokred train llmlingua2); row skipped")
                 continue
-            runs.append((f"{method} rate={rate:g}", method, rate, False))
+            extra = f" ({lll_settings})" if method == "longllmlingua" and lll_settings else ""
+            runs.append((f"{method} rate={rate:g}{extra}", method, rate, False))
         if reference:
             runs += [(f"llmlingua-0.2.2 {m} rate={rate:g}", m, rate, True) for m in REFERENCE_METHODS if m in methods]
     lazyllm = {"method": "lazyllm", **(lazyllm_params or {})}
@@ -189,6 +197,8 @@ def run_bench(model, tokenizer, *, samples: int = DEFAULT_SAMPLES, split: str = 
                 records = []
             else:
                 params = {"classifier": llmlingua2_classifier} if method == "llmlingua2" else {}
+                if method == "longllmlingua" and not is_reference:
+                    params = longllmlingua_params
                 records = compress_samples(task_data, method, rate, model=model, tokenizer=tokenizer,
                                            reference=is_reference, model_folder=model_folder, **params)
                 prompts = [s.prompt(tokenizer, r["compressed"]) for s, r in zip(task_data, records)]
@@ -330,6 +340,9 @@ def add_command(subparsers) -> None:
                        help="prompt lengths of lazyllm's time-to-first-token measurement (default: 2048,4096; 0 skips)")
     bench.add_argument("--lazyllm-param", metavar="KEY=VALUE", type=_param, action="append", default=[],
                        help='a lazyllm setting, repeatable (e.g. schedule=[[0.7,0.3]] query_window=32); JSON values')
+    bench.add_argument("--longllmlingua-param", metavar="KEY=VALUE", type=_param, action="append", default=[],
+                       help="a longllmlingua setting, repeatable (e.g. passage_split=sentences keep_top_passages=1); "
+                            "JSON values")
     bench.add_argument("--classifier", metavar="FOLDER",
                        help="llmlingua2's classifier folder (default: ~/.cache/hf_tokred/llmlingua2-minilm if present)")
     bench.add_argument("--no-reference", action="store_true", help="skip llmlingua 0.2.2 even when installed")
@@ -420,6 +433,7 @@ def _cmd_prompt_bench(args) -> int:
                            reference=False if args.no_reference or folder is None else None, model_folder=folder,
                            llmlingua2_classifier=classifier, ttft_lengths=args.ttft_lengths,
                            lazyllm_params=dict(args.lazyllm_param),
+                           longllmlingua_params=dict(args.longllmlingua_param),
                            progress=not args.no_progress, log=_log)
     result["command"] = "hf-tokred " + " ".join(args.argv)
     result["wall_s"] = time.perf_counter() - started

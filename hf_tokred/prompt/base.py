@@ -507,6 +507,37 @@ def split_units(costs: torch.Tensor, size: int) -> list[tuple[int, int]]:
     return out
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+def split_sentences(seg: Segment, size: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive runs ``(first, end)`` of whole units of ``seg``, one per sentence: a run ends at a word ending
+    in ``.``, ``!`` or ``?`` (closing quotes and brackets allowed) or before a blank line; a sentence longer than
+    ``size`` tokens (``seg.costs``) is cut into runs of about ``size`` tokens (:func:`split_units`).
+
+    Example:
+        >>> import torch
+        >>> seg = Segment("One two. Three? Four\n\nFive", "context", 0, [0, 3, 8, 15, 20], [3, 8, 15, 20, 26],
+        ...               torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.long))
+        >>> split_sentences(seg)
+        [(0, 2), (2, 3), (3, 4), (4, 5)]
+    """
+    bounds, start = [], 0
+    for u in range(len(seg)):
+        last = u + 1 == len(seg)
+        nxt = "" if last else seg.unit_text(u + 1)
+        blank = nxt[:len(nxt) - len(nxt.lstrip())].count("\n") >= 2  # the next word starts after a blank line
+        if last or blank or _SENTENCE_END.search(seg.unit_text(u)):
+            bounds.append((start, u + 1))
+            start = u + 1
+    if size is None:
+        return bounds
+    out = []
+    for a, b in bounds:
+        out += [(a + x, a + y) for x, y in split_units(seg.costs[a:b], size)]
+    return out
+
+
 def rank_priority(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
     """Priorities that turn a per-document budget into a share of one global selection.
 
