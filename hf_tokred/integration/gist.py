@@ -35,7 +35,7 @@ import torch
 
 from ..errors import TokenReductionError
 from ..methods.lm.gist import EMBEDDINGS_NAME, LORA_NAME, GistConfig
-from .wiring import MODULES_ATTR, CompressedContext, get_applied, register_context_compressor, register_wiring
+from .wiring import MODULES_ATTR, CompressedContext, attached_reducer, register_context_compressor, register_wiring
 
 _ACTIVE = "gist_active"  # plain attribute of the LoRALayers module: True only during the gist pass
 
@@ -70,12 +70,8 @@ def _lora_on(layers):
 
 
 def _attached(model) -> GistConfig:
-    applied = get_applied(model)
-    reducer = applied.config.get("context") if applied is not None else None
-    if not isinstance(reducer, GistConfig):
-        raise TokenReductionError("gist: the model has no gist reduction attached; apply one first "
-                                  "(hf_tokred.apply(model, {'method': 'gist', 'num_gist': 8}, weights_from=folder))")
-    return reducer
+    return attached_reducer(model, "context", GistConfig,
+                            "hf_tokred.apply(model, {'method': 'gist', 'num_gist': 8}, weights_from=folder)")
 
 
 def _new_cache(model):

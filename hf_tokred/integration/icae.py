@@ -42,7 +42,7 @@ import torch
 
 from ..errors import TokenReductionError
 from ..methods.lm.icae import MODULE_NAME, ICAEConfig, encoder_inputs
-from .wiring import MODULES_ATTR, CompressedContext, get_applied, register_context_compressor, register_wiring
+from .wiring import MODULES_ATTR, CompressedContext, attached_reducer, register_context_compressor, register_wiring
 
 
 @register_wiring("icae")
@@ -57,11 +57,7 @@ def wire_icae(model, adapter, reducer, applied) -> None:
 
 
 def _attached(model) -> tuple[ICAEConfig, torch.nn.Module]:
-    applied = get_applied(model)
-    reducer = applied.config.get("context") if applied is not None else None
-    if not isinstance(reducer, ICAEConfig):
-        raise TokenReductionError("icae: the model has no icae reduction attached; apply one first "
-                                  "(hf_tokred.apply(model, {'method': 'icae', ...}))")
+    reducer = attached_reducer(model, "context", ICAEConfig, "hf_tokred.apply(model, {'method': 'icae', ...})")
     return reducer, model._modules[MODULES_ATTR][MODULE_NAME]
 
 

@@ -124,6 +124,21 @@ def get_applied(model) -> AppliedReduction | None:
     return getattr(model, STATE_ATTR, None)
 
 
+def attached_reducer(model, stage: str, cls, how: str):
+    """The reducer of ``stage`` attached to ``model`` when it is a ``cls``; else a :class:`TokenReductionError`
+    saying how to attach one (``how``: the call, e.g. ``"hf_tokred.apply(model, {'method': 'gist'})"``).
+
+    Example:
+        >>> attached_reducer(model, "context", GistConfig, "hf_tokred.apply(...)")          # doctest: +SKIP
+    """
+    applied = get_applied(model)
+    reducer = applied.config.get(stage) if applied is not None else None
+    if not isinstance(reducer, cls):
+        raise TokenReductionError(f"{cls.method_key}: the model has no {cls.method_key} reduction attached; apply one "
+                                  f"first ({how})")
+    return reducer
+
+
 class OneCallAtATime:
     """Refuses a forward call from a second thread while another thread's call of the same model runs.
 

@@ -74,7 +74,7 @@ from typing import ClassVar
 from torch import nn
 
 from ...config import MAX_INT, param, register_method
-from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
+from ...errors import ConfigError, UnsupportedModelError
 from ..lora import LoRAConfig, LoRALayers
 
 MODULE_NAME = "tokenskip"
@@ -231,13 +231,9 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _attached(model) -> tuple[TokenSkipConfig, LoRALayers]:
-    from ...integration.wiring import MODULES_ATTR, get_applied
+    from ...integration.wiring import MODULES_ATTR, attached_reducer
 
-    applied = get_applied(model)
-    reducer = applied.config.get("prompt") if applied is not None else None
-    if not isinstance(reducer, TokenSkipConfig):
-        raise TokenReductionError("tokenskip: the model has no tokenskip reduction attached; apply one first "
-                                  "(hf_tokred.apply(model, {'method': 'tokenskip', ...}))")
+    reducer = attached_reducer(model, "prompt", TokenSkipConfig, "hf_tokred.apply(model, {'method': 'tokenskip', ...})")
     return reducer, model._modules[MODULES_ATTR][MODULE_NAME]
 
 
