@@ -76,7 +76,7 @@ class LongLLMLinguaConfig(PromptCompressorConfig):
     """Question-aware document ranking, reordering, dynamic ratios and contrastive perplexity (arXiv 2310.06839)."""
 
     paper = "2310.06839"
-    status = "experimental"  # not measured yet: docs/methods.md, "Why each status"
+    status = "beta"  # held-out 0.90 vs dense 0.83 at rate 0.5 on SmolLM2 (docs/prompt.md); one scorer, synthetic tasks
 
     reorder: str = param("sort", str, choices=("sort", "none"), help="place kept documents most relevant first")
     dynamic_ratio: float = param(0.25, float, low=0.0, high=1.0,
