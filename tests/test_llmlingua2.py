@@ -468,4 +468,4 @@ def test_train_command_labels_a_corpus_file_and_saves_a_classifier(tmp_path, cap
     assert json.loads((out / "llmlingua2_training.json").read_text())["step"] == 2
     assert hf_tokred.compress_prompt(PARAGRAPHS[5], method="llmlingua2", classifier=str(out), rate=0.5)["budget_met"]
     assert exit_code(["train", "llmlingua2", "--corpus", str(tmp_path / "missing.txt")]) == 1
-    assert exit_code(["train", "dcp"]) == 2
+    assert exit_code(["train", "h2o"]) == 2  # no learned part: not a train command
