@@ -264,10 +264,10 @@ def test_conditional_scorer_equals_scoring_after_the_kept_text(scorer):
 
 def test_config_round_trip_and_registry():
     methods = hf_tokred.registered_methods()
-    for key, paper in (("llmlingua", "2310.05736"), ("longllmlingua", "2310.06839")):
+    for key, paper, status in (("llmlingua", "2310.05736", "experimental"), ("longllmlingua", "2310.06839", "beta")):
         cls = methods[key]
         assert cls.stage == "prompt" and cls.paper == paper and cls.model_kinds == ("decoder",)
-        assert cls.status == "experimental"
+        assert cls.status == status
         cfg = hf_tokred.TokenReductionConfig(method=key, rate=0.25, force_tokens=["\n"])
         assert hf_tokred.TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
 
