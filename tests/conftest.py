@@ -91,6 +91,29 @@ def exit_code(argv) -> int:
         return exc.code
 
 
+def assert_left_padded_batch_equals_rows_alone(model, max_new_tokens: int = 12, layer: int = 1) -> None:
+    """Greedy generation of three left-padded rows of different lengths gives what each row gives alone: the same
+    tokens, the same scores, and the same real tokens held in cache layer ``layer`` (positions shifted by the
+    row's padding), for a model with a KV policy applied."""
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 120, (n,), generator=g) for n in (26, 9, 17)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **kwargs)
+        assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):]), f"row {i}"
+        for step_b, step_a in zip(batched.scores, alone.scores):
+            torch.testing.assert_close(step_b[i], step_a[0], atol=1e-5, rtol=1e-5)
+        kept_b, kept_a = batched.past_key_values.layers[layer], alone.past_key_values.layers[layer]
+        pad = width - len(row)
+        held_b = torch.where(kept_b.valid[i], kept_b.positions[i] - pad, -1).sort(dim=-1).values
+        held_a = torch.where(kept_a.valid[0], kept_a.positions[0], -1).sort(dim=-1).values
+        assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
+
+
 def make_tiny_vit(image: int = 32, patch: int = 4, layers: int = 4):
     """A seeded random ViT (64 patches + CLS at the defaults), SDPA attention, no pooler, eval mode."""
     from transformers import ViTConfig, ViTModel

@@ -6,7 +6,13 @@ import os
 
 import pytest
 import torch
-from conftest import assert_loads_without_hf_tokred, exit_code, make_tiny_llama, make_tiny_tokenizer
+from conftest import (
+    assert_left_padded_batch_equals_rows_alone,
+    assert_loads_without_hf_tokred,
+    exit_code,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+)
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
@@ -148,24 +154,7 @@ def test_training_mask_and_inference_scores_agree():
 
 @pytest.mark.parametrize("budget", [{"sparsity": 0.5}, {"max_tokens": 10}])
 def test_left_padded_batch_equals_rows_alone(budget):
-    model = _dcp_model(**budget)
-    g = torch.Generator().manual_seed(5)
-    rows = [torch.randint(3, 120, (n,), generator=g) for n in (26, 9, 17)]
-    width = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-    kwargs = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    batched = model.generate(ids, attention_mask=mask, **kwargs)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], **kwargs)
-        assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):]), f"row {i}"
-        for step_b, step_a in zip(batched.scores, alone.scores):
-            torch.testing.assert_close(step_b[i], step_a[0], atol=1e-5, rtol=1e-5)
-        pad = width - len(row)
-        kept_b, kept_a = batched.past_key_values.layers[1], alone.past_key_values.layers[1]
-        held_b = torch.where(kept_b.valid[i], kept_b.positions[i] - pad, -1).sort(dim=-1).values
-        held_a = torch.where(kept_a.valid[0], kept_a.positions[0], -1).sort(dim=-1).values
-        assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
+    assert_left_padded_batch_equals_rows_alone(_dcp_model(**budget), max_new_tokens=10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import assert_left_padded_batch_equals_rows_alone, make_tiny_llama
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import hf_tokred
@@ -85,25 +85,7 @@ def test_budget_is_kept_at_every_step(method):
 def test_left_padded_batch_equals_rows_alone(method, budget):
     model = make_tiny_llama()
     hf_tokred.apply(model, _config(method, **budget))
-    g = torch.Generator().manual_seed(5)
-    rows = [torch.randint(3, 120, (n,), generator=g) for n in (26, 9, 17)]
-    width = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
-    kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    batched = model.generate(ids, attention_mask=mask, **kwargs)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], **kwargs)
-        assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):]), f"row {i}"
-        for step_b, step_a in zip(batched.scores, alone.scores):
-            torch.testing.assert_close(step_b[i], step_a[0], atol=1e-5, rtol=1e-5)
-        kept_b = batched.past_key_values.layers[1]
-        kept_a = alone.past_key_values.layers[1]
-        # the same real tokens are held, at the same logical positions (shifted by the row's padding)
-        pad = width - len(row)
-        held_b = torch.where(kept_b.valid[i], kept_b.positions[i] - pad, -1).sort(dim=-1).values
-        held_a = torch.where(kept_a.valid[0], kept_a.positions[0], -1).sort(dim=-1).values
-        assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
+    assert_left_padded_batch_equals_rows_alone(model)  # the same real tokens held, at the same logical positions
 
 
 @pytest.mark.parametrize("method", [p for p in POLICIES if p != "streamingllm"])

@@ -15,7 +15,7 @@ from conftest import make_tiny_llama
 import hf_tokred
 from hf_tokred.bench.passkey import QUESTION, PasskeySample
 from hf_tokred.errors import ConfigError, MissingFileError, UnknownMethodError, UnsupportedModelError
-from hf_tokred.methods.prompt.longllmlingua import recover_response
+from hf_tokred.methods.prompt.longllmlingua import RESTRICTIVE, recover_response
 from hf_tokred.prompt import compress_prompts
 
 METHODS = ("llmlingua", "longllmlingua")
@@ -303,12 +303,13 @@ def test_split_sentences_cuts_at_sentence_ends_blank_lines_and_long_runs():
     assert split_sentences(seg, 2)[3:6] == [(4, 6), (6, 8), (8, 10)]  # the 6-word sentence, in runs of 2 tokens
 
 
-@pytest.mark.parametrize("budget", [{"rate": 0.33}, {"target_token": 24}])
+@pytest.mark.parametrize("budget", [{"rate": 0.33}, {"target_token": 30}])
 def test_longllmlingua_keeps_the_most_relevant_sentences_whole(scorer, budget):
     _, tokenizer = scorer
     colours, rivers = ["red", "green", "blue", "grey", "white"], ["Nile", "Rhine", "Danube", "Volga", "Loire", "Seine"]
-    context = " ".join(f"Box {i} is {colours[i % 5]} and sits near the {rivers[i % 6]}." for i in range(30))
-    out = _run(scorer, context, method="longllmlingua", passage_split="sentences", keep_top_passages=2,
+    context = " ".join(f"Box {i} is painted {colours[i % 5]} and it stands on the wooden shelf by the river "
+                       f"{rivers[i % 6]}." for i in range(30))  # sentences longer than the question
+    out = _run(scorer, context, "Which box?", method="longllmlingua", passage_split="sentences", keep_top_passages=2,
                keep_digits=False, **budget)  # every sentence here has digits
     relevance = out["passage_relevance"]
     sentences = re.findall(r"\s*[^.!?]*[.!?]", context)
@@ -322,8 +323,16 @@ def test_longllmlingua_keeps_the_most_relevant_sentences_whole(scorer, budget):
         for p in best:
             assert sentences[p].strip() in compressed
     else:  # the budget is smaller than the two sentences: it is spent on the best one first
-        assert len(tokenizer(sentences[best[0]].strip(), add_special_tokens=False)["input_ids"]) <= 14
+        assert len(tokenizer(sentences[best[0]].strip(), add_special_tokens=False)["input_ids"]) <= 28
         assert sentences[best[0]].strip() in compressed
+    # sentences shorter than the question are joined with the next until a passage is as long as the question
+    # (the question is scored after every passage: this bounds the ranking's cost)
+    question = "Which of the boxes that stand by a river is painted in the colour of the sky on a summer day?"
+    short = " ".join(f"Box {i} is {colours[i % 5]}." for i in range(60))  # longer than passage_tokens
+    out = _run(scorer, short, question, method="longllmlingua", keep_digits=False, **budget)
+    least = len(tokenizer(f"{question} {RESTRICTIVE}", add_special_tokens=False)["input_ids"])
+    longest = len(tokenizer(" Box 12 is red.", add_special_tokens=False)["input_ids"])
+    assert 1 < len(out["passage_relevance"]) <= 60 * longest // least + 1 and len(out["kept_whole"]) == 1
     with pytest.raises(ConfigError, match="passage_split"):
         hf_tokred.TokenReductionConfig(method="longllmlingua", passage_split="paragraphs")
     with pytest.raises(ConfigError, match="keep_top_passages"):

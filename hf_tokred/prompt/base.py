@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import os
 import re
@@ -211,6 +212,9 @@ def pad_batch(rows: list[list[int]], pad: int, *, left: bool = False) -> tuple[t
     return ids, mask
 
 
+_BUCKET = 1.25  # a batch's longest row is at most this much longer than its shortest (+8 tokens)
+
+
 def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | None = None, *, window: int = 512,
                     max_batch_tokens: int | None = None) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
     """``-log p(token | prefix + preceding tokens)`` of every token of every text, in nats.
@@ -247,23 +251,32 @@ def token_surprisal(model, tokenizer, texts: list[str], prefixes: list[str] | No
     out = [torch.full((len(ids),), float("nan")) for ids in enc["input_ids"]]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # logits only where a token is scored: rows are left-padded, so the scored tokens of every row end at the
+    # last position and the last ``keep`` logits cover them (a question after a passage: its ~20 tokens, not all)
+    trims = "logits_to_keep" in inspect.signature(model.forward).parameters
     order = sorted(range(len(items)), key=lambda i: len(items[i][1]))
     start = 0
     with torch.no_grad():
         while start < len(order):
             end = start + 1  # grow the batch while the padded size fits the budget (sorted: the last is the longest)
-            while end < len(order) and (end - start + 1) * len(items[order[end]][1]) <= budget:
+            while (end < len(order) and (end - start + 1) * len(items[order[end]][1]) <= budget
+                   and len(items[order[end]][1]) <= _BUCKET * len(items[order[start]][1]) + 8):  # little padding
                 end += 1
             batch = [items[i] for i in order[start:end]]
-            ids, mask = pad_batch([seq for _, seq, _, _ in batch], pad)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            ids, mask = pad_batch([seq for _, seq, _, _ in batch], pad, left=True)
+            length = ids.shape[1]
+            keep = max(len(seq) - max(first, 1) for _, seq, first, _ in batch) + 1 if trims else length
+            kwargs = {"logits_to_keep": keep} if trims else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
+                           **kwargs).logits[:, -keep:-1].float()
             # -log softmax(logits)[target] without materializing the whole log-softmax
-            target = ids[:, 1:].to(logits.device)
+            target = ids[:, length - keep + 1:].to(logits.device)
             surprisal = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, target[..., None])[..., 0]).cpu()
             del logits
             for row, (t, seq, first, dest) in enumerate(batch):
                 lo = max(first, 1)  # position 0 has nothing before it
-                values = surprisal[row, lo - 1:len(seq) - 1]
+                values = surprisal[row, surprisal.shape[1] - (len(seq) - lo):]  # tokens lo..len-1 of the row
                 out[t][dest + lo - first:dest + lo - first + values.shape[0]] = values
             start = end
     for values in out:
@@ -510,10 +523,11 @@ def split_units(costs: torch.Tensor, size: int) -> list[tuple[int, int]]:
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
-def split_sentences(seg: Segment, size: int | None = None) -> list[tuple[int, int]]:
+def split_sentences(seg: Segment, size: int | None = None, min_size: int = 0) -> list[tuple[int, int]]:
     """Consecutive runs ``(first, end)`` of whole units of ``seg``, one per sentence: a run ends at a word ending
     in ``.``, ``!`` or ``?`` (closing quotes and brackets allowed) or before a blank line; a sentence longer than
-    ``size`` tokens (``seg.costs``) is cut into runs of about ``size`` tokens (:func:`split_units`).
+    ``size`` tokens (``seg.costs``) is cut into runs of about ``size`` tokens (:func:`split_units`); a run of
+    fewer than ``min_size`` tokens is joined with the sentences after it until it holds ``min_size``.
 
     Example:
         >>> import torch
@@ -521,6 +535,8 @@ def split_sentences(seg: Segment, size: int | None = None) -> list[tuple[int, in
         ...               torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.long))
         >>> split_sentences(seg)
         [(0, 2), (2, 3), (3, 4), (4, 5)]
+        >>> split_sentences(seg, min_size=2)
+        [(0, 2), (2, 4), (4, 5)]
     """
     bounds, start = [], 0
     for u in range(len(seg)):
@@ -530,11 +546,16 @@ def split_sentences(seg: Segment, size: int | None = None) -> list[tuple[int, in
         if last or blank or _SENTENCE_END.search(seg.unit_text(u)):
             bounds.append((start, u + 1))
             start = u + 1
-    if size is None:
+    if size is not None:
+        bounds = [(a + x, a + y) for a, b in bounds for x, y in split_units(seg.costs[a:b], size)]
+    if min_size <= 0:
         return bounds
     out = []
     for a, b in bounds:
-        out += [(a + x, a + y) for x, y in split_units(seg.costs[a:b], size)]
+        if out and int(seg.costs[out[-1][0]:out[-1][1]].sum()) < min_size:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
     return out
 
 

@@ -64,7 +64,14 @@ from dataclasses import dataclass
 import torch
 
 from ...config import param, register_method
-from ...prompt.base import PromptCompressorConfig, PromptJob, rank_priority, split_sentences, split_units
+from ...prompt.base import (
+    PromptCompressorConfig,
+    PromptJob,
+    count_tokens,
+    rank_priority,
+    split_sentences,
+    split_units,
+)
 
 RESTRICTIVE = "We can get the answer to this question in the given documents."
 _TOP = 1e6  # priority step of the passages kept whole (rank_priority's values stay far below it)
@@ -103,17 +110,21 @@ class LongLLMLinguaConfig(PromptCompressorConfig):
         if self.passage_tokens is None:
             parts = [(d, 0, len(seg)) for d, seg in enumerate(docs)]
         else:  # a document of at most passage_tokens tokens is one passage
-            split = (lambda seg: split_sentences(seg, self.passage_tokens)) if self.passage_split == "sentences" \
-                else (lambda seg: split_units(seg.costs, self.passage_tokens))
+            # the question is scored after every passage, so a passage shorter than it costs more to rank than to
+            # read: sentences are joined until a passage holds as many tokens as the question (ranking then costs
+            # at most twice reading the document: 193 passkey filler sentences of ~5 tokens become ~45 passages)
+            shortest = min(self.passage_tokens, count_tokens(job.scorer.tokenizer, f"{question} {RESTRICTIVE}"))
+            split = (lambda seg: split_sentences(seg, self.passage_tokens, shortest)) \
+                if self.passage_split == "sentences" else (lambda seg: split_units(seg.costs, self.passage_tokens))
             parts = [(d, a, b) for d, seg in enumerate(docs)
                      for a, b in (split(seg) if int(seg.costs.sum()) > self.passage_tokens else [(0, len(seg))])]
-        cost = [float(docs[d].costs[a:b][~docs[d].protected[a:b]].sum()) for d, a, b in parts]
         ranked = list(range(len(parts)))
         if question and len(parts) > 1:
             relevance = document_relevance(job, question, parts)
             ranked = sorted(range(len(parts)), key=lambda p: relevance[p])
             whole = len(parts) == len(docs)  # every document is one passage
             job.notes["document_relevance" if whole else "passage_relevance"] = relevance
+        cost = [float(docs[d].costs[a:b][~docs[d].protected[a:b]].sum()) for d, a, b in parts]
         kept, total = self.coarse_keep(ranked, cost, job.available)
         if self.reorder == "sort":  # documents by their best kept passage, then the rest by their best passage
             job.order = list(dict.fromkeys([parts[p][0] for p in kept] + [parts[p][0] for p in ranked]))
