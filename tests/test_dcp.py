@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import LlamaForCausalLM
 import hf_tokred
 from hf_tokred.errors import ConfigError, SideCarError, TokenReductionError
 from hf_tokred.kv.cache import select_slots
+from hf_tokred.methods.lm import dcp as dcp_module
 from hf_tokred.methods.lm.dcp import DCPGates, accumulated_log_keep, soft_log_mask
 from hf_tokred.recipes import dcp as recipe
 
@@ -145,6 +147,13 @@ def test_training_mask_and_inference_scores_agree():
         total = accumulated_log_keep(gates, 0, q, k, torch.arange(12).expand(1, 2, 12), 0)
     # The last row of the training mask is what the cache has accumulated after the whole sequence.
     torch.testing.assert_close(mask[:, :, -1], total)
+    # in query chunks (each scored only against the slots before its last query), in any slot order
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    with patch.object(dcp_module, "_QUERY_CHUNK", 5), torch.no_grad():
+        chunked = accumulated_log_keep(gates, 0, q, k, torch.arange(12).expand(1, 2, 12), 0)
+        shuffled = accumulated_log_keep(gates, 0, q, k[:, :, order], order.expand(1, 2, 12), 0)
+    torch.testing.assert_close(chunked, total)
+    torch.testing.assert_close(shuffled, total[..., order])
     assert bool(torch.isinf(mask.triu(1)[..., 0, 1:]).all()) and bool((mask.diagonal(dim1=-2, dim2=-1) == 0).all())
     with torch.no_grad():
         protected = soft_log_mask(gates, 0, q, k, sink_tokens=2, window=3)

@@ -95,13 +95,20 @@ class DCPGates(nn.Module):
     def logits(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Gate logits ``(batch, kv_heads, q, slots)`` of queries ``(batch, heads, q, dim)`` against keys
         ``(batch, kv_heads, slots, dim)`` at decoder layer ``layer_idx`` (float32)."""
+        return self.logits_of_features(layer_idx, query, self.key_features(layer_idx, keys))
+
+    def key_features(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """The keys' low-rank gate features ``(batch, kv_heads, slots, rank)``: computed once, scored by many queries."""
+        return torch.einsum("bhkd,hdr->bhkr", _rms_normalize(keys), self.key[layer_idx])
+
+    def logits_of_features(self, layer_idx: int, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` against keys already turned into :meth:`key_features`."""
         batch, heads, length, dim = query.shape
-        kv_heads = keys.shape[1]
+        kv_heads = features.shape[1]
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, length, dim).transpose(2, 3)
         grouped = _rms_normalize(grouped).reshape(batch, kv_heads, length, -1)
         q = torch.einsum("bhqd,hdr->bhqr", grouped, self.query[layer_idx])
-        k = torch.einsum("bhkd,hdr->bhkr", _rms_normalize(keys), self.key[layer_idx])
-        return q @ k.transpose(-1, -2) / math.sqrt(self.rank) + self.bias[layer_idx][None, :, None, None]
+        return q @ features.transpose(-1, -2) / math.sqrt(self.rank) + self.bias[layer_idx][None, :, None, None]
 
 
 def soft_log_mask(gates: DCPGates, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, sink_tokens: int = 0,
@@ -133,12 +140,19 @@ def accumulated_log_keep(gates: DCPGates, layer_idx: int, query: torch.Tensor, k
     come after each stored key ``j``: ``(batch, kv_heads, slots)``, what a cache layer adds to its tokens'
     scores after an attention call."""
     total = torch.zeros(key_positions.shape, dtype=torch.float32, device=keys.device)
+    features = gates.key_features(layer_idx, keys)
     for start in range(0, query.shape[-2], _QUERY_CHUNK):
         chunk = query[:, :, start:start + _QUERY_CHUNK]
         positions = torch.arange(first_query + start, first_query + start + chunk.shape[-2], device=keys.device)
-        later = key_positions[:, :, None, :] < positions[None, None, :, None]
-        logs = torch.nn.functional.logsigmoid(gates.logits(layer_idx, chunk, keys))
-        total += logs.masked_fill(~later, 0.0).sum(dim=2)
+        # only the slots up to the last one holding a key before this chunk's last query can gain a term: at
+        # prefill (slots in position order) that is the lower triangle of the (queries, slots) block, not all of it
+        before = (key_positions < positions[-1]).flatten(0, -2).any(dim=0).nonzero()
+        if before.numel() == 0:
+            continue
+        width = int(before[-1]) + 1
+        later = key_positions[:, :, None, :width] < positions[None, None, :, None]
+        logs = torch.nn.functional.logsigmoid(gates.logits_of_features(layer_idx, chunk, features[:, :, :width]))
+        total[..., :width] += logs.masked_fill(~later, 0.0).sum(dim=2)
     return total
 
 
