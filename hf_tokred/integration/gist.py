@@ -158,29 +158,11 @@ def continuation_logits(model, cache, ids: torch.Tensor, attention_mask: torch.T
 def compress_gist(model, reducer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """``hf_tokred.compress_context`` for gist tokens: the prompt becomes ``num_gist`` cache entries per layer.
 
-    ``prefix_ids`` (``num_gist`` copies of one token that is not the pad token: the bos token, else the eos token,
-    else 0 or 1) stand for the gist entries in ``generate``'s ``input_ids``: ``generate`` only feeds the ids after
-    the cached ones, and a pad id there would make it mask the gist entries out when no attention mask is given.
+    ``prefix_ids`` (``num_gist`` copies of :func:`~hf_tokred.integration.wiring.placeholder_id`) stand for the gist
+    entries in ``generate``'s ``input_ids``.
     """
     cache = gist_cache(model, input_ids, attention_mask)
-    prefix_id = _prefix_id(getattr(model, "generation_config", None))
-    prefix = torch.full((input_ids.shape[0], reducer.num_gist), prefix_id, dtype=torch.long, device=input_ids.device)
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    return CompressedContext(cache=cache, prefix_ids=prefix, context_tokens=[int(n) for n in mask.sum(1).tolist()],
-                             method="gist")
-
-
-def _prefix_id(config) -> int:
-    def first(value):
-        if isinstance(value, (list, tuple)):
-            return int(value[0]) if value else None
-        return None if value is None else int(value)
-
-    pad = first(getattr(config, "pad_token_id", None))
-    for candidate in (first(getattr(config, "bos_token_id", None)), first(getattr(config, "eos_token_id", None)), 0, 1):
-        if candidate is not None and candidate != pad:
-            return candidate
-    return 1  # pragma: no cover
+    return CompressedContext.of(model, cache, reducer.num_gist, input_ids, attention_mask, "gist")
 
 
 __all__ = ["compress_gist", "continuation_logits", "gist_cache", "wire_gist"]

@@ -138,18 +138,6 @@ def encode(model, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
     return torch.cat(slots, 1)
 
 
-def placeholder_id(model) -> int:
-    """The id standing for a memory slot in ``prefix_ids``: the smallest id that is no pad, end or start token."""
-    special = set()
-    for source in (model.config, getattr(model, "generation_config", None)):
-        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(source, name, None) if source is not None else None
-            if value is None:
-                continue
-            special.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    return next(i for i in range(len(special) + 1) if i not in special)
-
-
 def slots_cache(model, slots: torch.Tensor):
     """The frozen decoder's KV of ``slots`` (fed as input embeddings at positions ``0..S-1``): a ``DynamicCache``."""
     from transformers import DynamicCache
@@ -169,9 +157,7 @@ def compress_icae(model, reducer, input_ids, attention_mask=None) -> CompressedC
     with torch.no_grad():
         slots = encode(model, input_ids, mask)
         cache = slots_cache(model, slots)
-    prefix = torch.full(slots.shape[:2], placeholder_id(model), dtype=torch.long, device=input_ids.device)
-    return CompressedContext(cache=cache, prefix_ids=prefix, context_tokens=[int(v) for v in mask.sum(1)],
-                             method="icae")
+    return CompressedContext.of(model, cache, slots.shape[1], input_ids, mask, "icae")
 
 
 def reconstruct(model, ctx: CompressedContext, max_new_tokens: int) -> torch.Tensor:

@@ -107,6 +107,23 @@ class CompressedContext:
     context_tokens: list[int]
     method: str
 
+    @classmethod
+    def of(cls, model, cache, entries: int, input_ids, attention_mask, method: str) -> CompressedContext:
+        """The compressed context of ``input_ids`` (``attention_mask``: which are real tokens; None: all): ``cache``
+        holding ``entries`` entries per row, each standing in ``prefix_ids`` as :func:`placeholder_id`.
+
+        Example:
+            >>> ctx = CompressedContext.of(model, cache, 4, input_ids, None, "icae")             # doctest: +SKIP
+            >>> ctx.prefix_ids.shape                                                            # doctest: +SKIP
+            torch.Size([1, 4])
+        """
+        import torch
+
+        prefix = torch.full((input_ids.shape[0], entries), placeholder_id(model), dtype=torch.long,
+                            device=input_ids.device)
+        real = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(prefix)
+        return cls(cache=cache, prefix_ids=prefix, context_tokens=[int(n) for n in real], method=method)
+
     def fresh_cache(self):
         """A copy of the cache for one ``generate`` call (generation appends to the cache it is given)."""
         import copy
@@ -117,6 +134,25 @@ class CompressedContext:
     def entries(self) -> int:
         """Cache entries per row and layer."""
         return int(self.prefix_ids.shape[1])
+
+
+def placeholder_id(model) -> int:
+    """The id standing for a compressed entry in ``prefix_ids``: the smallest id that is no pad, end or start token
+    (``generate`` feeds only the ids after the cached ones, and a pad id there would make it mask the cached
+    entries out when no attention mask is given).
+
+    Example:
+        >>> placeholder_id(model)                     # SmolLM2: 0, 1 and 2 are special           # doctest: +SKIP
+        3
+    """
+    special = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if value is None:
+                continue
+            special.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return next(i for i in range(len(special) + 1) if i not in special)
 
 
 def get_applied(model) -> AppliedReduction | None:
