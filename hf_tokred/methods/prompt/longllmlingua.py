@@ -117,7 +117,7 @@ class LongLLMLinguaConfig(PromptCompressorConfig):
         else:  # a document of at most passage_tokens tokens is one passage
             # the question is scored after every passage, so a passage shorter than it costs more to rank than to
             # read: sentences are joined until a passage holds as many tokens as the question (ranking then costs
-            # at most twice reading the document: 193 passkey filler sentences of ~5 tokens become ~45 passages)
+            # at most twice reading the document: 193 passkey filler sentences of ~5 tokens become 49 passages)
             shortest = min(self.passage_tokens, count_tokens(job.scorer.tokenizer, f"{question} {RESTRICTIVE}"))
             split = (lambda seg: split_sentences(seg, self.passage_tokens, shortest)) \
                 if self.passage_split == "sentences" else (lambda seg: split_units(seg.costs, self.passage_tokens))
