@@ -752,6 +752,23 @@ def decay_groups(params, weight_decay: float) -> tuple[list[dict], list]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], decay + no_decay
 
 
+def save_trained(output_dir: str, model, tokenizer, state_name: str, state: dict, card: str | None = None) -> None:
+    """Write a trained model folder: ``save_pretrained`` of ``model`` and of ``tokenizer`` (unless None), the training
+    ``state`` as JSON in ``state_name``, and ``card`` (unless None) as its ``README.md``: the end of every recipe.
+
+    Example:
+        >>> save_trained("smollm2-icae", model, tokenizer, "icae_training.json", state, card)  # doctest: +SKIP
+    """
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, state_name), "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=1)
+    if card is not None:
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
+            fh.write(card)
+
+
 def _save_checkpoint(folder: str, model, optimizer, params: list, state: dict) -> None:
     """Weights, AdamW moments and the RNG state (safetensors) plus the step and losses (JSON), written to a
     temporary folder that then replaces ``folder``: an interrupted save never leaves half a checkpoint."""
@@ -914,8 +931,6 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
         >>> labelled = llmlingua2_labels(stdlib_corpus("train"), rate=0.5, progress=True)   # doctest: +SKIP
         >>> model, tokenizer = train_llmlingua2(labelled, steps=300, output_dir="llmlingua2-minilm")  # doctest: +SKIP
     """
-    import json
-    import os
 
     from tqdm.auto import tqdm
 
@@ -982,13 +997,8 @@ def train_llmlingua2(texts_or_labelled, *, base=None, tokenizer=None, steps: int
         bar.close()
         model.eval()
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, LLMLINGUA2_STATE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
             sources = sorted({item["source"] for item in items if isinstance(item.get("source"), str)})
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(_model_card(name, state, sources))
+            save_trained(output_dir, model, tokenizer, LLMLINGUA2_STATE, state, _model_card(name, state, sources))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])

@@ -23,14 +23,21 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 
 import torch
 
 from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR
-from .training import _batch_order, _check_loop, _prepare_checkpoint, _reducer, _resumable_step, dense_pass, lr_factor
+from .training import (
+    _batch_order,
+    _check_loop,
+    _prepare_checkpoint,
+    _reducer,
+    _resumable_step,
+    dense_pass,
+    lr_factor,
+    save_trained,
+)
 
 STATE_NAME = "madtp_training.json"
 
@@ -257,11 +264,7 @@ def train_madtp(model, batches: list[dict], *, steps: int = 100, lr: float = 1e-
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     if output_dir is not None:
-        model.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=1)
-        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(_model_card(model, reducer, state))
+        save_trained(output_dir, model, None, STATE_NAME, state, _model_card(model, reducer, state))
     return list(state["losses"])
 
 

@@ -134,7 +134,7 @@ def train_dcp(model=None, tokenizer=None, *, texts: list[str] | None = None, spa
 
     import hf_tokred
 
-    from ..training import _prepare_checkpoint, _resumable_step
+    from ..training import _prepare_checkpoint, _resumable_step, save_trained
     from .lm_data import lm_texts, token_windows
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
@@ -199,10 +199,7 @@ def train_dcp(model=None, tokenizer=None, *, texts: list[str] | None = None, spa
             bar.set_postfix(kl=f"{kl.item():.4f}", dropped=f"{rate.item():.2f}")
         bar.close()
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, STATE_FILE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
+            save_trained(output_dir, model, tokenizer, STATE_FILE, state)
             write_model_card(output_dir, state)
     finally:
         torch.random.set_rng_state(rng_state)

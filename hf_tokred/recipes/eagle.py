@@ -185,7 +185,7 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
     from ..methods.lm.eagle import FEATURE_NOISE, MODULE_NAME, EagleConfig, eagle_loss
     from ..model_patches import find_adapter
     from ..model_patches.rope import _rotary_module
-    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor, save_trained
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if not isinstance(value, int) or value < 1:
@@ -281,12 +281,7 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         head.eval()
         model.train(was_training)
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, TRAINING_STATE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(model_card(model, cfg, state))
+            save_trained(output_dir, model, tokenizer, TRAINING_STATE, state, model_card(model, cfg, state))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])

@@ -246,7 +246,7 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
 
     from ..integration.wiring import MODULES_ATTR
     from ..methods.lm.gist import EMBEDDINGS_NAME, LORA_NAME
-    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor, save_trained
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
                             ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
@@ -304,10 +304,7 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             parameter.requires_grad_(False)
         model.train(was_training)
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, TRAINING_STATE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
+            save_trained(output_dir, model, tokenizer, TRAINING_STATE, state)
             write_model_card(output_dir, model, cfg, state)
     finally:
         torch.random.set_rng_state(rng_state)

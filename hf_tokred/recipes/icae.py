@@ -103,7 +103,7 @@ def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chun
     from ..integration.icae import icae_losses
     from ..integration.wiring import MODULES_ATTR
     from ..methods.lm.icae import MODULE_NAME
-    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor, save_trained
 
     _check_settings(steps=steps, batch_size=batch_size, save_every=save_every, memory_slots=memory_slots,
                     chunk_tokens=chunk_tokens, lm_ratio=lm_ratio, lr=lr)
@@ -173,12 +173,7 @@ def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chun
         if heldout:
             state["heldout"] = evaluate_icae_chunks(model, tokenizer, count=heldout, seed=seed, progress=progress)
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, TRAINING_STATE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(model_card(model, cfg, state))
+            save_trained(output_dir, model, tokenizer, TRAINING_STATE, state, model_card(model, cfg, state))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])

@@ -343,7 +343,7 @@ def train_mrt5(texts: list[str] | None = None, *, steps: int = 300, delete: bool
 
     import hf_tokred
 
-    from ..training import _prepare_checkpoint, _resumable_step, stdlib_corpus
+    from ..training import _prepare_checkpoint, _resumable_step, save_trained, stdlib_corpus
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
                             ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
@@ -445,14 +445,9 @@ def train_mrt5(texts: list[str] | None = None, *, steps: int = 300, delete: bool
         bar.close()
         model.eval()
         if output_dir is not None:
-            model.save_pretrained(output_dir)
             from transformers import ByT5Tokenizer
 
-            ByT5Tokenizer().save_pretrained(output_dir)
-            with open(os.path.join(output_dir, STATE_FILE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(_model_card(state))
+            save_trained(output_dir, model, ByT5Tokenizer(), STATE_FILE, state, _model_card(state))
     finally:
         torch.random.set_rng_state(rng_state)
     for parameter in model.parameters():

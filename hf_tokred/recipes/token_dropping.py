@@ -339,7 +339,15 @@ def train_token_dropping(model=None, texts=None, *, tokenizer=None, keep: float 
     from .. import apply, remove
     from ..integration.token_dropping import importance_table, keep_positions, last_drop, mlm_token_losses
     from ..integration.wiring import get_applied
-    from ..training import LR_SCHEDULES, _prepare_checkpoint, _resumable_step, decay_groups, lr_factor, stdlib_corpus
+    from ..training import (
+        LR_SCHEDULES,
+        _prepare_checkpoint,
+        _resumable_step,
+        decay_groups,
+        lr_factor,
+        save_trained,
+        stdlib_corpus,
+    )
 
     if texts is None:
         texts = stdlib_corpus("train")
@@ -447,12 +455,7 @@ def train_token_dropping(model=None, texts=None, *, tokenizer=None, keep: float 
             if not keep_reduction:
                 remove(model)
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(_model_card(name, state, easiest))
+            save_trained(output_dir, model, tokenizer, STATE_NAME, state, _model_card(name, state, easiest))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])

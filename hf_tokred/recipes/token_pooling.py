@@ -202,7 +202,7 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
 
     from ..config import TokenReductionConfig
     from ..integration.hourglass import last_pooling
-    from ..training import _prepare_checkpoint, _save_checkpoint, decay_groups, stdlib_corpus
+    from ..training import _prepare_checkpoint, _save_checkpoint, decay_groups, save_trained, stdlib_corpus
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
                             ("layers", layers, isinstance(layers, int) and layers >= 1),
@@ -291,11 +291,7 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
         bar.close()
         model.eval()
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(_card(state, fingerprint["reduction"]))
+            save_trained(output_dir, model, None, STATE_NAME, state, _card(state, fingerprint["reduction"]))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])

@@ -437,7 +437,7 @@ def train_tokenskip(model, tokenizer, *, problems: list[Problem] | None = None, 
     from tqdm.auto import tqdm
 
     from ..methods.nlp.tokenskip import MODULE_NAME
-    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor
+    from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor, save_trained
 
     _check_settings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, save_every=save_every,
                     max_grad_norm=max_grad_norm, train_problems=train_problems)
@@ -503,12 +503,7 @@ def train_tokenskip(model, tokenizer, *, problems: list[Problem] | None = None, 
             parameter.requires_grad_(False)
         model.train(was_training)
         if output_dir is not None:
-            model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, TRAINING_STATE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh, indent=1)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(_model_card(model, cfg, state, method))
+            save_trained(output_dir, model, tokenizer, TRAINING_STATE, state, _model_card(model, cfg, state, method))
     finally:
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])
