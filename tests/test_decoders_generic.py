@@ -566,3 +566,19 @@ def test_kvquant_calibration_of_a_hybrid_model_saves_and_loads(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     again.generation_config.eos_token_id = None
     assert torch.equal(_generate(again, _ids()).sequences, first.sequences)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma2", "gpt_neox"])
+def test_assisted_decoding_runs_on_a_prompt_compressing_cache(name):
+    """Prompt lookup (transformers' assisted decoding) over a SnapKV cache: the greedy output equals plain
+    generate() with the same policy; the sliding-window layers left to transformers roll back as transformers'
+    own; a policy that evicts while decoding refuses before it runs."""
+    model = make(name)
+    hf_tokred.apply(model, {"method": "snapkv", "max_tokens": 12, "window": 4})
+    ids = torch.cat([_ids(20), _ids(20)[:, :12]], dim=1)  # repeats, so prompt lookup finds drafts
+    plain = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=4), plain)
+    hf_tokred.remove(model)
+    hf_tokred.apply(model, {"method": "h2o", "max_tokens": 12})
+    with pytest.raises(hf_tokred.TokenReductionError, match="compresses the prompt once"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=4)

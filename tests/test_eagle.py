@@ -337,3 +337,67 @@ def test_trained_smollm2_head_drafts_accepted_tokens(generators):
 
 def test_wiring_module_names_the_stage():
     assert eagle_wiring.wire_eagle is hf_tokred.integration.wiring.wiring_for("decoding")
+
+
+# ---------------------------------------------------------------------------------------------
+# with a reduced KV cache underneath
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [{"method": "snapkv", "max_tokens": 16, "window": 4},
+                                    {"method": "pyramidkv", "max_tokens": 16, "window": 4},
+                                    {"method": "fastgen", "keep": 0.5, "special_token_ids": [0, 1, 2],
+                                     "punctuation_token_ids": [3, 4, 5]}])
+def test_a_prompt_compressing_kv_policy_drafts_on_its_own_cache_losslessly(policy, generators):
+    """A policy that compresses the prompt once keeps the decoded tokens as they come, so assisted decoding can take
+    rejected drafts back (Cache.crop): EAGLE's and prompt lookup's greedy outputs equal the same policy's plain
+    greedy output, and the cache holds the compressed prompt plus the accepted tokens only."""
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose(SMALL, policy))
+    _trained_like(model)
+    for n in (30, 41):
+        prompt = _prompt(n, seed=n)
+        plain_cache = hf_tokred.build_cache(model)
+        plain = model.generate(prompt, max_new_tokens=24, do_sample=False, past_key_values=plain_cache)
+        cache = hf_tokred.build_cache(model)
+        got = model.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=eagle_assistant(model),
+                             past_key_values=cache)
+        assert torch.equal(got, plain)
+        assert cache.stored_lengths() == plain_cache.stored_lengths() and cache.stored_lengths()[0] < n + 24
+        assert cache.get_seq_length() == plain_cache.get_seq_length()
+        lookup = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=3)
+        assert torch.equal(lookup, plain)
+    assert generators[-1].stats["drafted"] > generators[-1].stats["rounds"] - 1
+
+
+def test_a_cache_that_evicts_while_decoding_refuses_assisted_decoding_before_it_runs():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose(SMALL, {"method": "streamingllm", "max_tokens": 16}))
+    prompt = _prompt(20)
+    for extra in ({"assistant_model": eagle_assistant(model)}, {"prompt_lookup_num_tokens": 3}):
+        with pytest.raises(TokenReductionError, match="compresses the prompt once"):
+            model.generate(prompt, max_new_tokens=8, do_sample=False, **extra)
+    cache = hf_tokred.build_cache(model)
+    with pytest.raises(TokenReductionError, match="snapkv"):
+        model.generate(prompt, max_new_tokens=8, past_key_values=cache, prompt_lookup_num_tokens=3)
+    assert cache.get_seq_length() == 0  # refused before anything ran
+
+
+def test_crop_takes_back_only_tokens_appended_after_the_compression():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {"method": "snapkv", "max_tokens": 8, "window": 2})
+    cache = hf_tokred.build_cache(model)
+    with torch.no_grad():
+        model(_prompt(20), past_key_values=cache)
+        stored = cache.stored_lengths()
+        with pytest.raises(TokenReductionError, match="after the prompt was compressed"):
+            cache.crop(-1)  # the prompt itself
+        model(_prompt(3, seed=5), past_key_values=cache)
+        keys = cache.layers[0].keys.clone()
+    cache.crop(-2)
+    assert cache.get_seq_length() == 21 and cache.stored_lengths() == [s + 1 for s in stored]
+    assert torch.equal(cache.layers[0].keys, keys[..., :-2, :])
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)
+    with pytest.raises(TokenReductionError, match="after the prompt was compressed"):
+        cache.crop(-2)  # one appended token is left

@@ -26,7 +26,10 @@ run the prompt alone (no features yet); from then on each round
 transformers verifies the chain in one forward pass and keeps the longest prefix the target agrees with, plus
 the target's own next token: greedy outputs are the target's greedy outputs. Batch 1 only (transformers'
 assisted decoding): a batch of more rows raises :class:`~hf_tokred.errors.TokenReductionError` before anything
-runs. A KV or prefill reduction composed with EAGLE refuses assisted decoding (its cache cannot be cropped).
+runs. Composed with a KV policy that compresses the prompt once (snapkv, pyramidkv, fastgen), EAGLE drafts over
+that compressed cache (rejected drafts are cropped off it; greedy outputs equal the policy's own plain greedy
+outputs); a policy that evicts while decoding, a KV storage or a prefill reducer refuses assisted decoding
+before it runs (their caches cannot take tokens back).
 """
 
 from __future__ import annotations

@@ -399,11 +399,6 @@ def _generate_with_reduction(self, *args, **kwargs):
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
     cache = kwargs.get("past_key_values")
     if label and cache is None and use_cache is not False:
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise TokenReductionError(
-                f"{label}: assisted decoding needs a cache it can crop, and this cache cannot be "
-                "cropped; pass past_key_values=transformers.DynamicCache() to decode densely"
-            )
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation is not None:
             # transformers would report "passing both cache_implementation and past_key_values", which the user
@@ -417,6 +412,13 @@ def _generate_with_reduction(self, *args, **kwargs):
         cache = kwargs["past_key_values"] = TokenReductionCache(self, policy, storage)
     if not isinstance(cache, TokenReductionCache):
         return type(self).generate(self, *args, **kwargs)
+    assisted = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
+    if assisted and not cache.is_croppable:
+        raise TokenReductionError(
+            f"{cache.label}: assisted decoding takes back rejected draft tokens (Cache.crop), and this cache "
+            "evicts or compresses while decoding, so it cannot; a policy that compresses the prompt once (snapkv, "
+            "pyramidkv, fastgen) works with it, or pass past_key_values=transformers.DynamicCache() to decode densely"
+        )
     if getattr(cache, _CONSUMED, False):
         raise TokenReductionError(
             f"{getattr(cache, 'label', 'hf_tokred')}: this TokenReductionCache was already used by a generate() call "
@@ -425,11 +427,42 @@ def _generate_with_reduction(self, *args, **kwargs):
             "copy.deepcopy(cache) to each generate()"
         )
     seen = cache.get_seq_length()
+    previous = self.__dict__.get(_CANDIDATES)
+    if assisted and seen == 0:
+        self.__dict__[_CANDIDATES] = functools.partial(_prompt_before_drafts, self, previous)
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
+        if assisted and seen == 0:
+            if previous is None:
+                self.__dict__.pop(_CANDIDATES, None)
+            else:
+                self.__dict__[_CANDIDATES] = previous
         if cache.get_seq_length() != seen:  # a call that failed before feeding any token leaves it reusable
             setattr(cache, _CONSUMED, True)
+
+
+_CANDIDATES = "_get_candidate_generator"
+
+
+def _prompt_before_drafts(model, previous, *args, **kwargs):
+    """The model's candidate generator, made to propose nothing in its first round, so the first forward pass
+    of assisted decoding carries the prompt alone, as plain ``generate()`` feeds it. A policy that compresses the
+    prompt scores it in that pass: draft tokens fed with it (prompt lookup finds some in the prompt) would change
+    what it keeps and could not be taken back exactly."""
+    build = previous if previous is not None else types.MethodType(type(model)._get_candidate_generator, model)
+    generator = build(*args, **kwargs)
+    drafting = generator.get_candidates
+    rounds = 0
+
+    def get_candidates(input_ids, *rest, **options):
+        nonlocal rounds
+        candidates, logits = drafting(input_ids, *rest, **options)
+        rounds += 1
+        return (input_ids, None) if rounds == 1 else (candidates, logits)
+
+    generator.get_candidates = get_candidates  # on this generation's own generator object
+    return generator
 
 
 # ---------------------------------------------------------------------------------------------

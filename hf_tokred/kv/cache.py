@@ -67,13 +67,15 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     tensors ``(batch, ...)`` of such a caller that travel with the batch (beam search reorders them).
     """
 
-    is_croppable = False  # evicted tokens cannot be restored, so assisted decoding cannot crop
-
     def __init__(self, policy: KVPolicyConfig, layer_idx: int, num_layers: int = 1, store=None,
                  label: str | None = None, shared: dict | None = None, rank: int | None = None,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, croppable: bool = False):
         super().__init__()
         self.policy = policy
+        # Whether the newest tokens can be taken back exactly (assisted decoding's rollback): only when nothing
+        # the layer holds depends on them. A policy that evicts while decoding, a window that drops what leaves
+        # it, a quantizing store or a layer fed part of the prompt all change older slots because of them.
+        self.croppable = croppable
         self.rank = layer_idx if rank is None else rank
         # A sliding-window layer keeps only the last `sliding_window` positions visible; transformers sizes the
         # sliding layers' shared mask from the first layer that says it slides.
@@ -90,6 +92,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
     def _reset_counters(self):
         self.seen = 0  # logical tokens seen, padding included
         self.calls = 0  # attention calls (chunks) so far; the first is the prefill
+        self.prefill_seen = 0  # tokens the first call (the prefill) brought
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.buffers: dict[str, torch.Tensor] = {}
@@ -151,6 +154,8 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             self.buffers[name] = fresh if old is None else torch.cat([old, fresh], dim=2)
         self.seen += new if incoming is None else incoming[1]
         self.calls += 1
+        if first:
+            self.prefill_seen = self.seen
         self.awaiting_attention = True
         return keys, values
 
@@ -240,11 +245,38 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             super().batch_select_indices(indices)
         self._map_slot_state(lambda t: t[indices, ...])
 
+    @property
+    def is_croppable(self) -> bool:
+        return self.croppable
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise TokenReductionError(
-            f"{self.label}: an evicting cache cannot be cropped (assisted decoding and other crop users "
-            "are not supported); use the dense cache for them"
-        )
+        """Take back the newest ``-tokens_to_remove`` tokens (transformers' convention: a negative count), exactly
+        as if they had never been fed. Only a croppable layer (a policy that compresses the prompt once, no
+        window, no compressed store) can, and only tokens appended after its compression."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        count = -tokens_to_remove
+        if count == 0:
+            return
+        if not self.croppable:
+            raise TokenReductionError(
+                f"{self.label}: this cache cannot be cropped (assisted decoding and other crop users): it evicts or "
+                "compresses tokens while decoding, so older slots already depend on the tokens to take back; "
+                "use a policy that compresses the prompt once (snapkv, pyramidkv, fastgen) or the dense cache"
+            )
+        if self.positions is None:
+            return
+        stored = self.stored_length()
+        newest = torch.arange(self.seen - count, self.seen, device=self.positions.device)
+        if (count > stored or self.seen - count < self.prefill_seen
+                or not bool((self.positions[..., stored - count:] == newest).all())):
+            raise TokenReductionError(
+                f"{self.label}: crop can take back only tokens appended after the prompt was compressed; "
+                f"{count} of the {self.seen} tokens seen were asked for"
+            )
+        self.keys, self.values = self.keys[..., : stored - count, :], self.values[..., : stored - count, :]
+        self._set_slot_tensors({k: t[:, :, : stored - count] for k, t in self._slot_tensors().items()})
+        self.seen -= count
 
     # -- attention observer --------------------------------------------------------------------
 
@@ -617,12 +649,30 @@ class TokenReductionCache(Cache):
         for index, (layer_type, kwargs) in enumerate(zip(types, type_kwargs)):
             if index in ranks or index in stores or index in subset:
                 window = kwargs.get("sliding_window") if layer_type == SLIDING_ATTENTION else None
+                croppable = (index not in stores and index not in subset and window is None
+                             and (index not in ranks or policy.compression == "prefill"))
                 layers.append(ReducingLayer(policy if index in ranks else never, index, max(len(ranks), 1),
                                             stores.get(index), label, self.shared, rank=ranks.get(index, 0),
-                                            sliding_window=window))
+                                            sliding_window=window, croppable=croppable))
             else:  # a layer the reduction leaves alone: transformers' own, exactly as DynamicCache(config) builds it
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Take back the newest ``-tokens_to_remove`` tokens in every layer (assisted decoding's rollback); see
+        :meth:`ReducingLayer.crop` for when a reduced layer can.
+
+        Example:
+            >>> cache.crop(-3)                       # doctest: +SKIP
+        """
+        known = self.shared["token_ids"]
+        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.croppable),
+                        None)
+        if refusing is not None and tokens_to_remove < 0:
+            refusing.crop(tokens_to_remove)  # raises its error before any layer has changed
+        super().crop(tokens_to_remove)
+        if known is not None and tokens_to_remove < 0:
+            self.shared["token_ids"] = known[:, :tokens_to_remove]
 
     def record_input_ids(self, input_ids: torch.Tensor) -> None:
         """Remember the token ids fed to the model (policies with ``needs_token_ids`` read them)."""
