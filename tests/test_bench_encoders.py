@@ -141,6 +141,17 @@ def test_quality_part_fine_tunes_a_copy_of_the_backbone(tmp_path, capsys):
     assert again["cosine"] == first["cosine"] and again["flops_saved"] == first["flops_saved"]
 
 
+@pytest.mark.real_model
+def test_a_method_without_modules_records_that_its_backbone_trained(capsys):
+    from hf_tokred.bench.encoders import run_quality
+
+    record = run_quality(["evo_vit"], texts=4, train_texts=4, train_steps=1, train_lr=1e-4, log=print,
+                         variants=[("evo_vit", "evo_vit", [{"keep_rate": 0.65}])])
+    row = record["rows"][0]
+    assert row["learned"] and row["train_backbone"] and row["backbone_lr"] == 1e-4 and row["train_steps"] == 1
+    assert "evo_vit keep_rate=0.65: trained the backbone (no modules of its own)" in capsys.readouterr().out
+
+
 def test_bad_arguments_fail_clearly(tmp_path, capsys):
     assert exit_code(["encoders", "--part", "speed", "--plot", str(tmp_path / "x.png")]) == 2
     assert "--plot draws the quality curve" in capsys.readouterr().err

@@ -446,7 +446,8 @@ def run_quality(methods: list[str] = METHODS, *, texts: int = DEFAULT_TEXTS, bat
                 if learned:
                     extra = _train_learned(method, params, target, model, training_batches(), log,
                                            train_steps=train_steps, train_texts=train_texts, train_lr=train_lr,
-                                           fine_tune=fine_tune, backbone_lr=backbone_lr, lr_schedule=lr_schedule,
+                                           fine_tune=fine_tune, backbone_only=not cfg.learned,
+                                           backbone_lr=backbone_lr, lr_schedule=lr_schedule,
                                            shuffle=shuffle, finetune_steps=finetune_steps if hard_tune else 0,
                                            finetune_lr=finetune_lr)
                 embeddings, flops = embed_with_flops(target, batches, reduced=True)
@@ -484,9 +485,11 @@ def training_recipes() -> set[str]:
 
 def _train_learned(method: str, params: dict, target, teacher, batches: list[dict], log, *, train_steps: int,
                    train_texts: int, train_lr: float | None, fine_tune: bool, backbone_lr: float | None,
-                   lr_schedule: str, shuffle: bool, finetune_steps: int, finetune_lr: float) -> dict:
+                   lr_schedule: str, shuffle: bool, finetune_steps: int, finetune_lr: float,
+                   backbone_only: bool = False) -> dict:
     """Train the learned parts of ``target`` (reduced with ``method``) with ``hf_tokred.training.train_<method>``
-    (phase 1), then, with ``finetune_steps``, its backbone through the hard reduction (phase 2,
+    (phase 1; ``backbone_only``: the method has no modules of its own and its recipe fine-tunes the backbone, as
+    Evo-ViT's and STViT's do), then, with ``finetune_steps``, its backbone through the hard reduction (phase 2,
     :func:`hf_tokred.training.fine_tune_reduced`); ``teacher`` is the untouched dense model. Returns the row's
     training record."""
     from hf_tokred import training
@@ -500,12 +503,15 @@ def _train_learned(method: str, params: dict, target, teacher, batches: list[dic
         options["teacher"] = teacher
     started = time.perf_counter()
     losses = trainer(target, batches, steps=train_steps, lr_schedule=lr_schedule, shuffle=shuffle, **options)
+    lr_of_backbone = (backbone_lr or (train_lr or 3e-3) / 100) if fine_tune else train_lr if backbone_only else None
     extra = {"train_steps": train_steps, "train_texts": train_texts, "train_lr": train_lr,
-             "train_backbone": fine_tune, "backbone_lr": (backbone_lr or (train_lr or 3e-3) / 100) if fine_tune else None,
+             "train_backbone": fine_tune or backbone_only, "backbone_lr": lr_of_backbone,
              "lr_schedule": lr_schedule, "shuffle": shuffle, "train_s": round(time.perf_counter() - started, 1),
              "final_loss": round(losses[-1], 5)}
-    log(f"{method} {_label(params)}: trained {'the learned parts and the backbone' if fine_tune else 'the learned parts'}"
-        f" in {extra['train_s']:.0f} s (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    what = ("the backbone (no modules of its own)" if backbone_only
+            else "the learned parts and the backbone" if fine_tune else "the learned parts")
+    log(f"{method} {_label(params)}: trained {what} in {extra['train_s']:.0f} s "
+        f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     if finetune_steps:
         started = time.perf_counter()
         tune_losses = training.fine_tune_reduced(target, batches, teacher=teacher, steps=finetune_steps, lr=finetune_lr)
