@@ -401,3 +401,23 @@ def test_crop_takes_back_only_tokens_appended_after_the_compression():
         cache.crop(3)
     with pytest.raises(TokenReductionError, match="after the prompt was compressed"):
         cache.crop(-2)  # one appended token is left
+
+
+@pytest.mark.real_model
+def test_smollm2_prompt_lookup_over_a_snapkv_cache_answers_as_plain_snapkv():
+    """The embedded SmolLM2 with SnapKV at a quarter of a passkey prompt: prompt lookup's greedy answer is plain
+    SnapKV's, token for token, and drafts were accepted (the passkey is copied from the prompt)."""
+    from hf_tokred.bench.passkey import PasskeySample, prompt_ids
+    from hf_tokred.embedded import load_smollm2
+
+    model, tokenizer = load_smollm2({"method": "snapkv", "keep": 0.25})
+    input_ids, _ = prompt_ids(tokenizer, PasskeySample(key=73914, depth=0.4))
+    plain = model.generate(input_ids, max_new_tokens=24, do_sample=False)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        lookup = model.generate(input_ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+    finally:
+        handle.remove()
+    assert torch.equal(lookup, plain)
+    assert len(calls) < 1 + (plain.shape[1] - input_ids.shape[1])  # fewer forward passes than tokens
