@@ -367,6 +367,8 @@ def test_a_prompt_compressing_kv_policy_drafts_on_its_own_cache_losslessly(polic
         assert cache.get_seq_length() == plain_cache.get_seq_length()
         lookup = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=3)
         assert torch.equal(lookup, plain)
+        other = model.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=make_tiny_llama(seed=3))
+        assert torch.equal(other, plain)  # a separate assistant model drafts over the same cache
     assert generators[-1].stats["drafted"] > generators[-1].stats["rounds"] - 1
 
 
