@@ -75,7 +75,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         # Whether the newest tokens can be taken back exactly (assisted decoding's rollback): only when nothing
         # the layer holds depends on them. A policy that evicts while decoding, a window that drops what leaves
         # it, a quantizing store or a layer fed part of the prompt all change older slots because of them.
-        self.croppable = croppable
+        self.is_croppable = croppable  # shadows DynamicLayer's class-wide True
         self.rank = layer_idx if rank is None else rank
         # A sliding-window layer keeps only the last `sliding_window` positions visible; transformers sizes the
         # sliding layers' shared mask from the first layer that says it slides.
@@ -245,10 +245,6 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             super().batch_select_indices(indices)
         self._map_slot_state(lambda t: t[indices, ...])
 
-    @property
-    def is_croppable(self) -> bool:
-        return self.croppable
-
     def crop(self, tokens_to_remove: int) -> None:
         """Take back the newest ``-tokens_to_remove`` tokens (transformers' convention: a negative count), exactly
         as if they had never been fed. Only a croppable layer (a policy that compresses the prompt once, no
@@ -258,7 +254,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         count = -tokens_to_remove
         if count == 0:
             return
-        if not self.croppable:
+        if not self.is_croppable:
             raise TokenReductionError(
                 f"{self.label}: this cache cannot be cropped (assisted decoding and other crop users): it evicts or "
                 "compresses tokens while decoding, so older slots already depend on the tokens to take back; "
@@ -666,7 +662,7 @@ class TokenReductionCache(Cache):
             >>> cache.crop(-3)                       # doctest: +SKIP
         """
         known = self.shared["token_ids"]
-        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.croppable),
+        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
                         None)
         if refusing is not None and tokens_to_remove < 0:
             refusing.crop(tokens_to_remove)  # raises its error before any layer has changed
