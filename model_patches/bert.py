@@ -6,7 +6,8 @@ transformers' attention interface, so observers (keys for ToMe's metric) attach 
 
 Post-norm block: ``BertLayer.attention`` (``BertAttention``) returns the post-attention residual stream
 (after its LayerNorm), and the feed-forward part reads only that, so sequence reducers shorten the
-sequence at that module's output.
+sequence at that module's output. The norms on the residual stream (``stream_norms``) are
+``attention.output.LayerNorm`` and ``output.LayerNorm``: Evo-ViT's and STViT's shared updates go through them.
 """
 
 from . import register_adapter
@@ -22,6 +23,7 @@ register_adapter(
         protected_tokens=1,
         class_tokens=1,
         attention_output="attention",
+        stream_norms=("attention.output.LayerNorm", "output.LayerNorm"),
         pooling="cls",
         examples=("BertModel", "BertForSequenceClassification"),
     )

@@ -23,6 +23,7 @@ register_adapter(
         protected_tokens=1,
         class_tokens=1,
         attention_output="sa_layer_norm",
+        stream_norms=("sa_layer_norm", "output_layer_norm"),
         pooling="cls",
         examples=("DistilBertModel", "DistilBertForSequenceClassification"),
     )

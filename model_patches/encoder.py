@@ -69,6 +69,10 @@ class EncoderAdapter(ModelAdapter):
             (post-norm blocks, e.g. ``BertAttention``), or None.
         pooling: how the model's heads read the last hidden state, for the docs and error messages
             (``"cls"``, ``"mean"``, ``"attention"``).
+        stream_norms: post-norm blocks: dotted paths of the norms on the residual stream, in the order the
+            block runs them (BERT: ``attention.output.LayerNorm``, ``output.LayerNorm``). A reducer that gives
+            carried tokens their carrier's update (``restore_update="residual"``: Evo-ViT's fast path) adds the
+            carrier's branch before each of them, as the block did for the carrier.
         position_inputs: keyword arguments of a block holding per-token positional tensors (or tuples of
             them) with the sequence on dim 1, gathered at the current tokens' anchors once the sequence changed.
         position_bias: dotted path, inside a block, of an optional module whose output is an attention bias
@@ -86,6 +90,7 @@ class EncoderAdapter(ModelAdapter):
     mlp_output: str | None = None
     attention_output: str | None = None
     pooling: str = "cls"
+    stream_norms: tuple[str, ...] = ()
     position_inputs: tuple[str, ...] = ()
     position_bias: str | None = None
     position_bias_length: str | None = None
@@ -98,6 +103,8 @@ class EncoderAdapter(ModelAdapter):
             raise ValueError("EncoderAdapter: mlp_input and mlp_output go together")
         if self.mlp_input is not None and self.attention_output is not None:
             raise ValueError("EncoderAdapter: give mlp_input/mlp_output (pre-norm) or attention_output (post-norm)")
+        if self.stream_norms and self.attention_output is None:
+            raise ValueError("EncoderAdapter: stream_norms name the norms of post-norm blocks (with attention_output)")
         if self.class_tokens > self.protected_tokens:
             raise ValueError("EncoderAdapter: class tokens are protected tokens (class_tokens <= protected_tokens)")
         if self.position_bias_length is not None and self.position_bias is None:

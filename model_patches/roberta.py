@@ -24,6 +24,7 @@ register_adapter(
         protected_tokens=1,
         class_tokens=1,
         attention_output="attention",
+        stream_norms=("attention.output.LayerNorm", "output.LayerNorm"),
         pooling="cls",
         examples=("RobertaModel", "RobertaForSequenceClassification", "XLMRobertaModel",
                   "XLMRobertaForSequenceClassification"),

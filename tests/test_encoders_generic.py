@@ -317,6 +317,35 @@ def test_padded_batch_rows_equal_rows_alone(name, method, left):
             assert torch.equal(sizes[row][real], token_sizes(model)[0])
 
 
+@pytest.mark.parametrize("config", [{"method": "evo_vit", "keep_rate": 0.4, "layers": [1, 2]},
+                                    {"method": "stvit", "ratio": 0.4, "start": 1, "end": 3}])
+@pytest.mark.parametrize("name", ["roberta", "xlm-roberta", "distilbert"])
+def test_post_norm_fast_path_ends_in_the_blocks_last_norm_and_padded_rows_equal_rows_alone(name, config):
+    # Tokens that shared a carrier's update come back through the block's own norms (the adapter's stream_norms):
+    # after the restoring block every real token is an output of its last LayerNorm.
+    model = ARCHS[name][0]()
+    ids, mask = _padded(name, left=True)
+    hf_tokred.apply(model, config)
+    blocks = find_adapter(model).blocks(model)
+    norms = model.__dict__[STATE_ATTR].stream_norms
+    assert sorted(norms) == list(range(len(blocks)))
+    assert all(len(pair) == 2 and all(isinstance(n, torch.nn.LayerNorm) for n in pair) for pair in norms.values())
+    seen = {}
+    blocks[2].register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+        restored, last = seen["out"], norms[2][1]
+        assert restored.shape[:2] == ids.shape and token_counts(model)[2] == ids.shape[1]
+        plain = ((restored - last.bias) / last.weight)[mask.bool()]
+        torch.testing.assert_close(plain.mean(dim=-1), torch.zeros(plain.shape[0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(plain.var(dim=-1, unbiased=False), torch.ones(plain.shape[0]), atol=2e-3, rtol=0)
+        for row in range(len(ids)):
+            n = int(mask[row].sum())
+            positions = None if ARCHS[name][4] else torch.arange(ids.shape[1] - n, ids.shape[1])[None]
+            alone = model(ids[row:row + 1, -n:], position_ids=positions).last_hidden_state
+            torch.testing.assert_close(out[row, -n:], alone[0], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------

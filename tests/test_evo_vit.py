@@ -80,6 +80,38 @@ def test_slow_tokens_run_the_block_and_placeholders_share_the_representative_upd
     assert flops(lambda: model(pixel_values=images)) < 0.85 * flops(lambda: dense(pixel_values=images))
 
 
+def test_post_norm_placeholders_get_the_representative_branches_before_each_layer_norm():
+    # BERT's block is out = LN2(h + mlp(h)), h = LN1(x + attn(x)): a placeholder t gets the representative's
+    # attention branch before LN1 and its MLP branch before LN2 (the pre-norm update x + rep_out - rep_in would
+    # add post-norm outputs to a pre-norm state).
+    model = make_bert(layers=3)
+    hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.3, "layers": [2]})
+    block = model.encoder.layer[2]
+    seen = {}
+    model.encoder.layer[1].register_forward_hook(lambda m, a, o: seen.__setitem__("in", o[0] if isinstance(o, tuple) else o))
+    block.attention.output.dense.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o))
+    block.output.dense.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", o))
+    block.output.LayerNorm.register_forward_hook(lambda m, a, o: seen.__setitem__("reduced_out", o))
+    block.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    ids = torch.randint(5, 64, (2, 25), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+    slot_of = model.__dict__[STATE_ATTR].records["evo_vit"]["slot_of"]
+    assert seen["attn"].shape[1] == 1 + 8 + 1  # CLS + ceil(0.3 * 24) slow tokens + the representative
+    ln1, ln2 = block.attention.output.LayerNorm, block.output.LayerNorm
+    reduced_out = seen["reduced_out"]  # (calling ln2 below runs the hook again)
+    for row in range(2):
+        rep = int(slot_of[row].max())
+        placeholders = (slot_of[row] == rep).nonzero()[:, 0]
+        assert len(placeholders) == 24 - 8
+        with torch.no_grad():
+            expected = ln2(ln1(seen["in"][row, placeholders] + seen["attn"][row, rep]) + seen["mlp"][row, rep])
+        torch.testing.assert_close(seen["out"][row, placeholders], expected, rtol=1e-5, atol=1e-5)
+        slow = (slot_of[row] < rep).nonzero()[:, 0]  # the slow tokens come back exactly as the block computed them
+        assert torch.equal(seen["out"][row, slow], reduced_out[row, slot_of[row, slow]])
+        assert not torch.allclose(seen["out"][row, placeholders[0]], seen["out"][row, placeholders[1]])
+
+
 def test_global_attention_is_a_running_average_over_blocks(images):
     model = make_vit()
     hf_tokred.apply(model, {"method": "evo_vit", "keep_rate": 0.5, "layers": [1, 2, 3], "ema": 0.5})

@@ -51,7 +51,13 @@ independent of ``restore_length``; Evo-ViT after every reducing block, STViT aft
 How a carried token gets its state back is the reducer's ``restore_update``: ``"copy"`` (its carrier's state) or
 ``"residual"``: its own state at the reduction point plus the update its carrier received since
 (``h_t + carrier_now - carrier_then``, accumulated over several reductions in ``SequenceState.offset``); a kept
-token thus comes back exactly as it was computed, and tokens folded into a summary token share its update.
+token thus comes back exactly as it was computed, and tokens folded into a summary token share its update. On
+post-norm blocks, whose adapter names the norms on the residual stream (``stream_norms``), the update is replayed
+per norm instead: before each norm a folded token gets the branch its carrier got there and then goes through
+the norm itself (``LN2(LN1(h_t + attn_c) + mlp_c)`` for BERT), so it ends at the scale of the block's outputs.
+A left-padded batch, re-ordered real-tokens-first for the reduction, stays in that order after a restore inside
+the model (later reductions see each row's CLS first, as the row alone does) and is put back in input order at
+the model's output.
 
 Every handle and observer is recorded with ``applied.add_undo`` so ``hf_tokred.remove`` restores the model
 exactly. After a forward pass: :func:`token_sizes`, :func:`token_counts`, :func:`source_map`, :func:`unmerge`.
@@ -118,6 +124,34 @@ class _Pending:
         return y.gather(1, self.composite_slots().clamp(min=0)[..., None].expand(-1, -1, y.shape[-1]))
 
 
+@dataclass
+class _FastPath:
+    """Evo-ViT's fast path through post-norm blocks: for every input token folded into another token, its state when
+    first folded (``then``, ``(B, N_in, C)``) and that block (``since``, -1: never folded); per block run since,
+    ``(block, origin, captures)``: the source map after the block and what the block's stream norms saw."""
+
+    then: torch.Tensor
+    since: torch.Tensor
+    blocks: list
+
+    def replay(self, norms: dict[int, list[torch.nn.Module]]) -> torch.Tensor:
+        """Every folded token's state after the recorded blocks: before each norm of a block it gets the branch its
+        carrier got there (the norm's input minus the stream entering the branch), then goes through the norm
+        itself, as the carrier did. A token folded nowhere keeps ``then`` (unused)."""
+        state = self.then
+        for block, origin, captures in self.blocks:
+            carrier = origin.clamp(min=0)[..., None].expand(-1, -1, state.shape[-1])
+            updated = state
+            stream = captures[0]
+            for norm, (entering, leaving) in zip(norms[block], zip(captures[1::2], captures[2::2])):
+                # norm.forward, not norm(...): the capturing hooks must not see the replay
+                updated = norm.forward(updated + (entering - stream).gather(1, carrier))
+                stream = leaving
+            active = (self.since >= 0) & (self.since <= block) & (origin >= 0)
+            state = torch.where(active[..., None], updated, state)
+        return state
+
+
 class SequenceState:
     """Per-call state of one reduced encoder, shared by the hooks of all its blocks.
 
@@ -143,6 +177,8 @@ class SequenceState:
         self.needs = frozenset(getattr(reducer, "needs", ()))
         self.restore_update = getattr(reducer, "restore_update", "copy")
         self.restores = self.restore_length  # set by the wiring: the sequence comes back at the input length somewhere
+        # set by the wiring for post-norm blocks with restore_update="residual": block -> its residual-stream norms
+        self.stream_norms: dict[int, list[torch.nn.Module]] = {}
         self.modules = None
         self.reset()
 
@@ -152,12 +188,16 @@ class SequenceState:
         self.padded = False
         self.changed = False
         self.input_valid: torch.Tensor | None = None
+        self.real_first: tuple[torch.Tensor, torch.Tensor] | None = None  # a left-padded batch's (anchor, origin)
+        self.reordered_only = False  # every input token is here, real tokens first (see _restore)
         self.origin: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
         self.block_anchor: dict[int, torch.Tensor | None] = {}  # anchors at each block's input (None: unchanged)
         self.masks: dict[int, tuple[torch.Tensor, bool]] = {}  # id(mask) -> (mask, structured), this call's masks
         self.archive: torch.Tensor | None = None
         self.offset: torch.Tensor | None = None  # restore_update="residual": (B, N_in, C) state at reduction - carrier's
+        self.fast: _FastPath | None = None  # restore_update="residual" on post-norm blocks (stream_norms)
+        self.captures: dict[int, list[torch.Tensor]] = {}  # block -> [its input, each stream norm's input and output]
         self.key_weight: torch.Tensor | None = None
         self.keep_self = True
         self.soft_eps = 1e-6
@@ -197,8 +237,9 @@ class SequenceState:
             mask[:, 0, index, index] = torch.zeros_like(size) if base is None else base
         return mask.to(dtype)
 
-    def advance(self, pending: _Pending) -> None:
-        """Record a hard reduction: sizes, padding, source map and (with ``restore_length``) dropped states."""
+    def advance(self, pending: _Pending, block: int) -> None:
+        """Record block ``block``'s hard reduction: sizes, padding, source map and (with ``restore_length``) dropped
+        states."""
         slots = pending.composite_slots()
         origin = self.origin
         new_origin = torch.where(origin >= 0, slots.gather(1, origin.clamp(min=0)), -1)
@@ -209,7 +250,9 @@ class SequenceState:
                 states = pending.before.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, channels))
                 archive = self.archive if self.archive is not None else torch.zeros_like(states)
                 self.archive = torch.where(dropped[..., None], states, archive)
-            if self.restore_update == "residual":
+            if self.restore_update == "residual" and self.stream_norms:
+                self._fold(pending, origin, new_origin, block)
+            elif self.restore_update == "residual":
                 # Each carried input token remembers (its state before this reduction) - (its carrier's state after
                 # it); at the restore it gets carrier_now + this offset. A kept token's offset is exactly 0.
                 channels = pending.before.shape[-1]
@@ -218,6 +261,7 @@ class SequenceState:
                 delta = torch.where((new_origin >= 0)[..., None], then - carrier, torch.zeros_like(then))
                 self.offset = delta if self.offset is None else self.offset + delta
         self.origin = new_origin
+        self.reordered_only = False
         for plan in pending.plans:
             self.anchor = self.anchor.gather(1, plan.keep)
         if self.key_weight is not None:
@@ -226,6 +270,21 @@ class SequenceState:
         self.size = pending.size
         self.padded = self.padded or any(p.slot_valid is not None for p in pending.plans)
         self.changed = True
+
+    def _fold(self, pending: _Pending, origin: torch.Tensor, new_origin: torch.Tensor, block: int) -> None:
+        """Post-norm fast path: remember the state of every input token this reduction folds into another token
+        (its carrier's state differs from its own) for the first time, and the block it happened at."""
+        channels = pending.before.shape[-1]
+        then = pending.before.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, channels))
+        carrier = pending.merged.gather(1, new_origin.clamp(min=0)[..., None].expand(-1, -1, channels))
+        folded = (new_origin >= 0) & (then != carrier).any(dim=-1)
+        if self.fast is None:
+            if not bool(folded.any()):
+                return
+            self.fast = _FastPath(then=torch.zeros_like(then), since=torch.full_like(origin, -1), blocks=[])
+        new = folded & (self.fast.since < 0)
+        self.fast.then = torch.where(new[..., None], then, self.fast.then)
+        self.fast.since = torch.where(new, torch.full_like(origin, block), self.fast.since)
 
     def structured(self, mask: torch.Tensor) -> bool:
         """Whether ``mask`` (one the model passes to a block, at the input length) is more than a key-padding mask."""
@@ -616,6 +675,13 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
     if bad:
         raise TokenReductionError(f"{reducer.method}: restore_after() named block {bad[0]}; the model has blocks 0..{last}")
     state.restores = state.restore_length or bool(restore_after)
+    norm_paths = tuple(getattr(adapter, "stream_norms", ()))
+    if state.restore_update == "residual" and norm_paths and state.restores:
+        if state.reduce_at != "input":
+            raise UnsupportedModelError(f"{reducer.method}: on post-norm blocks restore_update='residual' needs "
+                                        "reduce_at='input' (the carrier's update is replayed through whole blocks)")
+        state.stream_norms = {i: [_submodule(block, path, i, adapter, "residual-stream norm") for path in norm_paths]
+                              for i, block in enumerate(blocks)}
 
     def context(index, hidden, size, valid, training):
         from ..methods.encoder.base import ReductionContext
@@ -671,20 +737,20 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
                 hidden = start(hidden, mask)
             restored = index == restore_block and state.changed
             if restored:
+                # Back at the input layout: the model's own mask and position inputs apply again.
                 hidden = _restore(state, hidden)
-                # Back at the input layout: the model's own mask and position inputs apply again (a soft mask
-                # still has to be added by hf_tokred).
-                state.changed = state.key_weight is not None
             if point == "input" and schedule[index]:
                 state.entry[index] = (state.size, state.valid())
                 pending, soft = decide(index, hidden, module.training)
                 if pending is not None:
-                    state.advance(pending)
+                    state.advance(pending, index)
                     hidden = pending.merged
                 if soft is not None:
                     state.soften(soft)
             state.entry[index] = (state.size, state.valid())
             state.block_anchor[index] = state.anchor if state.changed else None
+            if state.fast is not None and index in state.stream_norms:
+                state.captures[index] = [hidden]  # the stream entering the block's first branch
             if not state.changed:
                 return _with_hidden_and_mask(args, dict(kwargs), hidden, mask) if restored else None
             current = state.follow_mask(mask, hidden.dtype)
@@ -755,17 +821,20 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
                             hidden, size = plan.apply(hidden, size)
                 elif point == "block_output":
                     hidden = pending.merged
-                state.advance(pending)
+                state.advance(pending, index)
                 changed = True
             if soft is not None:
                 state.soften(soft)
+            if state.fast is not None and index in state.captures:
+                state.fast.blocks.append((index, state.origin, state.captures.pop(index)))
             state.stats.pop(index, None)
             state.finished.add(index)
-            if state.changed and ((index == last and state.restore_length) or index in restore_after):
-                hidden = _restore(state, hidden)
+            final = index == last and (state.restore_length or state.reordered_only)
+            if state.changed and (final or index in restore_after):
+                # Every input token again; a left-padded batch stays real-tokens-first until the model's output,
+                # so that later reductions see each row's tokens (its CLS first) as the row alone does.
+                hidden = _restore(state, hidden, real_first=index < last)
                 changed = True
-                # Back at the input layout: the next blocks use the model's own mask (a soft mask still needs ours).
-                state.changed = state.key_weight is not None
             state.token_counts.append(hidden.shape[1])
             state.row_counts.append((state.size[..., 0] > 0).sum(dim=1))
             if not changed:
@@ -798,6 +867,14 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
 
         return hook
 
+    def make_stream_norm_hook(index, count):
+        def hook(module, args, output):
+            captures = state.captures.get(index)
+            if captures is not None and len(captures) < 1 + 2 * count:  # not a gradient-checkpointing replay
+                captures += [args[0], output]
+
+        return hook
+
     def statistics_target(index):
         """The block whose plan uses the statistics of block ``index``'s attention, or None."""
         if not state.needs:
@@ -821,6 +898,8 @@ def wire_sequence_reducer(model, adapter, reducer, applied) -> None:
                 handles.append(biases[index].register_forward_pre_hook(make_bias_pre_hook(index), with_kwargs=True,
                                                                        prepend=True))
             handles.append(biases[index].register_forward_hook(make_bias_hook(index), prepend=True))
+        for norm in state.stream_norms.get(index, ()):
+            handles.append(norm.register_forward_hook(make_stream_norm_hook(index, len(norm_paths))))
         for handle in handles:
             applied.add_undo(handle.remove)
         if route == "attention" and reducing:
@@ -852,26 +931,43 @@ def _real_tokens_first(state: SequenceState, hidden: torch.Tensor) -> torch.Tens
     state.anchor = permutation
     state.origin = torch.empty_like(permutation).scatter_(
         1, permutation, torch.arange(valid.shape[1], device=valid.device).expand_as(permutation))
+    state.real_first = (state.anchor, state.origin)
     state.changed = True
     return hidden.gather(1, permutation[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _restore(state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
-    """``hidden`` at the input length and order (see ``restore_length``, ``restore_after``, ``restore_update``)."""
+def _restore(state: SequenceState, hidden: torch.Tensor, real_first: bool = False) -> torch.Tensor:
+    """``hidden`` at the input length and order (see ``restore_length``, ``restore_after``, ``restore_update``);
+    with ``real_first``, a batch that was re-ordered real-tokens-first (left padding) keeps that order, and
+    hf_tokred keeps building the blocks' masks."""
     origin = state.origin
     full = hidden.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
     if state.offset is not None:
         full = full + state.offset.to(full.dtype)  # zero for kept and dropped tokens
+    if state.fast is not None:
+        folded = (state.fast.since >= 0) & (origin >= 0)
+        full = torch.where(folded[..., None], state.fast.replay(state.stream_norms).to(full.dtype), full)
+    state.fast = None
+    state.captures = {}
     if state.archive is not None:
         full = torch.where((origin >= 0)[..., None], full, state.archive.to(full.dtype))
     state.offset = None
     state.archive = None
     batch, n = origin.shape
+    state.padded = state.input_valid is not None
+    if real_first and state.real_first is not None:
+        state.anchor, state.origin = state.real_first
+        state.size = (state.input_valid.sum(dim=1, keepdim=True) > torch.arange(n, device=hidden.device)).to(
+            torch.float32)[..., None]
+        state.changed = state.reordered_only = True
+        return full.gather(1, state.anchor[..., None].expand(-1, -1, full.shape[-1]))
     state.size = (torch.ones(batch, n, 1, dtype=torch.float32, device=hidden.device) if state.input_valid is None
                   else state.input_valid.to(torch.float32)[..., None])
     state.origin = torch.arange(n, device=hidden.device).expand(batch, n)
     state.anchor = state.origin
-    state.padded = state.input_valid is not None
+    state.reordered_only = False
+    # The model's own mask and position inputs apply again (a soft mask still has to be added by hf_tokred).
+    state.changed = state.key_weight is not None
     return full
 
 

@@ -13,7 +13,10 @@ slow path.
 How it is wired: ``reduce_at = "input"`` (the block runs on the informative tokens plus the representative),
 ``restore_after`` every reducing block and ``restore_update = "residual"`` (see
 :mod:`hf_tokred.integration.encoders`): the restore gives a kept token exactly its block output and a
-placeholder its own input plus the representative's update.
+placeholder its own input plus the representative's update. On post-norm blocks (BERT, RoBERTa, DistilBERT:
+``out = LN2(h + mlp(h))``, ``h = LN1(x + attn(x))``) the update is taken branch by branch, as the block applied
+it to the representative: ``LN2(LN1(x_t + attn_rep) + mlp_rep)`` (adding the representative's post-norm output
+difference to a placeholder's state would mix two LayerNorm scales).
 
 Where we depart from the paper:
 
@@ -24,6 +27,8 @@ Where we depart from the paper:
 * The representative is the attention-*normalised* weighted average (EViT-style), so it stays at the scale of
   the other tokens on a model that was not trained with it; the paper trains the whole model with it
   (our :func:`hf_tokred.recipes.evo_vit.train_evo_vit` fine-tunes the backbone through the reduction instead).
+* Proportional attention is on by default (``prop_attn``): as a key the representative weighs as the
+  placeholders it stands for, which the paper, training the model with it, does not need.
 * The paper's layer-to-layer token *ordering* for hardware efficiency (sorting tokens by global attention)
   is not needed here: the wiring gathers the kept tokens in input order.
 * Models without a CLS token (SigLIP) rank tokens by the attention they receive (averaged over heads and real
@@ -78,8 +83,10 @@ class EvoViTConfig(KeepRateConfig):
             paper keeps the first blocks of DeiT dense). Block 0 cannot reduce: the ranking uses the previous
             block's attention.
         ema: weight of the running global attention against the previous block's attention (the paper's alpha).
-        prop_attn, restore_length: see :class:`~hf_tokred.methods.encoder.base.EncoderReducerConfig` (the output
-            already has the input length, so ``restore_length`` changes nothing).
+        prop_attn: proportional attention (on by default: the representative stands for every placeholder, so
+            as a key it weighs as all of them; the paper has no such term).
+        restore_length: see :class:`~hf_tokred.methods.encoder.base.EncoderReducerConfig` (the output already has
+            the input length, so it changes nothing).
 
     Example:
         >>> from hf_tokred import TokenReductionConfig
@@ -96,6 +103,7 @@ class EvoViTConfig(KeepRateConfig):
 
     keep_rate: float = param(0.5, float, low=0.0, high=1.0, low_open=True,
                              help="fraction of the unprotected tokens on the slow path in each reducing block")
+    prop_attn: bool = param(True, bool, help="proportional attention: add log(size) to the attention logits")
     ema: float = param(0.5, float, low=0.0, high=1.0, high_open=True,
                        help="weight of the running global attention (the paper's alpha)")
 

@@ -107,8 +107,9 @@ class STViTConfig(EncoderReducerConfig):
         end: the first block that sees every token again (None: the last block, ``num_blocks - 1``).
         iterations: attention refinements of the pooled centres.
         temperature: softmax temperature of the refinement attention (cosine similarities).
-        prop_attn, restore_length: see :class:`~hf_tokred.methods.encoder.base.EncoderReducerConfig` (the output
-            already has the input length).
+        prop_attn: proportional attention (on by default: a semantic token weighs as the tokens it stands for).
+        restore_length: see :class:`~hf_tokred.methods.encoder.base.EncoderReducerConfig` (the output already has
+            the input length).
 
     Example:
         >>> from hf_tokred import TokenReductionConfig
@@ -126,6 +127,7 @@ class STViTConfig(EncoderReducerConfig):
                          help="semantic tokens per unprotected token")
     start: int | None = param(None, int, low=0, optional=True, help="block whose input is summarised")
     end: int | None = param(None, int, low=1, optional=True, help="first block that sees every token again")
+    prop_attn: bool = param(True, bool, help="proportional attention: add log(size) to the attention logits")
     iterations: int = param(1, int, low=0, help="attention refinements of the pooled centres")
     temperature: float = param(0.1, float, low=0.0, low_open=True, help="refinement softmax temperature")
 
