@@ -109,14 +109,16 @@ def add_train_command(subparsers) -> None:
         >>> add_train_command(sub)
         >>> sub.choices["evo_vit"].parse_args(["--keep-rate", "0.6"]).keep_rate
         0.6
+        >>> sub.choices["evo_vit"].parse_args([]).start        # blocks 3-5 of MiniLM (docs/encoders.md)
+        3
     """
     from ..cli import _positive_int
     from . import add_recipe_parser
 
     train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
                               description=DESCRIPTION, output="minilm-evo-vit", steps=300)
-    train.add_argument("--keep-rate", type=float, default=0.65, help="slow-path fraction (default: 0.65)")
-    train.add_argument("--start", type=int, default=1, help="first reducing block (default: 1)")
+    train.add_argument("--keep-rate", type=float, default=0.45, help="slow-path fraction (default: 0.45)")
+    train.add_argument("--start", type=int, default=3, help="first reducing block (default: 3)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
     train.add_argument("--texts", type=_positive_int, default=1024, help="training texts (default: 1024)")
     train.set_defaults(handler=run)
