@@ -7,9 +7,9 @@ sequence and runs no further block. Tokens halt at different depths and rows kee
 tokens (rows with fewer tokens get filler slots, which later blocks mask out).
 
 * **Inference** (halting heads in eval mode): halted tokens are dropped (hard drop, real speed-up). With
-  ``restore_length=True`` (recommended for mean-pooled sentence embeddings) a halted token comes back in
-  ``last_hidden_state`` with the state it had when it halted, as in the paper, where a halted token's last
-  state is its output.
+  ``restore_length=True`` a halted token comes back in ``last_hidden_state`` with the state it had when it
+  halted, as in the paper, where a halted token's last state is its output (on MiniLM's mean-pooled sentence
+  embeddings those early states do worse than dropping the token: docs/encoders.md).
 * **Training** (heads in training mode): every token stays in the sequence; a halted token is masked out as a
   *key* of the later blocks' attention (straight-through, so gradients reach the heads through the attention),
   and each stage records its halting scores for the losses of :mod:`hf_tokred.recipes.avit`: the ponder loss
