@@ -423,3 +423,37 @@ def test_smollm2_prompt_lookup_over_a_snapkv_cache_answers_as_plain_snapkv():
         handle.remove()
     assert torch.equal(lookup, plain)
     assert len(calls) < 1 + (plain.shape[1] - input_ids.shape[1])  # fewer forward passes than tokens
+
+
+def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path):
+    """`hf-tokred learned-lm eagle --policy snapkv`: greedy, prompt lookup and EAGLE run again over SnapKV's cache,
+    and each of those rows gives SnapKV's own greedy output (the dense rows give the dense model's)."""
+    from hf_tokred.bench.lm_eagle import format_result, run_bench
+
+    model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'][:200] }}{% endfor %}"
+    hf_tokred.apply(model, SMALL)
+    _trained_like(model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
+    suffix = " + snapkv@0.25"
+    assert list(result["rows"]) == ["greedy", "prompt lookup", "eagle"] + [n + suffix for n in
+                                                                           ("greedy", "prompt lookup", "eagle")]
+    for name, row in result["rows"].items():
+        assert row["identical"] == 2, name
+        assert row["reference"] == ("greedy" + suffix if name.endswith(suffix) else "greedy")
+        assert row["decode_tokens"] == 2 * 9
+    assert [r["method"] for r in result["reduction"]["reducers"]] == ["eagle", "snapkv"]
+    assert "that policy's own greedy" in format_result(result)
+
+
+@pytest.mark.parametrize("policy, keep, message", [("h2o", 0.5, "h2o evicts while decoding.*snapkv"),
+                                                   ("nope", 0.5, "unknown KV policy 'nope'.*snapkv"),
+                                                   ("snapkv", 0.0, "--keep")])
+def test_bench_refuses_a_policy_it_cannot_draft_over(policy, keep, message):
+    from hf_tokred.bench.lm_eagle import policy_config
+    from hf_tokred.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        policy_config(policy, keep)

@@ -10,6 +10,10 @@ paragraph is shared with training). Every prompt is generated at batch 1, greedy
 * ``prompt lookup``: transformers' own prompt-lookup assisted decoding (``prompt_lookup_num_tokens=10``);
 * ``eagle``: ``model.generate(..., assistant_model=eagle_assistant(model))``.
 
+With ``--policy P`` (a KV policy that compresses the prompt once: ``snapkv``, ``pyramidkv``, ``fastgen``) the
+three run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
+drafting; rejected drafts are cropped off it), and those rows are checked against the policy's own greedy output.
+
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
 the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
 1.0 for greedy; the mean accepted draft tokens plus the target's own token) and whether every output is identical
@@ -45,6 +49,10 @@ def add_command(subparsers) -> None:
     parser.add_argument("--samples", type=_positive_int, default=8, help="held-out prompts (default: 8)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256,
                         help="new tokens per prompt (default: 256)")
+    parser.add_argument("--policy", metavar="P", default=None,
+                        help="also decode over this KV policy's cache (snapkv, pyramidkv or fastgen)")
+    parser.add_argument("--keep", type=float, default=0.5, metavar="F",
+                        help="fraction of the prompt the --policy keeps (default: 0.5)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run)
@@ -72,21 +80,50 @@ class _ForwardClock:
         self.calls, self.prefill_end = 0, None
 
 
-def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True) -> dict:
-    """The figures of ``hf-tokred learned-lm eagle`` as a dict.
+def policy_config(policy: str, keep: float, tokenizer=None):
+    """The config of a KV ``policy`` at ``keep`` that assisted decoding can run over (it compresses the prompt
+    once, so rejected drafts can be cropped off its cache); anything else is refused here, before any decoding.
 
     Example:
-        >>> result = run_bench(samples=2, max_new_tokens=64)                                   # doctest: +SKIP
-        >>> result["rows"]["eagle"]["tokens_per_verification"]                                 # doctest: +SKIP
+        >>> policy_config("snapkv", 0.25).keep
+        0.25
+        >>> policy_config("h2o", 0.5)
+        Traceback (most recent call last):
+        ...
+        hf_tokred.errors.ConfigError: --policy: h2o evicts while decoding, so assisted decoding cannot crop its cache; use a policy that compresses the prompt once: fastgen, pyramidkv, snapkv
+    """
+    import hf_tokred
+
+    from ..errors import ConfigError
+    from .kv import _with_token_ids, kv_policies, make_config
+
+    if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
+        raise ConfigError(f"--keep: expected a fraction in (0, 1], got {keep!r}", field="keep")
+    methods = hf_tokred.registered_methods()
+    croppable = [p for p in kv_policies() if getattr(methods[p], "compression", None) == "prefill"]
+    if policy not in kv_policies():
+        raise ConfigError(f"--policy: unknown KV policy {policy!r}; allowed: {', '.join(croppable)}", field="policy")
+    if policy not in croppable:
+        raise ConfigError(f"--policy: {policy} evicts while decoding, so assisted decoding cannot crop its cache; "
+                          f"use a policy that compresses the prompt once: {', '.join(croppable)}", field="policy")
+    cfg = make_config(policy, float(keep))
+    return cfg if tokenizer is None else _with_token_ids(cfg, tokenizer)
+
+
+def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True,
+              policy: str | None = None, keep: float = 0.5) -> dict:
+    """The figures of ``hf-tokred learned-lm eagle`` as a dict (with ``policy``: also over that KV policy's cache).
+
+    Example:
+        >>> result = run_bench(samples=2, max_new_tokens=64, policy="snapkv", keep=0.25)      # doctest: +SKIP
+        >>> result["rows"]["eagle + snapkv@0.25"]["tokens_per_verification"]                  # doctest: +SKIP
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import hf_tokred  # noqa: F401  (from_pretrained re-attaches the head)
+    import hf_tokred  # also: from_pretrained re-attaches the head
 
     from ..errors import MissingFileError
-    from ..integration.eagle import eagle_assistant
     from ..recipes.eagle import TRAINING_STATE
     from ..recipes.lm_data import chat_ids, instruction_prompts
 
@@ -96,7 +133,7 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                                "with `hf-tokred train eagle` or pass --weights DIR")
     model = AutoModelForCausalLM.from_pretrained(weights).eval()
     tokenizer = AutoTokenizer.from_pretrained(weights)
-    assistant = eagle_assistant(model)
+    kv = policy_config(policy, keep, tokenizer) if policy is not None else None
     budget = {}
     if os.path.isfile(os.path.join(weights, TRAINING_STATE)):
         with open(os.path.join(weights, TRAINING_STATE), encoding="utf-8") as fh:
@@ -106,18 +143,48 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                   "data": state["data"]}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
-    rows = {"greedy": {}, "prompt lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
-            "eagle": {"assistant_model": assistant}}
-    totals = {name: {"tokens": 0, "seconds": 0.0, "verifications": 0, "identical": 0} for name in rows}
+    reduction = model.config.token_reduction
+    prompts = [torch.tensor([chat_ids(tokenizer, p)]) for p in instruction_prompts("heldout", samples, seed=0)]
+    totals = _decode_all(model, prompts, common, "", progress)
+    if kv is not None:
+        # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
+        hf_tokred.remove(model)
+        hf_tokred.apply(model, hf_tokred.compose(reduction, kv), weights_from=weights)
+        reduction = model.config.token_reduction
+        totals.update(_decode_all(model, prompts, common, f" + {policy}@{keep:g}", progress))
+    base = totals["greedy"]["tokens"] / max(totals["greedy"]["seconds"], 1e-9)
+    result_rows = {}
+    for name, total in totals.items():
+        speed = total["tokens"] / max(total["seconds"], 1e-9)
+        result_rows[name] = {"tokens_per_s": round(speed, 2), "speedup": round(speed / base, 3),
+                             "tokens_per_verification": round(total["tokens"] / max(total["verifications"], 1), 3),
+                             "identical": total["identical"], "decode_tokens": total["tokens"],
+                             "reference": total["reference"]}
+    return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
+            "reduction": reduction, "rows": result_rows,
+            "note": "timings on a shared CPU are indicative only; token counts are exact"}
+
+
+def _decode_all(model, prompts, common: dict, suffix: str, progress: bool) -> dict:
+    """Greedy, prompt-lookup and EAGLE decoding of every prompt on ``model`` as it is (rows named with ``suffix``):
+    per row the decode tokens, seconds after the prefill, target forward passes after it, and how many outputs
+    equal the row ``"greedy" + suffix``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..integration.eagle import eagle_assistant
+    reference_row = "greedy" + suffix
+    rows = {reference_row: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+            "eagle" + suffix: {"assistant_model": eagle_assistant(model)}}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "verifications": 0, "identical": 0, "reference": reference_row}
+              for name in rows}
     clock = _ForwardClock(model)
     try:
-        prompts = instruction_prompts("heldout", samples, seed=0)
         with torch.no_grad():
-            warm = torch.tensor([chat_ids(tokenizer, "Hello")])
+            warm = prompts[0][:, :16]
             for extra in rows.values():  # warm-up: first calls allocate
                 model.generate(warm, attention_mask=torch.ones_like(warm), **{**common, "max_new_tokens": 8}, **extra)
-            for prompt in tqdm(prompts, desc="eagle bench", disable=not progress):
-                ids = torch.tensor([chat_ids(tokenizer, prompt)])
+            for ids in tqdm(prompts, desc="eagle bench" + suffix, disable=not progress):
                 reference = None
                 for name, extra in rows.items():
                     clock.reset()
@@ -126,24 +193,14 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                     new = out[0, ids.shape[1]:]
                     if reference is None:
                         reference = new
-                    decoded = max(new.numel() - 1, 0)
                     total = totals[name]
-                    total["tokens"] += decoded
+                    total["tokens"] += max(new.numel() - 1, 0)
                     total["seconds"] += end - clock.prefill_end
                     total["verifications"] += clock.calls - 1
                     total["identical"] += int(torch.equal(new, reference))
     finally:
         clock.handle.remove()
-    base = totals["greedy"]["tokens"] / max(totals["greedy"]["seconds"], 1e-9)
-    result_rows = {}
-    for name, total in totals.items():
-        speed = total["tokens"] / max(total["seconds"], 1e-9)
-        result_rows[name] = {"tokens_per_s": round(speed, 2), "speedup": round(speed / base, 3),
-                             "tokens_per_verification": round(total["tokens"] / max(total["verifications"], 1), 3),
-                             "identical": total["identical"], "decode_tokens": total["tokens"]}
-    return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
-            "reduction": model.config.token_reduction, "rows": result_rows,
-            "note": "timings on a shared CPU are indicative only; token counts are exact"}
+    return totals
 
 
 def format_result(result: dict) -> str:
@@ -152,17 +209,21 @@ def format_result(result: dict) -> str:
 
     samples = result["samples"]
     table = format_table(
-        ["decoding", "tokens/s", "speed-up", "tokens / verification", "identical to greedy"],
+        ["decoding", "tokens/s", "speed-up", "tokens / verification", "identical to its greedy"],
         [[name, f"{row['tokens_per_s']:.1f}", f"{row['speedup']:.2f}x", f"{row['tokens_per_verification']:.2f}",
           f"{'yes' if row['identical'] == samples else 'no'} ({row['identical']}/{samples})"]
          for name, row in result["rows"].items()], right={1, 2, 3})
+    if len(result["rows"]) > 3:
+        table += ("\n(speed-ups against dense greedy; rows over a KV policy are compared with that policy's own "
+                  "greedy output)")
     return table
 
 
 def run(args) -> int:
     from ..cli import _log
 
-    result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress)
+    result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress,
+                       policy=args.policy, keep=args.keep)
     budget = result["budget"]
     if budget:
         _log(f"eagle head: {budget['steps']} steps x {budget['batch_size']} sequences on {budget['sequences']} "
@@ -176,4 +237,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_command", "format_result", "run_bench"]
+__all__ = ["add_command", "format_result", "policy_config", "run_bench"]
