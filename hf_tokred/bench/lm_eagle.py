@@ -173,6 +173,7 @@ def _decode_all(model, prompts, common: dict, suffix: str, progress: bool) -> di
     from tqdm.auto import tqdm
 
     from ..integration.eagle import eagle_assistant
+
     reference_row = "greedy" + suffix
     rows = {reference_row: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
             "eagle" + suffix: {"assistant_model": eagle_assistant(model)}}
