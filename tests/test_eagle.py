@@ -21,6 +21,7 @@ from hf_tokred.methods.lm.eagle import (
     eagle_loss,
     expand_beams,
     frequent_tokens,
+    lookup_continuation,
     tree_mask,
 )
 
@@ -90,7 +91,8 @@ def test_masks_beams_chain_vocabulary_and_loss():
 def test_config_defaults_and_bad_values():
     cfg = hf_tokred.TokenReductionConfig(method="eagle")
     assert (cfg.stage, cfg.depth, cfg.top_k, cfg.draft_vocab, cfg.learned) == ("decoding", 6, 4, 8192, True)
-    for field, value in (("depth", 0), ("top_k", 0), ("min_confidence", 1.5), ("draft_vocab", -1)):
+    for field, value in (("depth", 0), ("top_k", 0), ("min_confidence", 1.5), ("draft_vocab", -1),
+                         ("lookup_min_match", 0), ("lookup_min_match", 33)):
         with pytest.raises(ConfigError) as err:
             hf_tokred.TokenReductionConfig(method="eagle", **{field: value})
         assert err.value.field == field
@@ -307,6 +309,76 @@ def test_cli_parsers():
 
 
 # ---------------------------------------------------------------------------------------------
+# EAGLE + lookup drafts (SAM-Decoding's retrieval draft)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lookup_continuation_takes_the_longest_then_most_recent_match():
+    ids = torch.tensor([7, 1, 2, 3, 9, 5, 1, 2, 3, 8, 4, 1, 2, 3])
+    assert lookup_continuation(ids, 3, 2) == [8, 4]  # the more recent of two 3-token matches
+    assert lookup_continuation(ids, 4, 2) == []  # no earlier 4-token match
+    ids = torch.tensor([6, 1, 2, 3, 9, 4, 2, 3, 5, 1, 2, 3])
+    assert lookup_continuation(ids, 2, 3) == [9, 4, 2]  # the longest match wins over a more recent shorter one
+    assert lookup_continuation(ids, 2, 0) == [] and lookup_continuation(ids[:1], 1, 3) == []
+    assert lookup_continuation(torch.tensor([5, 5, 5, 5]), 1, 3) == [5]  # overlapping; stops at the sequence's end
+    ids = torch.tensor([1, 2, 9, 2, 1, 2])
+    assert lookup_continuation(ids, 1, 2) == [9, 2]  # "1 2" matched at the start
+    assert lookup_continuation(ids, 1, 2, max_match=1) == [1, 2]  # compared on 1 token: the most recent "2"
+
+
+def _one_round(model, prompt, **generate_kwargs):
+    """The candidates and logits of the first drafting round of a generation like ``generate(prompt, ...)``."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_length=prompt.shape[1] + 16, do_sample=False, **generate_kwargs)
+    generator = model._get_candidate_generator(config, prompt, prompt, None, {}, assistant_model=eagle_assistant(model))
+    with torch.no_grad():
+        out = model(prompt, output_hidden_states=-1)
+    candidates, logits = generator.get_candidates(prompt, model_outputs=out, is_first_iteration=False)
+    return candidates[0, prompt.shape[1]:].tolist(), logits, generator.stats
+
+
+def test_a_repeating_context_drafts_by_lookup_and_a_new_one_by_the_head():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {**SMALL, "lookup_min_match": 3})
+    _trained_like(model)
+    block = _prompt(8, seed=4)[0].tolist()
+    repeating = torch.tensor([block + [7, 8, 9] + block[:5]])
+    drafted, logits, stats = _one_round(model, repeating, prompt_lookup_num_tokens=4)
+    assert drafted == block[5:8] + [7] and logits is None and stats["lookup_rounds"] == 1
+    fresh = torch.arange(3, 23)[None]  # no token repeats: nothing to look up
+    drafted, _, stats = _one_round(model, fresh, prompt_lookup_num_tokens=4)
+    assert 1 <= len(drafted) <= SMALL["depth"] and stats["lookup_rounds"] == 0 and stats["rounds"] == 1
+    drafted, _, stats = _one_round(model, repeating)  # without prompt_lookup_num_tokens: EAGLE alone
+    assert stats["lookup_rounds"] == 0 and len(drafted) <= SMALL["depth"]
+
+
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 1}])
+def test_eagle_with_lookup_drafts_stays_exact(sampling, generators):
+    """The same output as plain greedy, with lookup rounds and head rounds both drafting; also through the sampling
+    path (top_k=1 makes sampling greedy), where lookup rounds draft without logits and the head's with them."""
+    model = make_tiny_llama()
+    hf_tokred.apply(model, {**SMALL, "lookup_min_match": 2})
+    _trained_like(model)
+    block = _prompt(12, seed=6)
+    prompt = torch.cat([block, _prompt(4, seed=7), block[:, :6]], -1)
+    plain = model.generate(prompt, max_new_tokens=30, do_sample=False)
+    got = model.generate(prompt, max_new_tokens=30, assistant_model=eagle_assistant(model),
+                         prompt_lookup_num_tokens=5, **sampling)
+    assert torch.equal(got, plain)
+    stats = generators[0].stats
+    assert 1 <= stats["lookup_rounds"] < stats["rounds"]
+
+
+def test_eagle_with_lookup_refuses_max_matching_ngram_size():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, SMALL)
+    with pytest.raises(TokenReductionError, match="max_matching_ngram_size does not apply.*lookup_min_match"):
+        model.generate(_prompt(10), max_new_tokens=4, assistant_model=eagle_assistant(model),
+                       prompt_lookup_num_tokens=3, max_matching_ngram_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
 # the trained head on SmolLM2 (when `hf-tokred train eagle` has run)
 # ---------------------------------------------------------------------------------------------
 
@@ -438,8 +510,8 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
     suffix = " + snapkv@0.25"
-    assert list(result["rows"]) == ["greedy", "prompt lookup", "eagle"] + [n + suffix for n in
-                                                                           ("greedy", "prompt lookup", "eagle")]
+    names = ["greedy", "prompt lookup", "eagle", "eagle + lookup"]
+    assert list(result["rows"]) == names + [n + suffix for n in names]
     for name, row in result["rows"].items():
         assert row["identical"] == 2, name
         assert row["reference"] == ("greedy" + suffix if name.endswith(suffix) else "greedy")

@@ -26,7 +26,8 @@ import json
 import os
 import time
 
-PROMPT_LOOKUP_TOKENS = 10
+PROMPT_LOOKUP_TOKENS = 10  # transformers' prompt lookup: tokens proposed per match
+EAGLE_LOOKUP_TOKENS = 10  # EAGLE + lookup: tokens a lookup round drafts
 
 
 def add_command(subparsers) -> None:
@@ -145,13 +146,13 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     reduction = model.config.token_reduction
     prompts = [torch.tensor([chat_ids(tokenizer, p)]) for p in instruction_prompts("heldout", samples, seed=0)]
-    totals = _decode_all(model, prompts, common, "", progress)
+    totals = _decode_all(model, prompts, common, decoding_rows(model), progress)
     if kv is not None:
         # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
         hf_tokred.remove(model)
         hf_tokred.apply(model, hf_tokred.compose(reduction, kv), weights_from=weights)
         reduction = model.config.token_reduction
-        totals.update(_decode_all(model, prompts, common, f" + {policy}@{keep:g}", progress))
+        totals.update(_decode_all(model, prompts, common, decoding_rows(model, f" + {policy}@{keep:g}"), progress))
     base = totals["greedy"]["tokens"] / max(totals["greedy"]["seconds"], 1e-9)
     result_rows = {}
     for name, total in totals.items():
@@ -165,18 +166,30 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
             "note": "timings on a shared CPU are indicative only; token counts are exact"}
 
 
-def _decode_all(model, prompts, common: dict, suffix: str, progress: bool) -> dict:
-    """Greedy, prompt-lookup and EAGLE decoding of every prompt on ``model`` as it is (rows named with ``suffix``):
-    per row the decode tokens, seconds after the prefill, target forward passes after it, and how many outputs
-    equal the row ``"greedy" + suffix``."""
+def decoding_rows(model, suffix: str = "") -> dict:
+    """The decodings the bench compares (name -> extra ``generate()`` arguments), plain greedy first: prompt
+    lookup, EAGLE, and EAGLE with lookup drafts where the context repeats itself; names end with ``suffix``.
+
+    Example:
+        >>> list(decoding_rows(model))                                                     # doctest: +SKIP
+        ['greedy', 'prompt lookup', 'eagle', 'eagle + lookup']
+    """
+    from ..integration.eagle import eagle_assistant
+
+    head = eagle_assistant(model)
+    return {"greedy" + suffix: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+            "eagle" + suffix: {"assistant_model": head},
+            "eagle + lookup" + suffix: {"assistant_model": head, "prompt_lookup_num_tokens": EAGLE_LOOKUP_TOKENS}}
+
+
+def _decode_all(model, prompts, common: dict, rows: dict, progress: bool) -> dict:
+    """Every decoding of ``rows`` (name -> extra ``generate()`` arguments; the first is the reference) of every
+    prompt on ``model`` as it is: per row the decode tokens, seconds after the prefill, target forward passes
+    after it, and how many outputs equal the reference row's."""
     import torch
     from tqdm.auto import tqdm
 
-    from ..integration.eagle import eagle_assistant
-
-    reference_row = "greedy" + suffix
-    rows = {reference_row: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
-            "eagle" + suffix: {"assistant_model": eagle_assistant(model)}}
+    reference_row = next(iter(rows))
     totals = {name: {"tokens": 0, "seconds": 0.0, "verifications": 0, "identical": 0, "reference": reference_row}
               for name in rows}
     clock = _ForwardClock(model)
@@ -185,7 +198,7 @@ def _decode_all(model, prompts, common: dict, suffix: str, progress: bool) -> di
             warm = prompts[0][:, :16]
             for extra in rows.values():  # warm-up: first calls allocate
                 model.generate(warm, attention_mask=torch.ones_like(warm), **{**common, "max_new_tokens": 8}, **extra)
-            for ids in tqdm(prompts, desc="eagle bench" + suffix, disable=not progress):
+            for ids in tqdm(prompts, desc=f"eagle bench ({reference_row})", disable=not progress):
                 reference = None
                 for name, extra in rows.items():
                     clock.reset()

@@ -23,6 +23,10 @@ run the prompt alone (no features yet); from then on each round
 3. stops at ``depth`` tokens, where the chain's cumulative draft probability falls below ``min_confidence``, or
    where ``max_length`` would be passed.
 
+With ``prompt_lookup_num_tokens=N`` as well, a round whose context ends in ``lookup_min_match`` or more tokens that
+occurred earlier drafts the N tokens that followed them instead (SAM-Decoding's retrieval draft; see
+:mod:`hf_tokred.methods.lm.eagle`); the draft head still reads that round's features.
+
 transformers verifies the chain in one forward pass and keeps the longest prefix the target agrees with, plus
 the target's own next token: greedy outputs are the target's greedy outputs. Batch 1 only (transformers'
 assisted decoding): a batch of more rows raises :class:`~hf_tokred.errors.TokenReductionError` before anything
@@ -47,6 +51,7 @@ from ..methods.lm.eagle import (
     best_chain,
     causal_mask,
     expand_beams,
+    lookup_continuation,
     signature_matches,
     tree_mask,
 )
@@ -112,9 +117,14 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
         raise TokenReductionError(
             f"eagle: assisted generation drafts for one sequence at a time (transformers' assisted decoding runs "
             f"batch 1 only); got a batch of {input_ids.shape[0]}: call generate() once per prompt")
-    if generation_config.prompt_lookup_num_tokens is not None or generation_config.assistant_early_exit is not None:
+    if generation_config.assistant_early_exit is not None:
         raise TokenReductionError("eagle: assistant_model=eagle_assistant(model) cannot be combined with "
-                                  "prompt_lookup_num_tokens or assistant_early_exit")
+                                  "assistant_early_exit")
+    if generation_config.prompt_lookup_num_tokens is not None and generation_config.max_matching_ngram_size:
+        raise TokenReductionError(
+            "eagle: with assistant_model=eagle_assistant(model), prompt_lookup_num_tokens drafts from the longest "
+            "earlier match of the context's last tokens (at least the reduction's lookup_min_match); "
+            "max_matching_ngram_size does not apply: leave it unset and set lookup_min_match instead")
     return EagleCandidateGenerator(self, head, applied.config.get("decoding"), generation_config, logits_processor)
 
 
@@ -123,7 +133,7 @@ class EagleCandidateGenerator(CandidateGenerator):
 
     ``requires_model_outputs``: transformers passes the target's last forward outputs (with the last hidden state,
     asked for by ``model_kwargs_overrides``) to :meth:`get_candidates` every round. ``stats`` counts the rounds,
-    the tokens drafted and the draft calls of this generation.
+    the tokens drafted, the draft calls and the rounds drafted by lookup of this generation.
     """
 
     requires_model_outputs = True
@@ -141,9 +151,10 @@ class EagleCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
+        self.lookup_tokens = generation_config.prompt_lookup_num_tokens or 0
         self.cache = DynamicCache()
         self.fed = 0  # draft-cache entries of verified tokens (input i: feature of token i, embedding of token i+1)
-        self.stats = {"rounds": 0, "drafted": 0, "draft_calls": 0}
+        self.stats = {"rounds": 0, "drafted": 0, "draft_calls": 0, "lookup_rounds": 0}
 
     # -- the draft head, one call ---------------------------------------------------------
 
@@ -189,15 +200,18 @@ class EagleCandidateGenerator(CandidateGenerator):
         mask = causal_mask(self.fed, new, device) if (new > 1 or self.fed) else None
         out = self._step(features, tokens, positions, mask)
         self.fed += new
-        budget = min(self.reducer.depth, self.max_length - length - 1)
-        if budget < 1:
+        room = self.max_length - length - 1
+        if room < 1:
             return input_ids, None
         self.stats["rounds"] += 1
-        root = out[-1:]
-        if self.do_sample:
-            chain, logits = self._sample_chain(input_ids, root, budget)
+        chain = lookup_continuation(input_ids[0], self.reducer.lookup_min_match, min(self.lookup_tokens, room))
+        if chain:  # a retrieved draft: verified like any other (with sampling: token by token, no draft logits)
+            self.stats["lookup_rounds"] += 1
+            logits = None
+        elif self.do_sample:
+            chain, logits = self._sample_chain(input_ids, out[-1:], min(self.reducer.depth, room))
         else:
-            chain, logits = self._tree_chain(root, budget), None
+            chain, logits = self._tree_chain(out[-1:], min(self.reducer.depth, room)), None
         self.stats["drafted"] += len(chain)
         candidates = torch.cat([input_ids, torch.tensor([chain], dtype=input_ids.dtype, device=input_ids.device)], -1)
         return candidates, logits

@@ -47,6 +47,14 @@ Where we depart from the paper:
   cross-entropy of the draft's LM-head distribution against the target's next-token distribution) and its
   uniform feature noise U(-0.1, 0.1); the cross-entropy is over the draft vocabulary (target probabilities
   renormalised over it).
+* **retrieval drafts (an addition, off unless asked for)**: ``generate(..., assistant_model=eagle_assistant(model),
+  prompt_lookup_num_tokens=N)`` combines EAGLE with prompt lookup the way SAM-Decoding (Hu et al., arXiv
+  2411.10666) combines its retrieval with EAGLE: each round, where the context's last ``lookup_min_match`` or
+  more tokens occurred earlier in the prompt or the answer so far (:func:`lookup_continuation`: the longest such
+  match, the most recent one), the N tokens that followed it are the draft; elsewhere the draft head drafts as
+  above. SAM-Decoding looks up a suffix automaton of the sequence and of a static corpus; we search the sequence
+  only. Verification is unchanged, so outputs stay exact (with sampling, a retrieved draft comes without logits and
+  transformers samples each position from the target and keeps the draft while they agree).
 * **batch size**: transformers' assisted decoding runs batch 1 only; a batch of more rows raises
   :class:`~hf_tokred.errors.TokenReductionError` (ours, before generation starts).
 
@@ -75,6 +83,7 @@ MODULE_NAME = "eagle"
 # The paper's loss weights and feature noise (section 4: L = L_reg + w_cls * L_cls, w_cls = 0.1; U(-0.1, 0.1)).
 CLS_WEIGHT = 0.1
 FEATURE_NOISE = 0.1
+LOOKUP_MAX_MATCH = 32  # suffix matches are compared up to this many tokens (longer ones are as good a signal)
 # Rows of the token embedding whose norms (and block-parameter chunks) make up the base model's fingerprint.
 SIGNATURE_ROWS = 16
 SIGNATURE_CHUNKS = 8
@@ -266,6 +275,35 @@ def best_chain(tokens: list[torch.Tensor], parents: list[torch.Tensor], scores: 
     return chain[::-1]
 
 
+def lookup_continuation(ids: torch.Tensor, min_match: int, count: int, max_match: int = LOOKUP_MAX_MATCH) -> list[int]:
+    """Retrieval draft (SAM-Decoding, arXiv 2411.10666, over the sequence itself): the ``count`` tokens that followed
+    the most recent earlier occurrence of the longest suffix of ``ids`` (1-d), if that suffix is at least
+    ``min_match`` tokens long (matches are compared up to ``max_match`` tokens); else ``[]``.
+
+    Example:
+        >>> ids = torch.tensor([7, 1, 2, 3, 9, 5, 1, 2, 3, 8, 4, 1, 2, 3])
+        >>> lookup_continuation(ids, 3, 2), lookup_continuation(ids, 4, 2)
+        ([8, 4], [])
+    """
+    n = ids.shape[0]
+    if count < 1 or n <= min_match:
+        return []
+    ends = torch.arange(n - 1, device=ids.device)  # where an earlier occurrence ends (its continuation follows)
+    length = torch.zeros(n - 1, dtype=torch.long, device=ids.device)
+    alive = torch.ones(n - 1, dtype=torch.bool, device=ids.device)
+    for k in range(min(max_match, n - 1)):
+        starts = ends - k
+        alive = alive & (starts >= 0) & (ids[starts.clamp_min(0)] == ids[n - 1 - k])
+        if not bool(alive.any()):
+            break
+        length += alive.long()
+    best = int(length.max())
+    if best < min_match:
+        return []
+    end = int(torch.nonzero(length == best)[-1])  # the most recent of the longest matches
+    return ids[end + 1:end + 1 + count].tolist()
+
+
 def frequent_tokens(ids: torch.Tensor, count: int, vocab_size: int, always: list[int] | tuple = ()) -> torch.Tensor:
     """The ``count`` most frequent token ids of ``ids`` (ties by id), ``always`` included (e.g. the end token),
     sorted: a draft vocabulary (FR-Spec).
@@ -353,6 +391,10 @@ class EagleConfig(TokenReductionConfig):
                                        "this (EAGLE-2's dynamic draft length); 0 = always `depth` tokens")
     draft_vocab: int = param(8192, int, low=0, help="tokens of the draft's LM head: the most frequent tokens of the "
                                                     "training data (FR-Spec); 0 = the full vocabulary")
+    lookup_min_match: int = param(3, int, low=1, high=LOOKUP_MAX_MATCH,
+                                  help="with generate(..., prompt_lookup_num_tokens=N): draft the N tokens that "
+                                       "followed an earlier occurrence of the context's last tokens when at least "
+                                       "this many match (SAM-Decoding's retrieval draft), else EAGLE's own draft")
     base_hidden_size: int = param(0, int, low=0, help="hidden size of the model the head was trained for (0: unset)")
     base_vocab_size: int = param(0, int, low=0, help="vocabulary size of the model the head was trained for (0: unset)")
     base_num_layers: int = param(0, int, low=0, help="decoder layers of the model the head was trained for (0: unset)")
@@ -413,4 +455,4 @@ class EagleConfig(TokenReductionConfig):
 
 
 __all__ = ["EagleConfig", "EagleHead", "base_signature", "best_chain", "causal_mask", "draft_layer_config",
-           "eagle_loss", "expand_beams", "frequent_tokens", "signature_matches", "tree_mask"]
+           "eagle_loss", "expand_beams", "frequent_tokens", "lookup_continuation", "signature_matches", "tree_mask"]
