@@ -317,6 +317,8 @@ from transformers import AutoModelForCausalLM
 from hf_tokred import eagle_assistant
 model = AutoModelForCausalLM.from_pretrained("<this folder>")          # the head is re-attached
 out = model.generate(**inputs, max_new_tokens=256, assistant_model=eagle_assistant(model))  # batch 1
+# where answers copy from their prompt: lookup drafts where the context repeats, the head's elsewhere
+out = model.generate(**inputs, max_new_tokens=256, assistant_model=eagle_assistant(model), prompt_lookup_num_tokens=10)
 ```
 
 Greedy outputs are the model's own greedy outputs; sampling keeps its distribution.

@@ -365,7 +365,9 @@ class EagleConfig(TokenReductionConfig):
 
     ``depth`` is the most tokens drafted per verification; ``top_k`` the width of the draft-side tree search (1: a
     greedy chain); ``min_confidence`` cuts the drafted chain where its cumulative draft probability falls below
-    it; ``draft_vocab`` the size of the draft vocabulary (0: the full vocabulary). ``base_hidden_size``,
+    it; ``draft_vocab`` the size of the draft vocabulary (0: the full vocabulary); ``lookup_min_match`` the shortest
+    earlier match of the context's tail that drafts by lookup when ``generate()`` gets ``prompt_lookup_num_tokens``
+    (SAM-Decoding's retrieval draft). ``base_hidden_size``,
     ``base_vocab_size`` and ``base_num_layers`` record the model the head was trained for (0: not recorded; the
     recipe sets them) and ``base_model`` its name. Where we depart from the paper: see
     :mod:`hf_tokred.methods.lm.eagle`.
