@@ -425,7 +425,7 @@ def test_a_prompt_compressing_kv_policy_drafts_on_its_own_cache_losslessly(polic
     rejected drafts back (Cache.crop): EAGLE's and prompt lookup's greedy outputs equal the same policy's plain
     greedy output, and the cache holds the compressed prompt plus the accepted tokens only."""
     model = make_tiny_llama()
-    hf_tokred.apply(model, hf_tokred.compose(SMALL, policy))
+    hf_tokred.apply(model, hf_tokred.compose({**SMALL, "lookup_min_match": 1}, policy))
     _trained_like(model)
     for n in (30, 41):
         prompt = _prompt(n, seed=n)
@@ -441,7 +441,13 @@ def test_a_prompt_compressing_kv_policy_drafts_on_its_own_cache_losslessly(polic
         assert torch.equal(lookup, plain)
         other = model.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=make_tiny_llama(seed=3))
         assert torch.equal(other, plain)  # a separate assistant model drafts over the same cache
+        cache = hf_tokred.build_cache(model)
+        both = model.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=eagle_assistant(model),
+                              prompt_lookup_num_tokens=3, past_key_values=cache)  # EAGLE + lookup drafts
+        assert torch.equal(both, plain) and cache.stored_lengths() == plain_cache.stored_lengths()
     assert generators[-1].stats["drafted"] > generators[-1].stats["rounds"] - 1
+    assert all(g.stats["lookup_rounds"] == 0 for g in generators[::2])  # EAGLE alone
+    assert all(0 < g.stats["lookup_rounds"] < g.stats["rounds"] for g in generators[1::2])  # both drafters
 
 
 def test_a_cache_that_evicts_while_decoding_refuses_assisted_decoding_before_it_runs():

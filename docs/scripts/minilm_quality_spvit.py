@@ -1,5 +1,8 @@
 """SPViT on MiniLM: one stage before block 2, selectors trained (phase 1), then optionally the backbone through the
-hard keep+package (phase 2, fine_tune_reduced); held-out cosine to dense on the benchmark's 192 evaluation texts."""
+hard keep+package (phase 2, fine_tune_reduced); held-out cosine to dense on the benchmark's 192 evaluation texts.
+
+    python docs/scripts/minilm_quality_spvit.py KEEP_RATES SELECTOR_STEPS TRAIN_TEXTS FINETUNE_STEPS [CONFIG_JSON]
+"""
 import copy
 import json
 import sys
@@ -13,13 +16,14 @@ from hf_tokred.training import fine_tune_reduced
 
 keeps = [float(x) for x in sys.argv[1].split(",")]
 steps, train_texts, ft_steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # more config fields, e.g. '{"prop_attn": true}'
 model, tok = load_minilm()
 batches = text_batches(tok, stdlib_texts(tok, 192), DEFAULT_BATCH)
 train = text_batches(tok, stdlib_texts(tok, train_texts, skip=192), DEFAULT_BATCH)
 ref, dense_flops = embed_with_flops(model, batches, reduced=False)
 for keep in keeps:
     target = copy.deepcopy(model)
-    cfg = {"method": "spvit", "keep_rate": keep, "layers": [2], "selector_dim": 96}
+    cfg = {"method": "spvit", "keep_rate": keep, "layers": [2], "selector_dim": 96, **extra}
     hf_tokred.apply(target, cfg)
     t = time.perf_counter()
     losses = train_spvit(target, train, steps=steps, shuffle=True, log_every=50)

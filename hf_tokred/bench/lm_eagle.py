@@ -93,15 +93,13 @@ def policy_config(policy: str, keep: float, tokenizer=None):
         ...
         hf_tokred.errors.ConfigError: --policy: h2o evicts while decoding, so assisted decoding cannot crop its cache; use a policy that compresses the prompt once: fastgen, pyramidkv, snapkv
     """
-    import hf_tokred
-
     from ..errors import ConfigError
+    from ..kv.policy import prompt_once_policies
     from .kv import _with_token_ids, kv_policies, make_config
 
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
         raise ConfigError(f"--keep: expected a fraction in (0, 1], got {keep!r}", field="keep")
-    methods, known = hf_tokred.registered_methods(), kv_policies()
-    croppable = [p for p in known if getattr(methods[p], "compression", None) == "prefill"]
+    known, croppable = kv_policies(), prompt_once_policies()
     if policy not in known:
         raise ConfigError(f"--policy: unknown KV policy {policy!r}; allowed: {', '.join(croppable)}", field="policy")
     if policy not in croppable:

@@ -33,6 +33,7 @@ from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
 from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
 from ..errors import ConfigError, MissingFileError, SideCarError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import TokenReductionCache, partial_prompt_reducer
+from ..kv.policy import prompt_once_policies
 from .wiring import (
     MODULES_ATTR,
     STATE_ATTR,
@@ -416,8 +417,9 @@ def _generate_with_reduction(self, *args, **kwargs):
     if assisted and not cache.is_croppable:
         raise TokenReductionError(
             f"{cache.label}: assisted decoding takes back rejected draft tokens (Cache.crop), and this cache "
-            "evicts or compresses while decoding, so it cannot; a policy that compresses the prompt once (snapkv, "
-            "pyramidkv, fastgen) works with it, or pass past_key_values=transformers.DynamicCache() to decode densely"
+            f"evicts or compresses while decoding, so it cannot; a policy that compresses the prompt once "
+            f"({', '.join(prompt_once_policies())}) works with it, or pass past_key_values=transformers.DynamicCache() "
+            "to decode densely"
         )
     if getattr(cache, _CONSUMED, False):
         raise TokenReductionError(

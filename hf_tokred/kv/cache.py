@@ -42,7 +42,7 @@ from ..attention import STOCK_IMPLEMENTATIONS, AttentionObserver, mask_keep, mas
 from ..config import TokenReductionConfig
 from ..errors import TokenReductionError, UnsupportedModelError
 from .layers import SLIDING_ATTENTION, check_layers, kv_layer_types
-from .policy import KVPolicyConfig
+from .policy import KVPolicyConfig, prompt_once_policies
 
 # Spare slots kept after an eviction, so the next steps append without copying the cache: a per-step policy
 # needs room for the tokens it adds before it evicts again; a prefill-once policy grows by this many at a time.
@@ -258,7 +258,7 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
             raise TokenReductionError(
                 f"{self.label}: this cache cannot be cropped (assisted decoding and other crop users): it evicts or "
                 "compresses tokens while decoding, so older slots already depend on the tokens to take back; "
-                "use a policy that compresses the prompt once (snapkv, pyramidkv, fastgen) or the dense cache"
+                f"use a policy that compresses the prompt once ({', '.join(prompt_once_policies())}) or the dense cache"
             )
         if self.positions is None:
             return

@@ -157,3 +157,19 @@ class KVPolicyConfig(TokenReductionConfig):
     def head_budgets(self, layer, module, query: torch.Tensor, budget: int) -> torch.Tensor | None:
         """Per-head budgets ``(batch, kv_heads)`` at most ``budget`` (FastGen), or None for one budget."""
         return None
+
+
+def prompt_once_policies() -> list[str]:
+    """Registry keys of the KV policies that compress the prompt once (``compression == "prefill"``), sorted: the
+    ones whose cache can take decoded tokens back (``Cache.crop``), as assisted decoding needs.
+
+    Example:
+        >>> import hf_tokred
+        >>> from hf_tokred.kv.policy import prompt_once_policies
+        >>> prompt_once_policies()
+        ['fastgen', 'pyramidkv', 'snapkv']
+    """
+    from ..config import registered_methods
+
+    return sorted(key for key, cls in registered_methods().items()
+                  if cls.stage == "kv_policy" and getattr(cls, "compression", None) == "prefill")
