@@ -4,14 +4,16 @@ Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the draft head ``hf-t
 (``--weights``, default ``~/.cache/hf_tokred/smollm2-eagle``). Data: held-out chat requests about passages of the
 standard library's documentation (:func:`hf_tokred.recipes.lm_data.instruction_prompts`, split ``"heldout"``: no
 paragraph is shared with training). Every prompt is generated at batch 1, greedy, ``--max-new-tokens`` new tokens
-(256 by default; generation stops earlier at the end token), three ways on the same model, in turn:
+(256 by default; generation stops earlier at the end token), four ways on the same model, in turn:
 
 * ``greedy``: plain ``model.generate()``;
 * ``prompt lookup``: transformers' own prompt-lookup assisted decoding (``prompt_lookup_num_tokens=10``);
-* ``eagle``: ``model.generate(..., assistant_model=eagle_assistant(model))``.
+* ``eagle``: ``model.generate(..., assistant_model=eagle_assistant(model))``;
+* ``eagle + lookup``: the same with ``prompt_lookup_num_tokens=10``: lookup drafts where the context's last
+  ``lookup_min_match`` tokens occurred earlier, the head's drafts elsewhere.
 
 With ``--policy P`` (a KV policy that compresses the prompt once: ``snapkv``, ``pyramidkv``, ``fastgen``) the
-three run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
+four run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
 drafting; rejected drafts are cropped off it), and those rows are checked against the policy's own greedy output.
 
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
