@@ -18,6 +18,7 @@ from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
 from hf_tokred.integration.encoders import STATE_ATTR, token_counts, token_sizes
 from hf_tokred.methods.encoder.avit import AViTConfig, HaltingHeads, halting_depths, halting_record
 from hf_tokred.recipes.avit import add_train_command, avit_loss, train_avit
+from hf_tokred.training import dense_pass
 
 LAYERS = 4
 
@@ -122,6 +123,46 @@ def test_padded_bert_batch_equals_each_row_alone_and_restore_length():
             torch.testing.assert_close(out[row, :length], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_top_k_halts_the_prior_share_of_every_row_by_cumulative_score():
+    cfg = TokenReductionConfig(method="avit", target_depth=0.6, layers=[1, 2, 3], select="top_k")
+    prior, depths = cfg.target_distribution(LAYERS)
+    assert cfg.expected_depth(LAYERS) == pytest.approx(float((prior * torch.tensor(depths)).sum()) / LAYERS, abs=1e-6)
+    with pytest.raises(ConfigError) as info:
+        TokenReductionConfig(method="avit", select="topk")
+    assert info.value.field == "select"
+    model = make_bert()
+    hf_tokred.apply(model, cfg)
+    randomize(model)
+    batch = padded_batch()
+    lengths = (30, 17, 9)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        depth = halting_depths(model)
+        kept_in_batch = token_sizes(model) > 0
+        # exact counts: before each halting block a row keeps ceil(share * running candidates) of them
+        state = model.__dict__[STATE_ATTR]
+        for row, length in enumerate(lengths):
+            running = length - 1  # [CLS] is protected
+            for stage, block in enumerate(cfg.halting_blocks(LAYERS)):
+                share = (1 - float(prior[: stage + 1].sum())) / (1 - float(prior[:stage].sum()))
+                running = max(1, int(torch.ceil(torch.tensor(running * share - 1e-9))))
+                assert int(state.row_counts[block][row]) == running + 1
+            assert depth[row, 0] == LAYERS  # protected
+        # the first halting block halts the candidates of highest halting score (its input is block 0's output)
+        with dense_pass(model):
+            first_input = model(**batch, output_hidden_states=True).hidden_states[1]
+        score = heads_of(model)(first_input, 0)
+        for row, length in enumerate(lengths):
+            halted = depth[row, 1:length] == 1
+            assert 0 < int(halted.sum()) < length - 1
+            assert score[row, 1:length][halted].min() >= score[row, 1:length][~halted].max()
+        for row, length in enumerate(lengths):  # batched == each row alone
+            alone = model(input_ids=batch["input_ids"][row:row + 1, :length]).last_hidden_state[0]
+            assert halting_depths(model)[0].tolist() == depth[row, :length].tolist()
+            assert alone.shape[0] == int(kept_in_batch[row].sum())
+            torch.testing.assert_close(out[row][kept_in_batch[row]], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_training_mode_keeps_every_token_masks_halted_keys_and_the_loss_reaches_the_heads():
     model = make_bert()
     hf_tokred.apply(model, {"method": "avit", "target_depth": 0.5})
@@ -189,5 +230,6 @@ def test_train_command_is_parsed():
     sub = argparse.ArgumentParser().add_subparsers()
     add_train_command(sub)
     args = sub.choices["avit"].parse_args(["--steps", "3", "--target-depth", "0.6", "--layers", "2", "3"])
-    assert (args.steps, args.target_depth, args.layers, args.no_restore) == (3, 0.6, [2, 3], False)
+    assert (args.steps, args.target_depth, args.layers, args.no_restore, args.select) == (3, 0.6, [2, 3], False, "top_k")
+    assert sub.choices["avit"].parse_args(["--select", "threshold"]).select == "threshold"
     assert callable(args.handler)

@@ -327,9 +327,12 @@ def add_train_command(subparsers) -> None:
                                                                             "through (default: 0.7)")
         parser.add_argument("--layers", type=int, nargs="*", default=None, help="blocks before which tokens may halt")
         parser.add_argument("--no-restore", action="store_true", help="drop halted tokens from last_hidden_state")
+        parser.add_argument("--select", choices=("threshold", "top_k"), default="top_k",
+                            help="inference halting: top_k halts the prior's share of every row (default, the better "
+                                 "on MiniLM: docs/encoders.md), threshold the paper's 1 - eps rule")
 
     def config_options(args):
-        options = {"target_depth": args.target_depth, "restore_length": not args.no_restore}
+        options = {"target_depth": args.target_depth, "restore_length": not args.no_restore, "select": args.select}
         if args.layers is not None:
             options["layers"] = args.layers
         return options

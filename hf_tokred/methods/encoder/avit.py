@@ -7,9 +7,13 @@ sequence and runs no further block. Tokens halt at different depths and rows kee
 tokens (rows with fewer tokens get filler slots, which later blocks mask out).
 
 * **Inference** (halting heads in eval mode): halted tokens are dropped (hard drop, real speed-up). With
-  ``restore_length=True`` a halted token comes back in ``last_hidden_state`` with the state it had when it
-  halted, as in the paper, where a halted token's last state is its output (on MiniLM's mean-pooled sentence
-  embeddings those early states do worse than dropping the token: docs/encoders.md).
+  ``select="top_k"`` (our addition) each halting block halts a fixed share of every row instead of thresholding:
+  the share the distributional prior gives that block (:meth:`AViTConfig.target_distribution`), taken from the
+  tokens with the highest cumulative halting scores, so every row saves the same FLOPs (as IA-RED²'s
+  ``select="top_k"`` and DynamicViT). With ``restore_length=True`` a halted token comes back in
+  ``last_hidden_state`` with the state it had when it halted, as in the paper, where a halted token's last state
+  is its output (on MiniLM's mean-pooled sentence embeddings those early states do worse than dropping the token:
+  docs/encoders.md).
 * **Training** (heads in training mode): every token stays in the sequence; a halted token is masked out as a
   *key* of the later blocks' attention (straight-through, so gradients reach the heads through the attention),
   and each stage records its halting scores for the losses of :mod:`hf_tokred.recipes.avit`: the ponder loss
@@ -57,13 +61,14 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError
-from .base import EncoderReducerConfig, Reduction, beside_block
+from .base import EncoderReducerConfig, Reduction, beside_block, keep_counts, top_mask
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "avit"
 # Temperature of the smooth halting indicator used in training (in units of the cumulative halting score).
 SURVIVAL_TEMPERATURE = 0.05
 RECORD_KEY = "avit"
+SELECTS = ("threshold", "top_k")
 
 
 class HaltingHeads(nn.Module):
@@ -151,6 +156,10 @@ class AViTConfig(EncoderReducerConfig):
             (bit-identical to dense).
         eps: a token halts when its cumulative halting score reaches ``1 - eps`` (the paper's 0.01).
         prior_std: standard deviation, in blocks, of the Gaussian target distribution of halting depths.
+        select: ``"threshold"`` (the paper: a token halts when its cumulative score reaches ``1 - eps``, rows
+            save different FLOPs) or ``"top_k"`` (each halting block halts the prior's share of every row, the
+            tokens of highest cumulative score; the FLOPs of :meth:`expected_depth`). Inference only: the
+            heads train the same way for both.
         restore_length, prop_attn: as for every encoder reducer (``restore_length=True`` returns each halted
             token with its state at halting, the paper's output).
 
@@ -173,6 +182,8 @@ class AViTConfig(EncoderReducerConfig):
                        help="a token halts when its cumulative halting score reaches 1 - eps")
     prior_std: float = param(1.0, float, low=0.0, low_open=True,
                              help="std (blocks) of the Gaussian target distribution of halting depths")
+    select: str = param("threshold", str, choices=SELECTS,
+                        help="threshold (the paper) or top_k (the prior's share of every row halts)")
 
     def validate(self) -> None:
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
@@ -251,6 +262,30 @@ class AViTConfig(EncoderReducerConfig):
         logits = torch.tensor([-0.5 * ((d - centre) / self.prior_std) ** 2 for d in depths], dtype=torch.float64)
         return torch.softmax(logits, dim=0).float(), depths
 
+    def expected_depth(self, num_blocks: int) -> float:
+        """The mean fraction of the blocks a token runs through under the prior: with ``select="top_k"`` the
+        share of the block FLOPs every row keeps (``1 - expected_depth`` is saved, up to rounding per row).
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> cfg = TokenReductionConfig(method="avit", target_depth=0.73, layers=[2], prior_std=3.0)
+            >>> round(cfg.expected_depth(6), 3)
+            0.695
+        """
+        probabilities, depths = self.target_distribution(num_blocks)
+        return float((probabilities.double() * torch.tensor(depths, dtype=torch.float64)).sum()) / num_blocks
+
+    def _top_k_halts(self, ctx, stage: int, cumulative: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` bool: the tokens that halt before halting block ``stage`` with ``select="top_k"``: of the
+        tokens still running, the prior's share for this block (relative to what is still running), those with the
+        highest cumulative halting score."""
+        probabilities, _ = self.target_distribution(ctx.num_blocks)
+        before = float(probabilities[:stage].sum())
+        after = float(probabilities[: stage + 1].sum())
+        share_kept = (1.0 - after) / max(1.0 - before, 1e-12)
+        kept = keep_counts(ctx.real_counts(), min(max(share_kept, 0.0), 1.0))
+        return candidates & ~top_mask(-cumulative, kept, ctx.protected, ctx.valid)
+
     def plan(self, ctx):
         """One halting block: soft key masks of the halted tokens (training) or a hard drop (inference)."""
         heads = ctx.learned_part(MODULE_NAME, "halting heads")
@@ -269,7 +304,10 @@ class AViTConfig(EncoderReducerConfig):
             score = heads(ctx.hidden, stage).float()
             previous = record.cumulative if record.cumulative is not None else torch.zeros_like(score)
             cumulative = previous + score
-            halted = candidates & (cumulative >= 1.0 - self.eps)
+            if self.select == "top_k":
+                halted = self._top_k_halts(ctx, stage, cumulative, candidates)
+            else:
+                halted = candidates & (cumulative >= 1.0 - self.eps)
             if ctx.protected == 0:
                 # At least one token stays in every row: the one furthest from halting, if all would halt.
                 all_halt = (halted | ~real).all(dim=1)

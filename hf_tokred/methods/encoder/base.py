@@ -478,6 +478,26 @@ def rank_unprotected(score: torch.Tensor, protected: int, valid: torch.Tensor | 
     return score
 
 
+def top_mask(score: torch.Tensor, counts: torch.Tensor, protected: int,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, N)`` bool: the protected tokens and, per row, the ``counts[b]`` unprotected real tokens of highest
+    ``score`` (ties: the earlier token); what :func:`keep_top` keeps.
+
+    Example:
+        >>> import torch
+        >>> top_mask(torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0]]), torch.tensor([2]), protected=1).tolist()
+        [[True, False, True, False, True]]
+    """
+    batch, n = score.shape
+    device = score.device
+    ranked = rank_unprotected(score, protected, valid)
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
+    real = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.clone()
+    real[:, :protected] = True
+    return (rank < (counts[:, None] + protected)) & real
+
+
 def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: torch.Tensor | None = None,
              fuse_rest: torch.Tensor | None = None) -> Reduction:
     """Keep the protected tokens and, per row, the ``counts[b]`` unprotected real tokens of highest ``score``.
@@ -493,16 +513,11 @@ def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: t
         >>> r.keep.tolist(), r.slot_of().tolist()
         ([[0, 2, 4, 1]], [[0, 3, 1, 3, 2]])
     """
-    batch, n = score.shape
-    device = score.device
-    ranked = rank_unprotected(score, protected, valid)
-    order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
-    real = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.clone()
-    real[:, :protected] = True
-    kept = rank < (counts[:, None] + protected)
-    kept &= real
+    kept = top_mask(score, counts, protected, valid)
     if fuse_rest is not None:
+        batch, n = score.shape
+        real = torch.ones(batch, n, dtype=torch.bool, device=score.device) if valid is None else valid.clone()
+        real[:, :protected] = True
         slot = torch.where(kept, kept.long().cumsum(dim=1) - 1, -1)
         rest = real & ~kept
         fused_slot = kept.sum(dim=1, keepdim=True)
@@ -557,4 +572,5 @@ __all__ = [
     "keep_top",
     "rank_unprotected",
     "real_counts",
+    "top_mask",
 ]
