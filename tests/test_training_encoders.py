@@ -55,3 +55,19 @@ def test_fine_tune_reduced_adapts_the_backbone_to_a_training_free_reducer():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), make_bert().parameters()))  # teacher untouched
+
+
+@pytest.mark.parametrize("config", [{"method": "avit", "target_depth": 0.6},
+                                    {"method": "dynamicvit", "keep_rate": 0.7, "layers": [1]},
+                                    {"method": "ia_red2", "keep_rate": 0.7, "layers": [1]}])
+def test_learned_parts_start_from_the_same_weights_and_leave_the_global_rng_alone(config):
+    parts = []
+    for seed in (1, 2):  # whatever the caller's random state, the untrained parts are the same
+        model = make_bert()
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        hf_tokred.apply(model, config)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        parts.append(model.hf_tokred_modules.state_dict())
+    assert parts[0].keys() == parts[1].keys() and parts[0]
+    assert all(torch.equal(parts[0][name], parts[1][name]) for name in parts[0])

@@ -94,7 +94,8 @@ WAVE2_QUALITY_VARIANTS: list[tuple[str, str, list[dict]]] = [
     ("ia_red2", "ia_red2", [{"keep_rate": k, "layers": [2], "select": "top_k"} for k in (0.6, 0.55, 0.5)]),
     ("spvit", "spvit", [{"keep_rate": k, "layers": [2], "selector_dim": 96, "prop_attn": True} for k in (0.6, 0.5)]),
     ("tocom", "tocom", [{"ratio": r, "source_ratio": 0.0, "rank": 4, "metric": "hidden"} for r in (0.1, 0.15)]),
-    # One halting point (before block 2); top_k halts the prior's share of every row: 30.5 and 34.0 % saved.
+    # One halting point (before block 2); top_k halts the prior's share of every row: 30.5 and 34.0 % by the prior
+    # (30.1 and 33.2 % measured with the heads' cost and per-row rounding; docs/encoders.md).
     ("avit", "avit", [{"target_depth": t, "layers": [2], "prior_std": 3.0, "eps": 0.5, "select": "top_k"}
                       for t in (0.73, 0.66)]),
     # Blocks 3-5 (the paper keeps DeiT's first blocks dense), chosen on training texts: about 27 and 32 % saved.

@@ -213,11 +213,22 @@ def _resolve_weights(cfg, weights_from, hub_kwargs, required) -> str | None:
     return path
 
 
+# The seed of the CPU generator under which learned parts are built (their initial weights); see _build_learned_modules.
+LEARNED_INIT_SEED = 0
+
+
 def _build_learned_modules(model, adapter, cfg, weights_file) -> torch.nn.ModuleDict | None:
-    """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``."""
+    """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``.
+
+    Untrained parts start from the same weights on every apply: they are built under the CPU generator seeded
+    with :data:`LEARNED_INIT_SEED` (the caller's random state is restored afterwards), so a training run is
+    reproducible from its trainer's ``seed`` alone.
+    """
     modules = {}
-    for reducer in cfg.iter_reducers():
-        modules.update(reducer.learned_modules(model, adapter))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LEARNED_INIT_SEED)
+        for reducer in cfg.iter_reducers():
+            modules.update(reducer.learned_modules(model, adapter))
     if not modules:
         return None
     holder = torch.nn.ModuleDict(modules)
