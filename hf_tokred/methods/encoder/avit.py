@@ -61,14 +61,13 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError
-from .base import EncoderReducerConfig, Reduction, beside_block, keep_counts, top_mask
+from .base import SELECTS, EncoderReducerConfig, Reduction, beside_block, keep_counts, top_mask
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "avit"
 # Temperature of the smooth halting indicator used in training (in units of the cumulative halting score).
 SURVIVAL_TEMPERATURE = 0.05
 RECORD_KEY = "avit"
-SELECTS = ("threshold", "top_k")
 
 
 class HaltingHeads(nn.Module):

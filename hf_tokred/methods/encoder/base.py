@@ -478,6 +478,10 @@ def rank_unprotected(score: torch.Tensor, protected: int, valid: torch.Tensor | 
     return score
 
 
+# How a stage picks the tokens it keeps (IA-RED², A-ViT): the paper's threshold on a score, or a fixed share per row.
+SELECTS = ("threshold", "top_k")
+
+
 def top_mask(score: torch.Tensor, counts: torch.Tensor, protected: int,
              valid: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, N)`` bool: the protected tokens and, per row, the ``counts[b]`` unprotected real tokens of highest
@@ -515,13 +519,10 @@ def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: t
     """
     kept = top_mask(score, counts, protected, valid)
     if fuse_rest is not None:
-        batch, n = score.shape
-        real = torch.ones(batch, n, dtype=torch.bool, device=score.device) if valid is None else valid.clone()
-        real[:, :protected] = True
         slot = torch.where(kept, kept.long().cumsum(dim=1) - 1, -1)
-        rest = real & ~kept
+        rest = ~kept if valid is None else valid & ~kept  # protected tokens are always kept
         fused_slot = kept.sum(dim=1, keepdim=True)
-        slot = torch.where(rest, fused_slot.expand(-1, n), slot)
+        slot = torch.where(rest, fused_slot.expand_as(slot), slot)
         return Reduction.from_slots(slot, fuse_rest.float() if bool(rest.any()) else None)
     return Reduction.from_keep_mask(kept)
 
@@ -559,6 +560,7 @@ def beside_block(module: torch.nn.Module, block: torch.nn.Module, training: bool
 
 __all__ = [
     "REDUCE_AT",
+    "SELECTS",
     "beside_block",
     "RESTORE_UPDATES",
     "STATISTICS",

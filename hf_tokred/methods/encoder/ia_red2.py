@@ -48,12 +48,11 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
-from .base import KeepRateConfig, Reduction, SoftMask, beside_block, keep_counts, keep_top
+from .base import SELECTS, KeepRateConfig, Reduction, SoftMask, beside_block, keep_counts, keep_top
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "ia_red2"
 RECORD_KEY = "ia_red2"
-SELECTS = ("threshold", "top_k")
 
 
 class MultiHeadInterpreter(nn.Module):
