@@ -5,8 +5,9 @@ tokens). Nothing here touches the benchmark's 192 held-out texts: validation = s
 texts 392..2091 (1,700). The soft variant is measured by replacing the post-norm replay of
 ``hf_tokred.integration.encoders`` inside this process only (the package keeps the hard recovery).
 
-    python docs/scripts/minilm_stvit_recovery_validation.py TOP_K TEMPERATURE STEPS RATIO START
-    # TOP_K 0: the package's recovery. Example: ... 4 0.2 800 0.4 2 (one thread, about 18 min)
+    python docs/scripts/minilm_stvit_recovery_validation.py TOP_K TEMPERATURE STEPS RATIO START [LR]
+    # TOP_K 0: the package's recovery; LR of the backbone steps (default 1e-4, the benchmark's).
+    # Example: ... 4 0.2 800 0.4 2 (one thread, about 18 min)
 """
 
 import copy
@@ -53,7 +54,7 @@ def soft_replay(top_k: int, temperature: float):
     return replay
 
 
-def main(top_k: int, temperature: float, steps: int, ratio: float, start: int) -> None:
+def main(top_k: int, temperature: float, steps: int, ratio: float, start: int, lr: float = 1e-4) -> None:
     torch.set_num_threads(1)
     if top_k:
         encoders._FastPath.replay = soft_replay(top_k, temperature)
@@ -73,10 +74,11 @@ def main(top_k: int, temperature: float, steps: int, ratio: float, start: int) -
 
     report("training-free")
     began = time.perf_counter()
-    train_stvit(student, training, teacher=model, steps=steps, lr=1e-4, lr_schedule="linear", shuffle=True,
+    train_stvit(student, training, teacher=model, steps=steps, lr=lr, lr_schedule="linear", shuffle=True,
                 progress=False)
-    report(f"after {steps} backbone steps ({time.perf_counter() - began:.0f} s)")
+    report(f"after {steps} backbone steps at lr {lr:g} ({time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    main(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
+         *[float(x) for x in sys.argv[6:7]])
