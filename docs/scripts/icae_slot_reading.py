@@ -22,8 +22,8 @@ from hf_tokred.recipes.icae import train_icae, training_windows
 
 torch.set_num_threads(1)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-targets = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] != "all" else ([] if len(sys.argv) > 2 else
-                                                                                   ["q_proj", "v_proj"])
+choice = sys.argv[2] if len(sys.argv) > 2 else "q_proj,v_proj"  # the paper's targets; "all": every Linear layer
+targets = [] if choice == "all" else choice.split(",")
 model, tokenizer = load_smollm2()
 reduction = {"method": "icae", "memory_slots": 32, "chunk_tokens": 128, "target_modules": targets}
 hf_tokred.apply(model, reduction)
