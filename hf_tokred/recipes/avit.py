@@ -18,6 +18,7 @@ import torch
 
 from ..errors import TokenReductionError
 from ..integration.wiring import MODULES_ATTR, get_applied
+from ..methods.encoder.base import SELECTS
 
 DESCRIPTION = """\
 {method}: train the learned parts of {paper} on all-MiniLM-L6-v2 (the embedded copy, nothing downloads), backbone
@@ -327,7 +328,7 @@ def add_train_command(subparsers) -> None:
                                                                             "through (default: 0.7)")
         parser.add_argument("--layers", type=int, nargs="*", default=None, help="blocks before which tokens may halt")
         parser.add_argument("--no-restore", action="store_true", help="drop halted tokens from last_hidden_state")
-        parser.add_argument("--select", choices=("threshold", "top_k"), default="top_k",
+        parser.add_argument("--select", choices=SELECTS, default="top_k",
                             help="inference halting: top_k halts the prior's share of every row (default, the better "
                                  "on MiniLM: docs/encoders.md), threshold the paper's 1 - eps rule")
 

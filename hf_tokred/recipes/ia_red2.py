@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import TokenReductionError
+from ..methods.encoder.base import SELECTS
 from .avit import _last_hidden, _real, add_encoder_train_command, dense_reference, learned_part, logits_kl, train_heads
 
 
@@ -132,7 +133,7 @@ def add_train_command(subparsers) -> None:
     def options(parser):
         parser.add_argument("--keep-rate", type=float, default=0.6, help="target kept fraction per stage (0.6)")
         parser.add_argument("--layers", type=int, nargs="*", default=[2], help="stage blocks (default: 2)")
-        parser.add_argument("--select", choices=("threshold", "top_k"), default="top_k",
+        parser.add_argument("--select", choices=SELECTS, default="top_k",
                             help="inference selection (default: top_k)")
         parser.add_argument("--surrogate-weight", type=float, default=1.0,
                             help="weight of the differentiable surrogate (0: pure REINFORCE; default 1)")
