@@ -220,14 +220,15 @@ LEARNED_INIT_SEED = 0
 def _build_learned_modules(model, adapter, cfg, weights_file) -> torch.nn.ModuleDict | None:
     """The reduction's learned parts as one ``ModuleDict`` (not yet attached), loaded from ``weights_file``.
 
-    Untrained parts start from the same weights on every apply: they are built under the CPU generator seeded
-    with :data:`LEARNED_INIT_SEED` (the caller's random state is restored afterwards), so a training run is
+    Untrained parts start from the same weights on every apply: each reducer's parts are built under the CPU
+    generator seeded with :data:`LEARNED_INIT_SEED` (re-seeded per reducer, so a reducer's parts do not depend on
+    what it is composed with; the caller's random state is restored afterwards), so a training run is
     reproducible from its trainer's ``seed`` alone.
     """
     modules = {}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(LEARNED_INIT_SEED)
         for reducer in cfg.iter_reducers():
+            torch.manual_seed(LEARNED_INIT_SEED)
             modules.update(reducer.learned_modules(model, adapter))
     if not modules:
         return None

@@ -419,9 +419,10 @@ class EagleConfig(TokenReductionConfig):
                     "trained for: train one for this model (hf-tokred train eagle)", field=name)
 
     def learned_modules(self, model, adapter) -> dict[str, nn.Module]:
-        """The draft head (:class:`EagleHead`), fresh: ``fc`` drawn from a generator seeded with 0 (the global
-        random state is left alone), the decoder layer a copy of the target's last decoder layer, ``vocab_ids`` the
-        first ``draft_vocab`` ids (the recipe replaces them with the most frequent ones).
+        """The draft head (:class:`EagleHead`), fresh: ``fc`` drawn from the random state ``hf_tokred.apply`` seeds
+        for every learned part (``LEARNED_INIT_SEED``; the caller's state is left alone), the decoder layer a copy of
+        the target's last decoder layer, ``vocab_ids`` the first ``draft_vocab`` ids (the recipe replaces them with
+        the most frequent ones).
 
         Checks first that the model is a causal LM whose recorded dimensions (if any) match.
         """
@@ -442,13 +443,11 @@ class EagleConfig(TokenReductionConfig):
         last = blocks[-1]
         config = draft_layer_config(model)
         ref = next(p for p in last.parameters() if p.is_floating_point())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            head = EagleHead(type(last), config, torch.arange(self.draft_vocab), base_signature(model, adapter))
-            with torch.no_grad():  # start as "the next feature is this feature" (the token half keeps its init)
-                hidden = config.hidden_size
-                head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
-                head.fc.bias.zero_()
+        head = EagleHead(type(last), config, torch.arange(self.draft_vocab), base_signature(model, adapter))
+        with torch.no_grad():  # start as "the next feature is this feature" (the token half keeps its init)
+            hidden = config.hidden_size
+            head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+            head.fc.bias.zero_()
         try:
             head.layer.load_state_dict(last.state_dict())
         except RuntimeError as err:  # a block whose state differs from a freshly built one (should not happen)
