@@ -232,15 +232,28 @@ _SKIP_SOURCE_DIRS = ("__pycache__", "idlelib", "site-packages", "test", "tests")
 
 
 def _source_docstrings():
-    """Prose paragraphs of the docstrings (modules, classes, functions) of every ``.py`` file of the stdlib, read
-    with ``ast`` (nothing imported), files in sorted path order."""
-    import ast
+    """Prose paragraphs of the docstrings of every ``.py`` file of the stdlib (:func:`source_docstrings`)."""
     import sysconfig
 
-    root = sysconfig.get_paths()["stdlib"]
+    return source_docstrings(sysconfig.get_paths()["stdlib"])
+
+
+def source_docstrings(root: str, skip_dirs: tuple[str, ...] = _SKIP_SOURCE_DIRS):
+    """Prose paragraphs (8+ words, no indented code or doctest) of the docstrings (modules, classes, functions) of
+    every ``.py`` file under ``root``, read with ``ast`` (nothing imported), files in sorted path order; folders
+    named in ``skip_dirs`` or starting with a dot are passed over. Each paragraph is whitespace-normalised.
+
+    Example:
+        >>> import os, sysconfig
+        >>> from hf_tokred.bench.encoders import source_docstrings
+        >>> next(source_docstrings(os.path.join(sysconfig.get_paths()["stdlib"], "json")))[:30]
+        'JSON (JavaScript Object Notati'
+    """
+    import ast
+
     files = []
     for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in _SKIP_SOURCE_DIRS and not d.startswith("."))
+        subfolders[:] = sorted(d for d in subfolders if d not in skip_dirs and not d.startswith("."))
         files += [os.path.join(folder, name) for name in names if name.endswith(".py")]
     for path in sorted(files):
         try:
@@ -1018,6 +1031,7 @@ __all__ = [
     "pooled_embeddings",
     "run_quality",
     "run_speed",
+    "source_docstrings",
     "stdlib_texts",
     "text_batches",
     "vit_config",
