@@ -5,7 +5,9 @@ through the hard reduction, lr 1e-4 with a linear decay, ``fine_tune_reduced``) 
 packages (transformers, torch, diffusers, numpy, ...: the only other prose on the machine). Prints the held-out
 cosine (192 benchmark texts) and the cosine on the first 192 training texts (the over-fitting gap).
 
-    python docs/scripts/minilm_more_training_text.py METHOD CONFIG_JSON PHASE1_STEPS FT_STEPS EXTRA_TEXTS
+    python docs/scripts/minilm_more_training_text.py METHOD CONFIG_JSON PHASE1_STEPS FT_STEPS EXTRA_TEXTS [SEED]
+    # SEED (default 0): the training seed of both phases (batch order, sampling); the learned part's initial
+    # weights are always the same (hf_tokred's LEARNED_INIT_SEED).
     # Example (one thread, about 25 min):
     # ... ia_red2 '{"keep_rate":0.55,"layers":[2],"select":"top_k"}' 150 700 6000
 """
@@ -63,6 +65,7 @@ def package_texts(tokenizer, count):
 torch.set_num_threads(1)
 method, config = sys.argv[1], json.loads(sys.argv[2])
 phase1, finetune, extra = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+seed = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 model, tok = load_minilm()
 heldout = text_batches(tok, stdlib_texts(tok, 192), 16)
 stdlib_train = stdlib_texts(tok, 1900, skip=192)
@@ -79,7 +82,7 @@ started = time.perf_counter()
 def report(phase):
     emb, flops = embed_with_flops(target, heldout, reduced=True)
     probe, _ = embed_with_flops(target, train_probe, reduced=True)
-    print(json.dumps({"method": method, "config": config, "phase": phase, "extra_texts": extra,
+    print(json.dumps({"method": method, "config": config, "phase": phase, "extra_texts": extra, "seed": seed,
                       "saved": round(1 - flops / dense, 4), "held-out cos": cosine_stats(emb, ref),
                       "training cos": cosine_stats(probe, probe_ref)["mean"],
                       "s": round(time.perf_counter() - started)}), flush=True)
@@ -88,12 +91,13 @@ def report(phase):
 if phase1:
     if method == "spvit":
         from hf_tokred.recipes.spvit import train_spvit
-        train_spvit(target, train, steps=phase1, shuffle=True, log_every=100)
+        train_spvit(target, train, steps=phase1, shuffle=True, seed=seed, log_every=100)
     elif method == "ia_red2":
         from hf_tokred.recipes.ia_red2 import train_ia_red2
-        train_ia_red2(target, train, teacher=model, steps=phase1, shuffle=True, progress=False)
+        train_ia_red2(target, train, teacher=model, steps=phase1, shuffle=True, seed=seed, progress=False)
     else:
         raise SystemExit(f"phase 1 is written for spvit and ia_red2, not {method}; use PHASE1_STEPS 0")
     report(f"phase 1 ({phase1} steps)")
-fine_tune_reduced(target, train_more, teacher=model, steps=finetune, lr=1e-4, lr_schedule="linear", log_every=100)
+fine_tune_reduced(target, train_more, teacher=model, steps=finetune, lr=1e-4, lr_schedule="linear", seed=seed,
+                  log_every=100)
 report(f"phase 2 ({finetune} steps)")
