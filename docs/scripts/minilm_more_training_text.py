@@ -22,10 +22,9 @@ import torch
 
 import hf_tokred
 from hf_tokred.bench.encoders import (
-    TEXT_LENGTHS,
-    TextSample,
     cosine_stats,
     embed_with_flops,
+    paragraph_texts,
     source_docstrings,
     stdlib_texts,
     text_batches,
@@ -48,20 +47,6 @@ def package_paragraphs():
                 yield paragraph
 
 
-def package_texts(tokenizer, count):
-    """``count`` texts of the package paragraphs, joined and cut as ``stdlib_texts`` cuts the stdlib's."""
-    out, current = [], ""
-    for paragraph in package_paragraphs():
-        current = f"{current} {paragraph}".strip()
-        target = TEXT_LENGTHS[len(out) % len(TEXT_LENGTHS)]
-        if len(tokenizer(current)["input_ids"]) >= target:
-            out.append(TextSample(target, current))
-            current = ""
-            if len(out) == count:
-                break
-    return out
-
-
 torch.set_num_threads(1)
 method, config = sys.argv[1], json.loads(sys.argv[2])
 phase1, finetune, extra = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -71,7 +56,7 @@ heldout = text_batches(tok, stdlib_texts(tok, 192), 16)
 stdlib_train = stdlib_texts(tok, 1900, skip=192)
 train = text_batches(tok, stdlib_train, 16)
 train_probe = text_batches(tok, stdlib_train[:192], 16)
-train_more = train + (text_batches(tok, package_texts(tok, extra), 16) if extra else [])
+train_more = train + (text_batches(tok, paragraph_texts(tok, package_paragraphs(), extra), 16) if extra else [])
 ref, dense = embed_with_flops(model, heldout, reduced=False)
 probe_ref, _ = embed_with_flops(model, train_probe, reduced=False)
 target = copy.deepcopy(model)

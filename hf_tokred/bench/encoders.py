@@ -192,20 +192,39 @@ def stdlib_texts(tokenizer, count: int, lengths: tuple[int, ...] = TEXT_LENGTHS,
     """
     if count < 1:
         raise ValueError(f"stdlib_texts: count must be >= 1, got {count}")
+    out = paragraph_texts(tokenizer, _paragraph_stream(), count, lengths, skip)
+    if len(out) == count:
+        return out
+    raise ValueError(f"stdlib_texts: the stdlib holds only {len(out)} texts after skipping {skip}; asked for {count}")
+
+
+def paragraph_texts(tokenizer, paragraphs, count: int, lengths: tuple[int, ...] = TEXT_LENGTHS,
+                    skip: int = 0) -> list[TextSample]:
+    """Up to ``count`` texts cut from the ``paragraphs`` stream as :func:`stdlib_texts` cuts the stdlib's: paragraphs
+    are joined until the text reaches the next of ``lengths`` (tokens, with [CLS]/[SEP]; cycling), the first
+    ``skip`` texts passed over. Fewer than ``count`` when the stream runs out.
+
+    Example:
+        >>> from hf_tokred.bench.encoders import paragraph_texts
+        >>> from hf_tokred.embedded import load_minilm
+        >>> _, tokenizer = load_minilm()                                                   # doctest: +SKIP
+        >>> [t.tokens for t in paragraph_texts(tokenizer, ["a b c"] * 200, 3, (8, 16))]    # doctest: +SKIP
+        [8, 16, 8]
+    """
     out: list[TextSample] = []
     current = ""
     index = 0
-    for paragraph in _paragraph_stream():
+    for paragraph in paragraphs:
         current = f"{current} {paragraph}".strip()
         target = lengths[index % len(lengths)]
         if len(tokenizer(current)["input_ids"]) >= target:
             if index >= skip:
                 out.append(TextSample(target, current))
                 if len(out) == count:
-                    return out
+                    break
             index += 1
             current = ""
-    raise ValueError(f"stdlib_texts: the stdlib holds only {len(out)} texts after skipping {skip}; asked for {count}")
+    return out
 
 
 _DOC_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client",
@@ -1027,6 +1046,7 @@ __all__ = [
     "format_quality",
     "format_speed",
     "interpolate_at",
+    "paragraph_texts",
     "plot_quality",
     "pooled_embeddings",
     "run_quality",
