@@ -23,6 +23,8 @@ from hf_tokred.methods.lm.eagle import (
     frequent_tokens,
     lookup_continuation,
     tree_mask,
+    unroll_mask,
+    unrolled_features,
 )
 
 SMALL = {"method": "eagle", "draft_vocab": 64, "depth": 4, "top_k": 3, "min_confidence": 0.0}
@@ -86,6 +88,42 @@ def test_masks_beams_chain_vocabulary_and_loss():
     mask = torch.tensor([1.0, 0.0, 0.0])
     _, reg_masked, _ = eagle_loss(f, f + torch.tensor([[0.0], [5.0], [5.0]]), torch.zeros(3, 5), torch.zeros(3, 5), mask)
     assert reg_masked.item() == 0.0  # masked positions do not count
+
+
+def test_unroll_mask_sees_what_a_draft_step_at_that_depth_sees():
+    assert torch.equal(unroll_mask(4, 1), causal_mask(0, 4))
+    rows = unroll_mask(4, 3).int()[0, 0].tolist()  # pass-1 entries up to j - 2, pass 2's at j - 1, itself
+    assert rows == [[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+                    [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]
+
+
+def test_training_time_test_passes_equal_the_inference_draft_steps():
+    """Pass d of `unrolled_features` at row j + d - 1 is what the candidate generator computes when it drafts d
+    tokens ahead after verified features up to j (the same cache entries, positions and inputs)."""
+    from transformers import DynamicCache
+
+    model = make_tiny_llama()
+    hf_tokred.apply(model, SMALL)
+    head = _trained_like(model)
+    rotary = model.__dict__["_hf_tokred_eagle_rotary"]
+    n, j = 9, 4
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, n, 64, generator=gen)
+    embeds = model.get_input_embeddings()(torch.randint(3, 120, (1, n), generator=gen))
+    pos = torch.arange(n)[None]
+    with torch.no_grad():
+        passes = unrolled_features(head, feats, embeds, rotary(feats, pos), pos, 3)
+        assert len(passes) == 3 and all(p.shape == feats.shape for p in passes)
+        assert torch.allclose(passes[0], head(feats, embeds, rotary(feats, pos), position_ids=pos), atol=1e-6)
+        cache = DynamicCache()
+        p = pos[:, :j + 1]
+        out = head(feats[:, :j + 1], embeds[:, :j + 1], rotary(feats, p), position_ids=p, past_key_values=cache,
+                   attention_mask=causal_mask(0, j + 1))[:, -1:]
+        for d in (1, 2):  # drafting d + 1 tokens ahead: the previous step's feature, the next token, one position on
+            p = pos[:, j + d:j + d + 1]
+            out = head(out, embeds[:, j + d:j + d + 1], rotary(out, p), position_ids=p, past_key_values=cache,
+                       attention_mask=causal_mask(j + d, 1))
+            assert torch.allclose(out[0, 0], passes[d][0, j + d], atol=1e-5)
 
 
 def test_config_defaults_and_bad_values():
@@ -297,6 +335,32 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
     resumed = make_tiny_llama()
     train_eagle(resumed, tokenizer, steps=4, **kwargs)  # finished: loads the checkpoint, trains nothing
     assert torch.equal(eagle_assistant(resumed).fc.weight, head.fc.weight)
+
+
+def test_recipe_training_time_test_continues_a_saved_head(tmp_path):
+    from hf_tokred.training import train_eagle
+
+    model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
+    first = tmp_path / "first"
+    data = dict(prompts=0, windows=6, window_length=24, batch_size=2, data_dir=tmp_path / "data", progress=False)
+    train_eagle(model, tokenizer, steps=2, draft_vocab=32, depth=3, output_dir=first, **data)
+    trained = eagle_assistant(model)
+    more = make_tiny_llama()
+    train_eagle(more, tokenizer, steps=2, unroll=3, init_from=first, lr=1e-9, output_dir=tmp_path / "more", **data)
+    head = eagle_assistant(more)
+    assert len(more.train_losses) == 2 and all(torch.isfinite(torch.tensor(more.train_losses)))
+    assert torch.equal(head.vocab_ids, trained.vocab_ids)  # the saved head's draft vocabulary, not a new one
+    assert torch.allclose(head.fc.weight, trained.fc.weight, atol=1e-6)  # it started from the saved head
+    assert more.config.token_reduction["depth"] == 3  # and kept its settings
+    assert more.eagle_training["fingerprint"]["unroll"] == 3
+    card = (tmp_path / "more" / "README.md").read_text()
+    assert "training-time test" in card and str(first) in card
+    other = tmp_path / "other"  # a folder holding another method's reduction
+    hf_tokred.TokenReductionConfig(method="snapkv", keep=0.5).save_pretrained(other)
+    with pytest.raises(ConfigError, match="init_from"):
+        train_eagle(make_tiny_llama(), tokenizer, steps=1, init_from=other, **data)
+    with pytest.raises(ConfigError, match="unroll"):
+        train_eagle(make_tiny_llama(), tokenizer, steps=1, unroll=0, **data)
 
 
 def test_cli_parsers():

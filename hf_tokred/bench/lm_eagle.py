@@ -141,7 +141,7 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
             state = json.load(fh)
         budget = {"steps": state["step"], "batch_size": state["fingerprint"]["batch_size"],
                   "sequences": state["sequences"], "tokens": state["tokens"], "seconds": state["seconds"],
-                  "data": state["data"]}
+                  "data": state["data"], "unroll": state.get("unroll", 1), "init_from": state.get("init_from")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     reduction = model.config.token_reduction
@@ -240,8 +240,11 @@ def run(args) -> int:
                        policy=args.policy, keep=args.keep)
     budget = result["budget"]
     if budget:
+        extra = f", training-time test over {budget['unroll']} steps" if budget["unroll"] > 1 else ""
+        if budget["init_from"]:
+            extra += f", continuing the head of {budget['init_from']}"
         _log(f"eagle head: {budget['steps']} steps x {budget['batch_size']} sequences on {budget['sequences']} "
-             f"sequences ({budget['tokens']} tokens), {budget['seconds']:.0f} s of training")
+             f"sequences ({budget['tokens']} tokens), {budget['seconds']:.0f} s of training{extra}")
     print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, greedy, up to "
           f"{result['max_new_tokens']} new tokens (timings on a shared CPU are indicative)")
     print(format_result(result))

@@ -156,9 +156,9 @@ def _batch(sequences, features, indices, device):
 def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int = 4, min_confidence: float = 0.25,
                 draft_vocab: int = 8192, prompts: int = 160, max_new_tokens: int = 128, windows: int = 32,
                 window_length: int = 256, steps: int = 300, batch_size: int = 4, lr: float = 1e-3,
-                lr_schedule: str = "cosine", max_grad_norm: float = 0.5, noise: float | None = None, seed: int = 0,
-                data_dir=None, output_dir=None, resume: bool = True, save_every: int = 50,
-                progress: bool = True):
+                lr_schedule: str = "cosine", max_grad_norm: float = 0.5, noise: float | None = None, unroll: int = 1,
+                init_from=None, seed: int = 0, data_dir=None, output_dir=None, resume: bool = True,
+                save_every: int = 50, progress: bool = True):
     """Train EAGLE's draft head for ``model`` (a causal LM; returned with the reduction attached and trained).
 
     The reduction: ``reduction`` (an eagle config), else a fresh one with ``depth``, ``top_k``, ``min_confidence``
@@ -168,7 +168,12 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
     its most frequent tokens (:func:`draft_vocabulary`); the target's features are computed once
     (:func:`target_features`, cached in ``data_dir``). The loop: AdamW at ``lr`` with a ``lr_schedule`` decay,
     ``batch_size`` sequences per step in a seeded order, the paper's loss and feature noise (``noise``, default
-    0.1), gradients clipped to ``max_grad_norm``; only the head trains. With ``output_dir``: checkpoints every
+    0.1), gradients clipped to ``max_grad_norm``; only the head trains. ``unroll`` > 1 adds training-time test
+    (EAGLE-3, HASS; :func:`~hf_tokred.methods.lm.eagle.unrolled_features`): the loss is the mean over ``unroll``
+    passes, pass ``d`` predicting from the head's own features ``d - 1`` steps back, as drafting ``d`` tokens ahead
+    does. ``init_from`` (a folder saved by this recipe) continues training that head: its reduction settings and
+    draft vocabulary are kept (``reduction``, ``depth``, ``top_k``, ``min_confidence``, ``draft_vocab`` are then
+    not used). With ``output_dir``: checkpoints every
     ``save_every`` steps (resumed with ``resume``), then ``save_pretrained`` (the head goes to
     ``token_reduction.safetensors``), the tokenizer, ``eagle_training.json`` and a model card. Every step's loss is
     ``model.train_losses``.
@@ -182,12 +187,12 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
     from .. import integration
     from ..config import TokenReductionConfig
     from ..integration.wiring import MODULES_ATTR, get_applied
-    from ..methods.lm.eagle import FEATURE_NOISE, MODULE_NAME, EagleConfig, eagle_loss
+    from ..methods.lm.eagle import FEATURE_NOISE, MODULE_NAME, EagleConfig, eagle_loss, unrolled_features
     from ..model_patches import find_adapter
     from ..model_patches.rope import _rotary_module
     from ..training import LR_SCHEDULES, _batch_order, _prepare_checkpoint, _resumable_step, lr_factor, save_trained
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every), ("unroll", unroll)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: expected an int >= 1, got {value!r}", field=name)
     if not isinstance(lr, (int, float)) or lr <= 0:
@@ -209,7 +214,13 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
                                    cache_file=os.path.join(data_path, "features.safetensors") if data_path else None)
         text = model.config.get_text_config(decoder=True)
         vocab = model.get_input_embeddings().num_embeddings
-        if reduction is not None:
+        if init_from is not None:
+            init_from = os.path.abspath(os.path.expanduser(os.fspath(init_from)))
+            cfg = TokenReductionConfig.from_pretrained(init_from)
+            if not isinstance(cfg, EagleConfig):
+                raise ConfigError(f"init_from: {init_from!r} holds a {cfg.method!r} reduction, not an eagle head",
+                                  field="init_from")
+        elif reduction is not None:
             cfg = TokenReductionConfig.coerce(reduction)
             if not isinstance(cfg, EagleConfig):
                 raise ConfigError(f"reduction: expected an eagle config, got {cfg.method!r}", field="reduction")
@@ -218,9 +229,9 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         cfg.base_hidden_size, cfg.base_vocab_size = text.hidden_size, vocab
         cfg.base_num_layers = text.num_hidden_layers
         cfg.base_model = str(getattr(model, "name_or_path", "") or type(model).__name__)
-        integration.apply(model, cfg)
+        integration.apply(model, cfg, weights_from=init_from)  # init_from: the head it holds (checked for this model)
         head = model._modules[MODULES_ATTR][MODULE_NAME]
-        if cfg.draft_vocab:
+        if cfg.draft_vocab and init_from is None:
             head.vocab_ids.copy_(draft_vocabulary(tokenizer, sequences, cfg.draft_vocab, vocab))
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -233,12 +244,15 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
         digest = hashlib.sha256(json.dumps([[s["input_ids"], s["start"]] for s in sequences]).encode()).hexdigest()
         fingerprint = {"data_sha256": digest, "reduction": cfg.to_dict(), "lr": lr, "batch_size": batch_size,
-                       "seed": seed, "lr_schedule": lr_schedule, "max_grad_norm": max_grad_norm, "noise": noise,
-}
+                       "seed": seed, "lr_schedule": lr_schedule, "max_grad_norm": max_grad_norm, "noise": noise}
+        if unroll > 1:  # only when set, so checkpoints of runs without them still resume
+            fingerprint["unroll"] = unroll
+        if init_from is not None:
+            fingerprint["init_from"] = init_from
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "sequences": len(sequences),
                  "tokens": sum(len(s["input_ids"]) for s in sequences), "seconds": 0.0,
                  "data": {"prompts": prompts, "max_new_tokens": max_new_tokens, "windows": windows,
-                          "window_length": window_length}}
+                          "window_length": window_length}, "unroll": unroll, "init_from": init_from}
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, head, optimizer, params, state)
         if checkpoint is not None and state["step"] and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
@@ -259,14 +273,19 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
             inputs = feats[:, :-1] + (torch.rand_like(feats[:, :-1]) * 2 - 1) * noise
             length = inputs.shape[1]
             positions = torch.arange(length, device=device)[None].expand(ids.shape[0], -1)
-            predicted = head(inputs, embed(ids[:, 1:]), rotary(inputs, positions), position_ids=positions)
+            passes = unrolled_features(head, inputs, embed(ids[:, 1:]), rotary(inputs, positions), positions, unroll)
             target = feats[:, 1:]
             w_draft, b_draft = head.draft_weight(lm_head)
             with torch.no_grad():
                 target_logits = torch.nn.functional.linear(target, w_draft, b_draft)
-            draft_logits = torch.nn.functional.linear(predicted, w_draft, b_draft)
-            loss, reg, cls = eagle_loss(predicted, target, draft_logits, target_logits, weight)
-            reg_sum, cls_sum = reg_sum + reg.item(), cls_sum + cls.item()
+            loss = 0.0
+            for d, predicted in enumerate(passes):  # pass d + 1 has no history before row d
+                draft_logits = torch.nn.functional.linear(predicted, w_draft, b_draft)
+                counted = weight if d == 0 else weight * (torch.arange(length, device=device) >= d)
+                pass_loss, reg, cls = eagle_loss(predicted, target, draft_logits, target_logits, counted)
+                loss = loss + pass_loss / len(passes)
+                if d == 0:  # the logged parts are pass 1's (the paper's loss)
+                    reg_sum, cls_sum = reg_sum + reg.item(), cls_sum + cls.item()
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(lr_schedule, step, steps)
             state["seconds"] = round(before + time.perf_counter() - start, 2)  # checkpointed with the step
@@ -296,6 +315,10 @@ def model_card(model, cfg, state: dict, figures: str = "") -> str:
     losses = state["losses"]
     final = sum(losses[-20:]) / max(len(losses[-20:]), 1)
     fp, data = state["fingerprint"], state["data"]
+    unroll = state.get("unroll", 1)
+    unrolled = f", averaged over {unroll} passes of training-time test (EAGLE-3, HASS)" if unroll > 1 else ""
+    continued = (f"\n- continued from the head in `{state['init_from']}` (its own card gives its earlier training)"
+                 if state.get("init_from") else "")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -329,8 +352,8 @@ Greedy outputs are the model's own greedy outputs; sampling keeps its distributi
   {data["window_length"]} training-split text tokens: {state["sequences"]} sequences, {state["tokens"]} tokens
 - steps: {state["step"]} x {fp["batch_size"]} sequences, AdamW lr {fp["lr"]} ({fp["lr_schedule"]}), gradient clip
   {fp["max_grad_norm"]}, feature noise U(-{fp["noise"]}, {fp["noise"]}), seed {fp["seed"]}
-- loss: smooth L1 on features + 0.1 x cross-entropy against the target's next-token distribution; last 20 steps'
-  mean {final:.4f}
+- loss: smooth L1 on features + 0.1 x cross-entropy against the target's next-token distribution{unrolled}; last 20
+  steps' mean {final:.4f}{continued}
 - wall time: {state["seconds"]:.0f} s of training on a shared CPU (after data generation)
 - settings: depth {cfg.depth}, top_k {cfg.top_k}, min_confidence {cfg.min_confidence}
 
@@ -358,6 +381,11 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=1e-3, help="learning rate (default: 1e-3)")
     train.add_argument("--draft-vocab", type=int, default=8192,
                        help="draft vocabulary: most frequent training tokens (default: 8192; 0 = all)")
+    train.add_argument("--unroll", type=_positive_int, default=1,
+                       help="training-time test: also train the head on its own predictions this many steps deep "
+                            "(EAGLE-3, HASS; default: 1 = the paper's single step)")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="continue training the head saved in DIR (by this command) instead of a fresh one")
     train.set_defaults(handler=run)
 
 
@@ -371,7 +399,8 @@ def run(args) -> int:
     output = recipe_output(args, "smollm2-eagle")
     _log(f"eagle: {args.prompts} prompts + {args.windows} windows, {args.steps} steps of {args.batch_size}")
     train_eagle(model, tokenizer, prompts=args.prompts, windows=args.windows, steps=args.steps,
-                batch_size=args.batch_size, lr=args.lr, draft_vocab=args.draft_vocab, seed=args.seed,
+                batch_size=args.batch_size, lr=args.lr, draft_vocab=args.draft_vocab, unroll=args.unroll,
+                init_from=args.init_from, seed=args.seed,
                 output_dir=output, progress=not args.no_progress)
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the head; "
           "measure it with `hf-tokred learned-lm eagle`")

@@ -47,6 +47,11 @@ Where we depart from the paper:
   cross-entropy of the draft's LM-head distribution against the target's next-token distribution) and its
   uniform feature noise U(-0.1, 0.1); the cross-entropy is over the draft vocabulary (target probabilities
   renormalised over it).
+* **training-time test (an addition, off unless asked for)**: ``train_eagle(..., unroll=k)`` also trains the head
+  on its own predicted features up to ``k`` steps deep (:func:`unrolled_features`), as EAGLE-3 (arXiv 2503.01840)
+  and HASS (arXiv 2408.15766) do, so that drafting several tokens ahead sees at training what it sees at
+  inference; the paper trains one step on the target's features only. EAGLE-3's other changes (fused features of
+  several layers, token-only loss) are not taken: the head keeps EAGLE's architecture and loss.
 * **retrieval drafts (an addition, off unless asked for)**: ``generate(..., assistant_model=eagle_assistant(model),
   prompt_lookup_num_tokens=N)`` combines EAGLE with prompt lookup the way SAM-Decoding (Hu et al., arXiv
   2411.10666) combines its retrieval with EAGLE: each round, where the context's last ``lookup_min_match`` or
@@ -224,6 +229,53 @@ def tree_mask(past: int, ancestors: torch.Tensor) -> torch.Tensor:
     head = torch.ones(w, past, dtype=torch.bool, device=ancestors.device)
     eye = torch.eye(w, dtype=torch.bool, device=ancestors.device)
     return torch.cat([head, ancestors, eye], dim=1)[None, None]
+
+
+def unroll_mask(length: int, depth: int, device=None) -> torch.Tensor:
+    """Boolean ``(1, 1, length, depth * length)`` mask of pass ``depth`` of training-time test
+    (:func:`unrolled_features`): position ``j`` sees pass 1's entries up to ``j - depth + 1`` (the target's
+    features), the entry of each later pass ``e`` at ``j - depth + e`` (the head's own earlier predictions), and
+    itself: what the draft step at depth ``depth`` sees at inference. Pass 1 is the causal mask.
+
+    Example:
+        >>> unroll_mask(3, 2).int()[0, 0].tolist()
+        [[0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 1]]
+    """
+    if depth == 1:
+        return causal_mask(0, length, device)
+    j = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    parts = [k <= j - (depth - 1)] + [k == j - (depth - e) for e in range(2, depth + 1)]
+    return torch.cat(parts, dim=1)[None, None]
+
+
+def unrolled_features(head: EagleHead, features: torch.Tensor, token_embeds: torch.Tensor, position_embeddings,
+                      position_ids: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """Training-time test (EAGLE-3, arXiv 2503.01840; HASS, arXiv 2408.15766): ``depth`` passes of the draft head
+    over whole sequences, where pass ``d`` reads the features pass ``d - 1`` predicted, as drafting ``d`` tokens
+    ahead does at inference.
+
+    ``features`` ``(batch, n, h)`` are the target's features ``f_0..f_{n-1}``, ``token_embeds`` the embeddings of
+    ``x_1..x_n``. Returns one ``(batch, n, h)`` tensor per pass: pass ``d``'s row ``j`` predicts ``f_{j+1}`` from
+    the target's features up to ``j - d + 1`` and the head's own predictions after that (rows ``j < d - 1`` have
+    no such history). Depth 1 is the head's plain forward (causal, no cache); deeper passes share one cache of the
+    earlier passes' keys and values (:func:`unroll_mask`).
+
+    Example:
+        >>> outs = unrolled_features(head, feats, embeds, rotary(feats, pos), pos, 3)        # doctest: +SKIP
+        >>> len(outs), outs[2].shape == feats.shape                                       # doctest: +SKIP
+        (3, True)
+    """
+    from transformers import DynamicCache
+
+    if depth == 1:
+        return [head(features, token_embeds, position_embeddings, position_ids=position_ids)]
+    cache, outs, length = DynamicCache(), [], features.shape[1]
+    for d in range(1, depth + 1):
+        inputs = features if d == 1 else torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)
+        outs.append(head(inputs, token_embeds, position_embeddings, position_ids=position_ids, past_key_values=cache,
+                         attention_mask=unroll_mask(length, d, features.device)))
+    return outs
 
 
 def expand_beams(scores: torch.Tensor, logprobs: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -456,4 +508,5 @@ class EagleConfig(TokenReductionConfig):
 
 
 __all__ = ["EagleConfig", "EagleHead", "base_signature", "best_chain", "causal_mask", "draft_layer_config",
-           "eagle_loss", "expand_beams", "frequent_tokens", "lookup_continuation", "signature_matches", "tree_mask"]
+           "eagle_loss", "expand_beams", "frequent_tokens", "lookup_continuation", "signature_matches", "tree_mask",
+           "unroll_mask", "unrolled_features"]
