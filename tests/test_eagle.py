@@ -357,8 +357,11 @@ def test_recipe_training_time_test_continues_a_saved_head(tmp_path):
     assert "training-time test" in card and str(first) in card
     other = tmp_path / "other"  # a folder holding another method's reduction
     hf_tokred.TokenReductionConfig(method="snapkv", keep=0.5).save_pretrained(other)
+    untouched = make_tiny_llama()
+    hf_tokred.apply(untouched, SMALL)
     with pytest.raises(ConfigError, match="init_from"):
-        train_eagle(make_tiny_llama(), tokenizer, steps=1, init_from=other, **data)
+        train_eagle(untouched, tokenizer, steps=1, init_from=other, **data)
+    assert get_applied(untouched).config.method == "eagle"  # refused before the model was touched
     with pytest.raises(ConfigError, match="unroll"):
         train_eagle(make_tiny_llama(), tokenizer, steps=1, unroll=0, **data)
 

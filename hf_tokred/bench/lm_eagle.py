@@ -141,7 +141,8 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
             state = json.load(fh)
         budget = {"steps": state["step"], "batch_size": state["fingerprint"]["batch_size"],
                   "sequences": state["sequences"], "tokens": state["tokens"], "seconds": state["seconds"],
-                  "data": state["data"], "unroll": state.get("unroll", 1), "init_from": state.get("init_from")}
+                  "data": state["data"], "unroll": state["fingerprint"].get("unroll", 1),
+                  "init_from": state["fingerprint"].get("init_from")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     reduction = model.config.token_reduction

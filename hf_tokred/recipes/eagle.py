@@ -201,6 +201,24 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         raise ConfigError(f"lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}",
                           field="lr_schedule")
     noise = FEATURE_NOISE if noise is None else float(noise)
+    # the reduction first: a bad init_from or reduction fails before the model is touched or any data is built
+    text = model.config.get_text_config(decoder=True)
+    vocab = model.get_input_embeddings().num_embeddings
+    if init_from is not None:
+        init_from = os.path.abspath(os.path.expanduser(os.fspath(init_from)))
+        cfg = TokenReductionConfig.from_pretrained(init_from)
+        if not isinstance(cfg, EagleConfig):
+            raise ConfigError(f"init_from: {init_from!r} holds a {cfg.method!r} reduction, not an eagle head",
+                              field="init_from")
+    elif reduction is not None:
+        cfg = TokenReductionConfig.coerce(reduction)
+        if not isinstance(cfg, EagleConfig):
+            raise ConfigError(f"reduction: expected an eagle config, got {cfg.method!r}", field="reduction")
+    else:
+        cfg = EagleConfig(depth=depth, top_k=top_k, min_confidence=min_confidence, draft_vocab=draft_vocab)
+    cfg.base_hidden_size, cfg.base_vocab_size = text.hidden_size, vocab
+    cfg.base_num_layers = text.num_hidden_layers
+    cfg.base_model = str(getattr(model, "name_or_path", "") or type(model).__name__)
     rng_state = torch.random.get_rng_state()
     try:
         if get_applied(model) is not None:
@@ -212,23 +230,6 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         data_path = _data_dir(data_dir)
         features = target_features(model, sequences, progress=progress,
                                    cache_file=os.path.join(data_path, "features.safetensors") if data_path else None)
-        text = model.config.get_text_config(decoder=True)
-        vocab = model.get_input_embeddings().num_embeddings
-        if init_from is not None:
-            init_from = os.path.abspath(os.path.expanduser(os.fspath(init_from)))
-            cfg = TokenReductionConfig.from_pretrained(init_from)
-            if not isinstance(cfg, EagleConfig):
-                raise ConfigError(f"init_from: {init_from!r} holds a {cfg.method!r} reduction, not an eagle head",
-                                  field="init_from")
-        elif reduction is not None:
-            cfg = TokenReductionConfig.coerce(reduction)
-            if not isinstance(cfg, EagleConfig):
-                raise ConfigError(f"reduction: expected an eagle config, got {cfg.method!r}", field="reduction")
-        else:
-            cfg = EagleConfig(depth=depth, top_k=top_k, min_confidence=min_confidence, draft_vocab=draft_vocab)
-        cfg.base_hidden_size, cfg.base_vocab_size = text.hidden_size, vocab
-        cfg.base_num_layers = text.num_hidden_layers
-        cfg.base_model = str(getattr(model, "name_or_path", "") or type(model).__name__)
         integration.apply(model, cfg, weights_from=init_from)  # init_from: the head it holds (checked for this model)
         head = model._modules[MODULES_ATTR][MODULE_NAME]
         if cfg.draft_vocab and init_from is None:
@@ -252,7 +253,7 @@ def train_eagle(model, tokenizer, *, reduction=None, depth: int = 6, top_k: int 
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "sequences": len(sequences),
                  "tokens": sum(len(s["input_ids"]) for s in sequences), "seconds": 0.0,
                  "data": {"prompts": prompts, "max_new_tokens": max_new_tokens, "windows": windows,
-                          "window_length": window_length}, "unroll": unroll, "init_from": init_from}
+                          "window_length": window_length}}
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, head, optimizer, params, state)
         if checkpoint is not None and state["step"] and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
@@ -315,10 +316,10 @@ def model_card(model, cfg, state: dict, figures: str = "") -> str:
     losses = state["losses"]
     final = sum(losses[-20:]) / max(len(losses[-20:]), 1)
     fp, data = state["fingerprint"], state["data"]
-    unroll = state.get("unroll", 1)
+    unroll = fp.get("unroll", 1)
     unrolled = f", averaged over {unroll} passes of training-time test (EAGLE-3, HASS)" if unroll > 1 else ""
-    continued = (f"\n- continued from the head in `{state['init_from']}` (its own card gives its earlier training)"
-                 if state.get("init_from") else "")
+    continued = (f"\n- continued from the head in `{fp['init_from']}` (its own card gives its earlier training)"
+                 if fp.get("init_from") else "")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
