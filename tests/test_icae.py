@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
-from hf_tokred.integration.icae import encode, icae_losses, reconstruct
+from hf_tokred.integration.icae import encode, icae_losses, reconstruct, slot_count
 from hf_tokred.integration.wiring import get_applied
 from hf_tokred.methods.lm.icae import encoder_inputs, export_peft_adapter
 
@@ -24,6 +24,15 @@ def _trained_like(model, seed: int = 1):
         for name, p in parts.named_parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * (0.2 if "lora" in name else 1.0))
     return model
+
+
+def _rotated(keys: torch.Tensor, shift: int, model) -> torch.Tensor:
+    """``keys`` (``(batch, heads, n, head_dim)``, RoPE applied) rotated ``shift`` positions further."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    positions = torch.full((keys.shape[0], keys.shape[2]), shift)
+    cos, sin = model.model.rotary_emb(keys, positions)
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[0]
 
 
 def _icae(seed: int = 0, **cfg):
@@ -41,7 +50,9 @@ def test_config_chunks_and_errors():
     assert (cfg.memory_slots, cfg.chunk_tokens, cfg.ratio) == (32, 128, 4.0)
     assert cfg.slots_for(512) == 128 and cfg.slots_for(513) == 160 and cfg.slots_for(1) == 32
     assert cfg.chunk_lengths(300) == [100, 100, 100] and cfg.chunk_lengths(257) == [86, 86, 85]
-    assert cfg.stage == "context" and cfg.learned
+    assert cfg.stage == "context" and cfg.learned and cfg.slot_form == "kv"
+    with pytest.raises(ConfigError, match="slot_form"):
+        TokenReductionConfig(method="icae", slot_form="embeddings")
     with pytest.raises(ConfigError, match="memory_slots"):
         TokenReductionConfig(method="icae", memory_slots=0)
     with pytest.raises(ConfigError, match="memory_slots"):
@@ -80,7 +91,7 @@ def test_plain_forward_generate_and_remove_are_dense():
 
 
 def test_compress_context_cache_and_generate_reads_the_slots():
-    model = _icae()
+    model = _icae(slot_form="hidden")
     context, question = _ids(10, 1), _ids(5, 1, seed=3)
     ctx = hf_tokred.compress_context(model, context)
     layers = model.config.num_hidden_layers
@@ -104,8 +115,44 @@ def test_compress_context_cache_and_generate_reads_the_slots():
     assert not torch.allclose(no_lora, slots, atol=1e-4)
 
 
-def test_batch_with_different_lengths_matches_rows_alone():
+def test_kv_slots_are_the_encoders_keys_and_values_at_the_memory_positions():
     model = _icae()
+    context, question = _ids(10, 1), _ids(5, 1, seed=3)
+    ctx = hf_tokred.compress_context(model, context)
+    layers = model.config.num_hidden_layers
+    assert ctx.entries == 4 and all(ctx.cache.layers[i].keys.shape[2] == 4 for i in range(layers))
+    # the encoder (LoRA on) over [context, memory tokens], memory at positions 0..3: its cache at those positions
+    parts = model.hf_tokred_modules["icae"]
+    from hf_tokred.integration.icae import encoder_mode
+    embeds = torch.cat([model.get_input_embeddings()(context), parts.memory[None]], 1)
+    with torch.no_grad(), encoder_mode(model):
+        full = model(inputs_embeds=embeds, position_ids=torch.arange(-10, 4)[None], use_cache=True).past_key_values
+    for i in range(layers):
+        torch.testing.assert_close(ctx.cache.layers[i].keys, full.layers[i].keys[:, :, -4:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ctx.cache.layers[i].values, full.layers[i].values[:, :, -4:], atol=1e-5, rtol=1e-4)
+    # ... and the same as at the natural positions 0..13, keys rotated back by the shift (RoPE is relative)
+    with torch.no_grad(), encoder_mode(model):
+        natural = model(inputs_embeds=embeds, use_cache=True).past_key_values
+    for i in range(layers):
+        torch.testing.assert_close(ctx.cache.layers[i].keys, _rotated(natural.layers[i].keys[:, :, -4:], -10, model),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ctx.cache.layers[i].values, natural.layers[i].values[:, :, -4:], atol=1e-5,
+                                   rtol=1e-4)
+    # the question reads them at positions 4.. ; generate() continues from there
+    with torch.no_grad():
+        ref = model(question, position_ids=torch.arange(4, 9)[None], past_key_values=ctx.fresh_cache()).logits[:, -1]
+    out = model.generate(torch.cat([ctx.prefix_ids, question], -1), past_key_values=ctx.fresh_cache(),
+                         max_new_tokens=1, do_sample=False)
+    assert int(out[0, -1]) == int(ref.argmax(-1))
+    # without the LoRA the slots differ
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds, position_ids=torch.arange(-10, 4)[None], use_cache=True).past_key_values
+    assert not torch.allclose(plain.layers[1].values[:, :, -4:], ctx.cache.layers[1].values, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["kv", "hidden"])
+def test_batch_with_different_lengths_matches_rows_alone(form):
+    model = _icae(slot_form=form)
     rows = [_ids(n, 1, seed=n)[0] for n in (12, 7, 9)]
     left = torch.zeros(3, 12, dtype=torch.long)
     mask = torch.zeros(3, 12, dtype=torch.long)
@@ -130,16 +177,24 @@ def test_batch_with_different_lengths_matches_rows_alone():
                                            atol=1e-5, rtol=1e-4)
 
 
-def test_long_context_is_compressed_chunk_by_chunk():
-    model = _icae()
+@pytest.mark.parametrize("form", ["kv", "hidden"])
+def test_long_context_is_compressed_chunk_by_chunk(form):
+    model = _icae(slot_form=form)
     context = _ids(30, 1)  # chunk_tokens 12 -> 3 chunks of 10 -> 12 slots
     ctx = hf_tokred.compress_context(model, context)
     assert ctx.entries == 12 and ctx.cache.layers[0].keys.shape[2] == 12
     with torch.no_grad():
         slots = encode(model, context)
+        assert slot_count(slots) == 12
         for j in range(3):
-            torch.testing.assert_close(slots[:, 4 * j:4 * (j + 1)], encode(model, context[:, 10 * j:10 * (j + 1)]),
-                                       atol=1e-5, rtol=1e-4)
+            alone = encode(model, context[:, 10 * j:10 * (j + 1)])  # its slots at positions 0..3
+            if form == "hidden":
+                torch.testing.assert_close(slots[:, 4 * j:4 * (j + 1)], alone, atol=1e-5, rtol=1e-4)
+                continue
+            for (keys, values), (keys_alone, values_alone) in zip(slots, alone):  # chunk j's at 4j..4j+3
+                torch.testing.assert_close(values[:, :, 4 * j:4 * (j + 1)], values_alone, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(keys[:, :, 4 * j:4 * (j + 1)], _rotated(keys_alone, 4 * j, model),
+                                           atol=1e-5, rtol=1e-4)
     # rows that need different numbers of chunks cannot share one cache: a clear error
     batch = torch.cat([context, context], 0)
     mask = torch.ones_like(batch)
@@ -190,7 +245,7 @@ def test_save_load_identical_and_dense_without_hf_tokred(tmp_path):
 
 def test_peft_lora_gives_the_same_encoder(tmp_path):
     peft = pytest.importorskip("peft")
-    model = _icae()
+    model = _icae(slot_form="hidden")
     context = _ids(10, 1)
     folder = export_peft_adapter(model, tmp_path / "peft")
     base = make_tiny_llama()
@@ -200,19 +255,36 @@ def test_peft_lora_gives_the_same_encoder(tmp_path):
     with torch.no_grad():
         hidden = encoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][:, -4:]
         torch.testing.assert_close(hidden, encode(model, context), atol=1e-5, rtol=1e-4)
+        # the kv form reads the same encoder's keys and values at the memory positions
+        get_applied(model).config.get("context").slot_form = "kv"
+        cache = encoder(inputs_embeds=embeds, position_ids=torch.arange(-10, 4)[None], use_cache=True).past_key_values
+        for layer, (keys, values) in zip(cache.layers, encode(model, context)):
+            torch.testing.assert_close(layer.keys[:, :, -4:], keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(layer.values[:, :, -4:], values, atol=1e-5, rtol=1e-4)
 
 
-def test_losses_reconstruct_and_training_loop(tmp_path):
-    model = _icae()
+@pytest.mark.parametrize("form", ["kv", "hidden"])
+def test_losses_and_reconstruct(form):
+    model = _icae(slot_form=form)
     context, continuation = _ids(12, 2), _ids(12, 2, seed=7)
     ae, ae_acc = icae_losses(model, context)
     lm, _ = icae_losses(model, context, continuation)
     assert ae.requires_grad and ae.item() > 0 and lm.item() > 0 and 0 <= ae_acc <= 1
     ae.backward()
     parts = model.hf_tokred_modules["icae"]
-    assert parts.memory.grad is not None and parts.ae.grad is not None
+    assert parts.memory.grad.abs().sum() > 0 and parts.ae.grad.abs().sum() > 0
+    assert parts.lora.lora("model.layers.0.self_attn.q_proj").lora_B.weight.grad.abs().sum() > 0
     ctx = hf_tokred.compress_context(model, context[:1])
-    assert reconstruct(model, ctx, 5).shape == (1, 5)
+    steps = reconstruct(model, ctx, 5)
+    assert steps.shape == (1, 5)
+    # greedy reconstruction == the argmax of the teacher-forced decoder on its own output
+    from hf_tokred.integration.icae import decoder_loss
+    with torch.no_grad():
+        _, accuracy = decoder_loss(model, encode(model, context[:1]), steps, autoencode=True)
+    assert accuracy == 1.0
+
+
+def test_training_loop(tmp_path):
 
     from hf_tokred.training import train_icae
     fresh = make_tiny_llama()
@@ -221,7 +293,9 @@ def test_losses_reconstruct_and_training_loop(tmp_path):
     trained = train_icae(fresh, make_tiny_tokenizer(), reduction=CFG, windows=windows, steps=4, batch_size=2,
                          lr=1e-2, heldout=0, output_dir=out, save_every=2, progress=False)
     assert len(trained.train_losses) == 4 and (out / "token_reduction.safetensors").exists()
-    assert "steps: 4" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "steps: 4" in card and "keys and values at the memory positions" in card
+    assert get_applied(AutoModelForCausalLM.from_pretrained(out)).config.get("context").slot_form == "kv"
     assert trained.hf_tokred_modules["icae"].lora.lora(
         "model.layers.0.self_attn.q_proj").lora_B.weight.abs().sum() > 0
     again = train_icae(make_tiny_llama(), make_tiny_tokenizer(), reduction=CFG, windows=windows, steps=4,
@@ -230,3 +304,12 @@ def test_losses_reconstruct_and_training_loop(tmp_path):
     with pytest.raises(ConfigError, match="windows"):
         train_icae(make_tiny_llama(), None, reduction=CFG, windows=windows[:, :10], steps=1, heldout=0,
                    progress=False)
+
+
+def test_train_command_line_takes_the_slot_form():
+    from hf_tokred.cli import build_parser
+
+    assert build_parser().parse_args(["train", "icae"]).slot_form == "kv"
+    assert build_parser().parse_args(["train", "icae", "--slot-form", "hidden"]).slot_form == "hidden"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "icae", "--slot-form", "embeddings"])

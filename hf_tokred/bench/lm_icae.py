@@ -85,19 +85,14 @@ def reconstruction(model, tokenizer, windows: torch.Tensor, *, progress: bool = 
     with torch.no_grad():
         for i in tqdm(range(n), desc="icae reconstruction", disable=not progress):
             text = windows[i:i + 1]
-            slots = encode(model, text)  # (1, chunks * m, hidden), the chunks' slots in order
+            slots = encode(model, text)  # the chunks' slots in order
             sums["icae_all_slots"] += decoder_loss(model, slots, text, autoencode=True)[1]
+            # chunk by chunk: each chunk compressed on its own and decoded from its own m slots
             cuts = cfg.chunk_lengths(length)
-            if len(set(cuts)) == 1:  # every chunk as its own row: chunk j from its own m slots
-                per_slots = slots.reshape(len(cuts), cfg.memory_slots, -1)
-                sums["icae_per_chunk"] += decoder_loss(model, per_slots, text.reshape(len(cuts), -1),
-                                                       autoencode=True)[1]
-            else:
-                starts = [sum(cuts[:j]) for j in range(len(cuts))]
-                sums["icae_per_chunk"] += sum(
-                    decoder_loss(model, slots[:, j * cfg.memory_slots:(j + 1) * cfg.memory_slots],
-                                 text[:, s:s + c], autoencode=True)[1] * c
-                    for j, (s, c) in enumerate(zip(starts, cuts))) / length
+            starts = [sum(cuts[:j]) for j in range(len(cuts))]
+            sums["icae_per_chunk"] += sum(
+                decoder_loss(model, encode(model, text[:, s:s + c]), text[:, s:s + c], autoencode=True)[1] * c
+                for s, c in zip(starts, cuts)) / length
             copy = torch.cat([text, torch.tensor([[eos]]), text], 1)
             logits = model(input_ids=copy, use_cache=False).logits[0, :-1]
             hits = logits.argmax(-1) == copy[0, 1:]
@@ -163,7 +158,7 @@ def run(args) -> int:
                     "seed": fp.get("seed")}
     slots = cfg.slots_for(CONTEXT_TOKENS)
     print(f"ICAE on SmolLM2-135M-Instruct: {cfg.chunk_tokens}-token chunks -> {cfg.memory_slots} slots; "
-          f"{CONTEXT_TOKENS} context tokens -> {slots} slots ({CONTEXT_TOKENS / slots:g}x)")
+          f"{CONTEXT_TOKENS} context tokens -> {slots} slots ({CONTEXT_TOKENS / slots:g}x); slot form {cfg.slot_form}")
     if training:
         print(f"training: {training['steps']} steps x {training['batch_size']} windows of {2 * cfg.chunk_tokens} "
               f"tokens (lr {training['lr']}, LM ratio {training['lm_ratio']}, seed {training['seed']}), "

@@ -11,11 +11,15 @@ has nothing to undo but the learned part.
    ``cfg.chunk_lengths(L)`` chunks; all rows must need the same number of chunks (a clear error otherwise:
    compress such rows separately), which holds for every batch of contexts of at most ``chunk_tokens`` tokens;
 2. encodes each chunk (batched over rows) with the LoRA hooks attached for that call only: the chunk's
-   tokens, left-padded, then the memory tokens, positions from 0 for every row; the final-norm hidden states at
-   the memory positions are the chunk's slots;
-3. runs the frozen decoder (no LoRA) over all slots as ``inputs_embeds`` at positions ``0..S-1`` into a fresh
-   ``DynamicCache``: ``S = chunks * memory_slots`` entries per layer, the same for every row, so no padding
-   and no mask are needed afterwards and each row gives the same result as alone.
+   tokens, left-padded, then the memory tokens. ``slot_form="kv"`` (the default): the positions put chunk ``j``'s
+   memory tokens at ``j * m .. j * m + m - 1`` (its tokens before them, negative positions included), and the
+   keys and values of every layer at the memory positions are the chunk's slots, already cache entries.
+   ``slot_form="hidden"`` (the paper's): positions from 0 for every row, and the final-norm hidden states at the
+   memory positions are the chunk's slots;
+3. builds a fresh ``DynamicCache`` of ``S = chunks * memory_slots`` entries per layer: the ``kv`` slots in chunk
+   order, or the frozen decoder's KV of the ``hidden`` slots fed as ``inputs_embeds`` at positions ``0..S-1``.
+   Every row has the same ``S`` entries, so no padding and no mask are needed afterwards and each row gives the
+   same result as alone.
 
 ``prefix_ids`` are ``S`` copies of a placeholder id (the first id that is no pad, end or start token), so
 ``generate`` sees no padding in them. Ask with
@@ -119,30 +123,74 @@ def chunk_rows(cfg: ICAEConfig, input_ids: torch.Tensor, mask: torch.Tensor) -> 
     return chunks
 
 
-def encode_chunk(model, parts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One chunk per row -> ``(batch, memory_slots, hidden)`` slots (the LoRA must be attached: :func:`encoder_mode`).
-    Keeps the autograd graph (the recipe trains through it)."""
+def encode_chunk(model, parts, ids: torch.Tensor, mask: torch.Tensor, form: str = "hidden", first_slot: int = 0):
+    """One chunk per row -> its ``memory_slots`` slots (the LoRA must be attached: :func:`encoder_mode`): for
+    ``form="hidden"`` a ``(batch, memory_slots, hidden)`` tensor; for ``form="kv"`` a list with one ``(keys,
+    values)`` pair per layer, ``(batch, kv_heads, memory_slots, head_dim)`` each, the keys rotated for positions
+    ``first_slot .. first_slot + memory_slots - 1``. Keeps the autograd graph (the recipe trains through it)."""
+    from transformers import DynamicCache
+
+    m = parts.memory.shape[0]
     embeds = model.get_input_embeddings()(ids)
     inputs, attention, positions = encoder_inputs(embeds, mask, parts.memory)
-    out = model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False)
-    return out.last_hidden_state[:, -parts.memory.shape[0]:]
+    if form == "hidden":
+        out = model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
+                               use_cache=False)
+        return out.last_hidden_state[:, -m:]
+    # RoPE attention sees only relative positions: shifting a row's positions changes nothing but the rotation of
+    # its keys, which then sit at the slots' positions in the decoder
+    positions = positions - positions[:, -m:-m + 1] + first_slot
+    cache = DynamicCache(config=model.config)
+    model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                     use_cache=True)
+    return [(layer.keys[:, :, -m:], layer.values[:, :, -m:]) for layer in cache.layers]
 
 
-def encode(model, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
-    """The memory slots of a batch of contexts: ``(batch, chunks * memory_slots, hidden)`` (chunk slots in order)."""
+def _join(slots: list):
+    """Chunk slots in order: hidden states concatenated, or each layer's keys and values concatenated."""
+    if isinstance(slots[0], torch.Tensor):
+        return torch.cat(slots, 1)
+    return [(torch.cat([s[i][0] for s in slots], 2), torch.cat([s[i][1] for s in slots], 2))
+            for i in range(len(slots[0]))]
+
+
+def _encode_chunks(model, cfg: ICAEConfig, parts, chunks: list):
+    """Every chunk of :func:`chunk_rows` through the encoder (LoRA attached for the call), slots joined in order."""
+    with encoder_mode(model):
+        return _join([encode_chunk(model, parts, ids, m, cfg.slot_form, j * cfg.memory_slots)
+                      for j, (ids, m) in enumerate(chunks)])
+
+
+def encode(model, input_ids: torch.Tensor, attention_mask=None):
+    """The memory slots of a batch of contexts, chunk slots in order: ``(batch, chunks * memory_slots, hidden)``
+    hidden states (``slot_form="hidden"``) or one ``(keys, values)`` pair per layer with ``chunks * memory_slots``
+    entries (``slot_form="kv"``; see :func:`encode_chunk`).
+
+    Example:
+        >>> slots = encode(model, context_ids)                      # doctest: +SKIP
+        >>> slot_count(slots)                                       # doctest: +SKIP
+        128
+    """
     cfg, parts = _attached(model)
     mask = _check_inputs(model, input_ids, attention_mask)
-    chunks = chunk_rows(cfg, input_ids, mask)
-    with encoder_mode(model):
-        slots = [encode_chunk(model, parts, ids, m) for ids, m in chunks]
-    return torch.cat(slots, 1)
+    return _encode_chunks(model, cfg, parts, chunk_rows(cfg, input_ids, mask))
 
 
-def slots_cache(model, slots: torch.Tensor):
-    """The frozen decoder's KV of ``slots`` (fed as input embeddings at positions ``0..S-1``): a ``DynamicCache``."""
+def slot_count(slots) -> int:
+    """Memory slots (cache entries) per row of what :func:`encode` returned, in either form."""
+    return int(slots.shape[1]) if isinstance(slots, torch.Tensor) else int(slots[0][0].shape[2])
+
+
+def slots_cache(model, slots):
+    """A ``DynamicCache`` holding the slots: the ``kv`` form's keys and values as they are, or the frozen decoder's
+    KV of ``hidden`` slots fed as input embeddings at positions ``0..S-1``."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    if not isinstance(slots, torch.Tensor):
+        for layer, (keys, values) in enumerate(slots):
+            cache.update(keys, values, layer)
+        return cache
     batch, count, _ = slots.shape
     positions = torch.arange(count, device=slots.device).unsqueeze(0).expand(batch, -1)
     model.base_model(inputs_embeds=slots.to(model.get_input_embeddings().weight.dtype), position_ids=positions,
@@ -157,7 +205,7 @@ def compress_icae(model, reducer, input_ids, attention_mask=None) -> CompressedC
     with torch.no_grad():
         slots = encode(model, input_ids, mask)
         cache = slots_cache(model, slots)
-    return CompressedContext.of(model, cache, slots.shape[1], input_ids, mask, "icae")
+    return CompressedContext.of(model, cache, slot_count(slots), input_ids, mask, "icae")
 
 
 def reconstruct(model, ctx: CompressedContext, max_new_tokens: int) -> torch.Tensor:
@@ -190,34 +238,39 @@ def icae_losses(model, context: torch.Tensor, continuation: torch.Tensor | None 
     ``(lm_loss, lm_accuracy)`` for language modelling (decoder given ``[slots, continuation[:-1]]`` predicts
     ``continuation``). Losses keep the graph (the LoRA and the embeddings get gradients; the model is frozen)."""
     cfg, parts = _attached(model)
-    mask = torch.ones_like(context, dtype=torch.bool)
-    with encoder_mode(model):
-        slots = torch.cat([encode_chunk(model, parts, ids, m) for ids, m in chunk_rows(cfg, context, mask)], 1)
+    slots = _encode_chunks(model, cfg, parts, chunk_rows(cfg, context, torch.ones_like(context, dtype=torch.bool)))
     if continuation is None:
         return decoder_loss(model, slots, context, autoencode=True)
     return decoder_loss(model, slots, continuation, autoencode=False)
 
 
-def decoder_loss(model, slots: torch.Tensor, targets: torch.Tensor, *, autoencode: bool):
-    """Teacher-forced ``(loss, accuracy)`` of the frozen decoder reading ``slots`` (``(batch, S, hidden)``):
-    reconstructing ``targets`` after ``<AE>`` (``autoencode``) or continuing with them."""
+def decoder_loss(model, slots, targets: torch.Tensor, *, autoencode: bool):
+    """Teacher-forced ``(loss, accuracy)`` of the frozen decoder reading ``slots`` (what :func:`encode` returns):
+    reconstructing ``targets`` after ``<AE>`` (``autoencode``) or continuing with them. Hidden slots come first in
+    the decoder's input (the last one predicts the continuation's first token); ``kv`` slots are its cache, so the
+    continuation is predicted from its second token on."""
     _, parts = _attached(model)
     embedding = model.get_input_embeddings()
-    batch, count = slots.shape[:2]
-    if autoencode:
-        prefix = [slots, parts.ae.unsqueeze(0).expand(batch, -1, -1).to(slots.dtype)]
-        first = count  # logits at the <AE> position predict targets[0]
+    batch, count = targets.shape[0], slot_count(slots)
+    ae = [parts.ae.unsqueeze(0).expand(batch, -1, -1).to(embedding.weight.dtype)] if autoencode else []
+    if isinstance(slots, torch.Tensor):
+        inputs = torch.cat([slots] + ae + [embedding(targets[:, :-1])], 1)
+        first = count if autoencode else count - 1  # the position whose logits predict targets[0]
+        positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(batch, -1)
+        logits = model(inputs_embeds=inputs, position_ids=positions, use_cache=False,
+                       logits_to_keep=inputs.shape[1] - first).logits
     else:
-        prefix = [slots]
-        first = count - 1  # the last slot predicts targets[0]
-    inputs = torch.cat(prefix + [embedding(targets[:, :-1])], 1)
-    positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(batch, -1)
-    logits = model(inputs_embeds=inputs, position_ids=positions, use_cache=False,
-                   logits_to_keep=inputs.shape[1] - first).logits
+        inputs = torch.cat(ae + [embedding(targets[:, :-1])], 1)
+        positions = count + torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(batch, -1)
+        logits = model(inputs_embeds=inputs, position_ids=positions, past_key_values=slots_cache(model, slots),
+                       use_cache=True).logits
+        if not autoencode:
+            targets = targets[:, 1:]
     logits = logits[:, : targets.shape[1]]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     accuracy = float((logits.argmax(-1) == targets).float().mean())
     return loss, accuracy
 
 
-__all__ = ["compress_icae", "decoder_loss", "encode", "encoder_mode", "icae_losses", "reconstruct", "slots_cache"]
+__all__ = ["compress_icae", "decoder_loss", "encode", "encoder_mode", "icae_losses", "reconstruct", "slot_count",
+           "slots_cache"]

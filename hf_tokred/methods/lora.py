@@ -32,8 +32,8 @@ TARGETS_HELP = ("names (last path part, e.g. 'q_proj') of the Linear layers in t
 class LoRAConfig(TokenReductionConfig):
     """Fields of a method that trains a LoRA (``rank``, ``alpha``, ``target_modules``), their checks, and the LoRA.
 
-    A subclass may declare the three fields again to change their defaults (ICAE's LoRA targets ``q_proj`` and
-    ``v_proj``, as its paper's does); a subclass's :meth:`validate` calls ``super().validate()``.
+    A subclass may declare the three fields again to change their defaults (ICAE's LoRA targets the four attention
+    projections); a subclass's :meth:`validate` calls ``super().validate()``.
 
     Example:
         >>> from hf_tokred import TokenReductionConfig

@@ -53,7 +53,7 @@ def _check_settings(**values) -> None:
         raise ConfigError(f"lr: expected a learning rate > 0, got {values['lr']!r}", field="lr")
 
 
-def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha):
+def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form):
     import hf_tokred
 
     from ..integration.wiring import get_applied
@@ -63,7 +63,8 @@ def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha):
     if current is not None and current.method_key == "icae" and reduction is None:
         return current
     cfg = hf_tokred.TokenReductionConfig.coerce(reduction if reduction is not None else {
-        "method": "icae", "memory_slots": memory_slots, "chunk_tokens": chunk_tokens, "rank": rank, "alpha": alpha})
+        "method": "icae", "memory_slots": memory_slots, "chunk_tokens": chunk_tokens, "rank": rank, "alpha": alpha,
+        "slot_form": slot_form})
     if cfg.method_key != "icae":
         raise ConfigError(f"reduction: expected an icae config, got {cfg.method_key!r}", field="reduction")
     hf_tokred.apply(model, cfg)
@@ -79,14 +80,14 @@ def training_windows(tokenizer, chunk_tokens: int, split: str = "train", count: 
 
 
 def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chunk_tokens: int = 128, rank: int = 16,
-               alpha: float = 32.0, steps: int = 300, batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5,
+               alpha: float = 32.0, slot_form: str = "kv", steps: int = 300, batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5,
                lr_schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, windows=None,
                output_dir=None, resume: bool = True, save_every: int = 25, heldout: int = 16,
                max_minutes: float | None = None, progress: bool = True):
     """Pretrain ICAE's learned part on ``model`` (a causal LM; returned with the reduction attached and trained).
 
     The reduction: the icae one already attached, else ``reduction``, else a fresh one (``memory_slots``,
-    ``chunk_tokens``, ``rank``, ``alpha``). Only the LoRA and the memory / ``<AE>`` embeddings train (the model
+    ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``). Only the LoRA and the memory / ``<AE>`` embeddings train (the model
     is frozen; LoRA ``lora_A`` and the embeddings drawn from ``seed``). Data: ``windows`` (a ``(n, 2 *
     chunk_tokens)`` LongTensor), else :func:`training_windows` of the training split, visited in a seeded order
     (reshuffled every pass). Each step is one objective for the whole batch: LM with probability ``lm_ratio``,
@@ -112,7 +113,7 @@ def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chun
                           field="lr_schedule")
     rng_state = torch.random.get_rng_state()
     try:
-        cfg = _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha)
+        cfg = _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form)
         if windows is None:
             windows = training_windows(tokenizer, cfg.chunk_tokens, "train", seed=seed)
         if windows.dim() != 2 or windows.shape[1] != 2 * cfg.chunk_tokens or windows.shape[0] == 0:
@@ -215,6 +216,14 @@ def evaluate_icae_chunks(model, tokenizer, *, count: int = 16, seed: int = 0, ba
     return {"windows": count, **{k: round(v / count, 4) for k, v in sums.items()}}
 
 
+SLOT_FORM_TEXT = {
+    "kv": "The slots are the encoder's keys and values at the memory positions in every layer (500xCompressor, "
+          "arXiv 2408.03094; `slot_form=\"kv\"`).",
+    "hidden": "The slots are the encoder's last hidden states at the memory positions, read as input embeddings "
+              "(the paper's; `slot_form=\"hidden\"`).",
+}
+
+
 def model_card(model, cfg, state: dict) -> str:
     base = getattr(model, "name_or_path", "") or type(model).__name__
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
@@ -247,7 +256,7 @@ tags:
 
 An In-context Autoencoder (Ge et al., arXiv 2307.06945): a LoRA encoder (rank {cfg.rank}, alpha {cfg.alpha},
 on {", ".join(cfg.target_modules) or "every Linear layer"}) turns every chunk of at most {cfg.chunk_tokens} context
-tokens into {cfg.memory_slots} memory slots that the frozen model reads ({cfg.ratio:g}x compression).
+tokens into {cfg.memory_slots} memory slots that the frozen model reads ({cfg.ratio:g}x compression). {SLOT_FORM_TEXT[cfg.slot_form]}
 `model.safetensors` holds the unchanged base model; the LoRA and the memory / `<AE>` embeddings are in
 `token_reduction.safetensors`. Without hf_tokred the folder loads as the plain base model.
 
@@ -294,6 +303,10 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=1e-3, help="learning rate (default: 1e-3)")
     train.add_argument("--max-minutes", type=_float_in(0.0, 1e6), default=None,
                        help="stop after this many minutes and save what was trained (rerun to resume)")
+    train.add_argument("--slot-form", choices=("kv", "hidden"), default="kv",
+                       help="what the decoder reads of the encoder at the memory positions: kv (its keys and values in "
+                            "every layer, 500xCompressor; default) or hidden (its last hidden states as input "
+                            "embeddings, the paper's)")
     train.add_argument("--lm-ratio", type=_float_in(0.0, 1.0), default=0.5,
                        help="probability of the language-modelling objective per step (default: 0.5)")
     train.set_defaults(handler=run)
@@ -307,7 +320,8 @@ def run(args) -> int:
 
     model, tokenizer = load_smollm2()
     output = recipe_output(args, DEFAULT_OUTPUT)
-    train_icae(model, tokenizer, memory_slots=args.memory_slots, chunk_tokens=args.chunk_tokens, steps=args.steps,
+    train_icae(model, tokenizer, memory_slots=args.memory_slots, chunk_tokens=args.chunk_tokens,
+               slot_form=args.slot_form, steps=args.steps,
                batch_size=args.batch_size, lr=args.lr, lm_ratio=args.lm_ratio, seed=args.seed, output_dir=output,
                max_minutes=args.max_minutes, progress=not args.no_progress)
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches ICAE")
