@@ -81,19 +81,25 @@ def main() -> None:
     print("dense keys per self-attention:  ", count_keys(pipe))
 
     cfg = TokenReductionConfig(method="todo", downsample_factor=2)
-    hf_tokred.apply(pipe, cfg)
-    reduced = generate(pipe)
-    print("reduced keys per self-attention:", count_keys(pipe))
-    print(f"relative change of the image:    {((reduced - dense).norm() / dense.norm()).item():.3f}")
+    with tempfile.TemporaryDirectory() as dense_folder, tempfile.TemporaryDirectory() as folder:
+        pipe.save_pretrained(dense_folder)
+        hf_tokred.apply(pipe, cfg)
+        reduced = generate(pipe)
+        print("reduced keys per self-attention:", count_keys(pipe))
+        print(f"relative change of the image:    {((reduced - dense).norm() / dense.norm()).item():.3f}")
 
-    with tempfile.TemporaryDirectory() as folder:
+        # Loaded pipelines are compared with loaded pipelines: weights read from a safetensors file may sit at
+        # unaligned addresses, where some CPUs round a matmul differently (~1e-7) than on the in-memory copy.
         pipe.save_pretrained(folder)
         again = DiffusionPipeline.from_pretrained(folder)  # the saved reduction is re-attached
-        again.set_progress_bar_config(disable=True)
-        print("reloaded with the reduction:    ", torch.equal(generate(again), reduced))
+        plain = DiffusionPipeline.from_pretrained(dense_folder)
+        plain_reduced = hf_tokred.apply(DiffusionPipeline.from_pretrained(dense_folder), cfg)
+        for p in (again, plain, plain_reduced):
+            p.set_progress_bar_config(disable=True)
+        print("reloaded with the reduction:    ", torch.equal(generate(again), generate(plain_reduced)))
         dense_again = DiffusionPipeline.from_pretrained(folder, token_reduction=False)
         dense_again.set_progress_bar_config(disable=True)
-        print("token_reduction=False is dense: ", torch.equal(generate(dense_again), dense))
+        print("token_reduction=False is dense: ", torch.equal(generate(dense_again), generate(plain)))
 
     hf_tokred.remove(pipe)
     print("remove() restores dense output: ", torch.equal(generate(pipe), dense))

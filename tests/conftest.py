@@ -154,6 +154,24 @@ def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def realigned(loaded):
+    """``loaded`` (a model or a diffusers pipeline just loaded from disk) with every parameter and buffer copied
+    into freshly allocated memory; returns it.
+
+    ``from_pretrained`` leaves the weights where they sit in the safetensors file's buffer, at offsets that need not
+    be 32- or 64-byte aligned, and on some CPUs (seen on AMD EPYC with torch 2.13) a matmul rounds differently on
+    such operands: the loaded model's outputs then differ from the same weights' in memory by about 1e-7 though every
+    weight is equal (plain diffusers does this too, without hf_tokred). Tests that compare a loaded model bit for
+    bit with one built in memory realign it first."""
+    modules = loaded.components.values() if hasattr(loaded, "components") else [loaded]
+    with torch.no_grad():
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    tensor.data = tensor.data.clone()
+    return loaded
+
+
 def assert_loads_without_hf_tokred(folder, ids: torch.Tensor, expected_logits: torch.Tensor) -> None:
     """A fresh Python process that never imports hf_tokred loads ``folder`` with transformers alone and gets
     ``expected_logits`` (the dense model's) for ``ids``: a reduced model's checkpoint stays a plain checkpoint."""

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import realigned
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -469,7 +470,7 @@ def test_pipeline_save_and_reload_round_trip(tmp_path):
     dense = run_pipeline(pipe)
     pipe.save_pretrained(tmp_path / "dense")
 
-    loaded = DiffusionPipeline.from_pretrained(tmp_path / "dense", token_reduction={"method": "todo"})
+    loaded = realigned(DiffusionPipeline.from_pretrained(tmp_path / "dense", token_reduction={"method": "todo"}))
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded, DiTPipeline)
     assert hf_diffusers.get_applied(loaded.transformer) is not None
@@ -480,12 +481,12 @@ def test_pipeline_save_and_reload_round_trip(tmp_path):
     with open(tmp_path / "reduced" / "transformer" / "config.json") as fh:
         assert json.load(fh)[CONFIG_KEY] == TokenReductionConfig(method="todo").to_dict()
 
-    again = DiffusionPipeline.from_pretrained(tmp_path / "reduced")  # no kwarg: the saved reduction comes back
+    again = realigned(DiffusionPipeline.from_pretrained(tmp_path / "reduced"))  # the saved reduction comes back
     again.set_progress_bar_config(disable=True)
     assert hf_diffusers.get_applied(again.transformer).config == TokenReductionConfig(method="todo")
     assert torch.equal(run_pipeline(again), reduced)
 
-    dense_again = DiffusionPipeline.from_pretrained(tmp_path / "reduced", token_reduction=False)
+    dense_again = realigned(DiffusionPipeline.from_pretrained(tmp_path / "reduced", token_reduction=False))
     dense_again.set_progress_bar_config(disable=True)
     assert hf_diffusers.get_applied(dense_again.transformer) is None
     assert CONFIG_KEY not in dense_again.transformer.config and hooked_modules(dense_again.transformer) == []

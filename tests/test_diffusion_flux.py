@@ -350,7 +350,8 @@ def test_tome_sd_rows_that_keep_the_same_tokens_share_one_attention_call():
     model.transformer_blocks[0].attn.set_processor(recorder)
     batched = run_flux(model, rows=(0, 0))  # two equal rows: equal matchings
     assert [shape[0] for shape, _, _ in recorder.calls] == [2]
-    assert torch.equal(batched[0], batched[1])
+    # equal up to the CPU's rounding: on some CPUs (AMD EPYC) the dense model's two equal rows differ by 2e-7 too
+    torch.testing.assert_close(batched[0], batched[1], rtol=0, atol=1e-5)
     recorder.calls.clear()
     run_flux(model, rows=(0,))
     assert [shape[0] for shape, _, _ in recorder.calls] == [1]

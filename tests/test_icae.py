@@ -313,3 +313,19 @@ def test_train_command_line_takes_the_slot_form():
     assert build_parser().parse_args(["train", "icae", "--slot-form", "hidden"]).slot_form == "hidden"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "icae", "--slot-form", "embeddings"])
+    assert build_parser().parse_args(["train", "icae"]).target_modules is None
+    assert build_parser().parse_args(["train", "icae", "--target-modules", "q_proj,v_proj"]).target_modules == [
+        "q_proj", "v_proj"]
+    # the recipe takes them: the paper's form and targets
+    from hf_tokred.training import train_icae
+    windows = torch.randint(3, 120, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = train_icae(make_tiny_llama(), None, reduction=None, memory_slots=4, chunk_tokens=12, rank=4,
+                       slot_form="hidden", target_modules=["q_proj", "v_proj"], windows=windows, steps=1, heldout=0,
+                       progress=False)
+    cfg = get_applied(model).config.get("context")
+    assert (cfg.slot_form, cfg.target_modules) == ("hidden", ["q_proj", "v_proj"])
+    assert set(model.hf_tokred_modules["icae"].lora.paths) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(model.config.num_hidden_layers) for p in ("q_proj", "v_proj")}
+    with pytest.raises(ConfigError, match="target_modules"):
+        train_icae(make_tiny_llama(), None, target_modules=["model.q_proj"], windows=windows, steps=1, heldout=0,
+                   progress=False)

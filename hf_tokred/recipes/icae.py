@@ -53,7 +53,7 @@ def _check_settings(**values) -> None:
         raise ConfigError(f"lr: expected a learning rate > 0, got {values['lr']!r}", field="lr")
 
 
-def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form):
+def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form, target_modules):
     import hf_tokred
 
     from ..integration.wiring import get_applied
@@ -64,7 +64,7 @@ def _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form
         return current
     cfg = hf_tokred.TokenReductionConfig.coerce(reduction if reduction is not None else {
         "method": "icae", "memory_slots": memory_slots, "chunk_tokens": chunk_tokens, "rank": rank, "alpha": alpha,
-        "slot_form": slot_form})
+        "slot_form": slot_form, **({} if target_modules is None else {"target_modules": list(target_modules)})})
     if cfg.method_key != "icae":
         raise ConfigError(f"reduction: expected an icae config, got {cfg.method_key!r}", field="reduction")
     hf_tokred.apply(model, cfg)
@@ -80,14 +80,14 @@ def training_windows(tokenizer, chunk_tokens: int, split: str = "train", count: 
 
 
 def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chunk_tokens: int = 128, rank: int = 16,
-               alpha: float = 32.0, slot_form: str = "kv", steps: int = 300, batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5,
+               alpha: float = 32.0, slot_form: str = "kv", target_modules=None, steps: int = 300, batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5,
                lr_schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, windows=None,
                output_dir=None, resume: bool = True, save_every: int = 25, heldout: int = 16,
                max_minutes: float | None = None, progress: bool = True):
     """Pretrain ICAE's learned part on ``model`` (a causal LM; returned with the reduction attached and trained).
 
     The reduction: the icae one already attached, else ``reduction``, else a fresh one (``memory_slots``,
-    ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``). Only the LoRA and the memory / ``<AE>`` embeddings train (the model
+    ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``, ``target_modules``: None for the config's default). Only the LoRA and the memory / ``<AE>`` embeddings train (the model
     is frozen; LoRA ``lora_A`` and the embeddings drawn from ``seed``). Data: ``windows`` (a ``(n, 2 *
     chunk_tokens)`` LongTensor), else :func:`training_windows` of the training split, visited in a seeded order
     (reshuffled every pass). Each step is one objective for the whole batch: LM with probability ``lm_ratio``,
@@ -113,7 +113,7 @@ def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chun
                           field="lr_schedule")
     rng_state = torch.random.get_rng_state()
     try:
-        cfg = _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form)
+        cfg = _attach(model, reduction, memory_slots, chunk_tokens, rank, alpha, slot_form, target_modules)
         if windows is None:
             windows = training_windows(tokenizer, cfg.chunk_tokens, "train", seed=seed)
         if windows.dim() != 2 or windows.shape[1] != 2 * cfg.chunk_tokens or windows.shape[0] == 0:
@@ -307,6 +307,9 @@ def add_train_command(subparsers) -> None:
                        help="what the decoder reads of the encoder at the memory positions: kv (its keys and values in "
                             "every layer, 500xCompressor; default) or hidden (its last hidden states as input "
                             "embeddings, the paper's)")
+    train.add_argument("--target-modules", type=lambda text: [t for t in text.split(",") if t], default=None,
+                       help="comma-separated projections the encoder's LoRA adapts (default: q_proj,k_proj,v_proj,"
+                            "o_proj; the paper's: q_proj,v_proj)")
     train.add_argument("--lm-ratio", type=_float_in(0.0, 1.0), default=0.5,
                        help="probability of the language-modelling objective per step (default: 0.5)")
     train.set_defaults(handler=run)
@@ -321,7 +324,7 @@ def run(args) -> int:
     model, tokenizer = load_smollm2()
     output = recipe_output(args, DEFAULT_OUTPUT)
     train_icae(model, tokenizer, memory_slots=args.memory_slots, chunk_tokens=args.chunk_tokens,
-               slot_form=args.slot_form, steps=args.steps,
+               slot_form=args.slot_form, target_modules=args.target_modules, steps=args.steps,
                batch_size=args.batch_size, lr=args.lr, lm_ratio=args.lm_ratio, seed=args.seed, output_dir=output,
                max_minutes=args.max_minutes, progress=not args.no_progress)
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches ICAE")
