@@ -222,6 +222,25 @@ def test_bad_inputs_are_clear_errors():
         hf_tokred.compress_context(make_tiny_llama(), ids, config={"method": "icae"})
 
 
+def test_kv_slots_need_rotary_positions():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+    ids = _ids(6)
+    with torch.no_grad():
+        dense = opt(ids).logits
+    paper = {**CFG, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(hf_tokred.UnsupportedModelError, match="slot_form='kv'.*OPTForCausalLM.*rotary"):
+        hf_tokred.apply(opt, paper)  # learned positions: shifting them would index before the table
+    assert get_applied(opt) is None and not hasattr(opt, "hf_tokred_modules")
+    with torch.no_grad():
+        assert torch.equal(opt(ids).logits, dense)
+    hf_tokred.apply(opt, {**paper, "slot_form": "hidden"})
+    assert hf_tokred.compress_context(opt, ids).entries == 4
+
+
 def test_save_load_identical_and_dense_without_hf_tokred(tmp_path):
     model = _icae()
     context, question = _ids(20, 1), _ids(4, 1, seed=5)
