@@ -52,8 +52,7 @@ from .wiring import MODULES_ATTR, CompressedContext, attached_reducer, register_
 @register_wiring("icae")
 def wire_icae(model, adapter, reducer, applied) -> None:
     """Check the learned part fits the model; install nothing (the LoRA runs only inside ``compress_context``)."""
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if reducer.slot_form == "kv" and getattr(text_config, "rope_parameters", None) is None:
+    if reducer.slot_form == "kv" and getattr(model.config.get_text_config(), "rope_parameters", None) is None:
         raise UnsupportedModelError(
             f"icae: slot_form='kv' places each chunk's slots by shifting its rotary positions, and "
             f"{type(model).__name__} has no rotary position embeddings (config.rope_parameters is unset); use "

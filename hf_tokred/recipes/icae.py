@@ -80,15 +80,16 @@ def training_windows(tokenizer, chunk_tokens: int, split: str = "train", count: 
 
 
 def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chunk_tokens: int = 128, rank: int = 16,
-               alpha: float = 32.0, slot_form: str = "kv", target_modules=None, steps: int = 300, batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5,
-               lr_schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, windows=None,
+               alpha: float = 32.0, slot_form: str = "kv", target_modules=None, steps: int = 300,
+               batch_size: int = 2, lr: float = 1e-3, lm_ratio: float = 0.5, lr_schedule: str = "linear",
+               max_grad_norm: float = 1.0, seed: int = 0, windows=None,
                output_dir=None, resume: bool = True, save_every: int = 25, heldout: int = 16,
                max_minutes: float | None = None, progress: bool = True):
     """Pretrain ICAE's learned part on ``model`` (a causal LM; returned with the reduction attached and trained).
 
     The reduction: the icae one already attached, else ``reduction``, else a fresh one (``memory_slots``,
-    ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``, ``target_modules``: None for the config's default). Only the LoRA and the memory / ``<AE>`` embeddings train (the model
-    is frozen; LoRA ``lora_A`` and the embeddings drawn from ``seed``). Data: ``windows`` (a ``(n, 2 *
+    ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``, ``target_modules``: None for the config's default). Only
+    the LoRA and the memory / ``<AE>`` embeddings train (the model is frozen; LoRA ``lora_A`` and the embeddings drawn from ``seed``). Data: ``windows`` (a ``(n, 2 *
     chunk_tokens)`` LongTensor), else :func:`training_windows` of the training split, visited in a seeded order
     (reshuffled every pass). Each step is one objective for the whole batch: LM with probability ``lm_ratio``,
     else AE (the draw is seeded, so a resumed run draws the same). AdamW (no weight decay) at ``lr`` with the
@@ -292,6 +293,7 @@ def add_train_command(subparsers) -> None:
         32
     """
     from ..cli import _float_in, _positive_int
+    from ..methods.lm.icae import SLOT_FORMS
     from . import add_recipe_parser
 
     train = add_recipe_parser(subparsers, "icae", help="ICAE's LoRA encoder and memory slots on SmolLM2 (4x context "
@@ -303,7 +305,7 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--lr", type=_float_in(1e-7, 1.0), default=1e-3, help="learning rate (default: 1e-3)")
     train.add_argument("--max-minutes", type=_float_in(0.0, 1e6), default=None,
                        help="stop after this many minutes and save what was trained (rerun to resume)")
-    train.add_argument("--slot-form", choices=("kv", "hidden"), default="kv",
+    train.add_argument("--slot-form", choices=SLOT_FORMS, default="kv",
                        help="what the decoder reads of the encoder at the memory positions: kv (its keys and values in "
                             "every layer, 500xCompressor; default) or hidden (its last hidden states as input "
                             "embeddings, the paper's)")
