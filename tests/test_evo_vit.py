@@ -152,3 +152,29 @@ def test_train_backbone_then_save_load_is_identical(tmp_path):
         assert torch.equal(again(**test).last_hidden_state, out)
     with pytest.raises(hf_tokred.TokenReductionError, match="evo_vit"):
         train_evo_vit(make_bert(), batches, steps=1, progress=False)
+
+
+def test_keep_rates_give_each_reducing_block_its_own_slow_path_count(images):
+    cfg = TokenReductionConfig(method="evo_vit", layers=[1, 2, 3], keep_rates=[0.5, 1.0, 0.25])
+    assert cfg.schedule(4) == [None, 0.5, None, 0.25] and cfg.restore_after(4) == [1, 3]
+    assert TokenReductionConfig.from_dict(cfg.to_dict()) == cfg
+    model = make_vit()
+    widths = {}
+    for index, layer in enumerate(model.layers):  # the width each block's attention runs on
+        layer.attention.register_forward_hook(
+            lambda m, a, o, index=index: widths.__setitem__(index, (o[0] if isinstance(o, tuple) else o).shape[1]))
+    hf_tokred.apply(model, cfg)
+    with torch.no_grad():
+        model(pixel_values=images)
+    # CLS + ceil(rate * 64) slow tokens + the representative; block 2 (rate 1.0) and block 0 see every token
+    assert widths == {0: 65, 1: 1 + 32 + 1, 2: 65, 3: 1 + 16 + 1}
+    assert token_counts(model) == [65] * 4
+    with pytest.raises(ConfigError, match="keep_rates"):
+        TokenReductionConfig(method="evo_vit", layers=[1, 2], keep_rates=[0.5])
+    with pytest.raises(ConfigError, match=r"keep_rates\[0\]"):
+        TokenReductionConfig(method="evo_vit", keep_rates=[1.5])
+    fresh = make_vit()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"keep_rates: expected one rate per reducing block \(3: \[1, 2, 3\]\)"):
+        hf_tokred.apply(fresh, {"method": "evo_vit", "keep_rates": [0.5, 0.5]})  # default layers: blocks 1-3
+    assert STATE_ATTR not in fresh.__dict__ and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

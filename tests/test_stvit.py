@@ -3,6 +3,8 @@ ViT and BERT; token counts, recovery, batched == per-row, training the backbone 
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from conftest import make_tiny_vit as make_vit
@@ -13,7 +15,7 @@ import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig
 from hf_tokred.integration.encoders import STATE_ATTR, token_counts, token_sizes
 from hf_tokred.methods.encoder.stvit import semantic_slots
-from hf_tokred.recipes.stvit import train_stvit
+from hf_tokred.recipes.stvit import add_train_command, train_stvit
 
 
 def test_config_stage_and_errors():
@@ -65,6 +67,25 @@ def test_counts_recovery_and_flops(images):
     with torch.no_grad():
         rows = torch.cat([model(pixel_values=images[i:i + 1]).last_hidden_state for i in range(3)])
     torch.testing.assert_close(rows, out.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_through_the_last_block_recovers_after_it(images):
+    # end = num_blocks (the benchmark's MiniLM setting): every block from start on runs on the semantic tokens and
+    # the recovery happens after the last block, so the output still has every token
+    model = make_vit()
+    hf_tokred.apply(model, {"method": "stvit", "ratio": 0.25, "start": 2, "end": 4})
+    assert model.__dict__[STATE_ATTR].reducer.restore_after(4) == [3]
+    with torch.no_grad():
+        out = model(pixel_values=images).last_hidden_state
+    counts = token_counts(model)  # per block output: the last block's is the recovered sequence
+    assert counts[:2] == [65, 65] and 2 <= counts[2] <= 17 and counts[3] == 65 and out.shape[1] == 65
+    shorter = make_vit()  # the same stage recovered before the last block
+    hf_tokred.apply(shorter, {"method": "stvit", "ratio": 0.25, "start": 2, "end": 3})
+    assert flops(lambda: model(pixel_values=images)) < 0.85 * flops(lambda: shorter(pixel_values=images))
+    cli = argparse.ArgumentParser().add_subparsers()
+    add_train_command(cli)
+    args = cli.choices["stvit"].parse_args([])
+    assert (args.ratio, args.start, args.end, args.iterations) == (0.5, 2, 6, 3)
 
 
 def test_padded_bert_batch_equals_each_row_alone():

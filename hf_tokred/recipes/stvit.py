@@ -17,7 +17,7 @@ from . import run_minilm_recipe
 from .evo_vit import train_backbone
 
 DESCRIPTION = """Fine-tune all-MiniLM-L6-v2 (embedded copy) to run with STViT (arXiv 2303.11273): blocks --start to
---end - 1 see --ratio semantic tokens per token, the last blocks every token again. Distilled from the dense model;
+--end - 1 see --ratio semantic tokens per token, then every token is recovered. Distilled from the dense model;
 saves the model and its token_reduction config to the output folder."""
 
 
@@ -44,6 +44,8 @@ def add_train_command(subparsers) -> None:
         >>> add_train_command(sub)
         >>> sub.choices["stvit"].parse_args(["--ratio", "0.4"]).ratio
         0.4
+        >>> sub.choices["stvit"].parse_args([]).end           # the stage runs through MiniLM's last block
+        6
     """
     from ..cli import _positive_int
     from . import add_recipe_parser
@@ -52,7 +54,9 @@ def add_train_command(subparsers) -> None:
                               description=DESCRIPTION, output="minilm-stvit", steps=300)
     train.add_argument("--ratio", type=float, default=0.5, help="semantic tokens per token (default: 0.5)")
     train.add_argument("--start", type=int, default=2, help="first block of the stage (default: 2)")
-    train.add_argument("--end", type=int, default=5, help="first block seeing every token again (default: 5)")
+    train.add_argument("--end", type=int, default=6,
+                       help="first block seeing every token again (default: 6, after MiniLM's last block)")
+    train.add_argument("--iterations", type=int, default=3, help="refinements of the semantic tokens (default: 3)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
     train.add_argument("--texts", type=_positive_int, default=1024, help="training texts (default: 1024)")
     train.set_defaults(handler=run)
@@ -60,7 +64,8 @@ def add_train_command(subparsers) -> None:
 
 def run(args) -> int:
     """Train on MiniLM and save the model with its token_reduction config to the output folder."""
-    config = {"method": "stvit", "ratio": args.ratio, "start": args.start, "end": args.end}
+    config = {"method": "stvit", "ratio": args.ratio, "start": args.start, "end": args.end,
+              "iterations": args.iterations}
     return run_minilm_recipe(args, "stvit", config, train_stvit, progress=not args.no_progress)
 
 

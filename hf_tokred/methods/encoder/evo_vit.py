@@ -79,6 +79,9 @@ class EvoViTConfig(KeepRateConfig):
 
     Fields:
         keep_rate: fraction of the unprotected tokens on the slow path in each reducing block (1.0: dense).
+        keep_rates: one fraction per reducing block, in block order, instead of ``keep_rate`` (a rate of 1.0
+            leaves its block dense); e.g. a falling schedule keeps more tokens early, where every token is
+            still distinct (docs/encoders.md).
         layers: reducing blocks; None for every block from ``num_blocks // 4`` (at least 1) to the last (the
             paper keeps the first blocks of DeiT dense). Block 0 cannot reduce: the ranking uses the previous
             block's attention.
@@ -106,12 +109,18 @@ class EvoViTConfig(KeepRateConfig):
     prop_attn: bool = param(True, bool, help="proportional attention: add log(size) to the attention logits")
     ema: float = param(0.5, float, low=0.0, high=1.0, high_open=True,
                        help="weight of the running global attention (the paper's alpha)")
+    keep_rates: list[float] | None = param(None, float, low=0.0, high=1.0, low_open=True, sequence=True,
+                                           optional=True, help="one slow-path fraction per reducing block, in "
+                                           "block order (instead of keep_rate)")
 
     def validate(self) -> None:
         super().validate()
         if self.layers is not None and 0 in self.layers:
             raise ConfigError("layers: block 0 cannot reduce (Evo-ViT ranks tokens by the previous block's "
                               "attention); use blocks >= 1", field="layers")
+        if self.keep_rates is not None and self.layers is not None and len(self.keep_rates) != len(self.layers):
+            raise ConfigError(f"keep_rates: expected one rate per reducing block ({len(self.layers)} in layers), got "
+                              f"{len(self.keep_rates)}", field="keep_rates")
 
     def reducing_layers(self, num_blocks: int) -> list[int]:
         """The reducing blocks: ``layers``, or every block from ``max(num_blocks // 4, 1)`` on.
@@ -124,6 +133,24 @@ class EvoViTConfig(KeepRateConfig):
         if self.layers is None:
             return list(range(max(num_blocks // 4, 1), num_blocks))
         return super().reducing_layers(num_blocks)
+
+    def schedule(self, num_blocks: int) -> list[float | None]:
+        """The slow-path fraction of every block: ``keep_rates`` in order over the reducing blocks (else
+        ``keep_rate`` at each), None where a block is dense (not reducing, or at rate 1).
+
+        Example:
+            >>> from hf_tokred import TokenReductionConfig
+            >>> TokenReductionConfig(method="evo_vit", layers=[2, 3, 4], keep_rates=[0.8, 1.0, 0.4]).schedule(5)
+            [None, None, 0.8, None, 0.4]
+        """
+        if self.keep_rates is None:
+            return super().schedule(num_blocks)
+        layers = self.reducing_layers(num_blocks)
+        if len(layers) != len(self.keep_rates):
+            raise ConfigError(f"keep_rates: expected one rate per reducing block ({len(layers)}: {layers}), got "
+                              f"{len(self.keep_rates)}", field="keep_rates")
+        rates = dict(zip(layers, self.keep_rates))
+        return [rates[i] if rates.get(i, 1.0) < 1.0 else None for i in range(num_blocks)]
 
     def restore_after(self, num_blocks: int) -> list[int]:
         """Every reducing block gives its output back at the full length (the fast path).
