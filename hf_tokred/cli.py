@@ -86,6 +86,22 @@ def _float_in(low: float, high: float, note: str = ""):
     return parse
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated fractions in (0, 1].
+
+    Example:
+        >>> _rates("0.8, 0.6")
+        (0.8, 0.6)
+    """
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates such as 0.5,0.33, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected rates in (0, 1], got {text!r}")
+    return values
+
+
 def _param(text: str) -> tuple[str, object]:
     """``key=value``; the value is read as JSON (``512``, ``0.25``, ``true``, ``null``, ``[1, 2]``) or kept as text."""
     key, sep, raw = text.partition("=")

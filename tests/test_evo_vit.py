@@ -178,3 +178,20 @@ def test_keep_rates_give_each_reducing_block_its_own_slow_path_count(images):
     with pytest.raises(ConfigError, match=r"keep_rates: expected one rate per reducing block \(3: \[1, 2, 3\]\)"):
         hf_tokred.apply(fresh, {"method": "evo_vit", "keep_rates": [0.5, 0.5]})  # default layers: blocks 1-3
     assert STATE_ATTR not in fresh.__dict__ and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_train_command_applies_the_keep_rates_schedule(tmp_path, capsys):
+    from hf_tokred.cli import main
+
+    out = tmp_path / "evo"
+    assert main(["train", "evo_vit", "--steps", "1", "--texts", "16", "--keep-rates", "0.9,0.5", "--start", "4",
+                 "--output", str(out), "--no-progress"]) == 0
+    saved = TokenReductionConfig.from_pretrained(out)
+    assert (saved.layers, saved.keep_rates) == ([4, 5], [0.9, 0.5])
+    assert main(["train", "evo_vit", "--steps", "1", "--texts", "16", "--keep-rate", "0.5",
+                 "--output", str(tmp_path / "uniform"), "--no-progress"]) == 0
+    uniform = TokenReductionConfig.from_pretrained(tmp_path / "uniform")
+    assert (uniform.layers, uniform.keep_rate, uniform.keep_rates) == ([2, 3, 4, 5], 0.5, None)
+    with pytest.raises(SystemExit):  # a rate outside (0, 1] is refused by the parser
+        main(["train", "evo_vit", "--keep-rates", "0.9,1.5"])
+    assert "rates in (0, 1]" in capsys.readouterr().err

@@ -302,7 +302,7 @@ def add_command(subparsers) -> None:
         >>> build_parser().parse_args(["prompt", "-", "--rate", "0.4"]).rate
         0.4
     """
-    from hf_tokred.cli import _float_in, _param, _positive_int
+    from hf_tokred.cli import _float_in, _param, _positive_int, _rates
 
     compress = subparsers.add_parser("prompt", help="compress a prompt file or stdin (LLMLingua family)",
                                      description=COMPRESS_DESCRIPTION,
@@ -349,16 +349,6 @@ def add_command(subparsers) -> None:
     bench.add_argument("--json", metavar="OUT", help="also write every number (and per-sample answers) to this file")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     bench.set_defaults(handler=_cmd_prompt_bench)
-
-
-def _rates(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates such as 0.5,0.33, got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected rates in (0, 1], got {text!r}")
-    return values
 
 
 def _lengths(text: str) -> tuple[int, ...]:

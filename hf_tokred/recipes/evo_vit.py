@@ -21,8 +21,8 @@ import torch
 from ..errors import TokenReductionError
 
 DESCRIPTION = """Fine-tune all-MiniLM-L6-v2 (embedded copy) to run with Evo-ViT (arXiv 2108.01390): from block
---start on, the top --keep-rate tokens by global CLS attention take the slow path, the rest share one
-representative's update. Distilled from the dense model (1 - cosine of the sentence embeddings); saves the model
+--start on, the top tokens by global CLS attention (--keep-rates, one fraction per block) take the slow path, the
+rest share one representative's update. Distilled from the dense model (1 - cosine of the sentence embeddings); saves the model
 and its token_reduction config to the output folder."""
 
 
@@ -109,16 +109,20 @@ def add_train_command(subparsers) -> None:
         >>> add_train_command(sub)
         >>> sub.choices["evo_vit"].parse_args(["--keep-rate", "0.6"]).keep_rate
         0.6
-        >>> sub.choices["evo_vit"].parse_args([]).start        # blocks 3-5 of MiniLM (docs/encoders.md)
-        3
+        >>> args = sub.choices["evo_vit"].parse_args([])    # blocks 2-5 of MiniLM, a falling schedule (docs/encoders.md)
+        >>> args.start, args.keep_rates
+        (2, (0.8, 0.6, 0.45, 0.35))
     """
-    from ..cli import _positive_int
+    from ..cli import _positive_int, _rates
     from . import add_recipe_parser
 
     train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
                               description=DESCRIPTION, output="minilm-evo-vit", steps=300)
-    train.add_argument("--keep-rate", type=float, default=0.45, help="slow-path fraction (default: 0.45)")
-    train.add_argument("--start", type=int, default=3, help="first reducing block (default: 3)")
+    train.add_argument("--keep-rates", type=_rates, default=(0.8, 0.6, 0.45, 0.35),
+                       help="slow-path fraction of each reducing block from --start on (default: 0.8,0.6,0.45,0.35)")
+    train.add_argument("--keep-rate", type=float, default=None,
+                       help="one slow-path fraction for every reducing block, instead of --keep-rates")
+    train.add_argument("--start", type=int, default=2, help="first reducing block (default: 2)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
     train.add_argument("--texts", type=_positive_int, default=1024, help="training texts (default: 1024)")
     train.set_defaults(handler=run)
@@ -128,7 +132,8 @@ def run(args) -> int:
     """Train on MiniLM and save the model with its token_reduction config to the output folder."""
     from . import run_minilm_recipe
 
-    config = {"method": "evo_vit", "keep_rate": args.keep_rate, "layers": list(range(args.start, 6))}
+    rates = {"keep_rate": args.keep_rate} if args.keep_rate is not None else {"keep_rates": list(args.keep_rates)}
+    config = {"method": "evo_vit", "layers": list(range(args.start, 6)), **rates}
     return run_minilm_recipe(args, "evo_vit", config, train_evo_vit, progress=not args.no_progress)
 
 
