@@ -22,8 +22,8 @@ from ..errors import TokenReductionError
 
 DESCRIPTION = """Fine-tune all-MiniLM-L6-v2 (embedded copy) to run with Evo-ViT (arXiv 2108.01390): from block
 --start on, the top tokens by global CLS attention (--keep-rates, one fraction per block) take the slow path, the
-rest share one representative's update. Distilled from the dense model (1 - cosine of the sentence embeddings); saves the model
-and its token_reduction config to the output folder."""
+rest share one representative's update. Distilled from the dense model (1 - cosine of the sentence embeddings);
+saves the model and its token_reduction config to the output folder."""
 
 
 def train_backbone(model, batches: list[dict], *, method: str, teacher=None, steps: int = 60, lr: float = 1e-4,
