@@ -109,7 +109,7 @@ def add_train_command(subparsers) -> None:
         >>> add_train_command(sub)
         >>> sub.choices["evo_vit"].parse_args(["--keep-rate", "0.6"]).keep_rate
         0.6
-        >>> args = sub.choices["evo_vit"].parse_args([])    # blocks 2-5 of MiniLM, a falling schedule (docs/encoders.md)
+        >>> args = sub.choices["evo_vit"].parse_args([])    # blocks 2-5 of MiniLM, falling (docs/encoders.md)
         >>> args.start, args.keep_rates
         (2, (0.8, 0.6, 0.45, 0.35))
     """

@@ -118,9 +118,15 @@ class EvoViTConfig(KeepRateConfig):
         if self.layers is not None and 0 in self.layers:
             raise ConfigError("layers: block 0 cannot reduce (Evo-ViT ranks tokens by the previous block's "
                               "attention); use blocks >= 1", field="layers")
-        if self.keep_rates is not None and self.layers is not None and len(self.keep_rates) != len(self.layers):
-            raise ConfigError(f"keep_rates: expected one rate per reducing block ({len(self.layers)} in layers), got "
+        if self.keep_rates is not None and self.layers is not None:
+            self._rates_by_block(sorted(self.layers))
+
+    def _rates_by_block(self, layers: list[int]) -> dict[int, float]:
+        """``keep_rates`` keyed by the reducing ``layers``; a ConfigError when their counts differ."""
+        if len(layers) != len(self.keep_rates):
+            raise ConfigError(f"keep_rates: expected one rate per reducing block ({len(layers)}: {layers}), got "
                               f"{len(self.keep_rates)}", field="keep_rates")
+        return dict(zip(layers, self.keep_rates))
 
     def reducing_layers(self, num_blocks: int) -> list[int]:
         """The reducing blocks: ``layers``, or every block from ``max(num_blocks // 4, 1)`` on.
@@ -145,11 +151,7 @@ class EvoViTConfig(KeepRateConfig):
         """
         if self.keep_rates is None:
             return super().schedule(num_blocks)
-        layers = self.reducing_layers(num_blocks)
-        if len(layers) != len(self.keep_rates):
-            raise ConfigError(f"keep_rates: expected one rate per reducing block ({len(layers)}: {layers}), got "
-                              f"{len(self.keep_rates)}", field="keep_rates")
-        rates = dict(zip(layers, self.keep_rates))
+        rates = self._rates_by_block(self.reducing_layers(num_blocks))
         return [rates[i] if rates.get(i, 1.0) < 1.0 else None for i in range(num_blocks)]
 
     def restore_after(self, num_blocks: int) -> list[int]:
