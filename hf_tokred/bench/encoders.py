@@ -101,7 +101,7 @@ WAVE2_QUALITY_VARIANTS: list[tuple[str, str, list[dict]]] = [
     # Blocks 2-5 with a falling slow-path fraction (block 2 keeps the most), chosen training-free on training texts
     # (docs/encoders.md): about 29 and 32 % saved.
     ("evo_vit", "evo_vit", [{"layers": [2, 3, 4, 5], "keep_rates": rates}
-                            for rates in ([0.8, 0.6, 0.45, 0.35], [0.8, 0.55, 0.4, 0.3])]),
+                            for rates in ([0.7, 0.6, 0.5, 0.4], [0.7, 0.55, 0.45, 0.35])]),
     # Blocks 2-5 on semantic tokens (recovered after the last block), 3 refinements: about 28 and 31.5 % saved on
     # MiniLM; chosen training-free on training texts (docs/encoders.md).
     ("stvit", "stvit", [{"ratio": r, "start": 2, "end": 6, "iterations": 3} for r in (0.55, 0.5)]),

@@ -111,15 +111,15 @@ def add_train_command(subparsers) -> None:
         0.6
         >>> args = sub.choices["evo_vit"].parse_args([])    # blocks 2-5 of MiniLM, falling (docs/encoders.md)
         >>> args.start, args.keep_rates
-        (2, (0.8, 0.6, 0.45, 0.35))
+        (2, (0.7, 0.6, 0.5, 0.4))
     """
     from ..cli import _positive_int, _rates
     from . import add_recipe_parser
 
     train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
                               description=DESCRIPTION, output="minilm-evo-vit", steps=300)
-    train.add_argument("--keep-rates", type=_rates, default=(0.8, 0.6, 0.45, 0.35),
-                       help="slow-path fraction of each reducing block from --start on (default: 0.8,0.6,0.45,0.35)")
+    train.add_argument("--keep-rates", type=_rates, default=(0.7, 0.6, 0.5, 0.4),
+                       help="slow-path fraction of each reducing block from --start on (default: 0.7,0.6,0.5,0.4)")
     train.add_argument("--keep-rate", type=float, default=None,
                        help="one slow-path fraction for every reducing block, instead of --keep-rates")
     train.add_argument("--start", type=int, default=2, help="first reducing block (default: 2)")
