@@ -118,9 +118,10 @@ def add_train_command(subparsers) -> None:
 
     train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
                               description=DESCRIPTION, output="minilm-evo-vit", steps=300)
-    train.add_argument("--keep-rates", type=_rates, default=(0.7, 0.6, 0.5, 0.4),
+    rates = train.add_mutually_exclusive_group()  # both given would silently drop one of them
+    rates.add_argument("--keep-rates", type=_rates, default=(0.7, 0.6, 0.5, 0.4),
                        help="slow-path fraction of each reducing block from --start on (default: 0.7,0.6,0.5,0.4)")
-    train.add_argument("--keep-rate", type=float, default=None,
+    rates.add_argument("--keep-rate", type=float, default=None,
                        help="one slow-path fraction for every reducing block, instead of --keep-rates")
     train.add_argument("--start", type=int, default=2, help="first reducing block (default: 2)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")

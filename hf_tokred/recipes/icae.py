@@ -90,9 +90,10 @@ def train_icae(model, tokenizer, *, reduction=None, memory_slots: int = 32, chun
     The reduction: the icae one already attached, else ``reduction``, else a fresh one (``memory_slots``,
     ``chunk_tokens``, ``rank``, ``alpha``, ``slot_form``, ``target_modules``: None for the config's default). Only
     the LoRA and the memory / ``<AE>`` embeddings train (the model is frozen; LoRA ``lora_A`` and the embeddings
-    drawn from ``seed``). Data: ``windows`` (a ``(n, 2 * chunk_tokens)`` LongTensor), else :func:`training_windows` of the training split, visited in a seeded order
-    (reshuffled every pass). Each step is one objective for the whole batch: LM with probability ``lm_ratio``,
-    else AE (the draw is seeded, so a resumed run draws the same). AdamW (no weight decay) at ``lr`` with the
+    drawn from ``seed``). Data: ``windows`` (a ``(n, 2 * chunk_tokens)`` LongTensor), else
+    :func:`training_windows` of the training split, visited in a seeded order (reshuffled every pass). Each step is
+    one objective for the whole batch: LM with probability ``lm_ratio``, else AE (the draw is seeded, so a resumed
+    run draws the same). AdamW (no weight decay) at ``lr`` with the
     ``lr_schedule`` decay, gradients clipped to ``max_grad_norm``. With ``output_dir``: a checkpoint every
     ``save_every`` steps (resumed with ``resume``), and at the end ``save_pretrained`` + tokenizer +
     ``icae_training.json`` + a model card with the held-out accuracies of :func:`evaluate_icae_chunks` on
