@@ -86,20 +86,47 @@ def _float_in(low: float, high: float, note: str = ""):
     return parse
 
 
-def _rates(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated fractions in (0, 1].
+def _fractions(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated fractions in (0, 1], each a decimal or a ratio (``0.25``, ``1/4``).
 
     Example:
-        >>> _rates("0.8, 0.6")
-        (0.8, 0.6)
+        >>> _fractions("0.8, 0.6"), _fractions("1/2,1/4")
+        ((0.8, 0.6), (0.5, 0.25))
     """
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates such as 0.5,0.33, got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected rates in (0, 1], got {text!r}")
-    return values
+    values = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        top, _, bottom = part.partition("/")
+        try:
+            value = float(top) / float(bottom) if bottom else float(top)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"expected fractions such as 0.5,0.25 or 1/2,1/4, got {text!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], got {part!r} in {text!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.5,0.25 or 1/2,1/4, got {text!r}")
+    return tuple(values)
+
+
+def _choices(allowed, what: str):
+    """An argparse type: a comma-separated list of names from ``allowed`` (``what`` names them in the error).
+
+    Example:
+        >>> _choices(("fastv", "visionzip"), "methods")("fastv, visionzip")
+        ('fastv', 'visionzip')
+    """
+    allowed = tuple(allowed)
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(x.strip() for x in text.split(",") if x.strip())
+        unknown = [v for v in values if v not in allowed]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(f"expected {what} among {','.join(allowed)}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _param(text: str) -> tuple[str, object]:

@@ -12,7 +12,7 @@ from conftest import exit_code
 
 from hf_tokred import embedded
 from hf_tokred.bench.demo import DEFAULT_RUNS, crossing_length
-from hf_tokred.cli import _param, format_table, main
+from hf_tokred.cli import _choices, _fractions, _param, format_table, main
 
 DEFAULT_PRESET = "HuggingFaceTB/SmolLM2-135M-Instruct/streamingllm-512"
 
@@ -117,6 +117,26 @@ def test_param_values_are_read_as_json():
     assert _param("keep=0.25") == ("keep", 0.25)
     assert _param("window=null") == ("window", None)
     assert _param("name=text") == ("name", "text")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prompt-bench", "--rates", "0.5,0"], "expected fractions in (0, 1], got '0'"),
+    (["vlm-bench", "--keeps", "1/0"], "expected fractions such as 0.5,0.25 or 1/2,1/4, got '1/0'"),
+    (["train", "evo_vit", "--keep-rates", ","], "expected fractions such as"),
+    (["vlm-bench", "--methods", "fastv,h2o"], "expected methods among fastv,"),
+    (["prompt-bench", "--methods", ""], "expected methods among "),
+    (["kv-storage", "--runs", "kivi-2,nope"], "expected runs among "),
+])
+def test_comma_lists_are_checked_when_parsed(argv, message, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_comma_lists_parse_decimals_ratios_and_names():
+    assert _fractions("0.8, 0.6,") == (0.8, 0.6)
+    assert _fractions("1/2,1/4,1") == (0.5, 0.25, 1.0)
+    assert _choices({"a": 1, "b": 2}, "runs")(" b ,a") == ("b", "a")
 
 
 def test_format_table_aligns():

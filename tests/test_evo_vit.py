@@ -194,7 +194,7 @@ def test_train_command_applies_the_keep_rates_schedule(tmp_path, capsys):
     assert (uniform.layers, uniform.keep_rate, uniform.keep_rates) == ([2, 3, 4, 5], 0.5, None)
     with pytest.raises(SystemExit):  # a rate outside (0, 1] is refused by the parser
         main(["train", "evo_vit", "--keep-rates", "0.9,1.5"])
-    assert "rates in (0, 1]" in capsys.readouterr().err
+    assert "fractions in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one schedule or one rate, not both
         main(["train", "evo_vit", "--keep-rates", "0.9,0.5", "--keep-rate", "0.5"])
     assert "not allowed with argument" in capsys.readouterr().err

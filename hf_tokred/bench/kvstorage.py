@@ -321,11 +321,7 @@ def _cmd_kv_storage(args) -> int:
     from ..embedded import load_smollm2
     from ..errors import TokenReductionError
 
-    runs = args.runs.split(",") if args.runs else list(DEFAULT_RUNS)
-    unknown = [r for r in runs if r not in STORAGE_CONFIGS]
-    if unknown:
-        print(f"error: --runs: unknown {unknown}; choose from {', '.join(STORAGE_CONFIGS)}", file=sys.stderr)
-        return 1
+    runs = list(args.runs or DEFAULT_RUNS)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -353,7 +349,7 @@ def _cmd_kv_storage(args) -> int:
 
 def add_command(subparsers) -> None:
     """Add ``kv-storage`` to the ``hf-tokred`` command line."""
-    from ..cli import _positive_int
+    from ..cli import _choices, _positive_int
 
     parser = subparsers.add_parser(
         "kv-storage",
@@ -361,7 +357,7 @@ def add_command(subparsers) -> None:
         description=__doc__.split("Example:")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--runs", default=None,
+    parser.add_argument("--runs", type=_choices(STORAGE_CONFIGS, "runs"), default=None,
                         help=f"comma-separated labels (default: all): {', '.join(STORAGE_CONFIGS)}")
     parser.add_argument("--tokens", type=_positive_int, default=4096, help="perplexity tokens (default 4096)")
     parser.add_argument("--chunk", type=_positive_int, default=256, help="tokens per forward pass (default 256)")

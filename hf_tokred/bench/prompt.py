@@ -302,7 +302,7 @@ def add_command(subparsers) -> None:
         >>> build_parser().parse_args(["prompt", "-", "--rate", "0.4"]).rate
         0.4
     """
-    from hf_tokred.cli import _float_in, _param, _positive_int, _rates
+    from hf_tokred.cli import _choices, _float_in, _fractions, _param, _positive_int
 
     compress = subparsers.add_parser("prompt", help="compress a prompt file or stdin (LLMLingua family)",
                                      description=COMPRESS_DESCRIPTION,
@@ -328,9 +328,9 @@ def add_command(subparsers) -> None:
                        help="scorer and answering model: smollm2 (default), gemma3 or a local causal-LM folder")
     bench.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
                        help=f"samples per task (default: {DEFAULT_SAMPLES})")
-    bench.add_argument("--rates", type=_rates, default=DEFAULT_RATES, metavar="R[,R...]",
+    bench.add_argument("--rates", type=_fractions, default=DEFAULT_RATES, metavar="R[,R...]",
                        help="rates to run (default: 0.5,0.33)")
-    bench.add_argument("--methods", type=_methods, default=OUR_METHODS, metavar="M[,M...]",
+    bench.add_argument("--methods", type=_choices(OUR_METHODS, "methods"), default=OUR_METHODS, metavar="M[,M...]",
                        help=f"our methods to run (default: {','.join(OUR_METHODS)})")
     bench.add_argument("--split", choices=tuple(SPLITS), default="heldout",
                        help="heldout (report these) or tune (where defaults were chosen)")
@@ -360,14 +360,6 @@ def _lengths(text: str) -> tuple[int, ...]:
         return ()
     if not values or any(v < 16 for v in values):
         raise argparse.ArgumentTypeError(f"expected token counts >= 16 (or 0 to skip), got {text!r}")
-    return values
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [v for v in values if v not in OUR_METHODS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"expected methods among {','.join(OUR_METHODS)}, got {text!r}")
     return values
 
 

@@ -806,32 +806,6 @@ examples:
 """
 
 
-def _keeps(text: str) -> tuple[float, ...]:
-    values = []
-    for part in (x.strip() for x in text.split(",")):
-        if not part:
-            continue
-        try:
-            top, _, bottom = part.partition("/")
-            value = float(top) / float(bottom) if bottom else float(top)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"expected fractions such as 1/2,1/4,1/9 or 0.25, got {text!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"expected keeps in (0, 1], got {part!r}")
-        values.append(value)
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected fractions such as 1/2,1/4,1/9, got {text!r}")
-    return tuple(values)
-
-
-def _method_list(text: str) -> tuple[str, ...]:
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [v for v in values if v not in METHODS + LEARNED]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"expected methods among {','.join(METHODS + LEARNED)}, got {text!r}")
-    return values
-
-
 def _method_param(text: str) -> tuple[str, str, object]:
     """``METHOD.FIELD=VALUE`` -> ``(method, field, value)`` (the value parsed as JSON when it can be)."""
     from hf_tokred.cli import _param
@@ -853,19 +827,19 @@ def add_command(subparsers) -> None:
         >>> args.keeps, args.methods, args.part
         ((0.25,), ('fastv',), 'both')
     """
-    from hf_tokred.cli import _positive_int
+    from hf_tokred.cli import _choices, _fractions, _positive_int
 
     bench = subparsers.add_parser("vlm-bench", help="visual-token methods: cost and quality on a LLaVA-shaped model",
                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--part", choices=PARTS, default="both", help="what to measure (default: both)")
-    bench.add_argument("--methods", type=_method_list, default=METHODS, metavar="M[,M...]",
+    bench.add_argument("--methods", type=_choices(METHODS + LEARNED, "methods"), default=METHODS, metavar="M[,M...]",
                        help=f"methods to run (default: {','.join(METHODS)}; the learned {','.join(LEARNED)} are "
                             "trained on the tune split before their quality rows)")
     bench.add_argument("--param", type=_method_param, action="append", default=[], metavar="METHOD.FIELD=VALUE",
                        help="a method setting other than keep, e.g. ivtp.group_size=576 (repeatable)")
     bench.add_argument("--train-steps", type=_positive_int, default=60, metavar="N",
                        help="training steps of a learned method before its quality rows (default: 60)")
-    bench.add_argument("--keeps", type=_keeps, default=DEFAULT_KEEPS, metavar="K[,K...]",
+    bench.add_argument("--keeps", type=_fractions, default=DEFAULT_KEEPS, metavar="K[,K...]",
                        help="fractions of the visual tokens kept (default: 1/2,1/4,1/9)")
     bench.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
                        help=f"quality samples per row (default: {DEFAULT_SAMPLES})")

@@ -113,13 +113,13 @@ def add_train_command(subparsers) -> None:
         >>> args.start, args.keep_rates
         (2, (0.7, 0.6, 0.5, 0.4))
     """
-    from ..cli import _positive_int, _rates
+    from ..cli import _fractions, _positive_int
     from . import add_recipe_parser
 
     train = add_recipe_parser(subparsers, "evo_vit", help="Evo-ViT (fine-tune the backbone with the slow-fast update)",
                               description=DESCRIPTION, output="minilm-evo-vit", steps=300)
     rates = train.add_mutually_exclusive_group()  # both given would silently drop one of them
-    rates.add_argument("--keep-rates", type=_rates, default=(0.7, 0.6, 0.5, 0.4),
+    rates.add_argument("--keep-rates", type=_fractions, default=(0.7, 0.6, 0.5, 0.4),
                        help="slow-path fraction of each reducing block from --start on (default: 0.7,0.6,0.5,0.4)")
     rates.add_argument("--keep-rate", type=float, default=None,
                        help="one slow-path fraction for every reducing block, instead of --keep-rates")
