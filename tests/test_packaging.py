@@ -8,11 +8,9 @@ from the list, so ``pip install .`` gave a package whose ``import hf_tokred`` fa
 
 from __future__ import annotations
 
+import importlib.metadata
+import tomllib
 from pathlib import Path
-
-import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +29,19 @@ def test_every_source_package_is_listed():
                     for init in (ROOT / top).rglob("__init__.py")}
     assert on_disk - listed == set(), "subpackages a wheel would leave out: add them to [tool.setuptools] packages"
     assert listed - on_disk == set(), "packages listed in pyproject.toml that do not exist"
+
+
+def test_the_python_floor_is_the_dependencies_floor():
+    # a floor below what the pinned dependencies need lets pip on an older Python fail with a resolver error about
+    # transformers instead of saying that hf-tokred needs a newer Python (it said >=3.10; transformers 5.23 needs 3.11)
+    def floor(spec: str) -> tuple[int, ...]:
+        assert spec.startswith(">="), spec
+        return tuple(int(x) for x in spec[2:].split(".")[:2])
+
+    ours = floor(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"])
+    for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface-hub", "safetensors", "torch"):
+        needed = floor(importlib.metadata.metadata(name)["Requires-Python"])
+        assert ours >= needed, f"requires-python allows {ours}, but {name} needs {needed}"
 
 
 def test_every_preset_file_is_package_data():
