@@ -149,6 +149,23 @@ def test_failure_while_attaching_restores_the_previous_reduction_and_its_learned
     _assert_same_state(model, before, ids, outputs)
 
 
+def test_when_the_previous_reduction_cannot_be_put_back_the_model_is_left_dense(tiny_llama, monkeypatch):
+    model = tiny_llama
+    ids = _ids(length=20)
+    dense = _generate(model, ids)
+    hf_tokred.apply(model, STREAM)
+
+    def fail(model, adapter, reducer, applied):
+        raise RuntimeError("boom")
+
+    for key in ("kv_policy", "decoding"):  # the new reduction and the old one's re-attach both fail
+        monkeypatch.setitem(wiring._WIRING, key, fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        hf_tokred.apply(model, compose(STREAM, ProbeConfig()))
+    assert get_applied(model) is None and "token_reduction" not in model.config.__dict__
+    assert torch.equal(_generate(model, ids), dense)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. token_reduction.safetensors is checked: names, shapes, dtypes, values, readability
 # ---------------------------------------------------------------------------------------------

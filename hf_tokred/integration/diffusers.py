@@ -85,6 +85,7 @@ from .wiring import (
     guard_concurrent_calls,
     register_wiring,
     saved_config_path,
+    swap_reduction,
     wiring_for,
 )
 
@@ -1161,19 +1162,7 @@ def apply_to_diffusers(obj, config, *, component: str | None = None, weights_fro
     adapter = check_supported(denoiser, cfg)
     weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {}, weights_required)
     modules = _build_learned_modules(denoiser, adapter, cfg, weights_file)
-    previous = get_applied(denoiser)
-    previous_modules = denoiser._modules.get(MODULES_ATTR)
-    if previous is not None:
-        remove_from_diffusers(denoiser)
-    try:
-        _attach(denoiser, adapter, cfg, modules)
-    except BaseException:
-        if previous is not None:
-            try:
-                _attach(denoiser, previous.adapter, previous.config, previous_modules)
-            except Exception:  # the first error is the one to report; the denoiser is left dense
-                remove_from_diffusers(denoiser)
-        raise
+    swap_reduction(denoiser, _attach, remove_from_diffusers, adapter, cfg, modules)
     return obj
 
 

@@ -46,6 +46,7 @@ from .wiring import (
     guard_concurrent_calls,
     register_wiring,
     saved_config_path,
+    swap_reduction,
     wiring_for,
 )
 
@@ -123,19 +124,7 @@ def apply_to_model(model: PreTrainedModel, config, *, weights_from: str | None =
     adapter = check_supported(model, cfg)
     weights_file = _resolve_weights(cfg, weights_from, hub_kwargs or {}, weights_required)
     modules = _build_learned_modules(model, adapter, cfg, weights_file)
-    previous = get_applied(model)
-    previous_modules = model._modules.get(MODULES_ATTR)
-    if previous is not None:
-        remove_from_model(model)
-    try:
-        _attach(model, adapter, cfg, modules)
-    except BaseException:
-        if previous is not None:
-            try:
-                _attach(model, previous.adapter, previous.config, previous_modules)
-            except Exception:  # the first error is the one to report; the model is left dense
-                pass
-        raise
+    swap_reduction(model, _attach, remove_from_model, adapter, cfg, modules)
     return model
 
 

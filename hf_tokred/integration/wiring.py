@@ -160,6 +160,32 @@ def get_applied(model) -> AppliedReduction | None:
     return getattr(model, STATE_ATTR, None)
 
 
+def swap_reduction(target, attach, remove, adapter, cfg, modules) -> None:
+    """Attach ``cfg`` to ``target`` in place of the reduction it carries, all or nothing.
+
+    ``attach(target, adapter, cfg, modules)`` wires a reduction (and undoes itself when it fails); ``remove(target)``
+    takes one off. If attaching the new reduction fails, the previous one goes back with its own learned modules;
+    if even that fails, the target is left dense. The first error is raised either way. Shared by the transformers
+    and diffusers integrations.
+
+    Example:
+        >>> swap_reduction(model, _attach, remove_from_model, adapter, cfg, modules)        # doctest: +SKIP
+    """
+    previous = get_applied(target)
+    previous_modules = target._modules.get(MODULES_ATTR)
+    if previous is not None:
+        remove(target)
+    try:
+        attach(target, adapter, cfg, modules)
+    except BaseException:
+        if previous is not None:
+            try:
+                attach(target, previous.adapter, previous.config, previous_modules)
+            except Exception:  # the first error is the one to report
+                remove(target)
+        raise
+
+
 def attached_reducer(model, stage: str, cls, how: str):
     """The reducer of ``stage`` attached to ``model`` when it is a ``cls``; else a :class:`TokenReductionError`
     saying how to attach one (``how``: the call, e.g. ``"hf_tokred.apply(model, {'method': 'gist'})"``).
