@@ -19,6 +19,7 @@ import hf_tokred.recipes.gist as recipe
 from hf_tokred.embedded import load_smollm2
 from hf_tokred.integration.gist import continuation_logits, gist_cache
 from hf_tokred.recipes.gist import _left_pad, gist_answers, gist_data, mean_rouge_l, train_gist
+from hf_tokred.recipes.token_dropping import collate
 
 TOP = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 model, tokenizer = load_smollm2()
@@ -39,13 +40,7 @@ def distilled_loss(model, batch, pad):
         return plain_loss(model, batch, pad)
     ids, mask = _left_pad([e["context"] for e in batch], pad)
     cache = gist_cache(model, ids, mask, grad=True)
-    rows = [e["tail"] + e["answer"] for e in batch]
-    length = max(len(r) for r in rows)
-    cont = torch.full((len(rows), length), pad, dtype=torch.long)
-    cont_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cont[i, :len(row)] = torch.tensor(row)
-        cont_mask[i, :len(row)] = 1
+    cont, cont_mask = collate([e["tail"] + e["answer"] for e in batch], pad)  # right-padded
     logits = continuation_logits(model, cache, cont, cont_mask).float().log_softmax(-1)
     total, count = 0.0, 0
     for i, e in enumerate(batch):
