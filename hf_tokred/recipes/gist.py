@@ -194,19 +194,15 @@ def gist_loss(model, batch: list[dict], pad: int) -> torch.Tensor:
         >>> loss = gist_loss(model, data[:4], tokenizer.pad_token_id)                     # doctest: +SKIP
     """
     from ..integration.gist import continuation_logits, gist_cache
+    from .token_dropping import collate
 
     device = model.get_input_embeddings().weight.device
     ids, mask = _left_pad([e["context"] for e in batch], pad)
     cache = gist_cache(model, ids.to(device), mask.to(device), grad=True)
-    rows = [e["tail"] + e["answer"] for e in batch]
-    length = max(len(r) for r in rows)
-    cont = torch.full((len(rows), length), pad, dtype=torch.long)
-    cont_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (e, row) in enumerate(zip(batch, rows)):
-        cont[i, :len(row)] = torch.tensor(row)
-        cont_mask[i, :len(row)] = 1
-        labels[i, len(e["tail"]):len(row)] = torch.tensor(e["answer"])
+    cont, cont_mask = collate([e["tail"] + e["answer"] for e in batch], pad)  # right-padded
+    labels = torch.full(cont.shape, -100, dtype=torch.long)
+    for i, e in enumerate(batch):
+        labels[i, len(e["tail"]):len(e["tail"]) + len(e["answer"])] = torch.tensor(e["answer"])
     logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                              labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
