@@ -15,8 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
 def _setuptools_table() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    return _pyproject()["tool"]["setuptools"]
 
 
 def test_every_source_package_is_listed():
@@ -38,7 +42,7 @@ def test_the_python_floor_is_the_dependencies_floor():
         assert spec.startswith(">="), spec
         return tuple(int(x) for x in spec[2:].split(".")[:2])
 
-    ours = floor(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"])
+    ours = floor(_pyproject()["project"]["requires-python"])
     for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface-hub", "safetensors", "torch"):
         needed = floor(importlib.metadata.metadata(name)["Requires-Python"])
         assert ours >= needed, f"requires-python allows {ours}, but {name} needs {needed}"
