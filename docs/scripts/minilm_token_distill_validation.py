@@ -1,0 +1,107 @@
+"""Token-level distillation for the backbone fine-tune of a reduced MiniLM, on validation texts.
+
+The benchmark's recipes fine-tune the backbone through the hard reduction with one loss, ``1 - cosine`` of the
+sentence embeddings (:func:`hf_tokred.training.pooled_cosine_loss`): one target per text. DynamicViT's paper
+also distils every kept token's final state from the teacher's. Here the pooled loss gets that term,
+``TOKEN_WEIGHT * sum ||s_i - t_i||^2 / sum ||t_i||^2`` over the real input tokens still carried at the output
+(each compared with the output token that carries it), for Evo-ViT's recipe or SPViT's phase 2.
+Nothing here touches the benchmark's 192 held-out texts: validation = stdlib texts 192..391, training = texts
+392..2091 (1,700); the first 208 training texts (13 batches) are also scored, to see how far the fine-tune overfits.
+
+    python docs/scripts/minilm_token_distill_validation.py METHOD TOKEN_WEIGHT [STEPS] [SETTING_JSON]
+
+METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule) or ``spvit`` (400 selector steps,
+then STEPS=700 backbone steps; ``keep_rate=0.55``). Example (one thread, about 30 min):
+``python docs/scripts/minilm_token_distill_validation.py evo_vit 1``.
+"""
+
+import copy
+import json
+import sys
+import time
+
+import torch
+
+import hf_tokred
+from hf_tokred.bench.encoders import cosine_stats, embed_with_flops, stdlib_texts, text_batches
+from hf_tokred.embedded import load_minilm
+from hf_tokred.integration.encoders import source_map, unmerge
+from hf_tokred.training import _dense_embedding, _last_hidden, _model_inputs, _optimize, _pooled_cosine
+
+VALIDATION, TRAINING = (192, 200), (392, 1700)  # (skip, count)
+SETTINGS = {
+    "evo_vit": {"layers": [2, 3, 4, 5], "keep_rates": [0.7, 0.6, 0.45, 0.4]},
+    "spvit": {"keep_rate": 0.55, "layers": [2], "selector_dim": 96, "prop_attn": True},
+}
+
+
+def fine_tune(model, teacher, batches, token_weight: float, steps: int) -> None:
+    """The recipes' backbone loop (AdamW lr 1e-4, linear decay, shuffled, seed 0) with the token term added."""
+    from hf_tokred.integration.wiring import MODULES_ATTR
+
+    learned = model._modules.get(MODULES_ATTR) or torch.nn.ModuleDict()
+    learned_ids = {id(p) for p in learned.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in learned_ids]
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) not in learned_ids)
+    model.eval()
+    targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step_loss(index: int) -> torch.Tensor:
+        inputs = _model_inputs(batches[index])
+        if index not in targets:
+            with torch.no_grad():
+                tokens = _last_hidden(teacher(**inputs))
+            targets[index] = (_dense_embedding(teacher, inputs), tokens)
+        pooled, tokens = targets[index]
+        hidden = None
+
+        def keep(module, args, output):  # the student's last hidden state of this very forward pass
+            nonlocal hidden
+            hidden = _last_hidden(output)
+
+        handle = model.register_forward_hook(keep)
+        try:
+            loss = _pooled_cosine(model, inputs, pooled)
+        finally:
+            handle.remove()
+        if token_weight:
+            carried = source_map(model).any(dim=1) & inputs["attention_mask"].bool()
+            student = unmerge(model, hidden)
+            error = ((student - tokens) ** 2).sum(-1)
+            loss = loss + token_weight * (error * carried).sum() / ((tokens ** 2).sum(-1) * carried).sum()
+        return loss
+
+    _optimize(model, [{"params": backbone, "lr": 1e-4, "weight_decay": 0.0}], step_loss, len(batches), steps=steps,
+              lr_schedule="linear", shuffle=True, seed=0, log_every=0, log=print, label="", digits=5)
+
+
+def main(method: str, token_weight: float, steps: int | None, setting: dict | None) -> None:
+    torch.set_num_threads(1)
+    model, tokenizer = load_minilm()
+    validation = text_batches(tokenizer, stdlib_texts(tokenizer, VALIDATION[1], skip=VALIDATION[0]), 16)
+    training = text_batches(tokenizer, stdlib_texts(tokenizer, TRAINING[1], skip=TRAINING[0]), 16)
+    seen = training[: VALIDATION[1] // 16 + 1]
+    references = {name: embed_with_flops(model, texts, reduced=False) for name, texts in
+                  (("validation", validation), ("training", seen))}
+    setting = setting or SETTINGS[method]
+    student = copy.deepcopy(model)
+    hf_tokred.apply(student, {"method": method, **setting})
+    start = time.perf_counter()
+    if method == "spvit":
+        from hf_tokred.recipes.spvit import train_spvit
+
+        train_spvit(student, training, teacher=model, steps=400, shuffle=True, progress=False)
+    fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700))
+    record = {"method": method, "setting": setting, "token_weight": token_weight, "train_s": round(time.perf_counter() - start)}
+    for name, texts in (("validation", validation), ("training", seen)):
+        reference, dense_flops = references[name]
+        embeddings, flops = embed_with_flops(student, texts, reduced=True)
+        record[name] = {"saved": round(1 - flops / dense_flops, 4),
+                        **{k: round(v, 4) for k, v in cosine_stats(embeddings, reference).items()}}
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None,
+         json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
