@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # The suite never touches the network; huggingface_hub reads this once, at import.
@@ -198,3 +199,84 @@ def assert_loads_without_hf_tokred(folder, ids: torch.Tensor, expected_logits: t
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dense ok" in result.stdout
+
+
+class FakeHub:
+    """Records what ``push_to_hub`` would upload (the transport replaced at the ``HfApi`` level, see
+    :func:`faked_hub`): the repos created and every commit's files (name -> bytes)."""
+
+    def __init__(self):
+        self.repos, self.commits = [], []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        from huggingface_hub.hf_api import RepoUrl
+
+        self.repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        from unittest import mock
+
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            if isinstance(source, (str, os.PathLike)):
+                with open(source, "rb") as fh:
+                    files[op.path_in_repo] = fh.read()
+            else:
+                files[op.path_in_repo] = source if isinstance(source, bytes) else source.read()
+        self.commits.append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
+        return mock.MagicMock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    @property
+    def files(self) -> dict:
+        """Every file uploaded so far, the latest commit's version of each."""
+        return {name: data for commit in self.commits for name, data in commit["files"].items()}
+
+    def snapshot(self, cache_dir, repo_id: str, sha: str = "0123456789abcdef0123456789abcdef01234567"):
+        """Lay out what was pushed to ``repo_id`` as a download would leave it in the Hugging Face cache
+        ``cache_dir``; returns the snapshot folder."""
+        files = {name: data for commit in self.commits if commit["repo_id"] == repo_id
+                 for name, data in commit["files"].items()}
+        assert files, f"nothing was pushed to {repo_id}"
+        folder = hf_cache_snapshot(cache_dir, repo_id, sha)
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        return folder
+
+
+def hf_cache_snapshot(cache_dir, repo_id: str, sha: str):
+    """An empty snapshot folder of ``repo_id`` at revision ``sha`` (``refs/main`` pointing at it) in the Hugging
+    Face cache ``cache_dir``: what ``from_pretrained(repo_id, cache_dir=...)`` reads offline."""
+    from pathlib import Path
+
+    repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    folder = repo_dir / "snapshots" / sha
+    folder.mkdir(parents=True)
+    return folder
+
+
+@contextlib.contextmanager
+def faked_hub():
+    """Within the block ``push_to_hub`` uploads to a :class:`FakeHub` (yielded) instead of the network."""
+    from unittest import mock
+
+    from huggingface_hub import HfApi
+
+    hub = FakeHub()
+    with (
+        mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
+        mock.patch.object(HfApi, "create_commit",
+                          lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw)),
+    ):
+        yield hub
+
+
+@pytest.fixture
+def fake_hub():
+    """A :class:`FakeHub` that ``push_to_hub`` uploads to for the test's duration."""
+    with faked_hub() as hub:
+        yield hub

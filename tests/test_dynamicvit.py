@@ -3,16 +3,12 @@ training with the plain loop, transformers.Trainer and accelerate, save/load and
 
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import pytest
 import torch
+from conftest import faked_hub
 from conftest import make_tiny_bert as make_bert
 from conftest import make_tiny_vit as make_vit
 from conftest import padded_bert_batch as padded_batch
-from huggingface_hub import HfApi
-from huggingface_hub.hf_api import RepoUrl
 from safetensors import safe_open
 from transformers import AutoModel, TrainingArguments
 
@@ -182,26 +178,6 @@ def test_train_then_save_load_gives_identical_outputs(tmp_path):
         assert torch.equal(again(**test).last_hidden_state, out)
 
 
-class FakeHub:
-    """Records what push_to_hub would upload (file name -> bytes)."""
-
-    def __init__(self):
-        self.files = {}
-
-    def create_repo(self, api, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, api, repo_id, operations, **kwargs):
-        for op in operations:
-            source = op.path_or_fileobj
-            if isinstance(source, (str, os.PathLike)):
-                with open(source, "rb") as fh:
-                    self.files[op.path_in_repo] = fh.read()
-            else:
-                self.files[op.path_in_repo] = source if isinstance(source, bytes) else source.read()
-        return mock.MagicMock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
-
-
 def test_push_to_hub_uploads_trained_predictors_that_load_back(tmp_path):
     model = make_bert()
     hf_tokred.apply(model, {"method": "dynamicvit", "keep_rate": 0.6, "layers": [1]})
@@ -209,16 +185,10 @@ def test_push_to_hub_uploads_trained_predictors_that_load_back(tmp_path):
     test = padded_batch(7)
     with torch.no_grad():
         out = model(**test).last_hidden_state
-    hub = FakeHub()
-    with (mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
-          mock.patch.object(HfApi, "create_commit",
-                            lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw))):
+    with faked_hub() as hub:
         model.push_to_hub("me/bert-dynamicvit")
     assert {"token_reduction.safetensors", "token_reduction_config.json", "config.json"} <= set(hub.files)
-    folder = tmp_path / "downloaded"
-    folder.mkdir()
-    for name, data in hub.files.items():
-        (folder / name).write_bytes(data)
+    folder = hub.snapshot(tmp_path / "hub", "me/bert-dynamicvit")
     again = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         assert torch.equal(again(**test).last_hidden_state, out)

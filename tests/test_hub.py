@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from unittest import mock
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.hf_api import RepoUrl
+from conftest import hf_cache_snapshot
+from huggingface_hub import ModelCard
 from transformers import LlamaForCausalLM
 
 import hf_tokred
@@ -22,43 +21,7 @@ from hf_tokred import TokenReductionConfig
 from hf_tokred.integration.hub import make_model_card
 
 STREAM = {"method": "streamingllm", "sink_tokens": 2, "window": 6}
-
-
-class FakeHub:
-    """Records what would be uploaded: repo creation and commits (file name -> bytes)."""
-
-    def __init__(self):
-        self.repos, self.commits = [], []
-
-    def create_repo(self, api, repo_id, **kwargs):
-        self.repos.append(repo_id)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, api, repo_id, operations, **kwargs):
-        files = {}
-        for op in operations:
-            source = op.path_or_fileobj
-            if isinstance(source, (str, os.PathLike)):
-                with open(source, "rb") as fh:
-                    files[op.path_in_repo] = fh.read()
-            elif isinstance(source, bytes):
-                files[op.path_in_repo] = source
-            else:
-                files[op.path_in_repo] = source.read()
-        self.commits.append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
-        return mock.MagicMock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
-
-
-@pytest.fixture
-def fake_hub():
-    hub = FakeHub()
-    with (
-        mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
-        mock.patch.object(
-            HfApi, "create_commit", lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw)
-        ),
-    ):
-        yield hub
+SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_model_push_to_hub_uploads_side_cars_and_card(tiny_llama_dir, fake_hub):
@@ -149,14 +112,6 @@ def test_results_table_from_rows():
         make_model_card(TokenReductionConfig(**STREAM), base_model=None, repo_id="me/x", results=3)
 
 
-def _hf_cache_layout(cache_dir, repo_id, folder, sha="0123456789abcdef0123456789abcdef01234567"):
-    """Lay out `folder` as a snapshot of `repo_id` in a Hugging Face cache, as a download would."""
-    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(sha)
-    shutil.copytree(folder, repo_dir / "snapshots" / sha)
-
-
 def test_load_from_hub_cache_offline(tiny_llama_dir, tmp_path):
     from conftest import make_tiny_tokenizer
 
@@ -167,7 +122,7 @@ def test_load_from_hub_cache_offline(tiny_llama_dir, tmp_path):
     ids = torch.arange(3, 15)[None]
     expected = model.generate(ids, max_new_tokens=10, do_sample=False)
     torch.save(expected, tmp_path / "expected.pt")
-    _hf_cache_layout(tmp_path / "hub", "me/tiny-stream", saved)
+    shutil.copytree(saved, hf_cache_snapshot(tmp_path / "hub", "me/tiny-stream", SHA), dirs_exist_ok=True)
     script = textwrap.dedent(
         f"""
         import torch, hf_tokred
@@ -198,7 +153,7 @@ def test_learned_side_car_from_hub_cache_offline(tiny_llama_dir, tmp_path):
             p.fill_(0.25)
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
-    _hf_cache_layout(tmp_path / "hub", "me/tiny-learned", saved)
+    shutil.copytree(saved, hf_cache_snapshot(tmp_path / "hub", "me/tiny-learned", SHA), dirs_exist_ok=True)
     again = LlamaForCausalLM.from_pretrained("me/tiny-learned", cache_dir=str(tmp_path / "hub"), local_files_only=True)
     assert all(bool((p == 0.25).all()) for p in again.hf_tokred_modules.parameters())
     assert hf_tokred.integration.wiring.get_applied(again).config.max_tokens == 16

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_hub import FakeHub
+from conftest import faked_hub, make_tiny_llama
 
 import hf_tokred
 from hf_tokred.integration.wiring import get_applied
@@ -223,24 +222,15 @@ CHECKS = {
 
 
 def test_readme_python_snippets_run_and_show_what_they_claim(tmp_path, monkeypatch):
-    from unittest import mock
-
-    from huggingface_hub import HfApi
-
     namespace = {"__name__": "readme", **_tiny_repos(tmp_path / "repos")}
-    hub = FakeHub()
-    namespace["fake_hub"] = hub
     monkeypatch.chdir(tmp_path)  # the snippets save to "out", "out-pipe", ...
     blocks = readme_blocks("python")
     assert len(blocks) >= 10, "README.md lost its python snippets"
     used = set()
     parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(
         optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS, verbose=False)
-    with (
-        mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
-        mock.patch.object(HfApi, "create_commit",
-                          lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw)),
-    ):
+    with faked_hub() as hub:
+        namespace["fake_hub"] = hub
         for line, code in blocks:
             where = f"README.md:{line}"
             if code.lstrip().startswith(">>>"):

@@ -3,12 +3,9 @@ text sparsification, batches, errors; tiny random LLaVA / Qwen2-VL models."""
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
-from huggingface_hub import HfApi
-from test_dynamicvit import FakeHub
+from conftest import faked_hub
 from vlm_models import BUILDERS, IMAGE, SIZES
 
 import hf_tokred
@@ -97,16 +94,10 @@ def test_trained_modules_save_push_and_load_back(method, tmp_path):
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
     loaded.generation_config.suppress_tokens = model.generation_config.suppress_tokens
     assert torch.equal(greedy(loaded, kw), expected)
-    hub = FakeHub()
-    with (mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw)),
-          mock.patch.object(HfApi, "create_commit",
-                            lambda api, repo_id, operations, **kw: hub.create_commit(api, repo_id, operations, **kw))):
+    with faked_hub() as hub:
         model.push_to_hub(f"me/llava-{method}")
     assert {"token_reduction.safetensors", "token_reduction_config.json", "config.json"} <= set(hub.files)
-    folder = tmp_path / "downloaded"
-    folder.mkdir()
-    for name, data in hub.files.items():
-        (folder / name).write_bytes(data)
+    folder = hub.snapshot(tmp_path / "hub", f"me/llava-{method}")
     again = LlavaForConditionalGeneration.from_pretrained(folder).eval()
     again.generation_config.suppress_tokens = model.generation_config.suppress_tokens
     assert torch.equal(greedy(again, kw), expected)

@@ -1,4 +1,5 @@
-"""Token-level distillation for the backbone fine-tune of a reduced MiniLM, on validation texts.
+"""Variants of the backbone fine-tune of a reduced MiniLM, on validation texts: token-level distillation, the
+learning rate, parameters kept frozen.
 
 The benchmark's recipes fine-tune the backbone through the hard reduction with one loss, ``1 - cosine`` of the
 sentence embeddings (:func:`hf_tokred.training.pooled_cosine_loss`): one target per text. DynamicViT's paper
@@ -8,16 +9,19 @@ also distils every kept token's final state from the teacher's. Here the pooled 
 Nothing here touches the benchmark's 192 held-out texts: validation = stdlib texts 192..391, training = texts
 392..2091 (1,700); the first 208 training texts (13 batches) are also scored, to see how far the fine-tune overfits.
 
-    python docs/scripts/minilm_token_distill_validation.py METHOD TOKEN_WEIGHT [STEPS] [SETTING_JSON]
+    python docs/scripts/minilm_finetune_validation.py METHOD TOKEN_WEIGHT [--steps N] [--setting JSON]
+        [--lr LR] [--frozen PREFIX,...]
 
 METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule) or ``spvit`` (400 selector steps,
-then STEPS=700 backbone steps; ``keep_rate=0.55``). Example (one thread, about 30 min):
-``python docs/scripts/minilm_token_distill_validation.py evo_vit 1``.
+then 700 backbone steps; ``keep_rate=0.55``). ``--lr`` is the backbone's learning rate (1e-4, the recipes');
+``--frozen`` keeps the parameters whose names start with one of the prefixes out of the fine-tune (e.g.
+``embeddings.``). Example (one thread, about 30 min):
+``python docs/scripts/minilm_finetune_validation.py evo_vit 0.3``.
 """
 
+import argparse
 import copy
 import json
-import sys
 import time
 
 import torch
@@ -35,15 +39,16 @@ SETTINGS = {
 }
 
 
-def fine_tune(model, teacher, batches, token_weight: float, steps: int) -> None:
-    """The recipes' backbone loop (AdamW lr 1e-4, linear decay, shuffled, seed 0) with the token term added."""
+def fine_tune(model, teacher, batches, token_weight: float, steps: int, lr: float, frozen: tuple[str, ...]) -> None:
+    """The recipes' backbone loop (AdamW, linear decay, shuffled, seed 0) with the token term added."""
     from hf_tokred.integration.wiring import MODULES_ATTR
 
     learned = model._modules.get(MODULES_ATTR) or torch.nn.ModuleDict()
     learned_ids = {id(p) for p in learned.parameters()}
-    backbone = [p for p in model.parameters() if id(p) not in learned_ids]
+    backbone = [p for name, p in model.named_parameters() if id(p) not in learned_ids and not name.startswith(frozen)]
+    trained = {id(p) for p in backbone}
     for parameter in model.parameters():
-        parameter.requires_grad_(id(parameter) not in learned_ids)
+        parameter.requires_grad_(id(parameter) in trained)
     model.eval()
     targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -72,11 +77,12 @@ def fine_tune(model, teacher, batches, token_weight: float, steps: int) -> None:
             loss = loss + token_weight * (error * carried).sum() / ((tokens ** 2).sum(-1) * carried).sum()
         return loss
 
-    _optimize(model, [{"params": backbone, "lr": 1e-4, "weight_decay": 0.0}], step_loss, len(batches), steps=steps,
+    _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches), steps=steps,
               lr_schedule="linear", shuffle=True, seed=0, log_every=0, log=print, label="", digits=5)
 
 
-def main(method: str, token_weight: float, steps: int | None, setting: dict | None) -> None:
+def main(method: str, token_weight: float, steps: int | None, setting: dict | None, lr: float,
+         frozen: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_minilm()
     validation = text_batches(tokenizer, stdlib_texts(tokenizer, VALIDATION[1], skip=VALIDATION[0]), 16)
@@ -92,8 +98,9 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
         from hf_tokred.recipes.spvit import train_spvit
 
         train_spvit(student, training, teacher=model, steps=400, shuffle=True, progress=False)
-    fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700))
-    record = {"method": method, "setting": setting, "token_weight": token_weight, "train_s": round(time.perf_counter() - start)}
+    fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700), lr, frozen)
+    record = {"method": method, "setting": setting, "token_weight": token_weight, "lr": lr, "frozen": list(frozen),
+              "train_s": round(time.perf_counter() - start)}
     for name, texts in (("validation", validation), ("training", seen)):
         reference, dense_flops = references[name]
         embeddings, flops = embed_with_flops(student, texts, reduced=True)
@@ -103,5 +110,12 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None,
-         json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", choices=sorted(SETTINGS))
+    parser.add_argument("token_weight", type=float)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--setting", type=json.loads)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--frozen", type=lambda text: tuple(filter(None, text.split(","))), default=())
+    args = parser.parse_args()
+    main(args.method, args.token_weight, args.steps, args.setting, args.lr, args.frozen)
