@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import hf_tokred
 import hf_tokred.methods.diffusion.todo  # noqa: F401  (registers "todo")
 from hf_tokred import ConfigError, TokenReductionConfig, UnknownMethodError, UnsupportedModelError
+from hf_tokred.bench.diffusion import build_dit, build_unet
 from hf_tokred.integration import diffusers as hf_diffusers
 from hf_tokred.integration.diffusers import CONFIG_KEY, KVReductionHook, TokenGrid, find_token_level
 from hf_tokred.methods.diffusion.todo import ToDoConfig, downsample_tokens, downsampled_size
@@ -34,35 +35,12 @@ from hf_tokred.methods.diffusion.todo import ToDoConfig, downsample_tokens, down
 
 
 def tiny_unet() -> UNet2DConditionModel:
-    """SD1.5-shaped UNet: self-attention at level 1 (down 0, up 1) and level 2 (mid block)."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    """SD1.5-shaped UNet: self-attention at level 1 (down 0, up 1) and level 2 (mid block); the benchmark's tiny one."""
+    return build_unet("tiny")
 
 
 def tiny_dit() -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=8,
-    ).eval()
+    return build_dit("tiny")
 
 
 def tiny_dit_pipeline() -> DiTPipeline:
