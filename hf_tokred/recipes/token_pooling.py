@@ -202,7 +202,7 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
 
     from ..config import TokenReductionConfig
     from ..integration.hourglass import last_pooling
-    from ..training import _prepare_checkpoint, _save_checkpoint, decay_groups, save_trained, stdlib_corpus
+    from ..training import _prepare_checkpoint, _resumable_step, decay_groups, save_trained, stdlib_corpus
 
     for name, value, ok in (("steps", steps, isinstance(steps, int) and steps >= 1),
                             ("layers", layers, isinstance(layers, int) and layers >= 1),
@@ -278,16 +278,8 @@ def train_token_pooling(texts: list[str] | None = None, *, reduction="whitespace
                 if learned and prior_weight > 0:
                     loss = loss + prior_weight * record.prior_loss()
             state["lm_losses"].append(round(out.loss.item(), 6))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            state["losses"].append(round(loss.item(), 6))
-            state["step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{state['lm_losses'][-1]:.3f}")
-            if checkpoint is not None and (state["step"] % save_every == 0 or state["step"] == steps):
-                _save_checkpoint(checkpoint, model, optimizer, params, state)
+            _resumable_step(loss, optimizer, params, state, bar, checkpoint, model, save_every, steps, max_grad_norm)
+            bar.set_postfix(loss=f"{state['lm_losses'][-1]:.3f}")  # the language-model loss, without the prior
         bar.close()
         model.eval()
         if output_dir is not None:
