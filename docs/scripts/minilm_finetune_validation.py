@@ -5,15 +5,15 @@ The benchmark's recipes fine-tune the backbone through the hard reduction with o
 sentence embeddings (:func:`hf_tokred.training.pooled_cosine_loss`): one target per text. DynamicViT's paper
 also distils every kept token's final state from the teacher's. Here the pooled loss gets that term,
 ``TOKEN_WEIGHT * sum ||s_i - t_i||^2 / sum ||t_i||^2`` over the real input tokens still carried at the output
-(each compared with the output token that carries it), for Evo-ViT's recipe or SPViT's phase 2.
+(each compared with the output token that carries it), for Evo-ViT's recipe or the phase 2 of SPViT / IA-RED².
 Nothing here touches the benchmark's 192 held-out texts: validation = stdlib texts 192..391, training = texts
 392..2091 (1,700); the first 208 training texts (13 batches) are also scored, to see how far the fine-tune overfits.
 
     python docs/scripts/minilm_finetune_validation.py METHOD TOKEN_WEIGHT [--steps N] [--setting JSON]
         [--lr LR] [--frozen PREFIX,...]
 
-METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule) or ``spvit`` (400 selector steps,
-then 700 backbone steps; ``keep_rate=0.55``). ``--lr`` is the backbone's learning rate (1e-4, the recipes');
+METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule), ``spvit`` (400 selector steps, then
+700 backbone steps; ``keep_rate=0.55``) or ``ia_red2`` (150 interpreter steps, then 700; ``keep_rate=0.55``). ``--lr`` is the backbone's learning rate (1e-4, the recipes');
 ``--frozen`` keeps the parameters whose names start with one of the prefixes out of the fine-tune (e.g.
 ``embeddings.``). Example (one thread, about 30 min):
 ``python docs/scripts/minilm_finetune_validation.py evo_vit 0.3``.
@@ -30,12 +30,16 @@ import hf_tokred
 from hf_tokred.bench.encoders import cosine_stats, embed_with_flops, stdlib_texts, text_batches
 from hf_tokred.embedded import load_minilm
 from hf_tokred.integration.encoders import source_map, unmerge
+from hf_tokred.recipes.ia_red2 import train_ia_red2
+from hf_tokred.recipes.spvit import train_spvit
 from hf_tokred.training import _dense_embedding, _last_hidden, _model_inputs, _optimize, _pooled_cosine
 
 VALIDATION, TRAINING = (192, 200), (392, 1700)  # (skip, count)
+PHASE1 = {"spvit": (train_spvit, 400), "ia_red2": (train_ia_red2, 150)}
 SETTINGS = {
     "evo_vit": {"layers": [2, 3, 4, 5], "keep_rates": [0.7, 0.6, 0.45, 0.4]},
     "spvit": {"keep_rate": 0.55, "layers": [2], "selector_dim": 96, "prop_attn": True},
+    "ia_red2": {"keep_rate": 0.55, "layers": [2], "select": "top_k"},
 }
 
 
@@ -94,10 +98,9 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
     student = copy.deepcopy(model)
     hf_tokred.apply(student, {"method": method, **setting})
     start = time.perf_counter()
-    if method == "spvit":
-        from hf_tokred.recipes.spvit import train_spvit
-
-        train_spvit(student, training, teacher=model, steps=400, shuffle=True, progress=False)
+    if method in PHASE1:  # the learned part first, backbone frozen (the benchmark's phase 1)
+        train, phase1_steps = PHASE1[method]
+        train(student, training, teacher=model, steps=phase1_steps, shuffle=True, progress=False)
     fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700), lr, frozen)
     record = {"method": method, "setting": setting, "token_weight": token_weight, "lr": lr, "frozen": list(frozen),
               "train_s": round(time.perf_counter() - start)}
