@@ -60,9 +60,9 @@ def _push_and_load(model, repo_id: str, tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(ENCODERS))
-def test_encoder_reducer_pushed_and_loaded_gives_identical_outputs(method, tmp_path):
+def test_encoder_reducer_pushed_and_loaded_gives_identical_outputs(method, tmp_path, images):
     if method == "tokenlearner":
-        model, inputs = make_tiny_vit(), {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+        model, inputs = make_tiny_vit(), {"pixel_values": images}
     else:
         model, inputs = make_tiny_bert(), padded_bert_batch(7)
     hf_tokred.apply(model, ENCODERS[method])

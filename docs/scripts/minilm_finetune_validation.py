@@ -54,13 +54,13 @@ def fine_tune(model, teacher, batches, token_weight: float, steps: int, lr: floa
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trained)
     model.eval()
-    targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    targets: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def step_loss(index: int) -> torch.Tensor:
         inputs = _model_inputs(batches[index])
-        if index not in targets:
+        if index not in targets:  # the teacher's per-token states only where the token term needs them
             with torch.no_grad():
-                tokens = _last_hidden(teacher(**inputs))
+                tokens = _last_hidden(teacher(**inputs)) if token_weight else None
             targets[index] = (_dense_embedding(teacher, inputs), tokens)
         pooled, tokens = targets[index]
         hidden = None
