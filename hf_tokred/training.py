@@ -256,7 +256,8 @@ def _check_loop(name: str, batches, steps: int, lr: float, lr_schedule: str) -> 
 def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float = 3e-3, train_backbone: bool = False,
                      teacher=None, backbone_lr: float | None = None, ratio_weight: float = 2.0,
                      distill_weight: float = 0.5, pooled_weight: float = 1.0, lr_schedule: str = "constant",
-                     shuffle: bool = False, seed: int = 0, log_every: int = 0, log=print) -> list[float]:
+                     shuffle: bool = False, seed: int = 0, log_every: int = 0, log=print,
+                     progress: bool = True) -> list[float]:
     """Train the DynamicViT predictors of ``model`` (already reduced with ``dynamicvit``) on ``batches``.
 
     Runs ``steps`` AdamW steps, cycling through ``batches`` (dicts of model inputs; with ``shuffle`` through a new
@@ -267,7 +268,8 @@ def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float 
     (default ``lr / 100``, the paper's ratio of backbone to predictor learning rate), distilled from ``teacher``,
     a separate frozen dense model (e.g. a copy made before ``apply``); the changed weights then save to
     ``model.safetensors`` as usual. The backbone's modules stay in eval mode either way (no dropout: the
-    targets are a deterministic teacher's). Leaves the model in eval mode (hard drop) and returns the loss of
+    targets are a deterministic teacher's). A tqdm bar shows the steps unless ``progress=False`` or ``log_every``
+    logs a line every ``log_every`` steps. Leaves the model in eval mode (hard drop) and returns the loss of
     every step.
 
     Example:
@@ -300,14 +302,21 @@ def train_dynamicvit(model, batches: list[dict], *, steps: int = 100, lr: float 
                                distill_weight=distill_weight, pooled_weight=pooled_weight)
 
     return _optimize(model, groups, step_loss, len(batches), steps=steps, lr_schedule=lr_schedule, shuffle=shuffle,
-                     seed=seed, log_every=log_every, log=log, label="step", digits=4)
+                     seed=seed, log_every=log_every, log=log, label="step", digits=4, progress=progress,
+                     desc="train dynamicvit")
 
 
 def _optimize(model, groups: list[dict], step_loss, batch_count: int, *, steps: int, lr_schedule: str, shuffle: bool,
-              seed: int, log_every: int, log, label: str, digits: int) -> list[float]:
-    """The AdamW loop both trainers share: ``steps`` steps of ``step_loss(batch_index)`` over ``groups`` with the
-    ``lr_schedule`` decay and the batch order of :func:`_batch_order`, under ``seed`` (the global RNG is restored
-    afterwards); leaves every parameter frozen and the model in eval mode. Returns the loss of every step."""
+              seed: int, log_every: int, log, label: str, digits: int, progress: bool = True,
+              desc: str | None = None) -> list[float]:
+    """The AdamW loop every step-based trainer shares: ``steps`` steps of ``step_loss(batch_index)`` over ``groups``
+    with the ``lr_schedule`` decay and the batch order of :func:`_batch_order`, under ``seed`` (the global RNG is
+    restored afterwards); a tqdm bar named ``desc`` (default ``label``) with the last loss, unless ``progress`` is
+    False or ``log_every`` logs a line every ``log_every`` steps instead. Leaves every parameter frozen and the model
+    in eval mode. Returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=desc or label, unit="step", disable=not progress or bool(log_every))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(groups)
@@ -323,9 +332,12 @@ def _optimize(model, groups: list[dict], step_loss, batch_count: int, *, steps: 
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.{digits}f}", refresh=False)
             if log_every and (step + 1) % log_every == 0:
                 log(f"{label} {step + 1}/{steps}: loss {losses[-1]:.{digits}f}")
     finally:
+        bar.close()
         torch.random.set_rng_state(generator_state)
         model.eval()
         for parameter in model.parameters():
@@ -379,7 +391,7 @@ def _pooled_cosine(model, model_inputs: dict, dense: torch.Tensor) -> torch.Tens
 
 def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, lr: float = 3e-5,
                       lr_schedule: str = "linear", shuffle: bool = True, seed: int = 0, log_every: int = 0,
-                      log=print) -> list[float]:
+                      log=print, progress: bool = True) -> list[float]:
     """Fine-tune the backbone of a reduced ``model`` through its *hard* reduction (learned parts fixed).
 
     Works for every encoder sequence reducer: the learned parts (``model.hf_tokred_modules``: DynamicViT's
@@ -390,8 +402,8 @@ def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, 
     made before ``hf_tokred.apply``). For a learned method run it after the method's own trainer (e.g.
     :func:`train_dynamicvit`); for a training-free one (ToMe) it adapts the backbone to the reduction. The
     size of a fused or merged token weighs in the loss as it does at inference. ``batches`` are visited in a
-    new seeded order every pass (``shuffle``). Leaves every parameter frozen and the model in eval mode;
-    returns the loss of every step.
+    new seeded order every pass (``shuffle``); a tqdm bar unless ``progress=False`` or ``log_every``. Leaves every
+    parameter frozen and the model in eval mode; returns the loss of every step.
 
     Example:
         >>> teacher = copy.deepcopy(model)                                                 # doctest: +SKIP
@@ -420,7 +432,7 @@ def fine_tune_reduced(model, batches: list[dict], *, teacher, steps: int = 100, 
 
     return _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches),
                      steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every, log=log,
-                     label="fine-tune step", digits=5)
+                     label="fine-tune step", digits=5, progress=progress, desc="fine-tune backbone")
 
 
 class DynamicViTTrainer(Trainer):

@@ -138,28 +138,17 @@ def train_visual_pruner(model, batches: list[dict], *, steps: int = 100, lr: flo
             with around(i):
                 teachers[i] = model(**inputs, use_cache=False).logits
     learned.train()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"train {engine.config.method}", unit="step")
 
     def step_loss(index: int) -> torch.Tensor:
         with around(index):
-            loss = visual_pruner_loss(model, batches[index], ratio_weight=ratio_weight, teacher_logits=teachers[index])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        return loss
+            return visual_pruner_loss(model, batches[index], ratio_weight=ratio_weight, teacher_logits=teachers[index])
 
     try:
         return _optimize(model, [{"params": params, "lr": lr}], step_loss, len(batches), steps=steps,
                          lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every, log=log,
-                         label="step", digits=4)
+                         label="step", digits=4, progress=progress, desc=f"train {engine.config.method}")
     finally:
         learned.eval()
-        if bar is not None:
-            bar.close()
 
 
 __all__ = ["ANSWER_KEY", "visual_ratio_loss", "train_visual_pruner", "visual_pruner_loss"]

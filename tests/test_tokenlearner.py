@@ -224,7 +224,7 @@ def test_train_then_save_load_gives_identical_outputs(tmp_path):
     hf_tokred.apply(model, {"method": "tokenlearner", "num_tokens": 8, "layer": 2, "fuse": True})
     backbone = {k: v.clone() for k, v in model.state_dict().items() if "hf_tokred" not in k}
     before = {k: v.clone() for k, v in model.hf_tokred_modules["tokenlearner"].state_dict().items()}
-    losses = train_tokenlearner(model, batches, teacher=teacher, steps=25, lr=3e-3, quiet=True)
+    losses = train_tokenlearner(model, batches, teacher=teacher, steps=25, lr=3e-3, progress=False)
     assert len(losses) == 25 and losses[-1] < losses[0]
     after = model.hf_tokred_modules["tokenlearner"].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -234,7 +234,7 @@ def test_train_then_save_load_gives_identical_outputs(tmp_path):
     model2 = make_tiny_vit()
     hf_tokred.apply(model2, {"method": "tokenlearner", "num_tokens": 8, "layer": 2, "fuse": True})
     model2.hf_tokred_modules["tokenlearner"].load_state_dict(before)
-    again_losses = train_tokenlearner(model2, batches, steps=25, lr=3e-3, quiet=True)
+    again_losses = train_tokenlearner(model2, batches, steps=25, lr=3e-3, progress=False)
     assert again_losses == pytest.approx(losses, abs=1e-5)
     # the recipe leaves the model frozen; a loaded model's parameters require grad, and on some CPUs (AMD EPYC) that
     # flag alone changes a linear layer's rounding, even under no_grad

@@ -71,3 +71,28 @@ def test_learned_parts_start_from_the_same_weights_and_leave_the_global_rng_alon
         parts.append(model.hf_tokred_modules.state_dict())
     assert parts[0].keys() == parts[1].keys() and parts[0]
     assert all(torch.equal(parts[0][name], parts[1][name]) for name in parts[0])
+
+
+@pytest.mark.parametrize("config, trainer", [
+    ({"method": "dynamicvit", "keep_rate": 0.7, "layers": [1]}, "train_dynamicvit"),
+    ({"method": "avit", "target_depth": 0.6}, "train_avit"),
+    ({"method": "ia_red2", "keep_rate": 0.7, "layers": [1]}, "train_ia_red2"),
+    ({"method": "spvit", "keep_rate": 0.7, "layers": [1]}, "train_spvit"),
+    ({"method": "evo_vit", "keep_rate": 0.7, "layers": [1]}, "train_evo_vit"),
+    ({"method": "stvit", "ratio": 0.5, "start": 1}, "train_stvit"),
+    ({"method": "tocom", "r": 4, "source_r": 2}, "train_tocom"),
+    ({"method": "tome", "r": 4}, "fine_tune_reduced"),
+])
+def test_every_encoder_trainer_shows_a_progress_bar_unless_told_not_to(config, trainer, capsys):
+    import hf_tokred.training as training
+
+    teacher = make_bert()
+    train = getattr(training, trainer)
+    for progress, log_every in ((True, 0), (False, 0), (True, 1)):
+        model = hf_tokred.apply(copy.deepcopy(teacher), config)
+        losses = train(model, [batch()], teacher=teacher, steps=2, lr=1e-3, progress=progress, log_every=log_every,
+                       log=print)
+        captured = capsys.readouterr()
+        assert len(losses) == 2
+        assert ("2/2" in captured.err) == (progress and not log_every), (progress, log_every, captured.err)
+        assert captured.out.count("loss") == (2 if log_every else 0)

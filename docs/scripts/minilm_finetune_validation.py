@@ -100,7 +100,7 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
     start = time.perf_counter()
     if method in PHASE1:  # the learned part first, backbone frozen (the benchmark's phase 1)
         train, phase1_steps = PHASE1[method]
-        train(student, training, teacher=model, steps=phase1_steps, shuffle=True, progress=False)
+        train(student, training, teacher=model, steps=phase1_steps, shuffle=True)
     fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700), lr, frozen)
     record = {"method": method, "setting": setting, "token_weight": token_weight, "lr": lr, "frozen": list(frozen),
               "train_s": round(time.perf_counter() - start)}

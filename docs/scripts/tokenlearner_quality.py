@@ -38,7 +38,7 @@ for params in [{"num_tokens": 8, "layer": 3}, {"num_tokens": 16, "layer": 3}, {"
     hf_tokred.apply(model, {"method": "tokenlearner", **params})
     before, _ = run(model)
     t = time.time()
-    losses = train_tokenlearner(model, train, teacher=teacher, steps=150, lr=3e-3, shuffle=True, quiet=True)
+    losses = train_tokenlearner(model, train, teacher=teacher, steps=150, lr=3e-3, shuffle=True, progress=False)
     wall = time.time() - t
     outs, flops = run(model)
     def stats(o):

@@ -93,8 +93,9 @@ def minilm_batches(tokenizer, args, skip: int = 192) -> list[dict]:
 
 
 def run_minilm_recipe(args, method: str, config: dict, trainer, **train_options) -> int:
-    """Load MiniLM, apply ``config``, train with ``trainer`` (``train_options`` besides steps, lr, seed) and save to the
-    output folder (``save_pretrained``): the ``run`` of the encoder recipes' commands.
+    """Load MiniLM, apply ``config``, train with ``trainer`` (``train_options`` besides steps, lr, seed and the progress
+    bar of ``--no-progress``) and save to the output folder (``save_pretrained``): the ``run`` of the encoder
+    recipes' commands.
 
     Example:
         >>> run_minilm_recipe(args, "evo_vit", {"method": "evo_vit"}, train_evo_vit)    # doctest: +SKIP
@@ -108,7 +109,8 @@ def run_minilm_recipe(args, method: str, config: dict, trainer, **train_options)
     model, tokenizer = load_minilm()
     batches = minilm_batches(tokenizer, args)
     hf_tokred.apply(model, config)
-    losses = trainer(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed, **train_options)
+    losses = trainer(model, batches, steps=args.steps, lr=args.lr, shuffle=True, seed=args.seed,
+                     progress=not args.no_progress, **train_options)
     print(f"{method}: loss {losses[0]:.5f} -> {losses[-1]:.5f} over {len(losses)} steps")
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

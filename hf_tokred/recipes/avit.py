@@ -104,8 +104,6 @@ def train_heads(model, learned: torch.nn.Module, step_loss, batch_count: int, *,
         >>> losses = train_heads(model, heads, loss_of, 4, steps=10, lr=1e-3, lr_schedule="constant",
         ...                      shuffle=False, seed=0, log_every=0, log=print, name="avit")  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     from ..training import _check_loop, _optimize
 
     _check_loop(f"train_{name}", list(range(batch_count)), steps, lr, lr_schedule)
@@ -115,20 +113,11 @@ def train_heads(model, learned: torch.nn.Module, step_loss, batch_count: int, *,
         parameter.requires_grad_(id(parameter) in ids)
     model.eval()
     learned.train()
-    bar = tqdm(total=steps, desc=f"train {name}", unit="step", disable=not progress or bool(log_every))
-
-    def counted(index: int) -> torch.Tensor:
-        loss = step_loss(index)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        return loss
-
     try:
-        return _optimize(model, [{"params": trainable, "lr": lr}], counted, batch_count, steps=steps,
+        return _optimize(model, [{"params": trainable, "lr": lr}], step_loss, batch_count, steps=steps,
                          lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every, log=log,
-                         label=f"{name} step", digits=4)
+                         label=f"{name} step", digits=4, progress=progress, desc=f"train {name}")
     finally:
-        bar.close()
         learned.eval()
 
 
@@ -294,7 +283,7 @@ def _run_command(args, method: str, run, config_options) -> int:
     print(f"{method}: trained {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if args.finetune_steps > 0:
         tuned = fine_tune_reduced(model, batches, teacher=teacher, steps=args.finetune_steps, lr=args.finetune_lr,
-                                  seed=args.seed)
+                                  seed=args.seed, progress=not args.no_progress)
         print(f"{method}: fine-tuned the backbone {len(tuned)} steps, loss {tuned[0]:.5f} -> {tuned[-1]:.5f}")
     output = recipe_output(args, f"minilm-{method}")
     model.save_pretrained(output)

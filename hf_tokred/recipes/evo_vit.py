@@ -39,8 +39,6 @@ def train_backbone(model, batches: list[dict], *, method: str, teacher=None, ste
     Example:
         >>> losses = train_backbone(model, batches, method="stvit", steps=10)        # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     from ..integration.encoders import STATE_ATTR
     from ..integration.wiring import MODULES_ATTR
     from ..training import _check_loop, _dense_embedding, _model_inputs, _optimize, _pooled_cosine, dense_pass
@@ -65,22 +63,15 @@ def train_backbone(model, batches: list[dict], *, method: str, teacher=None, ste
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) not in learned_ids)
     model.eval()  # the inference path: no dropout, the hard reduction
-    bar = tqdm(total=steps, desc=name, disable=bool(log_every) or not progress)
-
     def step_loss(index: int) -> torch.Tensor:
         inputs = _model_inputs(batches[index])
         if index not in dense:
             dense[index] = _dense_embedding(teacher, inputs)
-        loss = _pooled_cosine(model, inputs, dense[index])
-        bar.update(1)
-        return loss
+        return _pooled_cosine(model, inputs, dense[index])
 
-    try:
-        return _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches),
-                         steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
-                         log=log, label=f"{method} step", digits=5)
-    finally:
-        bar.close()
+    return _optimize(model, [{"params": backbone, "lr": lr, "weight_decay": 0.0}], step_loss, len(batches),
+                     steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
+                     log=log, label=f"{method} step", digits=5, progress=progress, desc=name)
 
 
 def train_evo_vit(model, batches: list[dict], *, teacher=None, steps: int = 60, lr: float = 1e-4,
@@ -135,7 +126,7 @@ def run(args) -> int:
 
     rates = {"keep_rate": args.keep_rate} if args.keep_rate is not None else {"keep_rates": list(args.keep_rates)}
     config = {"method": "evo_vit", "layers": list(range(args.start, 6)), **rates}
-    return run_minilm_recipe(args, "evo_vit", config, train_evo_vit, progress=not args.no_progress)
+    return run_minilm_recipe(args, "evo_vit", config, train_evo_vit)
 
 
 __all__ = ["add_train_command", "train_backbone", "train_evo_vit"]

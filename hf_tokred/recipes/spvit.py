@@ -91,12 +91,13 @@ def dense_targets(model, inputs: dict, teacher=None) -> tuple[torch.Tensor, torc
 
 def train_spvit(model, batches: list[dict], *, teacher=None, steps: int = 60, lr: float = 3e-3,
                 lr_schedule: str = "constant", shuffle: bool = False, seed: int = 0, log_every: int = 0, log=print,
-                token_weight: float = 0.5, budget_weight: float = 2.0) -> list[float]:
+                token_weight: float = 0.5, budget_weight: float = 2.0, progress: bool = True) -> list[float]:
     """Train the SPViT selectors of ``model`` (already reduced with ``spvit``) on ``batches``; returns the losses.
 
     ``steps`` AdamW steps at ``lr`` (``lr_schedule`` decay; ``shuffle``: a seeded new batch order every pass); the
     backbone is frozen and in eval mode, the selectors train with Gumbel soft masks; ``teacher`` is a separate dense
-    model (None: the model itself in a dense pass). Leaves the model in eval mode (keep top-k and package).
+    model (None: the model itself in a dense pass); a tqdm bar unless ``progress=False`` or ``log_every``. Leaves the
+    model in eval mode (keep top-k and package).
 
     Example:
         >>> hf_tokred.apply(model, {"method": "spvit", "keep_rate": 0.5, "layers": [2]})   # doctest: +SKIP
@@ -125,7 +126,7 @@ def train_spvit(model, batches: list[dict], *, teacher=None, steps: int = 60, lr
     try:
         return _optimize(model, [{"params": list(selectors.parameters()), "lr": lr}], step_loss, len(batches),
                          steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
-                         log=log, label="spvit step", digits=4)
+                         log=log, label="spvit step", digits=4, progress=progress, desc="train spvit")
     finally:
         selectors.eval()
 
@@ -157,7 +158,7 @@ def run(args) -> int:
     from . import run_minilm_recipe
 
     config = {"method": "spvit", "keep_rate": args.keep_rate, "layers": [args.layer]}
-    return run_minilm_recipe(args, "spvit", config, train_spvit, log_every=0 if args.no_progress else 25)
+    return run_minilm_recipe(args, "spvit", config, train_spvit)
 
 
 __all__ = ["add_train_command", "dense_targets", "spvit_loss", "train_spvit"]

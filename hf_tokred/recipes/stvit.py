@@ -66,7 +66,7 @@ def run(args) -> int:
     """Train on MiniLM and save the model with its token_reduction config to the output folder."""
     config = {"method": "stvit", "ratio": args.ratio, "start": args.start, "end": args.end,
               "iterations": args.iterations}
-    return run_minilm_recipe(args, "stvit", config, train_stvit, progress=not args.no_progress)
+    return run_minilm_recipe(args, "stvit", config, train_stvit)
 
 
 __all__ = ["add_train_command", "train_stvit"]

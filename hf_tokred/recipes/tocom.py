@@ -66,13 +66,14 @@ def teacher_embedding(model, inputs: dict, teacher=None) -> torch.Tensor:
 
 def train_tocom(model, batches: list[dict], *, teacher=None, steps: int = 60, lr: float = 2e-3,
                 lr_schedule: str = "constant", shuffle: bool = False, seed: int = 0, log_every: int = 0,
-                log=print, weight_decay: float = 0.0) -> list[float]:
+                log=print, weight_decay: float = 0.0, progress: bool = True) -> list[float]:
     """Train the ToCom plug-in of ``model`` (already reduced with ``method="tocom"``) on ``batches``; returns the losses.
 
     ``steps`` AdamW steps at ``lr`` (``lr_schedule``: constant, linear or cosine decay; ``shuffle``: a seeded new
     batch order every pass) on 1 - cosine between the student's embedding (ToMe at the target degree, plug-in on,
     the model in eval mode: exactly the inference graph) and :func:`teacher_embedding`, cached per batch. Only the
-    plug-in trains; the model's weights stay as they were. Leaves every parameter frozen and the model in eval mode.
+    plug-in trains; the model's weights stay as they were. A tqdm bar unless ``progress=False`` or ``log_every``.
+    Leaves every parameter frozen and the model in eval mode.
 
     Example:
         >>> hf_tokred.apply(model, {"method": "tocom", "r": 16, "source_r": 8})      # doctest: +SKIP
@@ -100,7 +101,8 @@ def train_tocom(model, batches: list[dict], *, teacher=None, steps: int = 60, lr
 
     return _optimize(model, [{"params": list(plug.parameters()), "lr": lr, "weight_decay": weight_decay}], step_loss,
                      len(batches), steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed,
-                     log_every=log_every, log=log, label="tocom step", digits=5)
+                     log_every=log_every, log=log, label="tocom step", digits=5, progress=progress,
+                     desc="train tocom")
 
 
 def add_train_command(subparsers) -> None:
@@ -134,7 +136,7 @@ def run(args) -> int:
 
     config = {"method": "tocom", "ratio": args.ratio, "source_ratio": args.source_ratio, "rank": args.rank,
               "metric": "hidden"}
-    return run_minilm_recipe(args, "tocom", config, train_tocom, log_every=0 if args.no_progress else 25)
+    return run_minilm_recipe(args, "tocom", config, train_tocom)
 
 
 __all__ = ["add_train_command", "teacher_embedding", "train_tocom"]

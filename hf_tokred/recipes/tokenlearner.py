@@ -58,18 +58,16 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, class_tokens
 
 def train_tokenlearner(model, batches: list[dict], *, teacher=None, steps: int = 60, lr: float = 1e-3,
                        lr_schedule: str = "constant", shuffle: bool = False, seed: int = 0, log_every: int = 0,
-                       log=print, quiet: bool = False) -> list[float]:
+                       log=print, progress: bool = True) -> list[float]:
     """Train ``model``'s TokenLearner (already applied) on ``batches``, backbone frozen; returns each step's loss.
 
     The dense outputs come from ``teacher`` (a separate frozen dense model) or, when it is None, from ``model``
     itself inside :func:`hf_tokred.training.dense_pass`. Seeded (``seed``); a tqdm bar unless ``log_every`` or
-    ``quiet``. Leaves the model in eval mode with every parameter frozen.
+    ``progress=False``. Leaves the model in eval mode with every parameter frozen.
 
     Example:
         >>> losses = train_tokenlearner(vit, batches, steps=60, lr=1e-3)   # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     from ..training import _check_loop, _optimize, dense_pass
 
     module = _module(model)
@@ -86,19 +84,12 @@ def train_tokenlearner(model, batches: list[dict], *, teacher=None, steps: int =
         parameter.requires_grad_(False)
     for parameter in module.parameters():
         parameter.requires_grad_(True)
-    bar = tqdm(total=steps, desc="train tokenlearner", disable=quiet or bool(log_every))
-
     def step_loss(index: int) -> torch.Tensor:
-        loss = distillation_loss(_last_hidden(model(**batches[index])), references[index], class_tokens)
-        bar.update(1)
-        return loss
+        return distillation_loss(_last_hidden(model(**batches[index])), references[index], class_tokens)
 
-    try:
-        return _optimize(model, [{"params": list(module.parameters()), "lr": lr}], step_loss, len(batches),
-                         steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
-                         log=log, label="tokenlearner", digits=4)
-    finally:
-        bar.close()
+    return _optimize(model, [{"params": list(module.parameters()), "lr": lr}], step_loss, len(batches),
+                     steps=steps, lr_schedule=lr_schedule, shuffle=shuffle, seed=seed, log_every=log_every,
+                     log=log, label="tokenlearner", digits=4, progress=progress, desc="train tokenlearner")
 
 
 __all__ = ["distillation_loss", "train_tokenlearner"]
