@@ -185,13 +185,17 @@ def test_train_command_applies_the_keep_rates_schedule(tmp_path, capsys):
 
     out = tmp_path / "evo"
     assert main(["train", "evo_vit", "--steps", "1", "--texts", "16", "--keep-rates", "0.9,0.5", "--start", "4",
-                 "--output", str(out), "--no-progress"]) == 0
+                 "--ema", "0.25", "--output", str(out), "--no-progress"]) == 0
     saved = TokenReductionConfig.from_pretrained(out)
-    assert (saved.layers, saved.keep_rates) == ([4, 5], [0.9, 0.5])
+    assert (saved.layers, saved.keep_rates, saved.ema) == ([4, 5], [0.9, 0.5], 0.25)
     assert main(["train", "evo_vit", "--steps", "1", "--texts", "16", "--keep-rate", "0.5",
                  "--output", str(tmp_path / "uniform"), "--no-progress"]) == 0
     uniform = TokenReductionConfig.from_pretrained(tmp_path / "uniform")
-    assert (uniform.layers, uniform.keep_rate, uniform.keep_rates) == ([2, 3, 4, 5], 0.5, None)
+    assert (uniform.layers, uniform.keep_rate, uniform.keep_rates, uniform.ema) == ([2, 3, 4, 5], 0.5, None, 0.0)
+    capsys.readouterr()
+    assert main(["train", "evo_vit", "--ema", "1.0", "--output", str(tmp_path / "bad")]) != 0  # refused, nothing written
+    assert "ema: expected a number in [0, 1), got 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):  # a rate outside (0, 1] is refused by the parser
         main(["train", "evo_vit", "--keep-rates", "0.9,1.5"])
     assert "fractions in (0, 1]" in capsys.readouterr().err
