@@ -13,9 +13,9 @@ Nothing here touches the benchmark's 192 held-out texts: validation = stdlib tex
         [--lr LR] [--frozen PREFIX,...]
 
 METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule), ``spvit`` (400 selector steps, then
-700 backbone steps; ``keep_rate=0.55``) or ``ia_red2`` (150 interpreter steps, then 700; ``keep_rate=0.55``). ``--lr`` is the backbone's learning rate (1e-4, the recipes');
-``--frozen`` keeps the parameters whose names start with one of the prefixes out of the fine-tune (e.g.
-``embeddings.``). Example (one thread, about 30 min):
+700 backbone steps; ``keep_rate=0.55``) or ``ia_red2`` (150 interpreter steps, then 700; ``keep_rate=0.55``).
+``--lr`` is the backbone's learning rate (1e-4, the recipes'); ``--frozen`` keeps the parameters whose names start
+with one of the prefixes out of the fine-tune (e.g. ``embeddings.``). Example (one thread, about 30 min):
 ``python docs/scripts/minilm_finetune_validation.py evo_vit 0.3``.
 """
 
