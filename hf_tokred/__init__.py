@@ -28,6 +28,7 @@ from .errors import (
 )
 from .integration import apply, build_cache, compress_context, install, remove
 from .integration.eagle import eagle_assistant
+from .integration.eagle_tree import eagle_tree_decoding
 from .kv.cache import TokenReductionCache
 from .prompt import compress_prompt
 
@@ -50,6 +51,7 @@ __all__ = [
     "compress_prompt",
     "compose",
     "eagle_assistant",
+    "eagle_tree_decoding",
     "list_presets",
     "register_method",
     "registered_methods",

@@ -472,6 +472,14 @@ def test_trained_smollm2_head_drafts_accepted_tokens(generators):
         handle.remove()
     assert torch.equal(got, dense)
     assert (got.shape[1] - ids.shape[1] - 1) / (len(calls) - 1) > 1.1  # drafts get accepted
+    calls.clear()
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:  # the tree verified in one forward pass per round
+        tree = model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=hf_tokred.eagle_tree_decoding)
+    finally:
+        handle.remove()
+    assert torch.equal(tree, dense)
+    assert (tree.shape[1] - ids.shape[1] - 1) / (len(calls) - 1) > 1.1
 
 
 def test_wiring_module_names_the_stage():
@@ -584,7 +592,9 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
     result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
     suffix = " + snapkv@0.25"
     names = ["greedy", "prompt lookup", "eagle", "eagle + lookup"]
-    assert list(result["rows"]) == names + [n + suffix for n in names]
+    # tree verification keeps its path in transformers' own cache: the tree rows run on the dense cache only
+    assert list(result["rows"]) == names + ["eagle tree", "eagle tree + lookup"] + [n + suffix for n in names]
+    assert result["tree_tokens"] == SMALL.get("tree_tokens", 8)
     for name, row in result["rows"].items():
         assert row["identical"] == 2, name
         assert row["reference"] == ("greedy" + suffix if name.endswith(suffix) else "greedy")

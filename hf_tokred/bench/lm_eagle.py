@@ -10,11 +10,15 @@ paragraph is shared with training). Every prompt is generated at batch 1, greedy
 * ``prompt lookup``: transformers' own prompt-lookup assisted decoding (``prompt_lookup_num_tokens=10``);
 * ``eagle``: ``model.generate(..., assistant_model=eagle_assistant(model))``;
 * ``eagle + lookup``: the same with ``prompt_lookup_num_tokens=10``: lookup drafts where the context's last
-  ``lookup_min_match`` tokens occurred earlier, the head's drafts elsewhere.
+  ``lookup_min_match`` tokens occurred earlier, the head's drafts elsewhere;
+* ``eagle tree``: ``model.generate(..., custom_generate=hf_tokred.eagle_tree_decoding)``: the head's draft tree
+  (``--tree-tokens`` nodes, by default the reduction's ``tree_tokens``) verified in one forward pass per round;
+* ``eagle tree + lookup``: the same with ``prompt_lookup_num_tokens=10`` (a lookup round verifies its chain).
 
 With ``--policy P`` (a KV policy that compresses the prompt once: ``snapkv``, ``pyramidkv``, ``fastgen``) the
-four run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
-drafting; rejected drafts are cropped off it), and those rows are checked against the policy's own greedy output.
+first four run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
+drafting; rejected drafts are cropped off it), and those rows are checked against the policy's own greedy output
+(tree verification keeps its accepted path in transformers' own cache only).
 
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
 the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
@@ -52,6 +56,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--samples", type=_positive_int, default=8, help="held-out prompts (default: 8)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256,
                         help="new tokens per prompt (default: 256)")
+    parser.add_argument("--tree-tokens", type=_positive_int, default=None, metavar="N",
+                        help="draft nodes the eagle tree rows verify per forward pass (default: the head's "
+                             "tree_tokens setting)")
     parser.add_argument("--policy", metavar="P", default=None,
                         help="also decode over this KV policy's cache (snapkv, pyramidkv or fastgen)")
     parser.add_argument("--keep", type=float, default=0.5, metavar="F",
@@ -112,8 +119,9 @@ def policy_config(policy: str, keep: float, tokenizer=None):
 
 
 def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True,
-              policy: str | None = None, keep: float = 0.5) -> dict:
-    """The figures of ``hf-tokred learned-lm eagle`` as a dict (with ``policy``: also over that KV policy's cache).
+              policy: str | None = None, keep: float = 0.5, tree_tokens: int | None = None) -> dict:
+    """The figures of ``hf-tokred learned-lm eagle`` as a dict (with ``policy``: also over that KV policy's cache;
+    ``tree_tokens``: the tree rows' nodes per verification, default the reduction's).
 
     Example:
         >>> result = run_bench(samples=2, max_new_tokens=64, policy="snapkv", keep=0.25)      # doctest: +SKIP
@@ -125,6 +133,7 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
     import hf_tokred  # also: from_pretrained re-attaches the head
 
     from ..errors import MissingFileError
+    from ..integration.wiring import get_applied
     from ..recipes.eagle import TRAINING_STATE
     from ..recipes.lm_data import chat_ids, instruction_prompts
 
@@ -147,7 +156,9 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     reduction = model.config.token_reduction
     prompts = [torch.tensor([chat_ids(tokenizer, p)]) for p in instruction_prompts("heldout", samples, seed=0)]
-    totals = _decode_all(model, prompts, common, decoding_rows(model), progress)
+    if tree_tokens is None:
+        tree_tokens = get_applied(model).config.get("decoding").tree_tokens
+    totals = _decode_all(model, prompts, common, decoding_rows(model, tree_tokens=tree_tokens), progress)
     if kv is not None:
         # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
         hf_tokred.remove(model)
@@ -163,24 +174,31 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                              "identical": total["identical"], "decode_tokens": total["tokens"],
                              "reference": total["reference"]}
     return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
-            "reduction": reduction, "rows": result_rows,
+            "reduction": reduction, "tree_tokens": tree_tokens, "rows": result_rows,
             "note": "timings on a shared CPU are indicative only; token counts are exact"}
 
 
-def decoding_rows(model, suffix: str = "") -> dict:
+def decoding_rows(model, suffix: str = "", tree_tokens: int | None = None) -> dict:
     """The decodings the bench compares (name -> extra ``generate()`` arguments), plain greedy first: prompt
-    lookup, EAGLE, and EAGLE with lookup drafts where the context repeats itself; names end with ``suffix``.
+    lookup, EAGLE, and EAGLE with lookup drafts where the context repeats itself; names end with ``suffix``. With
+    ``tree_tokens``, also EAGLE's tree verification of that many nodes per round, alone and with lookup drafts.
 
     Example:
-        >>> list(decoding_rows(model))                                                     # doctest: +SKIP
-        ['greedy', 'prompt lookup', 'eagle', 'eagle + lookup']
+        >>> list(decoding_rows(model, tree_tokens=8))                                      # doctest: +SKIP
+        ['greedy', 'prompt lookup', 'eagle', 'eagle + lookup', 'eagle tree', 'eagle tree + lookup']
     """
     from ..integration.eagle import eagle_assistant
+    from ..integration.eagle_tree import eagle_tree_decoding
 
     head = eagle_assistant(model)
-    return {"greedy" + suffix: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+    rows = {"greedy" + suffix: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
             "eagle" + suffix: {"assistant_model": head},
             "eagle + lookup" + suffix: {"assistant_model": head, "prompt_lookup_num_tokens": EAGLE_LOOKUP_TOKENS}}
+    if tree_tokens is not None:
+        tree = {"custom_generate": eagle_tree_decoding, "tree_tokens": tree_tokens}
+        rows["eagle tree" + suffix] = tree
+        rows["eagle tree + lookup" + suffix] = {**tree, "prompt_lookup_num_tokens": EAGLE_LOOKUP_TOKENS}
+    return rows
 
 
 def _decode_all(model, prompts, common: dict, rows: dict, progress: bool) -> dict:
@@ -238,7 +256,7 @@ def run(args) -> int:
     from ..cli import _log
 
     result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress,
-                       policy=args.policy, keep=args.keep)
+                       policy=args.policy, keep=args.keep, tree_tokens=args.tree_tokens)
     budget = result["budget"]
     if budget:
         extra = f", training-time test over {budget['unroll']} steps" if budget["unroll"] > 1 else ""
@@ -247,7 +265,8 @@ def run(args) -> int:
         _log(f"eagle head: {budget['steps']} steps x {budget['batch_size']} sequences on {budget['sequences']} "
              f"sequences ({budget['tokens']} tokens), {budget['seconds']:.0f} s of training{extra}")
     print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, greedy, up to "
-          f"{result['max_new_tokens']} new tokens (timings on a shared CPU are indicative)")
+          f"{result['max_new_tokens']} new tokens, eagle tree: {result['tree_tokens']} nodes per verification "
+          "(timings on a shared CPU are indicative)")
     print(format_result(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

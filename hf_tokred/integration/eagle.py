@@ -52,6 +52,7 @@ from ..methods.lm.eagle import (
     causal_mask,
     expand_beams,
     lookup_continuation,
+    select_tree,
     signature_matches,
     tree_mask,
 )
@@ -174,6 +175,26 @@ class EagleCandidateGenerator(CandidateGenerator):
     def _ids(self, columns):
         return self.vocab_ids[columns] if self.vocab_ids is not None else columns
 
+    def feed(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Give the head the target's features ``(n, h)`` of the verified tokens it has not seen (``input_ids``:
+        the verified sequence, batch 1); returns its predicted next features there (the last row drafts the
+        token after ``input_ids``). The head's cache is first cropped back to the verified prefix."""
+        length = input_ids.shape[1]
+        new = length - 1 - self.fed  # verified tokens whose features the draft has not seen
+        if new > features.shape[0]:  # the target was given a cache with earlier tokens: start after them
+            self.fed += new - features.shape[0]
+            new = features.shape[0]
+        features = features[:new]
+        extra = self.cache.get_seq_length() - self.fed  # the last round's draft nodes
+        if extra > 0:
+            self.cache.crop(-extra)
+        tokens = input_ids[0, self.fed + 1:self.fed + 1 + new]
+        positions = torch.arange(self.fed, self.fed + new, device=features.device)
+        mask = causal_mask(self.fed, new, features.device) if (new > 1 or self.fed) else None
+        out = self._step(features, tokens, positions, mask)
+        self.fed += new
+        return out
+
     # -- transformers' interface ----------------------------------------------------------
 
     @torch.no_grad()
@@ -184,22 +205,8 @@ class EagleCandidateGenerator(CandidateGenerator):
         hidden = getattr(model_outputs, "hidden_states", None)
         if not hidden:
             raise TokenReductionError("eagle: the target's forward pass returned no hidden states for the draft head")
-        features = hidden[-1][0]
+        out = self.feed(input_ids, hidden[-1][0])
         length = input_ids.shape[1]
-        new = length - 1 - self.fed  # verified tokens whose features the draft has not seen
-        if new > features.shape[0]:  # the target was given a cache with earlier tokens: start after them
-            self.fed += new - features.shape[0]
-            new = features.shape[0]
-        features = features[:new]
-        device = features.device
-        extra = self.cache.get_seq_length() - self.fed  # the last round's draft nodes
-        if extra > 0:
-            self.cache.crop(-extra)
-        tokens = input_ids[0, self.fed + 1:self.fed + 1 + new]
-        positions = torch.arange(self.fed, self.fed + new, device=device)
-        mask = causal_mask(self.fed, new, device) if (new > 1 or self.fed) else None
-        out = self._step(features, tokens, positions, mask)
-        self.fed += new
         room = self.max_length - length - 1
         if room < 1:
             return input_ids, None
@@ -223,14 +230,33 @@ class EagleCandidateGenerator(CandidateGenerator):
 
     def _tree_chain(self, root: torch.Tensor, budget: int) -> list[int]:
         """Greedy: beam search of width ``top_k`` over the draft tree; the best path (cut by confidence)."""
-        width, cut = self.reducer.top_k, self.reducer.min_confidence
+        cut = self.reducer.min_confidence
+        tokens, parents, scores = self.draft_beams(root, budget, lambda scores: scores[-1][0].exp().item() >= cut)
+        return best_chain(tokens, parents, scores, cut)
+
+    def draft_tree(self, root: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tree a tree verification checks (:func:`select_tree`): the ``tree_tokens`` best nodes of a beam
+        search at most ``budget`` deep; the search stops once a depth's best node could not enter them."""
+        count = self.reducer.tree_tokens
+
+        def can_enter(scores):
+            best = scores[-1][0]
+            return sum(int((s > best).sum()) for s in scores[:-1]) < count
+
+        return select_tree(*self.draft_beams(root, budget, can_enter), count)
+
+    def draft_beams(self, root: torch.Tensor, budget: int, deeper) -> tuple[list, list, list]:
+        """Beam search of width ``top_k`` over the draft tree from ``root`` (the head's last predicted feature),
+        at most ``budget`` deep, going one depth deeper while ``deeper(scores)`` holds; the tokens, parents and
+        cumulative log-probabilities of every depth, best first (as :func:`best_chain` takes them)."""
+        width = self.reducer.top_k
         logprobs = self._logits(root).log_softmax(-1)
         parent, column, score = expand_beams(logprobs.new_zeros(1), logprobs, width)
         tokens, parents, scores = [self._ids(column)], [parent], [score]
         feats = root.expand(column.shape[0], -1)
         ancestors = torch.zeros(column.shape[0], 0, dtype=torch.bool, device=root.device)
         for d in range(1, budget):
-            if score[0].exp().item() < cut:
+            if not deeper(scores):
                 break
             w = column.shape[0]
             mask = tree_mask(self.fed, ancestors)
@@ -244,7 +270,7 @@ class EagleCandidateGenerator(CandidateGenerator):
             with_self = torch.cat([ancestors, torch.eye(w, dtype=torch.bool, device=root.device)], 1)
             ancestors = with_self[parent]
             feats = out[parent]
-        return best_chain(tokens, parents, scores, cut)
+        return tokens, parents, scores
 
     def _sample_chain(self, input_ids: torch.Tensor, root: torch.Tensor, budget: int):
         """Sampling: a chain drawn from the draft distribution (after the logits processors) and its logits."""

@@ -327,6 +327,67 @@ def best_chain(tokens: list[torch.Tensor], parents: list[torch.Tensor], scores: 
     return chain[::-1]
 
 
+def select_tree(tokens: list[torch.Tensor], parents: list[torch.Tensor], scores: list[torch.Tensor],
+                count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EAGLE-2's re-ranking: the ``count`` nodes of a draft tree (beams per depth, as :func:`best_chain` takes them)
+    with the highest cumulative draft log-probability, as the tree the target verifies.
+
+    A child's cumulative score is never above its parent's, so the best ``count`` nodes (ties go to the shallower
+    node) always include their ancestors. Returns ``(token, parent, depth)``, each ``(n,)``, ``n <= count``, in
+    breadth-first order: ``parent`` indexes the returned nodes (-1: a child of the root, the last verified token),
+    ``depth`` starts at 1.
+
+    Example:
+        >>> toks = [torch.tensor([5, 6]), torch.tensor([7, 8])]
+        >>> par = [torch.tensor([0, 0]), torch.tensor([1, 0])]
+        >>> sc = [torch.log(torch.tensor([0.6, 0.3])), torch.log(torch.tensor([0.25, 0.2]))]
+        >>> [t.tolist() for t in select_tree(toks, par, sc, 3)]
+        [[5, 6, 7], [-1, -1, 1], [1, 1, 2]]
+    """
+    flat_scores = torch.cat([s.float() for s in scores])
+    depth_of = torch.cat([torch.full((s.numel(),), d, dtype=torch.long) for d, s in enumerate(scores)])
+    # best first, shallower first among equals (a stable sort of scores already ordered by depth)
+    order = torch.sort(flat_scores.cpu(), descending=True, stable=True).indices[:count].sort().values
+    offsets = [0]
+    for s in scores:
+        offsets.append(offsets[-1] + s.numel())
+    new_index = {int(flat): i for i, flat in enumerate(order)}
+    token, parent, depth = [], [], []
+    for flat in order.tolist():
+        d = int(depth_of[flat])
+        local = flat - offsets[d]
+        token.append(int(tokens[d][local]))
+        depth.append(d + 1)
+        if d == 0:
+            parent.append(-1)
+        else:
+            up = offsets[d - 1] + int(parents[d][local])
+            if up not in new_index:  # cannot happen for log-probabilities (a child never outscores its parent)
+                raise ValueError("select_tree: a selected node's parent was not selected")
+            parent.append(new_index[up])
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return as_long(token), as_long(parent), as_long(depth)
+
+
+def tree_verification_mask(past: int, parent: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(1, 1, 1 + n, past + 1 + n)`` mask of one tree verification: the root (the last verified token,
+    not yet cached) and ``n`` draft nodes (``parent`` as :func:`select_tree` returns it, breadth-first); every row
+    sees the ``past`` cached tokens, the root, its own ancestors and itself.
+
+    Example:
+        >>> tree_verification_mask(1, torch.tensor([-1, -1, 0])).int()[0, 0].tolist()
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 1, 0, 1]]
+    """
+    n = parent.shape[0]
+    sees = torch.eye(1 + n, dtype=torch.bool)
+    sees[:, 0] = True
+    for i, up in enumerate(parent.tolist()):  # breadth-first: a parent's row is complete before its children's
+        if up >= 0:
+            sees[1 + i] |= sees[1 + up]
+    head = torch.ones(1 + n, past, dtype=torch.bool)
+    return torch.cat([head, sees], dim=1)[None, None].to(parent.device)
+
+
 def lookup_continuation(ids: torch.Tensor, min_match: int, count: int, max_match: int = LOOKUP_MAX_MATCH) -> list[int]:
     """Retrieval draft (SAM-Decoding, arXiv 2411.10666, over the sequence itself): the ``count`` tokens that followed
     the most recent earlier occurrence of the longest suffix of ``ids`` (1-d), if that suffix is at least
@@ -417,10 +478,11 @@ class EagleConfig(TokenReductionConfig):
 
     ``depth`` is the most tokens drafted per verification; ``top_k`` the width of the draft-side tree search (1: a
     greedy chain); ``min_confidence`` cuts the drafted chain where its cumulative draft probability falls below
-    it; ``draft_vocab`` the size of the draft vocabulary (0: the full vocabulary); ``lookup_min_match`` the shortest
-    earlier match of the context's tail that drafts by lookup when ``generate()`` gets ``prompt_lookup_num_tokens``
-    (SAM-Decoding's retrieval draft). ``base_hidden_size``,
-    ``base_vocab_size`` and ``base_num_layers`` record the model the head was trained for (0: not recorded; the
+    it; ``tree_tokens`` the draft nodes a tree verification checks in one forward pass (with
+    ``custom_generate=hf_tokred.eagle_tree_decoding``; the chain path ignores it); ``draft_vocab`` the size of
+    the draft vocabulary (0: the full vocabulary); ``lookup_min_match`` the shortest earlier match of the context's
+    tail that drafts by lookup when ``generate()`` gets ``prompt_lookup_num_tokens`` (SAM-Decoding's retrieval
+    draft). ``base_hidden_size``, ``base_vocab_size`` and ``base_num_layers`` record the model the head was trained for (0: not recorded; the
     recipe sets them) and ``base_model`` its name. Where we depart from the paper: see
     :mod:`hf_tokred.methods.lm.eagle`.
 
@@ -445,6 +507,9 @@ class EagleConfig(TokenReductionConfig):
                                        "this (EAGLE-2's dynamic draft length); 0 = always `depth` tokens")
     draft_vocab: int = param(8192, int, low=0, help="tokens of the draft's LM head: the most frequent tokens of the "
                                                     "training data (FR-Spec); 0 = the full vocabulary")
+    tree_tokens: int = param(8, int, low=1, high=64,
+                             help="with generate(..., custom_generate=eagle_tree_decoding): draft nodes the model "
+                                  "verifies per forward pass, the best by cumulative draft probability (EAGLE-2)")
     lookup_min_match: int = param(3, int, low=1, high=LOOKUP_MAX_MATCH,
                                   help="with generate(..., prompt_lookup_num_tokens=N): draft the N tokens that "
                                        "followed an earlier occurrence of the context's last tokens when at least "
@@ -508,5 +573,5 @@ class EagleConfig(TokenReductionConfig):
 
 
 __all__ = ["EagleConfig", "EagleHead", "base_signature", "best_chain", "causal_mask", "draft_layer_config",
-           "eagle_loss", "expand_beams", "frequent_tokens", "lookup_continuation", "signature_matches", "tree_mask",
-           "unroll_mask", "unrolled_features"]
+           "eagle_loss", "expand_beams", "frequent_tokens", "lookup_continuation", "select_tree", "signature_matches",
+           "tree_mask", "tree_verification_mask", "unroll_mask", "unrolled_features"]
