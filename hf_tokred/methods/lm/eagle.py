@@ -20,20 +20,24 @@ Here the draft head is the learned part of a reduction at the ``"decoding"`` sta
 * Users reach it through transformers' assisted generation:
   ``model.generate(**inputs, assistant_model=hf_tokred.integration.eagle.eagle_assistant(model))`` (see
   :mod:`hf_tokred.integration.eagle`). The target's hidden states reach the draft head every round through
-  transformers' ``requires_model_outputs`` candidate-generator interface; no private generation loop.
+  transformers' ``requires_model_outputs`` candidate-generator interface. For greedy decoding,
+  ``model.generate(**inputs, custom_generate=hf_tokred.eagle_tree_decoding)`` verifies the whole draft tree in one
+  forward pass per round (a decoding loop ``generate()`` runs after its own preparation; see
+  :mod:`hf_tokred.integration.eagle_tree`).
 
 Where we depart from the paper:
 
-* **tree verification**: EAGLE (and EAGLE-2) verify a whole draft *tree* in one target forward pass with a tree
-  attention mask. transformers' assisted-decoding loop verifies one candidate chain per forward pass, and we do
-  not write our own generation loop, so the tree lives on the draft side only: the draft head expands the
-  ``top_k`` most likely tokens of every kept node at each depth (a beam of width ``top_k`` scored by cumulative
-  draft log-probability, all nodes of a depth in one draft call with a tree attention mask), and the single best
-  path is verified. The path stops early when its cumulative draft probability falls below ``min_confidence``
-  (EAGLE-2's dynamic draft length, applied to a chain), and never exceeds ``depth`` tokens. With sampling
-  (``do_sample=True``) the chain is *sampled* from the draft distribution instead (width 1), and the draft
-  logits go back to transformers, whose speculative-sampling rule (Leviathan et al.) keeps the target
-  distribution exactly; a top-k beam would not be a sample of the draft distribution.
+* **tree verification** is EAGLE's (and EAGLE-2's) with
+  ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`): the ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's
+  re-ranking by cumulative draft probability; the paper's dynamic tree expands the top-k children of the top-k
+  nodes, we keep a beam of width ``top_k`` per depth) are verified in one forward pass with a tree attention
+  mask, greedy only. transformers' assisted decoding (``assistant_model=eagle_assistant(model)``, the path for
+  sampling and for a KV policy's cache) verifies one chain per forward pass, so there the tree lives on the draft
+  side only: the single best path of the beam search is verified, cut where its cumulative draft probability
+  falls below ``min_confidence`` (EAGLE-2's dynamic draft length, applied to a chain), never longer than
+  ``depth``. With sampling (``do_sample=True``) the chain is *sampled* from the draft distribution instead
+  (width 1), and the draft logits go back to transformers, whose speculative-sampling rule (Leviathan et al.)
+  keeps the target distribution exactly; the paper's recursive rejection sampling over a tree is not taken.
 * **draft vocabulary**: the draft's LM head covers only the ``draft_vocab`` most frequent tokens of the training
   data (FR-Spec's idea; ``vocab_ids``, a buffer of the head), because the full 49,152-token LM head costs about a
   quarter of SmolLM2-135M's whole forward pass per draft step on a CPU. Verification uses the full vocabulary,
