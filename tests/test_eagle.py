@@ -594,7 +594,7 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
     names = ["greedy", "prompt lookup", "eagle", "eagle + lookup"]
     # tree verification keeps its path in transformers' own cache: the tree rows run on the dense cache only
     assert list(result["rows"]) == names + ["eagle tree", "eagle tree + lookup"] + [n + suffix for n in names]
-    assert result["tree_tokens"] == SMALL.get("tree_tokens", 8)
+    assert result["tree_tokens"] == hf_tokred.TokenReductionConfig(method="eagle").tree_tokens  # the default
     for name, row in result["rows"].items():
         assert row["identical"] == 2, name
         assert row["reference"] == ("greedy" + suffix if name.endswith(suffix) else "greedy")
