@@ -511,7 +511,8 @@ class EagleConfig(TokenReductionConfig):
                                        "this (EAGLE-2's dynamic draft length); 0 = always `depth` tokens")
     draft_vocab: int = param(8192, int, low=0, help="tokens of the draft's LM head: the most frequent tokens of the "
                                                     "training data (FR-Spec); 0 = the full vocabulary")
-    tree_tokens: int = param(8, int, low=1, high=64,
+    # 3: the fastest on validation prompts on a CPU, where each verified token costs (docs/learned_lm.md)
+    tree_tokens: int = param(3, int, low=1, high=64,
                              help="with generate(..., custom_generate=eagle_tree_decoding): draft nodes the model "
                                   "verifies per forward pass, the best by cumulative draft probability (EAGLE-2)")
     lookup_min_match: int = param(3, int, low=1, high=LOOKUP_MAX_MATCH,
