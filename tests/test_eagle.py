@@ -203,7 +203,7 @@ def test_sampling_returns_draft_logits_over_the_draft_vocabulary(generators):
     # one round by hand: the candidates come with their logits, -inf outside the draft vocabulary
     generator = generators[0]
     generator.cache.crop(-generator.cache.get_seq_length()) if generator.cache.get_seq_length() else None
-    generator.fed = 0
+    generator.fed = generator.held = 0
     with torch.no_grad():
         out = model(prompt, output_hidden_states=-1)
     candidates, logits = generator.get_candidates(prompt, model_outputs=out, is_first_iteration=False)

@@ -134,6 +134,26 @@ def test_a_tree_whose_second_branch_is_right_is_accepted_whole_and_the_cache_kee
     assert torch.allclose(step, reference, atol=1e-5)
 
 
+def test_a_cache_holding_a_prefix_of_the_prompt_is_continued_exactly():
+    """The draft head starts at the first token the target's forward pass runs (it has no entries before)."""
+    model = make_tiny_llama()
+    prompt = _prompt(20, 5)
+    dense = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    _with_head(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt[:, :12], past_key_values=cache)
+    assert torch.equal(_tree(model, prompt, max_new_tokens=16, past_key_values=cache), dense)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt[:, :12], past_key_values=cache)
+    chain = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=cache,
+                           assistant_model=hf_tokred.eagle_assistant(model))  # the chain path drafts the same way
+    assert torch.equal(chain, dense)
+    with pytest.raises(TokenReductionError, match="whole prompt"):
+        _tree(model, prompt[:, :12], max_new_tokens=4, past_key_values=cache)  # the cache holds more than this
+
+
 def test_stops_at_the_end_token_inside_an_accepted_path():
     model = make_tiny_llama()
     prompt = _prompt(9, 4)

@@ -156,7 +156,8 @@ class EagleCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.lookup_tokens = generation_config.prompt_lookup_num_tokens or 0
         self.cache = DynamicCache()
-        self.fed = 0  # draft-cache entries of verified tokens (input i: feature of token i, embedding of token i+1)
+        self.fed = 0  # verified tokens the draft has read (input i: feature of token i, embedding of token i+1)
+        self.held = 0  # of them, entries in the draft's cache (fewer when the target's cache began with a prefix)
         self.stats = {"rounds": 0, "drafted": 0, "draft_calls": 0, "lookup_rounds": 0}
 
     # -- the draft head, one call ---------------------------------------------------------
@@ -187,14 +188,15 @@ class EagleCandidateGenerator(CandidateGenerator):
             self.fed += new - features.shape[0]
             new = features.shape[0]
         features = features[:new]
-        extra = self.cache.get_seq_length() - self.fed  # the last round's draft nodes
+        extra = self.cache.get_seq_length() - self.held  # the last round's draft nodes
         if extra > 0:
             self.cache.crop(-extra)
         tokens = input_ids[0, self.fed + 1:self.fed + 1 + new]
         positions = torch.arange(self.fed, self.fed + new, device=features.device)
-        mask = causal_mask(self.fed, new, features.device) if (new > 1 or self.fed) else None
+        mask = causal_mask(self.held, new, features.device) if (new > 1 or self.held) else None
         out = self._step(features, tokens, positions, mask)
         self.fed += new
+        self.held += new
         return out
 
     # -- transformers' interface ----------------------------------------------------------
@@ -261,7 +263,7 @@ class EagleCandidateGenerator(CandidateGenerator):
             if not deeper(scores):
                 break
             w = column.shape[0]
-            mask = tree_mask(self.fed, ancestors)
+            mask = tree_mask(self.held, ancestors)
             positions = torch.full((w,), self.fed + d - 1, device=root.device)
             out = self._step(feats, tokens[-1], positions, mask)
             logprobs = self._logits(out).log_softmax(-1)
@@ -280,7 +282,7 @@ class EagleCandidateGenerator(CandidateGenerator):
         chain, rows, feats, sequence, confidence = [], [], root, input_ids, 1.0
         for d in range(budget):
             if d:
-                mask = causal_mask(self.fed + d - 1, 1, root.device)
+                mask = causal_mask(self.held + d - 1, 1, root.device)
                 positions = torch.tensor([self.fed + d - 1], device=root.device)
                 feats = self._step(feats, sequence[0, -1:], positions, mask)
             logits = torch.full((1, self.vocab_size), float("-inf"), device=root.device)

@@ -73,7 +73,10 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     stats = {"rounds": 0, "verified_nodes": 0, "accepted": 0, "lookup_rounds": 0}
     model.__dict__["hf_tokred_eagle_tree_stats"] = stats
 
-    done = cache.get_seq_length()  # tokens a given cache already holds (a reused prompt)
+    done = cache.get_seq_length()  # tokens a given cache already holds (a reused prompt prefix)
+    if done >= input_ids.shape[1]:
+        raise TokenReductionError(f"eagle_tree_decoding: the given cache already holds {done} tokens, the whole "
+                                  f"prompt of {input_ids.shape[1]}; pass a cache of a prefix of the prompt")
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=input_ids[:, done:], past_key_values=cache, use_cache=True, output_hidden_states=-1,
                 **last_only)
