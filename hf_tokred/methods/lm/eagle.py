@@ -28,10 +28,10 @@ Here the draft head is the learned part of a reduction at the ``"decoding"`` sta
 Where we depart from the paper:
 
 * **tree verification** is EAGLE's (and EAGLE-2's) with
-  ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`): the ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's
-  re-ranking by cumulative draft probability; the paper's dynamic tree expands the top-k children of the top-k
-  nodes, we keep a beam of width ``top_k`` per depth) are verified in one forward pass with a tree attention
-  mask, greedy only. transformers' assisted decoding (``assistant_model=eagle_assistant(model)``, the path for
+  ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`):
+  the ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft
+  probability; the paper's dynamic tree expands the top-k children of the top-k nodes, we keep a beam of width
+  ``top_k`` per depth) are verified in one forward pass with a tree attention mask, greedy only. transformers' assisted decoding (``assistant_model=eagle_assistant(model)``, the path for
   sampling and for a KV policy's cache) verifies one chain per forward pass, so there the tree lives on the draft
   side only: the single best path of the beam search is verified, cut where its cumulative draft probability
   falls below ``min_confidence`` (EAGLE-2's dynamic draft length, applied to a chain), never longer than
