@@ -1,4 +1,4 @@
-"""Choose EAGLE's tree size (``tree_tokens``) on validation prompts (training-split prompts the head was not trained on).
+"""Choose EAGLE's tree size (``tree_tokens``) on validation prompts (training-split prompts the head never saw).
 
     python docs/scripts/eagle_tree_validation.py WEIGHTS FIRST COUNT TREE_TOKENS
 

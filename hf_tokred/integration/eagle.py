@@ -27,15 +27,15 @@ With ``prompt_lookup_num_tokens=N`` as well, a round whose context ends in ``loo
 occurred earlier drafts the N tokens that followed them instead (SAM-Decoding's retrieval draft; see
 :mod:`hf_tokred.methods.lm.eagle`); the draft head still reads that round's features.
 
-transformers verifies the chain in one forward pass and keeps the longest prefix the target agrees with, plus
-the target's own next token: greedy outputs are the target's greedy outputs. (Greedy decoding can verify the whole
-draft tree in one forward pass instead: ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)``, in
+transformers verifies the chain in one forward pass and keeps the longest prefix the target agrees with, plus the
+target's own next token: greedy outputs are the target's greedy outputs. (Greedy decoding can verify the whole draft
+tree in one forward pass instead: ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)``, in
 :mod:`hf_tokred.integration.eagle_tree`, which drafts with this generator's head and cache.) Batch 1 only
-(transformers' assisted decoding): a batch of more rows raises :class:`~hf_tokred.errors.TokenReductionError` before anything
-runs. Composed with a KV policy that compresses the prompt once (snapkv, pyramidkv, fastgen), EAGLE drafts over
-that compressed cache (rejected drafts are cropped off it; greedy outputs equal the policy's own plain greedy
-outputs); a policy that evicts while decoding, a KV storage or a prefill reducer refuses assisted decoding
-before it runs (their caches cannot take tokens back).
+(transformers' assisted decoding): a batch of more rows raises :class:`~hf_tokred.errors.TokenReductionError` before
+anything runs. Composed with a KV policy that compresses the prompt once (snapkv, pyramidkv, fastgen), EAGLE drafts
+over that compressed cache (rejected drafts are cropped off it; greedy outputs equal the policy's own plain greedy
+outputs); a policy that evicts while decoding, a KV storage or a prefill reducer refuses assisted decoding before it
+runs (their caches cannot take tokens back).
 """
 
 from __future__ import annotations

@@ -31,13 +31,14 @@ Where we depart from the paper:
   ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`):
   the ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft
   probability; the paper's dynamic tree expands the top-k children of the top-k nodes, we keep a beam of width
-  ``top_k`` per depth) are verified in one forward pass with a tree attention mask, greedy only. transformers' assisted decoding (``assistant_model=eagle_assistant(model)``, the path for
-  sampling and for a KV policy's cache) verifies one chain per forward pass, so there the tree lives on the draft
-  side only: the single best path of the beam search is verified, cut where its cumulative draft probability
-  falls below ``min_confidence`` (EAGLE-2's dynamic draft length, applied to a chain), never longer than
-  ``depth``. With sampling (``do_sample=True``) the chain is *sampled* from the draft distribution instead
-  (width 1), and the draft logits go back to transformers, whose speculative-sampling rule (Leviathan et al.)
-  keeps the target distribution exactly; the paper's recursive rejection sampling over a tree is not taken.
+  ``top_k`` per depth) are verified in one forward pass with a tree attention mask, greedy only. transformers'
+  assisted decoding (``assistant_model=eagle_assistant(model)``, the path for sampling and for a KV policy's cache)
+  verifies one chain per forward pass, so there the tree lives on the draft side only: the single best path of the
+  beam search is verified, cut where its cumulative draft probability falls below ``min_confidence`` (EAGLE-2's
+  dynamic draft length, applied to a chain), never longer than ``depth``. With sampling (``do_sample=True``) the chain
+  is *sampled* from the draft distribution instead (width 1), and the draft logits go back to transformers, whose
+  speculative-sampling rule (Leviathan et al.) keeps the target distribution exactly; the paper's recursive rejection
+  sampling over a tree is not taken.
 * **draft vocabulary**: the draft's LM head covers only the ``draft_vocab`` most frequent tokens of the training
   data (FR-Spec's idea; ``vocab_ids``, a buffer of the head), because the full 49,152-token LM head costs about a
   quarter of SmolLM2-135M's whole forward pass per draft step on a CPU. Verification uses the full vocabulary,
@@ -481,13 +482,13 @@ class EagleConfig(TokenReductionConfig):
     model it is attached to, verified by transformers' assisted generation (lossless).
 
     ``depth`` is the most tokens drafted per verification; ``top_k`` the width of the draft-side tree search (1: a
-    greedy chain); ``min_confidence`` cuts the drafted chain where its cumulative draft probability falls below
-    it; ``tree_tokens`` the draft nodes a tree verification checks in one forward pass (with
-    ``custom_generate=hf_tokred.eagle_tree_decoding``; the chain path ignores it); ``draft_vocab`` the size of
-    the draft vocabulary (0: the full vocabulary); ``lookup_min_match`` the shortest earlier match of the context's
-    tail that drafts by lookup when ``generate()`` gets ``prompt_lookup_num_tokens`` (SAM-Decoding's retrieval
-    draft). ``base_hidden_size``, ``base_vocab_size`` and ``base_num_layers`` record the model the head was trained for (0: not recorded; the
-    recipe sets them) and ``base_model`` its name. Where we depart from the paper: see
+    greedy chain); ``min_confidence`` cuts the drafted chain where its cumulative draft probability falls below it;
+    ``tree_tokens`` the draft nodes a tree verification checks in one forward pass (with
+    ``custom_generate=hf_tokred.eagle_tree_decoding``; the chain path ignores it); ``draft_vocab`` the size of the
+    draft vocabulary (0: the full vocabulary); ``lookup_min_match`` the shortest earlier match of the context's tail
+    that drafts by lookup when ``generate()`` gets ``prompt_lookup_num_tokens`` (SAM-Decoding's retrieval draft).
+    ``base_hidden_size``, ``base_vocab_size`` and ``base_num_layers`` record the model the head was trained for (0:
+    not recorded; the recipe sets them) and ``base_model`` its name. Where we depart from the paper: see
     :mod:`hf_tokred.methods.lm.eagle`.
 
     Example:
