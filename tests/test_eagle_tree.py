@@ -112,7 +112,7 @@ def test_a_tree_whose_second_branch_is_right_is_accepted_whole_and_the_cache_kee
         wrong = (right + 1) % 128
         tokens = torch.stack([wrong, right], 1).flatten()  # breadth-first pairs: wrong, right
         parent = torch.tensor([-1, -1] + [p for d in range(1, right.numel()) for p in (2 * d - 1, 2 * d - 1)])
-        return tokens, parent, None
+        return tokens, parent, torch.arange(tokens.numel()) // 2 + 1
 
     monkeypatch.setattr(EagleCandidateGenerator, "draft_tree", draft_tree)
     calls = []

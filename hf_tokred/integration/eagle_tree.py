@@ -37,6 +37,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..attention import mask_like
 from ..errors import TokenReductionError
 from ..methods.lm.eagle import lookup_continuation, tree_verification_mask
 from .eagle import EagleCandidateGenerator, eagle_assistant
@@ -67,9 +68,9 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     if tree_tokens is not None:
         reducer = dataclasses.replace(reducer, tree_tokens=tree_tokens)  # validated as the config field is
     cache = model_kwargs.get("past_key_values")
-    _check_request(model, input_ids, generation_config, model_kwargs, cache)
-    drafter = EagleCandidateGenerator(model, head, reducer, generation_config, logits_processor)
     mask_dtype = _mask_dtype(model)
+    _check_request(model, input_ids, generation_config, model_kwargs, cache, mask_dtype)
+    drafter = EagleCandidateGenerator(model, head, reducer, generation_config, logits_processor)
     stats = {"rounds": 0, "verified_nodes": 0, "accepted": 0, "lookup_rounds": 0}
     model.__dict__["hf_tokred_eagle_tree_stats"] = stats
 
@@ -80,18 +81,18 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=input_ids[:, done:], past_key_values=cache, use_cache=True, output_hidden_states=-1,
                 **last_only)
-    _check_cache_layers(cache)
+    _check_cache_layers(cache)  # again: a cache built without a config creates its layers in the first forward pass
     sequence = _append(input_ids, logits_processor, out.logits[0, -1:])
     features = out.hidden_states[-1][0]
     while not bool(stopping_criteria(sequence, None).any()):
         root = drafter.feed(sequence, features)[-1:]
         room = generation_config.max_length - sequence.shape[1] - 1  # drafts that can still be accepted
-        tokens, parent = _draft(drafter, reducer, sequence, root, room, stats)
+        tokens, parent, depth = _draft(drafter, reducer, sequence, root, room, stats)
         past = cache.get_seq_length()
         mask = tree_verification_mask(past, parent).to(sequence.device)
-        depth = _depths(parent).to(sequence.device)
+        depth = depth.to(sequence.device)
         step = torch.cat([sequence[:, -1:], tokens[None].to(sequence)], dim=-1)
-        out = model(input_ids=step, attention_mask=_as_attention_mask(mask, mask_dtype),
+        out = model(input_ids=step, attention_mask=mask_like(mask, mask.new_empty(0, dtype=mask_dtype)),
                     position_ids=(past + torch.cat([depth.new_zeros(1), depth]))[None], past_key_values=cache,
                     use_cache=True, output_hidden_states=-1)
         rows, sequence, finished = _accept(out.logits[0], tokens, parent, sequence, logits_processor,
@@ -124,7 +125,7 @@ def keep_newest_entries(cache, count: int, rows: list[int]) -> None:
         layer.values = torch.cat([layer.values[..., :-count, :], newest_values.index_select(-2, index)], dim=-2)
 
 
-def _check_request(model, input_ids, generation_config, model_kwargs, cache) -> None:
+def _check_request(model, input_ids, generation_config, model_kwargs, cache, mask_dtype) -> None:
     """Everything tree verification cannot do, refused before the first forward pass."""
     if generation_config.do_sample or (generation_config.num_beams or 1) > 1:
         raise TokenReductionError(
@@ -149,7 +150,7 @@ def _check_request(model, input_ids, generation_config, model_kwargs, cache) -> 
             f"{type(cache).__name__} (a KV policy or a static cache); use generate(..., "
             "assistant_model=eagle_assistant(model)) over a KV policy's cache")
     _check_cache_layers(cache)
-    if _mask_dtype(model) is None:
+    if mask_dtype is None:
         raise TokenReductionError(
             f"eagle_tree_decoding: the model's attn_implementation {model.config._attn_implementation!r} cannot take "
             "a tree attention mask; use sdpa or eager")
@@ -174,30 +175,18 @@ def _mask_dtype(model):
     return None
 
 
-def _as_attention_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
-    if dtype == torch.bool:
-        return mask
-    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def _draft(drafter, reducer, sequence, root, room, stats) -> tuple[torch.Tensor, torch.Tensor]:
-    """The round's draft tree ``(tokens, parent)``: a lookup chain where the context repeats itself (with
-    ``prompt_lookup_num_tokens``), else the head's tree; empty when no draft can be accepted any more."""
+def _draft(drafter, reducer, sequence, root, room, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The round's draft tree ``(tokens, parent, depth)`` (as :func:`~hf_tokred.methods.lm.eagle.select_tree`
+    returns it): a lookup chain where the context repeats itself (with ``prompt_lookup_num_tokens``), else the
+    head's tree; empty when no draft can be accepted any more."""
     if room < 1:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty
     chain = lookup_continuation(sequence[0], reducer.lookup_min_match, min(drafter.lookup_tokens, room))
     if chain:
         stats["lookup_rounds"] += 1
-        return torch.tensor(chain, dtype=torch.long), torch.arange(-1, len(chain) - 1)
-    tokens, parent, _ = drafter.draft_tree(root, min(reducer.depth, room))
-    return tokens, parent
-
-
-def _depths(parent: torch.Tensor) -> torch.Tensor:
-    depth = []
-    for up in parent.tolist():
-        depth.append(1 if up < 0 else depth[up] + 1)
-    return torch.tensor(depth, dtype=torch.long)
+        return torch.tensor(chain, dtype=torch.long), torch.arange(-1, len(chain) - 1), torch.arange(1, len(chain) + 1)
+    return drafter.draft_tree(root, min(reducer.depth, room))
 
 
 def _append(sequence: torch.Tensor, logits_processor, logits: torch.Tensor) -> torch.Tensor:
