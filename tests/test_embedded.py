@@ -79,6 +79,42 @@ def test_changed_package_is_converted_again(smol_cache, monkeypatch):
     assert embedded.smollm2_path() == path
 
 
+@pytest.mark.real_model
+def test_same_gguf_from_another_environment_reuses_the_conversion(smol_cache, monkeypatch, tmp_path):
+    # another virtual environment's copy of the package: the same bytes with a new modification time
+    shared = smol_cache[1]
+    path = str(tmp_path / "cache" / "SmolLM2-135M-Instruct")  # a private cache: this test rewrites its marker
+    os.makedirs(path)
+    for name in os.listdir(shared):
+        place = shutil.copyfile if name == embedded.MARKER_NAME else os.link
+        place(os.path.join(shared, name), os.path.join(path, name))
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    copy = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shutil.copyfile(embedded.smollm2_gguf_path(), copy)
+    os.utime(copy, ns=(1, 1))
+    monkeypatch.setattr(embedded, "smollm2_gguf_path", lambda: str(copy))
+    monkeypatch.setattr(embedded, "_convert_gguf", _no_conversion)
+    assert embedded.smollm2_path() == path
+
+    # different bytes of the same size are converted again
+    with open(copy, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 1]))
+    calls = []
+
+    def fake_convert(gguf, target, hub_id):
+        calls.append(gguf)
+        for name in os.listdir(path):
+            if name != embedded.MARKER_NAME:
+                os.link(os.path.join(path, name), os.path.join(target, name))
+
+    monkeypatch.setattr(embedded, "_convert_gguf", fake_convert)
+    assert embedded.smollm2_path() == path and calls == [str(copy)]
+    assert json.load(open(os.path.join(path, embedded.MARKER_NAME)))["sha256"] == embedded._sources_sha256([copy])
+
+
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
 
