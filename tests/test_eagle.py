@@ -480,6 +480,11 @@ def test_trained_smollm2_head_drafts_accepted_tokens(generators):
         handle.remove()
     assert torch.equal(tree, dense)
     assert (tree.shape[1] - ids.shape[1] - 1) / (len(calls) - 1) > 1.1
+    torch.manual_seed(0)  # sampled, the tree draws the sequence seeded plain sampling draws
+    sampled = model.generate(ids, max_new_tokens=24, do_sample=True, temperature=0.7)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=True, temperature=0.7,
+                                      custom_generate=hf_tokred.eagle_tree_decoding), sampled)
 
 
 def test_wiring_module_names_the_stage():
@@ -579,8 +584,8 @@ def test_smollm2_prompt_lookup_over_a_snapkv_cache_answers_as_plain_snapkv():
 
 
 def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path):
-    """`hf-tokred learned-lm eagle --policy snapkv`: greedy, prompt lookup and EAGLE run again over SnapKV's cache,
-    and each of those rows gives SnapKV's own greedy output (the dense rows give the dense model's)."""
+    """`hf-tokred learned-lm eagle --policy snapkv`: greedy, prompt lookup and EAGLE (chain and tree) run again over
+    SnapKV's cache, and each of those rows gives SnapKV's own greedy output (the dense rows give the dense model's)."""
     from hf_tokred.bench.lm_eagle import format_result, run_bench
 
     model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
@@ -591,9 +596,8 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
     suffix = " + snapkv@0.25"
-    names = ["greedy", "prompt lookup", "eagle", "eagle + lookup"]
-    # tree verification keeps its path in transformers' own cache: the tree rows run on the dense cache only
-    assert list(result["rows"]) == names + ["eagle tree", "eagle tree + lookup"] + [n + suffix for n in names]
+    names = ["greedy", "prompt lookup", "eagle", "eagle + lookup", "eagle tree", "eagle tree + lookup"]
+    assert list(result["rows"]) == names + [n + suffix for n in names]
     assert result["tree_tokens"] == hf_tokred.TokenReductionConfig(method="eagle").tree_tokens  # the default
     for name, row in result["rows"].items():
         assert row["identical"] == 2, name
@@ -601,6 +605,27 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
         assert row["decode_tokens"] == 2 * 9
     assert [r["method"] for r in result["reduction"]["reducers"]] == ["eagle", "snapkv"]
     assert "that policy's own greedy" in format_result(result)
+
+
+def test_bench_samples_under_a_seed_per_prompt_and_the_tree_rows_draw_plain_samplings_sequences(tmp_path):
+    from hf_tokred.bench.lm_eagle import format_result, run_bench
+    from hf_tokred.errors import TokenReductionError
+
+    model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'][:200] }}{% endfor %}"
+    hf_tokred.apply(model, SMALL)
+    _trained_like(model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, temperature=1.0)
+    assert list(result["rows"]) == ["sampling", "prompt lookup", "eagle", "eagle + lookup", "eagle tree",
+                                    "eagle tree + lookup"]
+    assert result["temperature"] == 1.0
+    for name in ("sampling", "eagle tree", "eagle tree + lookup"):
+        assert result["rows"][name]["identical"] == 2, name
+    assert "identical to its sampling" in format_result(result)
+    with pytest.raises(TokenReductionError, match="temperature"):
+        run_bench(str(tmp_path), samples=1, max_new_tokens=4, progress=False, temperature=-1.0)
 
 
 @pytest.mark.parametrize("policy, keep, message", [("h2o", 0.5, "h2o evicts while decoding.*snapkv"),

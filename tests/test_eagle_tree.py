@@ -13,8 +13,8 @@ import hf_tokred
 from hf_tokred import eagle_tree_decoding
 from hf_tokred.errors import TokenReductionError
 from hf_tokred.integration.eagle import EagleCandidateGenerator
-from hf_tokred.integration.eagle_tree import keep_newest_entries
 from hf_tokred.integration.wiring import get_applied
+from hf_tokred.kv.cache import keep_newest_entries
 from hf_tokred.methods.lm.eagle import select_tree, tree_verification_mask
 
 SMALL = {"method": "eagle", "draft_vocab": 64, "depth": 4, "top_k": 3, "min_confidence": 0.0, "tree_tokens": 8}
@@ -25,7 +25,9 @@ def _prompt(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _with_head(model, settings=SMALL, seed: int = 1):
-    hf_tokred.apply(model, settings)
+    """``model`` with an EAGLE head of random non-trivial weights (``settings`` None: the one already applied)."""
+    if settings is not None:
+        hf_tokred.apply(model, settings)
     head = model.hf_tokred_modules["eagle"]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-trivial weights: a random head drafts badly but must stay exact
@@ -97,6 +99,21 @@ def test_eager_attention_and_lookup_drafts_stay_exact():
     assert model.hf_tokred_eagle_tree_stats["lookup_rounds"] > 0
 
 
+def _drafts_with_the_right_second_branch(full):
+    """A ``draft_tree`` in place of the head's: at every round a wrong first branch and, as the second, the next
+    ``budget`` tokens of ``full`` (breadth-first pairs: wrong, right)."""
+
+    def draft_tree(self, root, budget):
+        done = self.fed + 1  # the verified tokens (the prompt and the accepted ones)
+        right = full[0, done:done + budget]
+        wrong = (right + 1) % 128
+        tokens = torch.stack([wrong, right], 1).flatten()
+        parent = torch.tensor([-1, -1] + [p for d in range(1, right.numel()) for p in (2 * d - 1, 2 * d - 1)])
+        return tokens, parent, torch.arange(tokens.numel()) // 2 + 1
+
+    return draft_tree
+
+
 def test_a_tree_whose_second_branch_is_right_is_accepted_whole_and_the_cache_keeps_only_its_path(monkeypatch):
     """Drafts in place of the head's: at every round a wrong first branch and, as the second, the model's own greedy
     continuation (`depth` tokens): every round accepts `depth` drafts plus the model's token, the cache keeps the
@@ -106,14 +123,7 @@ def test_a_tree_whose_second_branch_is_right_is_accepted_whole_and_the_cache_kee
     full = model.generate(prompt, max_new_tokens=21, do_sample=False)
     _with_head(model, {**SMALL, "draft_vocab": 0})
 
-    def draft_tree(self, root, budget):
-        done = self.fed + 1  # the verified tokens (the prompt and the accepted ones)
-        right = full[0, done:done + budget]
-        wrong = (right + 1) % 128
-        tokens = torch.stack([wrong, right], 1).flatten()  # breadth-first pairs: wrong, right
-        parent = torch.tensor([-1, -1] + [p for d in range(1, right.numel()) for p in (2 * d - 1, 2 * d - 1)])
-        return tokens, parent, torch.arange(tokens.numel()) // 2 + 1
-
+    draft_tree = _drafts_with_the_right_second_branch(full)
     monkeypatch.setattr(EagleCandidateGenerator, "draft_tree", draft_tree)
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
@@ -132,6 +142,39 @@ def test_a_tree_whose_second_branch_is_right_is_accepted_whole_and_the_cache_kee
         reference = model(full, past_key_values=dense_cache).logits[:, -1]
         step = model(full[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
     assert torch.allclose(step, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("warpers", [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}])
+def test_sampling_draws_the_sequence_plain_sampling_draws_under_the_same_seed(warpers):
+    model = make_tiny_llama()
+    prompts = [_prompt(n, seed=n) for n in (6, 17)]
+    plain = []
+    for seed, prompt in enumerate(prompts):
+        torch.manual_seed(seed)
+        plain.append(model.generate(prompt, max_new_tokens=24, do_sample=True, **warpers))
+    _with_head(model)
+    for seed, (prompt, expected) in enumerate(zip(prompts, plain)):
+        torch.manual_seed(seed)
+        out = model.generate(prompt, max_new_tokens=24, do_sample=True, custom_generate=eagle_tree_decoding,
+                             **warpers)
+        assert torch.equal(out, expected)
+
+
+def test_sampling_accepts_a_drafted_path_the_model_draws(monkeypatch):
+    """The second branch drafts the very tokens plain sampling draws under the seed: each round accepts all of
+    them, and the output is still that seeded sequence."""
+    model = make_tiny_llama()
+    prompt = _prompt(8)
+    torch.manual_seed(3)
+    full = model.generate(prompt, max_new_tokens=21, do_sample=True, temperature=0.5)
+    _with_head(model, {**SMALL, "draft_vocab": 0})
+    monkeypatch.setattr(EagleCandidateGenerator, "draft_tree", _drafts_with_the_right_second_branch(full))
+    torch.manual_seed(3)
+    out = model.generate(prompt, max_new_tokens=21, do_sample=True, temperature=0.5,
+                         custom_generate=eagle_tree_decoding)
+    assert torch.equal(out, full)
+    stats = model.hf_tokred_eagle_tree_stats
+    assert stats["rounds"] == 4 and stats["accepted"] == 16
 
 
 def test_a_cache_holding_a_prefix_of_the_prompt_is_continued_exactly():
@@ -183,8 +226,7 @@ def test_what_tree_verification_cannot_do_is_refused_before_it_runs():
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     cases = [({"inputs": torch.cat([prompt, prompt])}, "batch of 2"),
-             ({"do_sample": True}, "greedy decoding only"),
-             ({"num_beams": 2}, "greedy decoding only"),
+             ({"num_beams": 2}, "num_beams=2"),
              ({"return_dict_in_generate": True, "output_scores": True}, "output_scores"),
              ({"attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])}, "padding")]
     try:
@@ -200,11 +242,58 @@ def test_what_tree_verification_cannot_do_is_refused_before_it_runs():
         make_tiny_llama().generate(prompt, max_new_tokens=4, custom_generate=eagle_tree_decoding)
 
 
-def test_a_kv_policy_cache_or_sliding_window_layers_are_refused_with_the_chain_assistant_named():
+POLICIES = [{"method": "snapkv", "max_tokens": 16, "window": 4}, {"method": "pyramidkv", "max_tokens": 16, "window": 4},
+            {"method": "fastgen", "keep": 0.5, "special_token_ids": [0, 1, 2], "punctuation_token_ids": [3, 4, 5]}]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_over_a_prompt_compressing_kv_policy_the_tree_gives_the_policys_own_output(policy):
+    """The policy compresses the prompt in the first forward pass; each round's tree is appended to its cache and the
+    rejected nodes dropped again, so the output (greedy or seeded sampling) is the policy's own plain output and the
+    cache holds what the plain decode's holds."""
     model = make_tiny_llama()
-    hf_tokred.apply(model, hf_tokred.compose(SMALL, {"method": "snapkv", "max_tokens": 16, "window": 4}))
-    with pytest.raises(TokenReductionError, match="TokenReductionCache.*assistant_model=eagle_assistant"):
-        _tree(model, _prompt(20), max_new_tokens=4)
+    hf_tokred.apply(model, hf_tokred.compose(SMALL, policy))
+    _with_head(model, None)
+    for n in (30, 41):
+        prompt = _prompt(n, seed=n)
+        plain_cache = hf_tokred.build_cache(model)
+        plain = model.generate(prompt, max_new_tokens=24, do_sample=False, past_key_values=plain_cache)
+        cache = hf_tokred.build_cache(model)
+        assert torch.equal(_tree(model, prompt, max_new_tokens=24, past_key_values=cache), plain)
+        assert cache.stored_lengths() == plain_cache.stored_lengths() and cache.stored_lengths()[0] < n + 24
+        assert cache.get_seq_length() == plain_cache.get_seq_length()
+        assert torch.equal(_tree(model, prompt, max_new_tokens=24), plain)  # generate() builds the cache itself
+        torch.manual_seed(n)
+        sampled = model.generate(prompt, max_new_tokens=24, do_sample=True)
+        torch.manual_seed(n)
+        assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=True,
+                                          custom_generate=eagle_tree_decoding), sampled)
+
+
+def test_over_a_kv_policy_an_accepted_tree_path_leaves_the_cache_the_plain_decode_leaves(monkeypatch):
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose({**SMALL, "draft_vocab": 0}, POLICIES[0]))
+    prompt = _prompt(30)
+    plain_cache = hf_tokred.build_cache(model)
+    full = model.generate(prompt, max_new_tokens=21, do_sample=False, past_key_values=plain_cache)
+    monkeypatch.setattr(EagleCandidateGenerator, "draft_tree", _drafts_with_the_right_second_branch(full))
+    cache = hf_tokred.build_cache(model)
+    assert torch.equal(_tree(model, prompt, max_new_tokens=21, past_key_values=cache), full)
+    assert model.hf_tokred_eagle_tree_stats["accepted"] == 16
+    for layer, plain_layer in zip(cache.layers, plain_cache.layers):
+        assert torch.equal(layer.positions, plain_layer.positions) and torch.equal(layer.valid, plain_layer.valid)
+        assert layer.seen == plain_layer.seen
+        assert torch.allclose(layer.keys, plain_layer.keys, atol=1e-5)
+        assert torch.allclose(layer.values, plain_layer.values, atol=1e-5)
+
+
+def test_a_cache_that_evicts_while_decoding_or_sliding_window_layers_are_refused():
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose(SMALL, {"method": "streamingllm", "max_tokens": 16}))
+    cache = hf_tokred.build_cache(model)
+    with pytest.raises(TokenReductionError, match="cannot take tokens back.*snapkv"):
+        _tree(model, _prompt(20), max_new_tokens=4, past_key_values=cache)
+    assert cache.get_seq_length() == 0  # refused before anything ran
     config = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                            sliding_window=8, layer_types=["sliding_attention", "full_attention"])

@@ -3,8 +3,9 @@
 Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the draft head ``hf-tokred train eagle`` saved
 (``--weights``, default ``~/.cache/hf_tokred/smollm2-eagle``). Data: held-out chat requests about passages of the
 standard library's documentation (:func:`hf_tokred.recipes.lm_data.instruction_prompts`, split ``"heldout"``: no
-paragraph is shared with training). Every prompt is generated at batch 1, greedy, ``--max-new-tokens`` new tokens
-(256 by default; generation stops earlier at the end token), four ways on the same model, in turn:
+paragraph is shared with training). Every prompt is generated at batch 1, greedy (or sampled, below),
+``--max-new-tokens`` new tokens (256 by default; generation stops earlier at the end token), six ways on the same
+model, in turn:
 
 * ``greedy``: plain ``model.generate()``;
 * ``prompt lookup``: transformers' own prompt-lookup assisted decoding (``prompt_lookup_num_tokens=10``);
@@ -15,10 +16,16 @@ paragraph is shared with training). Every prompt is generated at batch 1, greedy
   (``--tree-tokens`` nodes, by default the reduction's ``tree_tokens``) verified in one forward pass per round;
 * ``eagle tree + lookup``: the same with ``prompt_lookup_num_tokens=10`` (a lookup round verifies its chain).
 
+With ``--temperature T`` every row samples instead (temperature ``T``, transformers' default ``top_k=50``), each
+prompt under the same seed in every row, and the first row is ``sampling``, plain ``generate(do_sample=True)``.
+The tree rows then draw the very sequences plain sampling draws (identical); the chain rows (transformers'
+speculative sampling) and prompt lookup keep the model's distribution but not the seeded sequence, so their
+"identical" count is not expected to be full.
+
 With ``--policy P`` (a KV policy that compresses the prompt once: ``snapkv``, ``pyramidkv``, ``fastgen``) the
-first four run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
-drafting; rejected drafts are cropped off it), and those rows are checked against the policy's own greedy output
-(tree verification keeps its accepted path in transformers' own cache only).
+six run again over that policy's cache keeping ``--keep`` of the prompt (the reduced KV cache underneath the
+drafting; rejected drafts and tree nodes are dropped from it again), and those rows are checked against the
+policy's own plain output.
 
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
 the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
@@ -46,7 +53,7 @@ def add_command(subparsers) -> None:
     """
     import argparse
 
-    from ..cli import _positive_int
+    from ..cli import _float_in, _positive_int
 
     parser = subparsers.add_parser("eagle", help="EAGLE drafting: accepted tokens per verification and decode "
                                                  "tokens/s against greedy and prompt lookup",
@@ -59,6 +66,8 @@ def add_command(subparsers) -> None:
     parser.add_argument("--tree-tokens", type=_positive_int, default=None, metavar="N",
                         help="draft nodes the eagle tree rows verify per forward pass (default: the head's "
                              "tree_tokens setting)")
+    parser.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0, metavar="T",
+                        help="sample at this temperature, seeded per prompt (default: 0, greedy)")
     parser.add_argument("--policy", metavar="P", default=None,
                         help="also decode over this KV policy's cache (snapkv, pyramidkv or fastgen)")
     parser.add_argument("--keep", type=float, default=0.5, metavar="F",
@@ -119,9 +128,11 @@ def policy_config(policy: str, keep: float, tokenizer=None):
 
 
 def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True,
-              policy: str | None = None, keep: float = 0.5, tree_tokens: int | None = None) -> dict:
+              policy: str | None = None, keep: float = 0.5, tree_tokens: int | None = None,
+              temperature: float = 0.0) -> dict:
     """The figures of ``hf-tokred learned-lm eagle`` as a dict (with ``policy``: also over that KV policy's cache;
-    ``tree_tokens``: the tree rows' nodes per verification, default the reduction's).
+    ``tree_tokens``: the tree rows' nodes per verification, default the reduction's; ``temperature`` > 0: every
+    row samples, seeded per prompt).
 
     Example:
         >>> result = run_bench(samples=2, max_new_tokens=64, policy="snapkv", keep=0.25)      # doctest: +SKIP
@@ -132,11 +143,13 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
 
     import hf_tokred  # also: from_pretrained re-attaches the head
 
-    from ..errors import MissingFileError
+    from ..errors import MissingFileError, TokenReductionError
     from ..integration.wiring import get_applied
     from ..recipes.eagle import TRAINING_STATE
     from ..recipes.lm_data import chat_ids, instruction_prompts
 
+    if not temperature >= 0:
+        raise TokenReductionError(f"temperature: expected a number >= 0 (0: greedy), got {temperature!r}")
     weights = os.path.abspath(os.path.expanduser(weights or default_weights()))
     if not os.path.isfile(os.path.join(weights, "token_reduction.safetensors")):
         raise MissingFileError(f"{weights} holds no trained EAGLE head (token_reduction.safetensors); train one first "
@@ -153,19 +166,23 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                   "data": state["data"], "unroll": state["fingerprint"].get("unroll", 1),
                   "init_from": state["fingerprint"].get("init_from")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+    common = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad}
+    if temperature > 0:
+        common["temperature"] = temperature
+    plain = "sampling" if temperature > 0 else "greedy"
     reduction = model.config.token_reduction
     prompts = [torch.tensor([chat_ids(tokenizer, p)]) for p in instruction_prompts("heldout", samples, seed=0)]
     if tree_tokens is None:
         tree_tokens = get_applied(model).config.get("decoding").tree_tokens
-    totals = _decode_all(model, prompts, common, decoding_rows(model, tree_tokens=tree_tokens), progress)
+    totals = _decode_all(model, prompts, common, decoding_rows(model, tree_tokens=tree_tokens, plain=plain), progress)
     if kv is not None:
         # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
         hf_tokred.remove(model)
         hf_tokred.apply(model, hf_tokred.compose(reduction, kv), weights_from=weights)
         reduction = model.config.token_reduction
-        totals.update(_decode_all(model, prompts, common, decoding_rows(model, f" + {policy}@{keep:g}"), progress))
-    base = totals["greedy"]["tokens"] / max(totals["greedy"]["seconds"], 1e-9)
+        rows = decoding_rows(model, f" + {policy}@{keep:g}", tree_tokens, plain)
+        totals.update(_decode_all(model, prompts, common, rows, progress))
+    base = totals[plain]["tokens"] / max(totals[plain]["seconds"], 1e-9)
     result_rows = {}
     for name, total in totals.items():
         speed = total["tokens"] / max(total["seconds"], 1e-9)
@@ -174,14 +191,15 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                              "identical": total["identical"], "decode_tokens": total["tokens"],
                              "reference": total["reference"]}
     return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
-            "reduction": reduction, "tree_tokens": tree_tokens, "rows": result_rows,
+            "reduction": reduction, "tree_tokens": tree_tokens, "temperature": temperature, "rows": result_rows,
             "note": "timings on a shared CPU are indicative only; token counts are exact"}
 
 
-def decoding_rows(model, suffix: str = "", tree_tokens: int | None = None) -> dict:
-    """The decodings the bench compares (name -> extra ``generate()`` arguments), plain greedy first: prompt
-    lookup, EAGLE, and EAGLE with lookup drafts where the context repeats itself; names end with ``suffix``. With
-    ``tree_tokens``, also EAGLE's tree verification of that many nodes per round, alone and with lookup drafts.
+def decoding_rows(model, suffix: str = "", tree_tokens: int | None = None, plain: str = "greedy") -> dict:
+    """The decodings the bench compares (name -> extra ``generate()`` arguments), plain decoding first (named
+    ``plain``): prompt lookup, EAGLE, and EAGLE with lookup drafts where the context repeats itself; names end
+    with ``suffix``. With ``tree_tokens``, also EAGLE's tree verification of that many nodes per round, alone and
+    with lookup drafts.
 
     Example:
         >>> list(decoding_rows(model, tree_tokens=8))                                      # doctest: +SKIP
@@ -191,7 +209,7 @@ def decoding_rows(model, suffix: str = "", tree_tokens: int | None = None) -> di
     from ..integration.eagle_tree import eagle_tree_decoding
 
     head = eagle_assistant(model)
-    rows = {"greedy" + suffix: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
+    rows = {plain + suffix: {}, "prompt lookup" + suffix: {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS},
             "eagle" + suffix: {"assistant_model": head},
             "eagle + lookup" + suffix: {"assistant_model": head, "prompt_lookup_num_tokens": EAGLE_LOOKUP_TOKENS}}
     if tree_tokens is not None:
@@ -204,7 +222,8 @@ def decoding_rows(model, suffix: str = "", tree_tokens: int | None = None) -> di
 def _decode_all(model, prompts, common: dict, rows: dict, progress: bool) -> dict:
     """Every decoding of ``rows`` (name -> extra ``generate()`` arguments; the first is the reference) of every
     prompt on ``model`` as it is: per row the decode tokens, seconds after the prefill, target forward passes
-    after it, and how many outputs equal the reference row's."""
+    after it, and how many outputs equal the reference row's. With sampling, each prompt is generated under the
+    seed of its index in every row."""
     import torch
     from tqdm.auto import tqdm
 
@@ -217,9 +236,11 @@ def _decode_all(model, prompts, common: dict, rows: dict, progress: bool) -> dic
             warm = prompts[0][:, :16]
             for extra in rows.values():  # warm-up: first calls allocate
                 model.generate(warm, attention_mask=torch.ones_like(warm), **{**common, "max_new_tokens": 8}, **extra)
-            for ids in tqdm(prompts, desc=f"eagle bench ({reference_row})", disable=not progress):
+            for index, ids in enumerate(tqdm(prompts, desc=f"eagle bench ({reference_row})", disable=not progress)):
                 reference = None
                 for name, extra in rows.items():
+                    if common.get("do_sample"):
+                        torch.manual_seed(index)
                     clock.reset()
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), **common, **extra)
                     end = time.perf_counter()
@@ -241,14 +262,15 @@ def format_result(result: dict) -> str:
     from ..cli import format_table
 
     samples = result["samples"]
+    plain = "sampling" if result.get("temperature") else "greedy"
     table = format_table(
-        ["decoding", "tokens/s", "speed-up", "tokens / verification", "identical to its greedy"],
+        ["decoding", "tokens/s", "speed-up", "tokens / verification", f"identical to its {plain}"],
         [[name, f"{row['tokens_per_s']:.1f}", f"{row['speedup']:.2f}x", f"{row['tokens_per_verification']:.2f}",
           f"{'yes' if row['identical'] == samples else 'no'} ({row['identical']}/{samples})"]
          for name, row in result["rows"].items()], right={1, 2, 3})
-    if any(row["reference"] != "greedy" for row in result["rows"].values()):
-        table += ("\n(speed-ups against dense greedy; rows over a KV policy are compared with that policy's own "
-                  "greedy output)")
+    if any(row["reference"] != plain for row in result["rows"].values()):
+        table += (f"\n(speed-ups against dense {plain}; rows over a KV policy are compared with that policy's own "
+                  f"{plain} output)")
     return table
 
 
@@ -256,7 +278,8 @@ def run(args) -> int:
     from ..cli import _log
 
     result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress,
-                       policy=args.policy, keep=args.keep, tree_tokens=args.tree_tokens)
+                       policy=args.policy, keep=args.keep, tree_tokens=args.tree_tokens,
+                       temperature=args.temperature)
     budget = result["budget"]
     if budget:
         extra = f", training-time test over {budget['unroll']} steps" if budget["unroll"] > 1 else ""
@@ -264,7 +287,9 @@ def run(args) -> int:
             extra += f", continuing the head of {budget['init_from']}"
         _log(f"eagle head: {budget['steps']} steps x {budget['batch_size']} sequences on {budget['sequences']} "
              f"sequences ({budget['tokens']} tokens), {budget['seconds']:.0f} s of training{extra}")
-    print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, greedy, up to "
+    decoding = f"sampling at temperature {result['temperature']:g} (seeded per prompt)" if result["temperature"] \
+        else "greedy"
+    print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, {decoding}, up to "
           f"{result['max_new_tokens']} new tokens, eagle tree: {result['tree_tokens']} nodes per verification "
           "(timings on a shared CPU are indicative)")
     print(format_result(result))

@@ -16,16 +16,26 @@ Each round (:func:`eagle_tree_decoding`):
    are the tree (:func:`~hf_tokred.methods.lm.eagle.select_tree`, EAGLE-2's re-ranking);
 2. the model runs the last verified token and the tree in one forward pass with a tree attention mask
    (:func:`~hf_tokred.methods.lm.eagle.tree_verification_mask`) and each node at its depth's position;
-3. from the root, the model's greedy token at each accepted node (after the generation's logits processors, on
-   the sequence so far, as plain greedy decoding computes it) is appended; while a child of that node drafted
-   that token the walk goes on; the first token no child drafted ends the round (the model's own token);
+3. from the root, the model's token at each accepted node is appended, picked as plain ``generate()`` picks it
+   (the generation's logits processors, and with ``do_sample=True`` its warpers, on the sequence so far; then the
+   argmax, or one ``torch.multinomial`` draw); while a child of that node drafted that token the walk goes on; the
+   first token no child drafted ends the round (the model's own token);
 4. the cache keeps the entries of the accepted path and drops the other nodes'.
 
-The output is the model's greedy output. With ``prompt_lookup_num_tokens=N`` a round whose context ends in
+Greedy, the output is the model's greedy output. Sampling, every token is a draw from the model's own
+distribution given the sequence so far, so the output follows that distribution exactly; under a seed it is the
+very sequence plain sampling draws (one draw per token from the same generator, in the same order). Where we depart
+from EAGLE: its sampling verifies the tree by recursive rejection (SpecInfer's multi-step speculative sampling),
+accepting a drafted child with probability ``min(1, p / q)`` of the model's and the draft's probabilities; ours
+accepts a child with the model's probability ``p`` of its token, which accepts less often but needs no draft
+distribution and keeps the seeded sequence. With ``prompt_lookup_num_tokens=N`` a round whose context ends in
 ``lookup_min_match`` tokens that occurred earlier verifies the N tokens that followed them instead (a chain, as
-with the assistant). Greedy decoding, batch 1 and transformers' ``DynamicCache`` of full-attention layers only:
-sampling, a batch of more rows, a KV policy's cache or sliding-window layers raise
-:class:`~hf_tokred.errors.TokenReductionError` before the first forward pass (the chain assistant covers those).
+with the assistant). Batch 1, over transformers' ``DynamicCache`` of full-attention layers or the
+``TokenReductionCache`` of a KV policy that compresses the prompt once (``snapkv``, ``pyramidkv``, ``fastgen``:
+the prompt is compressed in the first forward pass, each round's tree appended and its rejected nodes dropped
+again, so the output is that policy's own plain output). Beam search, a batch of more rows, a cache that evicts
+or compresses while decoding, and sliding-window layers raise :class:`~hf_tokred.errors.TokenReductionError` before
+the first forward pass.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..attention import mask_like
 from ..errors import TokenReductionError
+from ..kv.cache import ReducingLayer, TokenReductionCache, keep_newest_entries
+from ..kv.policy import prompt_once_policies
 from ..methods.lm.eagle import lookup_continuation, tree_verification_mask
 from .eagle import EagleCandidateGenerator, eagle_assistant
 from .wiring import get_applied
@@ -49,7 +61,8 @@ _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "
 @torch.no_grad()
 def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
                         tree_tokens: int | None = None, **model_kwargs):
-    """Greedy decoding with EAGLE's draft tree verified in one forward pass per round; pass it to ``generate()``.
+    """Greedy decoding or sampling with EAGLE's draft tree verified in one forward pass per round; pass it to
+    ``generate()``.
 
     ``generate()`` calls it with the prepared inputs (``custom_generate=eagle_tree_decoding``); the model must carry
     an EAGLE reduction (``hf_tokred.apply(model, {"method": "eagle", ...}, weights_from=folder)`` or
@@ -82,7 +95,8 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     out = model(input_ids=input_ids[:, done:], past_key_values=cache, use_cache=True, output_hidden_states=-1,
                 **last_only)
     _check_cache_layers(cache)  # again: a cache built without a config creates its layers in the first forward pass
-    sequence = _append(input_ids, logits_processor, out.logits[0, -1:])
+    sample = bool(generation_config.do_sample)
+    sequence = _append(input_ids, logits_processor, out.logits[0, -1:], sample)
     features = out.hidden_states[-1][0]
     while not bool(stopping_criteria(sequence, None).any()):
         root = drafter.feed(sequence, features)[-1:]
@@ -96,7 +110,7 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
                     position_ids=(past + torch.cat([depth.new_zeros(1), depth]))[None], past_key_values=cache,
                     use_cache=True, output_hidden_states=-1)
         rows, sequence, finished = _accept(out.logits[0], tokens, parent, sequence, logits_processor,
-                                           stopping_criteria)
+                                           stopping_criteria, sample)
         stats["rounds"] += 1
         stats["verified_nodes"] += tokens.numel()
         stats["accepted"] += len(rows) - 1
@@ -109,28 +123,12 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     return sequence
 
 
-def keep_newest_entries(cache, count: int, rows: list[int]) -> None:
-    """Keep, of the newest ``count`` entries of every layer of a transformers ``DynamicCache``, only ``rows``
-    (indices among those ``count``, ascending): a tree verification's accepted path.
-
-    Example:
-        >>> keep_newest_entries(cache, 9, [0, 1, 4])   # the root and two accepted nodes of 8   # doctest: +SKIP
-    """
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        index = torch.tensor(rows, dtype=torch.long, device=layer.keys.device)
-        newest_keys, newest_values = layer.keys[..., -count:, :], layer.values[..., -count:, :]
-        layer.keys = torch.cat([layer.keys[..., :-count, :], newest_keys.index_select(-2, index)], dim=-2)
-        layer.values = torch.cat([layer.values[..., :-count, :], newest_values.index_select(-2, index)], dim=-2)
-
-
 def _check_request(model, input_ids, generation_config, model_kwargs, cache, mask_dtype) -> None:
     """Everything tree verification cannot do, refused before the first forward pass."""
-    if generation_config.do_sample or (generation_config.num_beams or 1) > 1:
+    if (generation_config.num_beams or 1) > 1:
         raise TokenReductionError(
-            "eagle_tree_decoding: greedy decoding only (do_sample=False, num_beams=1); for sampling use "
-            "generate(..., assistant_model=eagle_assistant(model)), whose verification keeps the model's distribution")
+            f"eagle_tree_decoding: greedy decoding or sampling (num_beams=1), got num_beams="
+            f"{generation_config.num_beams}; beam search has no draft tree to verify")
     if input_ids.shape[0] != 1:
         raise TokenReductionError(
             f"eagle_tree_decoding: verifies one sequence at a time; got a batch of {input_ids.shape[0]}: call "
@@ -144,11 +142,11 @@ def _check_request(model, input_ids, generation_config, model_kwargs, cache, mas
         raise TokenReductionError("eagle_tree_decoding: the attention_mask has padding; pass the prompt unpadded")
     if not model_kwargs.get("use_cache", True) or cache is None:
         raise TokenReductionError("eagle_tree_decoding: needs the KV cache (use_cache=True)")
-    if type(cache).__name__ != "DynamicCache":
+    if type(cache).__name__ != "DynamicCache" and not isinstance(cache, TokenReductionCache):
         raise TokenReductionError(
-            f"eagle_tree_decoding: keeps a tree's accepted path in transformers' DynamicCache only, got "
-            f"{type(cache).__name__} (a KV policy or a static cache); use generate(..., "
-            "assistant_model=eagle_assistant(model)) over a KV policy's cache")
+            f"eagle_tree_decoding: keeps a tree's accepted path in transformers' DynamicCache or a KV policy's "
+            f"TokenReductionCache, got {type(cache).__name__} (a static or offloaded cache); leave past_key_values "
+            "unset or pass a DynamicCache")
     _check_cache_layers(cache)
     if mask_dtype is None:
         raise TokenReductionError(
@@ -157,7 +155,16 @@ def _check_request(model, input_ids, generation_config, model_kwargs, cache, mas
 
 
 def _check_cache_layers(cache) -> None:
-    other = next((layer for layer in cache.layers if type(layer) is not DynamicLayer), None)
+    reduced = next((layer for layer in cache.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
+                   None)
+    if reduced is not None:
+        raise TokenReductionError(
+            f"eagle_tree_decoding: layer {reduced.layer_idx} of the {reduced.label} cache cannot take tokens back (its "
+            "policy evicts or compresses while decoding, or the layer slides a window), so a tree's rejected nodes "
+            f"could not be dropped from it; a policy that compresses the prompt once "
+            f"({', '.join(prompt_once_policies())}) on full-attention layers works, or decode over a DynamicCache")
+    other = next((layer for layer in cache.layers
+                  if type(layer) is not DynamicLayer and not isinstance(layer, ReducingLayer)), None)
     if other is not None:
         raise TokenReductionError(
             f"eagle_tree_decoding: the cache has a {type(other).__name__} (sliding-window attention): a tree's "
@@ -189,24 +196,27 @@ def _draft(drafter, reducer, sequence, root, room, stats) -> tuple[torch.Tensor,
     return drafter.draft_tree(root, min(reducer.depth, room))
 
 
-def _append(sequence: torch.Tensor, logits_processor, logits: torch.Tensor) -> torch.Tensor:
-    """``sequence`` with the model's greedy token for ``logits`` (one row) appended, as plain greedy computes it."""
+def _append(sequence: torch.Tensor, logits_processor, logits: torch.Tensor, sample: bool) -> torch.Tensor:
+    """``sequence`` with the model's token for ``logits`` (one row) appended, as plain ``generate()`` picks it: the
+    logits processors (with sampling: the warpers too) on the sequence so far, then the argmax or one draw of
+    ``torch.multinomial`` from their softmax (the same draw, from the same generator, as plain sampling)."""
     scores = logits.float()
     if logits_processor is not None:
         scores = logits_processor(sequence, scores)
-    return torch.cat([sequence, scores.argmax(-1, keepdim=True).to(sequence.dtype)], dim=-1)
+    token = torch.multinomial(scores.softmax(-1), 1) if sample else scores.argmax(-1, keepdim=True)
+    return torch.cat([sequence, token.to(sequence.dtype)], dim=-1)
 
 
-def _accept(logits, tokens, parent, sequence, logits_processor, stopping_criteria):
-    """Walk the verified tree from the root: append the model's token at each accepted node; go on to the child
-    that drafted it. Returns the accepted rows (the root's 0 and each accepted node's ``1 + index``), the
-    sequence and whether a stopping criterion ended the generation."""
+def _accept(logits, tokens, parent, sequence, logits_processor, stopping_criteria, sample):
+    """Walk the verified tree from the root: append the model's token at each accepted node (greedy, or drawn with
+    ``sample``); go on to the child that drafted it. Returns the accepted rows (the root's 0 and each accepted node's
+    ``1 + index``), the sequence and whether a stopping criterion ended the generation."""
     rows, node = [0], -1
     children = {}
     for i, (up, token) in enumerate(zip(parent.tolist(), tokens.tolist())):
         children.setdefault((up, token), i)
     while True:
-        sequence = _append(sequence, logits_processor, logits[rows[-1]][None])
+        sequence = _append(sequence, logits_processor, logits[rows[-1]][None], sample)
         if bool(stopping_criteria(sequence, None).any()):
             return rows, sequence, True
         child = children.get((node, int(sequence[0, -1])))
@@ -216,4 +226,4 @@ def _accept(logits, tokens, parent, sequence, logits_processor, stopping_criteri
         node = child
 
 
-__all__ = ["eagle_tree_decoding", "keep_newest_entries"]
+__all__ = ["eagle_tree_decoding"]

@@ -251,7 +251,12 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
         window, no compressed store) can, and only tokens appended after its compression."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
-        count = -tokens_to_remove
+        self.keep_newest(-tokens_to_remove, [])
+
+    def keep_newest(self, count: int, rows: list[int]) -> None:
+        """Of the newest ``count`` tokens keep only ``rows`` (ascending indices among them), exactly as if only
+        those had been fed, in that order (a tree verification's accepted path; ``rows=[]`` is :meth:`crop`). The
+        same layers and tokens as :meth:`crop` can."""
         if count == 0:
             return
         if not self.is_croppable:
@@ -270,9 +275,18 @@ class ReducingLayer(DynamicLayer, AttentionObserver):
                 f"{self.label}: crop can take back only tokens appended after the prompt was compressed; "
                 f"{count} of the {self.seen} tokens seen were asked for"
             )
-        self.keys, self.values = self.keys[..., : stored - count, :], self.values[..., : stored - count, :]
-        self._set_slot_tensors({k: t[:, :, : stored - count] for k, t in self._slot_tensors().items()})
-        self.seen -= count
+        start, kept = stored - count, len(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        for name in ("keys", "values"):
+            tensor = getattr(self, name)
+            if kept:  # in place, so capacity buffers stay in use
+                tensor[..., start:start + kept, :] = tensor[..., start:, :].index_select(-2, index)
+            setattr(self, name, tensor[..., : start + kept, :])
+        slots = {name: torch.cat([t[:, :, :start], t[:, :, start:].index_select(2, index.to(t.device))], dim=2)
+                 for name, t in self._slot_tensors().items()}
+        slots["positions"][..., start:] = newest[:kept]  # the kept tokens take the first positions, in turn
+        self._set_slot_tensors(slots)
+        self.seen -= count - kept
 
     # -- attention observer --------------------------------------------------------------------
 
@@ -670,6 +684,35 @@ class TokenReductionCache(Cache):
         if known is not None and tokens_to_remove < 0:
             self.shared["token_ids"] = known[:, :tokens_to_remove]
 
+    def keep_newest(self, count: int, rows: list[int]) -> None:
+        """Of the newest ``count`` tokens of every layer keep only ``rows`` (ascending indices among them), as if
+        only those had been fed (a tree verification's accepted path); the layers and tokens :meth:`crop` can take
+        back. Refused before any layer changes when a reduced layer cannot.
+
+        Example:
+            >>> cache.keep_newest(9, [0, 1, 4])     # the root and two accepted nodes of a tree of 8   # doctest: +SKIP
+        """
+        if count == 0:
+            return
+        other = next((layer for layer in self.layers
+                      if type(layer) is not DynamicLayer and not isinstance(layer, ReducingLayer)), None)
+        if other is not None:
+            raise TokenReductionError(f"{self.label}: keep_newest needs full-attention layers; this cache has a "
+                                      f"{type(other).__name__}, whose dropped tokens cannot be taken back exactly")
+        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
+                        None)
+        if refusing is not None:
+            refusing.keep_newest(count, rows)  # raises its error before any layer has changed
+        for layer in self.layers:
+            if isinstance(layer, ReducingLayer):
+                layer.keep_newest(count, rows)
+            else:
+                _keep_newest_in_layer(layer, count, rows)
+        known = self.shared["token_ids"]
+        if known is not None:
+            newest = known[:, known.shape[1] - count:][:, rows]
+            self.shared["token_ids"] = torch.cat([known[:, : known.shape[1] - count], newest], dim=-1)
+
     def record_input_ids(self, input_ids: torch.Tensor) -> None:
         """Remember the token ids fed to the model (policies with ``needs_token_ids`` read them)."""
         known = self.shared["token_ids"]
@@ -712,6 +755,31 @@ class TokenReductionCache(Cache):
         for layer_type, layer in zip(self.layer_types, self.layers):
             totals[layer_type] = totals.get(layer_type, 0) + layer_kv_bytes(layer)
         return totals
+
+
+def keep_newest_entries(cache, count: int, rows: list[int]) -> None:
+    """Keep, of the newest ``count`` entries of every layer of ``cache`` (a :class:`TokenReductionCache` whose reduced
+    layers can be cropped, or transformers' ``DynamicCache``), only ``rows`` (ascending indices among those
+    ``count``): a tree verification's accepted path, as if only those tokens had been fed.
+
+    Example:
+        >>> keep_newest_entries(cache, 9, [0, 1, 4])   # the root and two accepted nodes of 8   # doctest: +SKIP
+    """
+    if isinstance(cache, TokenReductionCache):
+        cache.keep_newest(count, rows)
+        return
+    for layer in cache.layers:
+        _keep_newest_in_layer(layer, count, rows)
+
+
+def _keep_newest_in_layer(layer, count: int, rows: list[int]) -> None:
+    """``keep_newest`` for one of transformers' full-attention ``DynamicLayer`` (its length is its keys')."""
+    if not layer.is_initialized or count == 0:
+        return
+    index = torch.tensor(rows, dtype=torch.long, device=layer.keys.device)
+    newest_keys, newest_values = layer.keys[..., -count:, :], layer.values[..., -count:, :]
+    layer.keys = torch.cat([layer.keys[..., :-count, :], newest_keys.index_select(-2, index)], dim=-2)
+    layer.values = torch.cat([layer.values[..., :-count, :], newest_values.index_select(-2, index)], dim=-2)
 
 
 def layer_stored_length(layer) -> int:
