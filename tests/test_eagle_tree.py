@@ -263,6 +263,10 @@ def test_over_a_prompt_compressing_kv_policy_the_tree_gives_the_policys_own_outp
         assert cache.stored_lengths() == plain_cache.stored_lengths() and cache.stored_lengths()[0] < n + 24
         assert cache.get_seq_length() == plain_cache.get_seq_length()
         assert torch.equal(_tree(model, prompt, max_new_tokens=24), plain)  # generate() builds the cache itself
+        repeating = torch.cat([prompt, prompt[:, -12:]], -1)  # lookup chains where the context repeats itself
+        plain_repeating = model.generate(repeating, max_new_tokens=24, do_sample=False)
+        assert torch.equal(_tree(model, repeating, max_new_tokens=24, prompt_lookup_num_tokens=4), plain_repeating)
+        assert model.hf_tokred_eagle_tree_stats["lookup_rounds"] > 0
         torch.manual_seed(n)
         sampled = model.generate(prompt, max_new_tokens=24, do_sample=True)
         torch.manual_seed(n)
