@@ -20,8 +20,9 @@ The cache root is ``~/.cache/hf_tokred``; set the environment variable ``HF_TOKR
 another folder (the converted models are the ``SmolLM2-135M-Instruct`` and ``gemma-3-270m`` folders
 inside it). A folder records the size, modification time and SHA-256 of the files it came from: an
 upgraded package is converted again, while the same package installed in another virtual environment (the
-same bytes, a new modification time) reuses the folder after one hash. A conversion is written to a temporary folder and renamed into
-place, so an interrupted conversion never leaves a half-written model behind.
+same bytes, a new modification time) reuses the folder after one hash. A conversion is written to a
+temporary folder and renamed into place, so an interrupted conversion never leaves a half-written model
+behind.
 
 Example:
     >>> from hf_tokred.embedded import load_smollm2

@@ -27,8 +27,8 @@ distribution given the sequence so far, so the output follows that distribution 
 very sequence plain sampling draws (one draw per token from the same generator, in the same order). Where we depart
 from EAGLE: its sampling verifies the tree by recursive rejection (SpecInfer's multi-step speculative sampling),
 accepting a drafted child with probability ``min(1, p / q)`` of the model's and the draft's probabilities; ours
-accepts a child with the model's probability ``p`` of its token, which accepts less often but needs no draft
-distribution and keeps the seeded sequence. With ``prompt_lookup_num_tokens=N`` a round whose context ends in
+accepts a child with the model's probability ``p`` of its token (never more than ``min(1, p / q)``), which needs
+no draft distribution (lookup chains and beam-search nodes have none) and keeps the seeded sequence. With ``prompt_lookup_num_tokens=N`` a round whose context ends in
 ``lookup_min_match`` tokens that occurred earlier verifies the N tokens that followed them instead (a chain, as
 with the assistant). Batch 1, over transformers' ``DynamicCache`` of full-attention layers or the
 ``TokenReductionCache`` of a KV policy that compresses the prompt once (``snapkv``, ``pyramidkv``, ``fastgen``:

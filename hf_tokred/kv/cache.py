@@ -676,8 +676,7 @@ class TokenReductionCache(Cache):
             >>> cache.crop(-3)                       # doctest: +SKIP
         """
         known = self.shared["token_ids"]
-        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
-                        None)
+        refusing = self._uncroppable_layer()
         if refusing is not None and tokens_to_remove < 0:
             refusing.crop(tokens_to_remove)  # raises its error before any layer has changed
         super().crop(tokens_to_remove)
@@ -699,8 +698,7 @@ class TokenReductionCache(Cache):
         if other is not None:
             raise TokenReductionError(f"{self.label}: keep_newest needs full-attention layers; this cache has a "
                                       f"{type(other).__name__}, whose dropped tokens cannot be taken back exactly")
-        refusing = next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
-                        None)
+        refusing = self._uncroppable_layer()
         if refusing is not None:
             refusing.keep_newest(count, rows)  # raises its error before any layer has changed
         for layer in self.layers:
@@ -712,6 +710,10 @@ class TokenReductionCache(Cache):
         if known is not None:
             newest = known[:, known.shape[1] - count:][:, rows]
             self.shared["token_ids"] = torch.cat([known[:, : known.shape[1] - count], newest], dim=-1)
+
+    def _uncroppable_layer(self) -> ReducingLayer | None:
+        return next((layer for layer in self.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
+                    None)
 
     def record_input_ids(self, input_ids: torch.Tensor) -> None:
         """Remember the token ids fed to the model (policies with ``needs_token_ids`` read them)."""

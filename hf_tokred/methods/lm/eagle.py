@@ -27,9 +27,9 @@ Here the draft head is the learned part of a reduction at the ``"decoding"`` sta
 
 Where we depart from the paper:
 
-* **tree verification** is EAGLE's (and EAGLE-2's) with ``generate(...,
-  custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`): the ``tree_tokens`` best
-  nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft probability; the paper's dynamic tree
+* **tree verification** is EAGLE's (and EAGLE-2's) with
+  ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`): the
+  ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft probability; the paper's dynamic tree
   expands the top-k children of the top-k nodes, we keep a beam of width ``top_k`` per depth) are verified in one
   forward pass with a tree attention mask, greedy or sampled (the model's own token at each node, drawn as plain
   sampling draws it, decides the path: a child is accepted with the model's probability of its token, not EAGLE's
