@@ -29,17 +29,17 @@ Where we depart from the paper:
 
 * **tree verification** is EAGLE's (and EAGLE-2's) with
   ``generate(..., custom_generate=hf_tokred.eagle_tree_decoding)`` (:mod:`hf_tokred.integration.eagle_tree`): the
-  ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft probability; the paper's dynamic tree
-  expands the top-k children of the top-k nodes, we keep a beam of width ``top_k`` per depth) are verified in one
-  forward pass with a tree attention mask, greedy or sampled (the model's own token at each node, drawn as plain
-  sampling draws it, decides the path: a child is accepted with the model's probability of its token, not EAGLE's
-  ``min(1, p / q)`` recursive rejection). transformers' assisted decoding (``assistant_model=eagle_assistant(model)``,
-  the path for transformers' speculative sampling and for sliding-window models) verifies one chain per forward pass,
-  so there the tree lives on the draft side only: the single best path of the beam search is verified, cut where its
-  cumulative draft probability falls below ``min_confidence`` (EAGLE-2's dynamic draft length, applied to a chain),
-  never longer than ``depth``. With sampling (``do_sample=True``) the chain is *sampled* from the draft distribution
-  instead (width 1), and the draft logits go back to transformers, whose speculative-sampling rule (Leviathan et al.)
-  keeps the target distribution exactly.
+  ``tree_tokens`` best nodes of the draft's beam search (EAGLE-2's re-ranking by cumulative draft probability; the
+  paper's dynamic tree expands the top-k children of the top-k nodes, we keep a beam of width ``top_k`` per depth) are
+  verified in one forward pass with a tree attention mask, greedy or sampled (the model's own token at each node,
+  drawn as plain sampling draws it, decides the path: a child is accepted with the model's probability of its token,
+  not EAGLE's ``min(1, p / q)`` recursive rejection). transformers' assisted decoding
+  (``assistant_model=eagle_assistant(model)``, the path for transformers' speculative sampling and for sliding-window
+  models) verifies one chain per forward pass, so there the tree lives on the draft side only: the single best path of
+  the beam search is verified, cut where its cumulative draft probability falls below ``min_confidence`` (EAGLE-2's
+  dynamic draft length, applied to a chain), never longer than ``depth``. With sampling (``do_sample=True``) the chain
+  is *sampled* from the draft distribution instead (width 1), and the draft logits go back to transformers, whose
+  speculative-sampling rule (Leviathan et al.) keeps the target distribution exactly.
 * **draft vocabulary**: the draft's LM head covers only the ``draft_vocab`` most frequent tokens of the training
   data (FR-Spec's idea; ``vocab_ids``, a buffer of the head), because the full 49,152-token LM head costs about a
   quarter of SmolLM2-135M's whole forward pass per draft step on a CPU. Verification uses the full vocabulary,
