@@ -583,18 +583,24 @@ def test_smollm2_prompt_lookup_over_a_snapkv_cache_answers_as_plain_snapkv():
     assert len(calls) < 1 + (plain.shape[1] - input_ids.shape[1])  # fewer forward passes than tokens
 
 
-def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path):
-    """`hf-tokred learned-lm eagle --policy snapkv`: greedy, prompt lookup and EAGLE (chain and tree) run again over
-    SnapKV's cache, and each of those rows gives SnapKV's own greedy output (the dense rows give the dense model's)."""
-    from hf_tokred.bench.lm_eagle import format_result, run_bench
-
+@pytest.fixture
+def bench_folder(tmp_path):
+    """A folder as `hf-tokred train eagle` saves it, for a tiny model and tokenizer."""
     model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'][:200] }}{% endfor %}"
     hf_tokred.apply(model, SMALL)
     _trained_like(model)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
+    return str(tmp_path)
+
+
+def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(bench_folder):
+    """`hf-tokred learned-lm eagle --policy snapkv`: greedy, prompt lookup and EAGLE (chain and tree) run again over
+    SnapKV's cache, and each of those rows gives SnapKV's own greedy output (the dense rows give the dense model's)."""
+    from hf_tokred.bench.lm_eagle import format_result, run_bench
+
+    result = run_bench(bench_folder, samples=2, max_new_tokens=10, progress=False, policy="snapkv", keep=0.25)
     suffix = " + snapkv@0.25"
     names = ["greedy", "prompt lookup", "eagle", "eagle + lookup", "eagle tree", "eagle tree + lookup"]
     assert list(result["rows"]) == names + [n + suffix for n in names]
@@ -607,17 +613,11 @@ def test_bench_decodes_over_a_snapkv_cache_with_the_policys_own_output(tmp_path)
     assert "that policy's own greedy" in format_result(result)
 
 
-def test_bench_samples_under_a_seed_per_prompt_and_the_tree_rows_draw_plain_samplings_sequences(tmp_path):
+def test_bench_samples_under_a_seed_per_prompt_and_the_tree_rows_draw_plain_samplings_sequences(bench_folder):
     from hf_tokred.bench.lm_eagle import format_result, run_bench
     from hf_tokred.errors import TokenReductionError
 
-    model, tokenizer = make_tiny_llama(), make_tiny_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'][:200] }}{% endfor %}"
-    hf_tokred.apply(model, SMALL)
-    _trained_like(model)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    result = run_bench(str(tmp_path), samples=2, max_new_tokens=10, progress=False, temperature=1.0)
+    result = run_bench(bench_folder, samples=2, max_new_tokens=10, progress=False, temperature=1.0)
     assert list(result["rows"]) == ["sampling", "prompt lookup", "eagle", "eagle + lookup", "eagle tree",
                                     "eagle tree + lookup"]
     assert result["temperature"] == 1.0
@@ -625,7 +625,7 @@ def test_bench_samples_under_a_seed_per_prompt_and_the_tree_rows_draw_plain_samp
         assert result["rows"][name]["identical"] == 2, name
     assert "identical to its sampling" in format_result(result)
     with pytest.raises(TokenReductionError, match="temperature"):
-        run_bench(str(tmp_path), samples=1, max_new_tokens=4, progress=False, temperature=-1.0)
+        run_bench(bench_folder, samples=1, max_new_tokens=4, progress=False, temperature=-1.0)
 
 
 @pytest.mark.parametrize("policy, keep, message", [("h2o", 0.5, "h2o evicts while decoding.*snapkv"),
