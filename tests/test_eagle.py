@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -528,6 +529,28 @@ def test_a_prompt_compressing_kv_policy_drafts_on_its_own_cache_losslessly(polic
     assert generators[-1].stats["drafted"] > generators[-1].stats["rounds"] - 1
     assert all(g.stats["lookup_rounds"] == 0 for g in generators[::2])  # EAGLE alone
     assert all(0 < g.stats["lookup_rounds"] < g.stats["rounds"] for g in generators[1::2])  # both drafters
+
+
+def test_assisted_decoding_continues_a_compressed_context_as_plain_generate_does():
+    """A context compressed once (compress_context) and a question after it: transformers' assisted decoding feeds
+    its first pass the whole sequence, context included; only the question may reach the cache, or the context
+    would be fed again on top of its compressed copy. EAGLE (chain and tree), prompt lookup and an assistant model
+    then give plain generate()'s output over a copy of the same cache."""
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose(SMALL, {"method": "snapkv", "max_tokens": 16, "window": 4}))
+    _trained_like(model)
+    context, question = _prompt(30, seed=3), _prompt(6, seed=4)
+    compressed = hf_tokred.compress_context(model, context)
+    full = torch.cat([context, question], -1)
+    plain_cache = copy.deepcopy(compressed)
+    plain = model.generate(full, past_key_values=plain_cache, max_new_tokens=20, do_sample=False)
+    for extra in ({"assistant_model": eagle_assistant(model)}, {"prompt_lookup_num_tokens": 3},
+                  {"assistant_model": make_tiny_llama(seed=3)}, {"custom_generate": hf_tokred.eagle_tree_decoding}):
+        cache = copy.deepcopy(compressed)
+        out = model.generate(full, past_key_values=cache, max_new_tokens=20, do_sample=False, **extra)
+        assert torch.equal(out, plain), list(extra)
+        assert cache.get_seq_length() == plain_cache.get_seq_length() == full.shape[1] + 19
+        assert cache.stored_lengths() == plain_cache.stored_lengths()
 
 
 def test_a_cache_that_evicts_while_decoding_refuses_assisted_decoding_before_it_runs():

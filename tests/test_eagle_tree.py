@@ -193,6 +193,8 @@ def test_a_cache_holding_a_prefix_of_the_prompt_is_continued_exactly():
     chain = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=cache,
                            assistant_model=hf_tokred.eagle_assistant(model))  # the chain path drafts the same way
     assert torch.equal(chain, dense)
+    # transformers' assisted decoding feeds its first pass the whole prompt; the cached prefix is not fed again
+    assert cache.get_seq_length() == chain.shape[1] - 1
     with pytest.raises(TokenReductionError, match="whole prompt"):
         _tree(model, prompt[:, :12], max_new_tokens=4, past_key_values=cache)  # the cache holds more than this
 

@@ -46,6 +46,7 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from ..errors import TokenReductionError
+from ..kv.cache import TokenReductionCache
 from ..methods.lm.eagle import (
     MODULE_NAME,
     EagleHead,
@@ -128,7 +129,14 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
             "eagle: with assistant_model=eagle_assistant(model), prompt_lookup_num_tokens drafts from the longest "
             "earlier match of the context's last tokens (at least the reduction's lookup_min_match); "
             "max_matching_ngram_size does not apply: leave it unset and set lookup_min_match instead")
-    return EagleCandidateGenerator(self, head, applied.config.get("decoding"), generation_config, logits_processor)
+    generator = EagleCandidateGenerator(self, head, applied.config.get("decoding"), generation_config, logits_processor)
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
+        # the KV policy's generate() already slices its cache's prefix; transformers' own caches are sliced here
+        from .transformers import skip_cached_prefix_once
+
+        skip_cached_prefix_once(self, cache)
+    return generator
 
 
 class EagleCandidateGenerator(CandidateGenerator):

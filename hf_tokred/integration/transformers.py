@@ -433,9 +433,12 @@ def _generate_with_reduction(self, *args, **kwargs):
     previous = self.__dict__.get(_CANDIDATES)
     if assisted and seen == 0:
         self.__dict__[_CANDIDATES] = functools.partial(_prompt_before_drafts, self, previous)
+    prefix = skip_cached_prefix_once(self, cache) if assisted and seen else None
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
+        if prefix is not None:
+            prefix.remove()
         if assisted and seen == 0:
             if previous is None:
                 self.__dict__.pop(_CANDIDATES, None)
@@ -466,6 +469,41 @@ def _prompt_before_drafts(model, previous, *args, **kwargs):
 
     generator.get_candidates = get_candidates  # on this generation's own generator object
     return generator
+
+
+def skip_cached_prefix_once(model, cache):
+    """Make the next forward pass of ``model`` over ``cache`` skip the prompt tokens the cache already holds; returns
+    the hook's handle (it removes itself after the model's next forward pass, whatever its cache).
+
+    transformers' assisted decoding (5.2x) feeds its first forward pass the whole ``input_ids``, even when the
+    cache passed to ``generate()`` already holds a prefix of them (a reused system prompt, a
+    :func:`compress_context` cache); plain ``generate()`` slices that prefix off first. Fed again, the prefix's
+    entries would sit in the cache twice (a ``DynamicCache``) or on top of its compressed copy (a
+    ``TokenReductionCache``), and the output would no longer be plain ``generate()``'s. As plain ``generate()``
+    does, only a pass whose ``input_ids`` are as long as its 2D ``attention_mask`` (the full sequence) is sliced.
+
+    Example:
+        >>> handle = skip_cached_prefix_once(model, cache)                                 # doctest: +SKIP
+        >>> model.generate(full_ids, past_key_values=cache, prompt_lookup_num_tokens=3)    # doctest: +SKIP
+    """
+
+    def hook(module, args, kwargs):
+        handle.remove()
+        ids, held = kwargs.get("input_ids"), cache.get_seq_length()
+        mask = kwargs.get("attention_mask")
+        full = mask is None or (mask.dim() == 2 and ids is not None and mask.shape[-1] == ids.shape[-1])
+        if kwargs.get("past_key_values") is not cache or args or ids is None or not held or ids.shape[-1] <= held \
+                or not full:
+            return None
+        kwargs = {**kwargs, "input_ids": ids[:, held:]}
+        for name in ("position_ids", "cache_position"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-1] == ids.shape[-1]:
+                kwargs[name] = value[..., held:]
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return handle
 
 
 # ---------------------------------------------------------------------------------------------
