@@ -115,6 +115,24 @@ def assert_left_padded_batch_equals_rows_alone(model, max_new_tokens: int = 12, 
         assert torch.equal(held_b[held_b >= 0], held_a[held_a >= 0])
 
 
+def assert_assisted_decoding_continues_a_cache_as_plain_generate(model, full, fresh_cache, extras=None,
+                                                                  max_new_tokens: int = 12) -> None:
+    """Over a cache that already holds part of ``full`` (``fresh_cache()`` makes a new one), every assisted decoding
+    of ``extras`` (default: prompt lookup and a tiny assistant model) gives plain ``generate()``'s output and leaves
+    the cache plain ``generate()`` leaves (transformers feeds its first pass the whole sequence; the cached part
+    must not reach the cache again)."""
+    extras = extras or [{"prompt_lookup_num_tokens": 3}, {"assistant_model": make_tiny_llama(seed=3)}]
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    plain_cache = fresh_cache()
+    plain = model.generate(full, past_key_values=plain_cache, **kwargs)
+    for extra in extras:
+        cache = fresh_cache()
+        assert torch.equal(model.generate(full, past_key_values=cache, **extra, **kwargs), plain), list(extra)
+        assert cache.get_seq_length() == plain_cache.get_seq_length() == plain.shape[1] - 1, list(extra)
+        if hasattr(cache, "stored_lengths"):
+            assert cache.stored_lengths() == plain_cache.stored_lengths(), list(extra)
+
+
 def make_tiny_vit(image: int = 32, patch: int = 4, layers: int = 4):
     """A seeded random ViT (64 patches + CLS at the defaults), SDPA attention, no pooler, eval mode."""
     from transformers import ViTConfig, ViTModel

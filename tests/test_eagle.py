@@ -7,7 +7,12 @@ import os
 
 import pytest
 import torch
-from conftest import assert_loads_without_hf_tokred, make_tiny_llama, make_tiny_tokenizer
+from conftest import (
+    assert_assisted_decoding_continues_a_cache_as_plain_generate,
+    assert_loads_without_hf_tokred,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+)
 from transformers import AutoModelForCausalLM
 
 import hf_tokred
@@ -541,16 +546,10 @@ def test_assisted_decoding_continues_a_compressed_context_as_plain_generate_does
     _trained_like(model)
     context, question = _prompt(30, seed=3), _prompt(6, seed=4)
     compressed = hf_tokred.compress_context(model, context)
-    full = torch.cat([context, question], -1)
-    plain_cache = copy.deepcopy(compressed)
-    plain = model.generate(full, past_key_values=plain_cache, max_new_tokens=20, do_sample=False)
-    for extra in ({"assistant_model": eagle_assistant(model)}, {"prompt_lookup_num_tokens": 3},
-                  {"assistant_model": make_tiny_llama(seed=3)}, {"custom_generate": hf_tokred.eagle_tree_decoding}):
-        cache = copy.deepcopy(compressed)
-        out = model.generate(full, past_key_values=cache, max_new_tokens=20, do_sample=False, **extra)
-        assert torch.equal(out, plain), list(extra)
-        assert cache.get_seq_length() == plain_cache.get_seq_length() == full.shape[1] + 19
-        assert cache.stored_lengths() == plain_cache.stored_lengths()
+    extras = [{"assistant_model": eagle_assistant(model)}, {"prompt_lookup_num_tokens": 3},
+              {"assistant_model": make_tiny_llama(seed=3)}, {"custom_generate": hf_tokred.eagle_tree_decoding}]
+    assert_assisted_decoding_continues_a_cache_as_plain_generate(
+        model, torch.cat([context, question], -1), lambda: copy.deepcopy(compressed), extras, max_new_tokens=20)
 
 
 def test_a_cache_that_evicts_while_decoding_refuses_assisted_decoding_before_it_runs():

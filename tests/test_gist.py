@@ -8,7 +8,12 @@ import os
 
 import pytest
 import torch
-from conftest import assert_loads_without_hf_tokred, exit_code, make_tiny_llama
+from conftest import (
+    assert_assisted_decoding_continues_a_cache_as_plain_generate,
+    assert_loads_without_hf_tokred,
+    exit_code,
+    make_tiny_llama,
+)
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
@@ -340,3 +345,13 @@ def test_smollm2_prompts_are_about_200_tokens_and_compress_to_8_entries():
     assert all(layer.keys.shape[2] == 8 for layer in ctx.cache.layers) and len(ctx.cache.layers) == 30
     with torch.no_grad():
         assert torch.equal(model(ids[:, :40]).logits, dense)
+
+
+def test_assisted_decoding_continues_the_gist_cache_as_plain_generate_does():
+    """The gist entries' placeholder ids in the sequence must not reach the cache again (it would hold them twice)."""
+    model = _trained_model()
+    ctx = hf_tokred.compress_context(model, torch.tensor(_rows(11)))
+    full = torch.cat([ctx.prefix_ids, torch.tensor(_rows(3, seed=5))], -1)
+    assert_assisted_decoding_continues_a_cache_as_plain_generate(model, full, ctx.fresh_cache)
+    hf_tokred.remove(model)
+    assert "_get_candidate_generator" not in model.__dict__

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_loads_without_hf_tokred, make_tiny_llama, make_tiny_tokenizer
+from conftest import (
+    assert_assisted_decoding_continues_a_cache_as_plain_generate,
+    assert_loads_without_hf_tokred,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+)
 from transformers import AutoModelForCausalLM
 
 import hf_tokred
@@ -348,3 +353,10 @@ def test_train_command_line_takes_the_slot_form():
     with pytest.raises(ConfigError, match="target_modules"):
         train_icae(make_tiny_llama(), None, target_modules=["model.q_proj"], windows=windows, steps=1, heldout=0,
                    progress=False)
+
+
+def test_assisted_decoding_continues_the_slot_cache_as_plain_generate_does():
+    model = _icae()
+    ctx = hf_tokred.compress_context(model, _ids(10))
+    full = torch.cat([ctx.prefix_ids, _ids(5, seed=3)], -1)
+    assert_assisted_decoding_continues_a_cache_as_plain_generate(model, full, ctx.fresh_cache)

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import TokenReductionError
 from ..methods.lm.gist import EMBEDDINGS_NAME, LORA_NAME, GistConfig
+from .transformers import install_prefix_slicing
 from .wiring import MODULES_ATTR, CompressedContext, attached_reducer, register_context_compressor, register_wiring
 
 _ACTIVE = "gist_active"  # plain attribute of the LoRALayers module: True only during the gist pass
@@ -42,12 +43,14 @@ _ACTIVE = "gist_active"  # plain attribute of the LoRALayers module: True only d
 
 @register_wiring("gist")
 def wire_gist(model, adapter, reducer, applied) -> None:
-    """Hook the LoRA onto its Linear layers, gated: it adds its update only during the gist pass."""
+    """Hook the LoRA onto its Linear layers, gated: it adds its update only during the gist pass; let assisted
+    decoding continue a compressed context (:func:`~hf_tokred.integration.transformers.install_prefix_slicing`)."""
     lora = model._modules[MODULES_ATTR][LORA_NAME]
     lora.__dict__[_ACTIVE] = False
     for path in lora.paths:
         handle = model.get_submodule(path).register_forward_hook(_gated(lora, lora.lora(path)))
         applied.add_undo(handle.remove)
+    install_prefix_slicing(model, applied)  # assisted decoding over ctx.fresh_cache() feeds the question only
 
 
 def _gated(layers, lora):

@@ -46,12 +46,15 @@ import torch
 
 from ..errors import TokenReductionError, UnsupportedModelError
 from ..methods.lm.icae import MODULE_NAME, ICAEConfig, encoder_inputs
+from .transformers import install_prefix_slicing
 from .wiring import MODULES_ATTR, CompressedContext, attached_reducer, register_context_compressor, register_wiring
 
 
 @register_wiring("icae")
 def wire_icae(model, adapter, reducer, applied) -> None:
-    """Check the learned part fits the model; install nothing (the LoRA runs only inside ``compress_context``)."""
+    """Check the learned part fits the model; let assisted decoding continue a compressed context
+    (:func:`~hf_tokred.integration.transformers.install_prefix_slicing`). The LoRA runs only inside
+    ``compress_context``."""
     if reducer.slot_form == "kv" and getattr(model.config.get_text_config(), "rope_parameters", None) is None:
         raise UnsupportedModelError(
             f"icae: slot_form='kv' places each chunk's slots by shifting its rotary positions, and "
@@ -63,6 +66,7 @@ def wire_icae(model, adapter, reducer, applied) -> None:
         raise TokenReductionError(f"icae: the memory embeddings have shape {tuple(parts.memory.shape)}, expected "
                                   f"({reducer.memory_slots}, {hidden}) for memory_slots={reducer.memory_slots} and "
                                   f"{type(model).__name__}'s hidden size {hidden}")
+    install_prefix_slicing(model, applied)  # assisted decoding over ctx.fresh_cache() feeds the question only
 
 
 def _attached(model) -> tuple[ICAEConfig, torch.nn.Module]:

@@ -506,6 +506,38 @@ def skip_cached_prefix_once(model, cache):
     return handle
 
 
+def install_prefix_slicing(model, applied) -> None:
+    """Wrap ``model``'s candidate-generator factory so that assisted decoding over a cache that already holds part
+    of the prompt (a context compressor's ``fresh_cache()``) feeds its first pass only the rest, as plain
+    ``generate()`` does (:func:`skip_cached_prefix_once`); undone with the reduction.
+
+    Example:
+        >>> install_prefix_slicing(model, get_applied(model))   # by the gist and icae wiring   # doctest: +SKIP
+    """
+    if not model.can_generate():
+        return
+    previous = model.__dict__.get(_CANDIDATES)
+
+    def get_candidate_generator(self, *args, **kwargs):
+        build = previous if previous is not None else types.MethodType(type(self)._get_candidate_generator, self)
+        generator = build(*args, **kwargs)
+        model_kwargs = kwargs.get("model_kwargs", args[4] if len(args) > 4 else None) or {}
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
+            skip_cached_prefix_once(self, cache)  # a KV policy's generate() slices its own cache
+        return generator
+
+    model.__dict__[_CANDIDATES] = types.MethodType(get_candidate_generator, model)
+
+    def undo():
+        if previous is None:
+            model.__dict__.pop(_CANDIDATES, None)
+        else:
+            model.__dict__[_CANDIDATES] = previous
+
+    applied.add_undo(undo)
+
+
 # ---------------------------------------------------------------------------------------------
 # from_pretrained / save_pretrained / push_to_hub
 # ---------------------------------------------------------------------------------------------
