@@ -552,6 +552,26 @@ def test_assisted_decoding_continues_a_compressed_context_as_plain_generate_does
         model, torch.cat([context, question], -1), lambda: copy.deepcopy(compressed), extras, max_new_tokens=20)
 
 
+@pytest.mark.parametrize("order", ["gist first", "eagle first"])
+def test_eagle_composed_with_gist_continues_the_gist_cache_with_every_assistant(order):
+    """Both reductions wrap the candidate-generator factory; whichever is wired last hands the other's assistants on,
+    so EAGLE, prompt lookup and an assistant model all continue ``ctx.fresh_cache()`` as plain generate() does."""
+    gist = {"method": "gist", "num_gist": 4, "rank": 4}
+    model = make_tiny_llama()
+    hf_tokred.apply(model, hf_tokred.compose(*((gist, SMALL) if order == "gist first" else (SMALL, gist))))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial gist and head weights
+        for p in model.hf_tokred_modules.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    ctx = hf_tokred.compress_context(model, _prompt(11, seed=2))
+    full = torch.cat([ctx.prefix_ids, _prompt(5, seed=6)], -1)
+    extras = [{"assistant_model": eagle_assistant(model)}, {"prompt_lookup_num_tokens": 3},
+              {"assistant_model": make_tiny_llama(seed=3)}]
+    assert_assisted_decoding_continues_a_cache_as_plain_generate(model, full, ctx.fresh_cache, extras)
+    hf_tokred.remove(model)
+    assert "_get_candidate_generator" not in model.__dict__
+
+
 def test_a_cache_that_evicts_while_decoding_refuses_assisted_decoding_before_it_runs():
     model = make_tiny_llama()
     hf_tokred.apply(model, hf_tokred.compose(SMALL, {"method": "streamingllm", "max_tokens": 16}))

@@ -364,13 +364,14 @@ def test_a_method_may_name_its_own_wiring(tiny_llama, monkeypatch):
         hf_tokred.compose(cfg, {"method": "tome", "r": 2})
 
 
-def test_composition_attaches_every_part_and_remove_undoes_all(tiny_llama):
-    from hf_tokred.integration.wiring import register_wiring
+def test_composition_attaches_every_part_and_remove_undoes_all(tiny_llama, monkeypatch):
+    from hf_tokred.integration import wiring
 
-    @register_wiring("decoding")
     def wire_probe(model, adapter, reducer, applied):
         model.decoding_probe = reducer.tag
         applied.add_undo(lambda: delattr(model, "decoding_probe"))
+
+    monkeypatch.setitem(wiring._WIRING, "decoding", wire_probe)  # EAGLE's wiring comes back after the test
 
     ids = _ids()
     reference = _logits(tiny_llama, ids)

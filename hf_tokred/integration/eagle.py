@@ -40,6 +40,7 @@ runs (their caches cannot take tokens back).
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -59,9 +60,8 @@ from ..methods.lm.eagle import (
     signature_matches,
     tree_mask,
 )
+from .transformers import skip_cached_prefix_once, wrap_candidate_factory
 from .wiring import MODULES_ATTR, get_applied, register_wiring
-
-_OVERRIDE = "_get_candidate_generator"
 
 
 @register_wiring("decoding")
@@ -84,8 +84,9 @@ def wire_eagle(model, adapter, reducer, applied) -> None:
         raise TokenReductionError(f"eagle: {type(model).__name__} has no rotary embedding module hf_tokred can find "
                                   "for the draft layer's positions")
     model.__dict__["_hf_tokred_eagle_rotary"] = rotary  # a reference, not a submodule (not saved with the head)
-    model.__dict__[_OVERRIDE] = types.MethodType(_get_candidate_generator, model)
-    applied.add_undo(lambda: model.__dict__.pop(_OVERRIDE, None))
+    # other assistants go to the factory in place before (another reduction's wrapper, e.g. gist's), else the class's
+    wrap_candidate_factory(model, applied, lambda previous: types.MethodType(
+        functools.partial(_get_candidate_generator, previous=previous), model))
     applied.add_undo(lambda: model.__dict__.pop("_hf_tokred_eagle_rotary", None))
 
 
@@ -105,8 +106,8 @@ def eagle_assistant(model) -> EagleHead:
 
 
 def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
-                             assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
-    original = type(self)._get_candidate_generator
+                             assistant_model=None, target_tokenizer=None, assistant_tokenizer=None, previous=None):
+    original = previous or types.MethodType(type(self)._get_candidate_generator, self)
     applied = get_applied(self)
     modules = self._modules.get(MODULES_ATTR)
     head = modules[MODULE_NAME] if applied is not None and modules is not None and MODULE_NAME in modules else None
@@ -114,7 +115,7 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
         if isinstance(assistant_model, EagleHead):
             raise TokenReductionError("eagle: this draft head belongs to another model; pass "
                                       "assistant_model=eagle_assistant(model) of the model that generates")
-        return original(self, generation_config=generation_config, input_ids=input_ids, inputs_tensor=inputs_tensor,
+        return original(generation_config=generation_config, input_ids=input_ids, inputs_tensor=inputs_tensor,
                         logits_processor=logits_processor, model_kwargs=model_kwargs, assistant_model=assistant_model,
                         target_tokenizer=target_tokenizer, assistant_tokenizer=assistant_tokenizer)
     if input_ids.shape[0] != 1:
@@ -133,8 +134,6 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
     cache = model_kwargs.get("past_key_values")
     if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
         # the KV policy's generate() already slices its cache's prefix; transformers' own caches are sliced here
-        from .transformers import skip_cached_prefix_once
-
         skip_cached_prefix_once(self, cache)
     return generator
 

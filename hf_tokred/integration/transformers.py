@@ -473,19 +473,25 @@ def _prompt_before_drafts(model, previous, *args, **kwargs):
 
 def skip_cached_prefix_once(model, cache):
     """Make the next forward pass of ``model`` over ``cache`` skip the prompt tokens the cache already holds; returns
-    the hook's handle (it removes itself after the model's next forward pass, whatever its cache).
+    a handle whose ``remove()`` withdraws it (it withdraws itself after the model's next forward pass, whatever its
+    cache). Asked twice for one cache before that pass (two reductions that both wrap assisted decoding), it slices
+    once.
 
     transformers' assisted decoding (5.2x) feeds its first forward pass the whole ``input_ids``, even when the
     cache passed to ``generate()`` already holds a prefix of them (a reused system prompt, a
     :func:`compress_context` cache); plain ``generate()`` slices that prefix off first. Fed again, the prefix's
     entries would sit in the cache twice (a ``DynamicCache``) or on top of its compressed copy (a
     ``TokenReductionCache``), and the output would no longer be plain ``generate()``'s. As plain ``generate()``
-    does, only a pass whose ``input_ids`` are as long as its 2D ``attention_mask`` (the full sequence) is sliced.
+    does, a pass with a 2D ``attention_mask`` is sliced only when its ``input_ids`` are as long as the mask (the
+    full sequence).
 
     Example:
         >>> handle = skip_cached_prefix_once(model, cache)                                 # doctest: +SKIP
         >>> model.generate(full_ids, past_key_values=cache, prompt_lookup_num_tokens=3)    # doctest: +SKIP
     """
+    pending = cache.__dict__.get(_PENDING_SLICE)
+    if pending is not None:
+        return pending
 
     def hook(module, args, kwargs):
         handle.remove()
@@ -502,8 +508,37 @@ def skip_cached_prefix_once(model, cache):
                 kwargs[name] = value[..., held:]
         return args, kwargs
 
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    hook_handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def withdraw():
+        hook_handle.remove()
+        cache.__dict__.pop(_PENDING_SLICE, None)
+
+    handle = cache.__dict__[_PENDING_SLICE] = types.SimpleNamespace(remove=withdraw)
     return handle
+
+
+_PENDING_SLICE = "_hf_tokred_pending_prefix_slice"  # on a cache: the handle of its not yet run slicing hook
+
+
+def wrap_candidate_factory(model, applied, wrap) -> None:
+    """Replace ``model``'s instance-level ``_get_candidate_generator`` (what transformers' assisted decoding asks
+    for its drafter) by ``wrap(previous)``: ``previous`` is the instance-level factory in place (another reduction's),
+    or None for the class's. Undone with the reduction.
+
+    Example:
+        >>> wrap_candidate_factory(model, applied, lambda previous: types.MethodType(my_factory, model))  # doctest: +SKIP
+    """
+    previous = model.__dict__.get(_CANDIDATES)
+    model.__dict__[_CANDIDATES] = wrap(previous)
+
+    def undo():
+        if previous is None:
+            model.__dict__.pop(_CANDIDATES, None)
+        else:
+            model.__dict__[_CANDIDATES] = previous
+
+    applied.add_undo(undo)
 
 
 def install_prefix_slicing(model, applied) -> None:
@@ -516,26 +551,20 @@ def install_prefix_slicing(model, applied) -> None:
     """
     if not model.can_generate():
         return
-    previous = model.__dict__.get(_CANDIDATES)
 
-    def get_candidate_generator(self, *args, **kwargs):
-        build = previous if previous is not None else types.MethodType(type(self)._get_candidate_generator, self)
-        generator = build(*args, **kwargs)
-        model_kwargs = kwargs.get("model_kwargs", args[4] if len(args) > 4 else None) or {}
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
-            skip_cached_prefix_once(self, cache)  # a KV policy's generate() slices its own cache
-        return generator
+    def wrap(previous):
+        def get_candidate_generator(self, *args, **kwargs):
+            build = previous if previous is not None else types.MethodType(type(self)._get_candidate_generator, self)
+            generator = build(*args, **kwargs)
+            model_kwargs = kwargs.get("model_kwargs", args[4] if len(args) > 4 else None) or {}
+            cache = model_kwargs.get("past_key_values")
+            if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
+                skip_cached_prefix_once(self, cache)  # a KV policy's generate() slices its own cache
+            return generator
 
-    model.__dict__[_CANDIDATES] = types.MethodType(get_candidate_generator, model)
+        return types.MethodType(get_candidate_generator, model)
 
-    def undo():
-        if previous is None:
-            model.__dict__.pop(_CANDIDATES, None)
-        else:
-            model.__dict__[_CANDIDATES] = previous
-
-    applied.add_undo(undo)
+    wrap_candidate_factory(model, applied, wrap)
 
 
 # ---------------------------------------------------------------------------------------------
