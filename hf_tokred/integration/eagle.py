@@ -47,7 +47,6 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from ..errors import TokenReductionError
-from ..kv.cache import TokenReductionCache
 from ..methods.lm.eagle import (
     MODULE_NAME,
     EagleHead,
@@ -60,7 +59,7 @@ from ..methods.lm.eagle import (
     signature_matches,
     tree_mask,
 )
-from .transformers import skip_cached_prefix_once, wrap_candidate_factory
+from .transformers import skip_cached_prefix_of_call, wrap_candidate_factory
 from .wiring import MODULES_ATTR, get_applied, register_wiring
 
 
@@ -131,10 +130,7 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
             "earlier match of the context's last tokens (at least the reduction's lookup_min_match); "
             "max_matching_ngram_size does not apply: leave it unset and set lookup_min_match instead")
     generator = EagleCandidateGenerator(self, head, applied.config.get("decoding"), generation_config, logits_processor)
-    cache = model_kwargs.get("past_key_values")
-    if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
-        # the KV policy's generate() already slices its cache's prefix; transformers' own caches are sliced here
-        skip_cached_prefix_once(self, cache)
+    skip_cached_prefix_of_call(self, model_kwargs)
     return generator
 
 

@@ -28,9 +28,10 @@ very sequence plain sampling draws (one draw per token from the same generator, 
 from EAGLE: its sampling verifies the tree by recursive rejection (SpecInfer's multi-step speculative sampling),
 accepting a drafted child with probability ``min(1, p / q)`` of the model's and the draft's probabilities; ours
 accepts a child with the model's probability ``p`` of its token (never more than ``min(1, p / q)``), which needs
-no draft distribution (lookup chains and beam-search nodes have none) and keeps the seeded sequence. With ``prompt_lookup_num_tokens=N`` a round whose context ends in
-``lookup_min_match`` tokens that occurred earlier verifies the N tokens that followed them instead (a chain, as
-with the assistant). Batch 1, over transformers' ``DynamicCache`` of full-attention layers or the
+no draft distribution (lookup chains and beam-search nodes have none) and keeps the seeded sequence.
+
+With ``prompt_lookup_num_tokens=N`` a round whose context ends in ``lookup_min_match`` tokens that occurred earlier
+verifies the N tokens that followed them instead (a chain, as with the assistant). Batch 1, over transformers' ``DynamicCache`` of full-attention layers or the
 ``TokenReductionCache`` of a KV policy that compresses the prompt once (``snapkv``, ``pyramidkv``, ``fastgen``:
 the prompt is compressed in the first forward pass, each round's tree appended and its rejected nodes dropped
 again, so the output is that policy's own plain output). Beam search, a batch of more rows, a cache that evicts
@@ -44,12 +45,11 @@ import dataclasses
 import inspect
 
 import torch
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..attention import mask_like
 from ..errors import TokenReductionError
-from ..kv.cache import ReducingLayer, TokenReductionCache, keep_newest_entries
+from ..kv.cache import ReducingLayer, TokenReductionCache, keep_newest_entries, layer_refusing_keep_newest
 from ..kv.policy import prompt_once_policies
 from ..methods.lm.eagle import lookup_continuation, tree_verification_mask
 from .eagle import EagleCandidateGenerator, eagle_assistant
@@ -155,19 +155,16 @@ def _check_request(model, input_ids, generation_config, model_kwargs, cache, mas
 
 
 def _check_cache_layers(cache) -> None:
-    reduced = next((layer for layer in cache.layers if isinstance(layer, ReducingLayer) and not layer.is_croppable),
-                   None)
-    if reduced is not None:
+    refusing = layer_refusing_keep_newest(cache)
+    if isinstance(refusing, ReducingLayer):
         raise TokenReductionError(
-            f"eagle_tree_decoding: layer {reduced.layer_idx} of the {reduced.label} cache cannot take tokens back (its "
-            "policy evicts or compresses while decoding, or the layer slides a window), so a tree's rejected nodes "
-            f"could not be dropped from it; a policy that compresses the prompt once "
+            f"eagle_tree_decoding: layer {refusing.layer_idx} of the {refusing.label} cache cannot take tokens back "
+            "(its policy evicts or compresses while decoding, or the layer slides a window), so a tree's rejected "
+            f"nodes could not be dropped from it; a policy that compresses the prompt once "
             f"({', '.join(prompt_once_policies())}) on full-attention layers works, or decode over a DynamicCache")
-    other = next((layer for layer in cache.layers
-                  if type(layer) is not DynamicLayer and not isinstance(layer, ReducingLayer)), None)
-    if other is not None:
+    if refusing is not None:
         raise TokenReductionError(
-            f"eagle_tree_decoding: the cache has a {type(other).__name__} (sliding-window attention): a tree's "
+            f"eagle_tree_decoding: the cache has a {type(refusing).__name__} (sliding-window attention): a tree's "
             "rejected nodes cannot be taken back from it exactly; use generate(..., "
             "assistant_model=eagle_assistant(model)) for this model")
 

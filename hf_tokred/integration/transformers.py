@@ -518,6 +518,19 @@ def skip_cached_prefix_once(model, cache):
     return handle
 
 
+def skip_cached_prefix_of_call(model, model_kwargs) -> None:
+    """:func:`skip_cached_prefix_once` for the cache an assisted-decoding call got (``model_kwargs`` of
+    ``_get_candidate_generator``), when it already holds tokens; a KV policy's ``generate()`` has asked already,
+    and a cache is sliced once.
+
+    Example:
+        >>> skip_cached_prefix_of_call(model, {"past_key_values": cache})   # doctest: +SKIP
+    """
+    cache = (model_kwargs or {}).get("past_key_values")
+    if cache is not None and cache.get_seq_length():
+        skip_cached_prefix_once(model, cache)
+
+
 _PENDING_SLICE = "_hf_tokred_pending_prefix_slice"  # on a cache: the handle of its not yet run slicing hook
 
 
@@ -556,10 +569,7 @@ def install_prefix_slicing(model, applied) -> None:
         def get_candidate_generator(self, *args, **kwargs):
             build = previous if previous is not None else types.MethodType(type(self)._get_candidate_generator, self)
             generator = build(*args, **kwargs)
-            model_kwargs = kwargs.get("model_kwargs", args[4] if len(args) > 4 else None) or {}
-            cache = model_kwargs.get("past_key_values")
-            if cache is not None and cache.get_seq_length() and not isinstance(cache, TokenReductionCache):
-                skip_cached_prefix_once(self, cache)  # a KV policy's generate() slices its own cache
+            skip_cached_prefix_of_call(self, kwargs.get("model_kwargs", args[4] if len(args) > 4 else None))
             return generator
 
         return types.MethodType(get_candidate_generator, model)

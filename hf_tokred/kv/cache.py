@@ -693,14 +693,12 @@ class TokenReductionCache(Cache):
         """
         if count == 0:
             return
-        other = next((layer for layer in self.layers
-                      if type(layer) is not DynamicLayer and not isinstance(layer, ReducingLayer)), None)
-        if other is not None:
-            raise TokenReductionError(f"{self.label}: keep_newest needs full-attention layers; this cache has a "
-                                      f"{type(other).__name__}, whose dropped tokens cannot be taken back exactly")
-        refusing = self._uncroppable_layer()
-        if refusing is not None:
+        refusing = layer_refusing_keep_newest(self)
+        if isinstance(refusing, ReducingLayer):
             refusing.keep_newest(count, rows)  # raises its error before any layer has changed
+        if refusing is not None:
+            raise TokenReductionError(f"{self.label}: keep_newest needs full-attention layers; this cache has a "
+                                      f"{type(refusing).__name__}, whose dropped tokens cannot be taken back exactly")
         for layer in self.layers:
             if isinstance(layer, ReducingLayer):
                 layer.keep_newest(count, rows)
@@ -772,6 +770,22 @@ def keep_newest_entries(cache, count: int, rows: list[int]) -> None:
         return
     for layer in cache.layers:
         _keep_newest_in_layer(layer, count, rows)
+
+
+def layer_refusing_keep_newest(cache):
+    """The first layer of ``cache`` whose newest tokens cannot be taken back exactly, or None: a reduced layer that
+    evicts, compresses or slides a window (not croppable), or a transformers layer other than a full-attention
+    ``DynamicLayer`` (a sliding window drops what leaves it).
+
+    Example:
+        >>> from transformers import DynamicCache
+        >>> layer_refusing_keep_newest(DynamicCache()) is None
+        True
+    """
+    for layer in cache.layers:
+        if (not layer.is_croppable) if isinstance(layer, ReducingLayer) else type(layer) is not DynamicLayer:
+            return layer
+    return None
 
 
 def _keep_newest_in_layer(layer, count: int, rows: list[int]) -> None:
