@@ -193,7 +193,7 @@ def detect_decoder(model) -> DecoderAdapter | str | None:
     writers = [(n, m) for n, m in causal if writes_kv_cache(type(m))]
     if not writers:
         classes = ", ".join(sorted({type(m).__name__ for _, m in causal}))
-        return (f"its attention ({classes}) does not write keys/values through past_key_values.update(..., "
+        return (f"its attention ({classes}) does not write keys/values through cache.update(..., "
                 "layer_idx), which hf_tokred's cache relies on")
     groups: dict[str, list[tuple[int, str, torch.nn.Module]]] = {}
     for module_name, module in writers:

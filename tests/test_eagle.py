@@ -123,11 +123,11 @@ def test_training_time_test_passes_equal_the_inference_draft_steps():
         assert torch.allclose(passes[0], head(feats, embeds, rotary(feats, pos), position_ids=pos), atol=1e-6)
         cache = DynamicCache()
         p = pos[:, :j + 1]
-        out = head(feats[:, :j + 1], embeds[:, :j + 1], rotary(feats, p), position_ids=p, past_key_values=cache,
+        out = head(feats[:, :j + 1], embeds[:, :j + 1], rotary(feats, p), position_ids=p, cache=cache,
                    attention_mask=causal_mask(0, j + 1))[:, -1:]
         for d in (1, 2):  # drafting d + 1 tokens ahead: the previous step's feature, the next token, one position on
             p = pos[:, j + d:j + d + 1]
-            out = head(out, embeds[:, j + d:j + d + 1], rotary(out, p), position_ids=p, past_key_values=cache,
+            out = head(out, embeds[:, j + d:j + d + 1], rotary(out, p), position_ids=p, cache=cache,
                        attention_mask=causal_mask(j + d, 1))
             assert torch.allclose(out[0, 0], passes[d][0, j + d], atol=1e-5)
 

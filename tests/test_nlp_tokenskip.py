@@ -419,13 +419,14 @@ def test_cli_train_and_bench(tmp_path, monkeypatch, capsys):
 
 
 def test_composes_with_a_kv_policy():
+    from hf_tokred.compat import cache_in
     from hf_tokred.kv.cache import TokenReductionCache
 
     model = _model()
     hf_tokred.apply(model, hf_tokred.compose(_cfg(), {"method": "streamingllm", "sink_tokens": 2, "window": 6}))
     seen = []
     handle = model.register_forward_pre_hook(
-        lambda m, a, k: seen.append((k["input_ids"].clone(), k.get("past_key_values"))), with_kwargs=True)
+        lambda m, a, k: seen.append((k["input_ids"].clone(), cache_in(k))), with_kwargs=True)
     row = _ids(10, seed=8)[0]
     out = model.generate(torch.tensor([row]), max_new_tokens=3, do_sample=False)
     handle.remove()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compat import CACHE_KWARG
 from ..kv.cache import layer_kv_bytes, layer_stored_length
 
 MODES = ("aware", "agnostic")
@@ -138,7 +139,7 @@ def prefill_context(model, context_ids: torch.Tensor, config=None):
         if config is not None and hasattr(hf_tokred, "compress_context"):
             return hf_tokred.compress_context(model, context_ids, config=config)
         cache = new_cache(model, config)
-        model(context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(context_ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         return cache
 
 
@@ -236,7 +237,7 @@ def run_prompt(model, input_ids: torch.Tensor, *, config=None, mode: str = "awar
         else:
             cache = new_cache(model, config)
         output = model.generate(
-            input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+            input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, max_new_tokens=max_new_tokens,
             do_sample=False, streamer=clock, pad_token_id=model.generation_config.pad_token_id, **extra,
         )
     first = clock.times[1] if len(clock.times) > 2 else clock.times[-1]

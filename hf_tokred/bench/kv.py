@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compat import CACHE_KWARG
 from .common import (
     ANSWERS,
     MODES,
@@ -320,7 +321,7 @@ def _feed(model, sequence, context_tokens, chunk, cfg):
     nll, count, previous = 0.0, 0, None
     for begin in range(context_tokens, sequence.shape[-1], chunk):
         piece = sequence[:, begin:begin + chunk]
-        logits = model(piece, past_key_values=cache, use_cache=True).logits.float()
+        logits = model(piece, **{CACHE_KWARG: cache}, use_cache=True).logits.float()
         if previous is not None:  # the last logits of the previous chunk predict this chunk's first token
             logits = torch.cat([previous, logits], dim=1)
             targets = piece

@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from ..compat import CACHE_KWARG
 from .common import new_cache
 
 # label -> config (None = dense); "quanto-N" labels are transformers' QuantizedCache
@@ -194,7 +195,7 @@ def perplexity_run(model, ids: torch.Tensor, label: str, chunk: int) -> dict:
     total = ids.shape[-1]
     for start in range(0, total, chunk):
         part = ids[:, start:start + chunk + 1]
-        logits = model(input_ids=part[:, :chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=part[:, :chunk], **{CACHE_KWARG: cache}, use_cache=True).logits
         scored = logits[:, : part.shape[-1] - 1].float()
         targets = part[:, 1:]
         if targets.numel():
@@ -205,7 +206,7 @@ def perplexity_run(model, ids: torch.Tensor, label: str, chunk: int) -> dict:
     resident = resident_bytes(cache)
     for store in _stores(cache):
         store.max_transient_bytes = 0
-    model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # one decoding step at full length
+    model(input_ids=ids[:, -1:], **{CACHE_KWARG: cache}, use_cache=True)  # one decoding step at full length
     transient = _step_transient(cache, label, model)
     from hf_tokred.kv.storage import KVStorageConfig
 
@@ -235,7 +236,7 @@ def _passkey_anchor(model, tokenizer, samples, label: str) -> dict:
         for sample in samples:
             ids, _ = prompt_ids(tokenizer, sample)
             ids = ids.to(model.device)
-            output = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_new_cache(model, label),
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: _new_cache(model, label)},
                                     max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                     pad_token_id=model.generation_config.pad_token_id)
             correct.append(is_correct(sample, tokenizer.decode(output[0, ids.shape[-1]:], skip_special_tokens=True)))

@@ -24,6 +24,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from ..compat import CACHE_KWARG
 from ..config import TokenReductionConfig
 from ..kv.cache import layer_stored_length
 
@@ -80,7 +81,7 @@ def measure_ttft(model, tokenizer, prompt_lengths=(2048, 4096), config=None, rep
                         torch.cuda.synchronize()
                     start = time.perf_counter()
                     with torch.inference_mode():
-                        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        out = model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
                         token = int(out.logits[0, -1].argmax())
                     if device.type == "cuda":
                         torch.cuda.synchronize()

@@ -63,6 +63,7 @@ import types
 from typing import Any
 from unittest import mock
 
+from ..compat import CACHE_KWARG, output_cache
 from ..errors import ConfigError, MissingDependencyError, MissingFileError
 from ..prompt.base import SEPARATOR, count_tokens  # counted and joined exactly as hf_tokred.compress_prompt does
 
@@ -177,10 +178,10 @@ class LegacyCacheModel:
 
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             past_key_values = DynamicCache([(layer[0], layer[1]) for layer in past_key_values])
-        out = self.model(*args, past_key_values=past_key_values, **kwargs)
-        cache = getattr(out, "past_key_values", None)
+        out = self.model(*args, **{CACHE_KWARG: past_key_values}, **kwargs)
+        cache = output_cache(out)
         if isinstance(cache, Cache):
-            out.past_key_values = tuple((layer.keys, layer.values) for layer in cache.layers)
+            setattr(out, CACHE_KWARG, tuple((layer.keys, layer.values) for layer in cache.layers))
         return out
 
 

@@ -26,6 +26,8 @@ import os
 import statistics
 import time
 
+from ..compat import CACHE_KWARG
+
 
 def add_command(subparsers) -> None:
     """Add ``hf-tokred learned-lm gist``.
@@ -124,7 +126,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
 
     def ttft_gist():
         with torch.no_grad():
-            model.generate(torch.cat([ctx.prefix_ids, tail], -1), past_key_values=ctx.fresh_cache(), max_new_tokens=1,
+            model.generate(torch.cat([ctx.prefix_ids, tail], -1), **{CACHE_KWARG: ctx.fresh_cache()}, max_new_tokens=1,
                            do_sample=False, pad_token_id=pad)
 
     def ttft_full():
@@ -136,7 +138,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
 
     dense_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(full, past_key_values=dense_cache, use_cache=True)
+        model(full, **{CACHE_KWARG: dense_cache}, use_cache=True)
     full_bytes = _cache_bytes(dense_cache)
     t_full = _median_seconds(ttft_full)
     hf_tokred.apply(model, saved, weights_from=weights)

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from ..compat import CACHE_KWARG
+
 PASSKEY_FILLER_REPEATS = 18  # the passkey context is then ~502 tokens on SmolLM2: 4 chunks, 128 slots
 CONTEXT_TOKENS = 512
 
@@ -117,7 +119,7 @@ def passkey(model, tokenizer, count: int, *, progress: bool = True) -> dict:
             context, query = ids[:, :n_context], ids[:, n_context:]
             ctx = hf_tokred.compress_context(model, context)
             full = torch.cat([ctx.prefix_ids, query], 1)
-            new = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=ctx.fresh_cache(),
+            new = model.generate(full, attention_mask=torch.ones_like(full), **{CACHE_KWARG: ctx.fresh_cache()},
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, full.shape[1]:]
             dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
                                    do_sample=False)[0, ids.shape[1]:]

@@ -51,7 +51,7 @@ def parse_setting(text: str) -> dict:
 
 
 def build_model(num_layers: int = 24, hidden_size: int = 768, seed: int = 0):
-    """A random-weight ``MambaForCausalLM`` of mamba-130m's shape (or narrower / shallower), in eval mode.
+    """A random-weight ``MambaForCausalLM`` of mamba-130m's shape (or narrower / shallower), in eval mode, without gradients.
 
     Example:
         >>> build_model(num_layers=2, hidden_size=64).config.num_hidden_layers
@@ -61,7 +61,9 @@ def build_model(num_layers: int = 24, hidden_size: int = 768, seed: int = 0):
 
     torch.manual_seed(seed)
     config = MambaConfig(**{**MAMBA_130M, "num_hidden_layers": num_layers, "hidden_size": hidden_size})
-    return MambaForCausalLM(config).eval()
+    # Inference only: torch's FlopCounterMode hooks every module call and fails on a parameter that requires
+    # grad passed to a module (transformers 5.24+ runs Mamba's convolution as a module taking conv1d.bias).
+    return MambaForCausalLM(config).eval().requires_grad_(False)
 
 
 def predicted_fraction(setting: dict, num_layers: int) -> float:

@@ -172,7 +172,7 @@ class EagleCandidateGenerator(CandidateGenerator):
         position_embeddings = self.rotary(feats, pos)
         self.stats["draft_calls"] += 1
         return self.head(feats, embeds, position_embeddings, attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache)[0]
+                         cache=self.cache)[0]
 
     def _logits(self, features):
         logits = torch.nn.functional.linear(features, self.weight, self.bias).float()
@@ -232,6 +232,11 @@ class EagleCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         return None
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Most tokens one round drafts (transformers 5.24+ asks, to size what a cache records for rollback)."""
+        return max(self.reducer.depth, self.lookup_tokens)
 
     # -- drafting ---------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..attention import mask_like
+from ..compat import CACHE_KWARG, cache_in
 from ..errors import TokenReductionError
 from ..kv.cache import ReducingLayer, TokenReductionCache, keep_newest_entries, layer_refusing_keep_newest
 from ..kv.policy import prompt_once_policies
@@ -80,7 +81,7 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
     reducer = get_applied(model).config.get("decoding")
     if tree_tokens is not None:
         reducer = dataclasses.replace(reducer, tree_tokens=tree_tokens)  # validated as the config field is
-    cache = model_kwargs.get("past_key_values")
+    cache = cache_in(model_kwargs)
     mask_dtype = _mask_dtype(model)
     _check_request(model, input_ids, generation_config, model_kwargs, cache, mask_dtype)
     drafter = EagleCandidateGenerator(model, head, reducer, generation_config, logits_processor)
@@ -92,7 +93,7 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
         raise TokenReductionError(f"eagle_tree_decoding: the given cache already holds {done} tokens, the whole "
                                   f"prompt of {input_ids.shape[1]}; pass a cache of a prefix of the prompt")
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=input_ids[:, done:], past_key_values=cache, use_cache=True, output_hidden_states=-1,
+    out = model(input_ids=input_ids[:, done:], **{CACHE_KWARG: cache}, use_cache=True, output_hidden_states=-1,
                 **last_only)
     _check_cache_layers(cache)  # again: a cache built without a config creates its layers in the first forward pass
     sample = bool(generation_config.do_sample)
@@ -107,7 +108,7 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
         depth = depth.to(sequence.device)
         step = torch.cat([sequence[:, -1:], tokens[None].to(sequence)], dim=-1)
         out = model(input_ids=step, attention_mask=mask_like(mask, mask.new_empty(0, dtype=mask_dtype)),
-                    position_ids=(past + torch.cat([depth.new_zeros(1), depth]))[None], past_key_values=cache,
+                    position_ids=(past + torch.cat([depth.new_zeros(1), depth]))[None], **{CACHE_KWARG: cache},
                     use_cache=True, output_hidden_states=-1)
         rows, sequence, finished = _accept(out.logits[0], tokens, parent, sequence, logits_processor,
                                            stopping_criteria, sample)
@@ -119,7 +120,7 @@ def eagle_tree_decoding(model, input_ids: torch.Tensor, logits_processor, stoppi
             break
         features = out.hidden_states[-1][0][rows]
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=sequence, past_key_values=cache)
+        return GenerateDecoderOnlyOutput(sequences=sequence, **{CACHE_KWARG: cache})
     return sequence
 
 
@@ -145,7 +146,7 @@ def _check_request(model, input_ids, generation_config, model_kwargs, cache, mas
     if type(cache).__name__ != "DynamicCache" and not isinstance(cache, TokenReductionCache):
         raise TokenReductionError(
             f"eagle_tree_decoding: keeps a tree's accepted path in transformers' DynamicCache or a KV policy's "
-            f"TokenReductionCache, got {type(cache).__name__} (a static or offloaded cache); leave past_key_values "
+            f"TokenReductionCache, got {type(cache).__name__} (a static or offloaded cache); leave the cache "
             "unset or pass a DynamicCache")
     _check_cache_layers(cache)
     if mask_dtype is None:

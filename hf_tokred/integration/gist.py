@@ -33,6 +33,7 @@ import inspect
 
 import torch
 
+from ..compat import CACHE_KWARG
 from ..errors import TokenReductionError
 from ..methods.lm.gist import EMBEDDINGS_NAME, LORA_NAME, GistConfig
 from .transformers import install_prefix_slicing
@@ -121,7 +122,7 @@ def gist_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache},
               use_cache=True, **kwargs)
     # 2. the gist tokens, LoRA on, positions 0..k-1
     dtype = model.get_input_embeddings().weight.dtype
@@ -129,7 +130,7 @@ def gist_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     gist_positions = torch.arange(k, device=input_ids.device).unsqueeze(0).expand(batch, -1)
     full_mask = torch.cat([mask, mask.new_ones(batch, k)], dim=1)
     with torch.set_grad_enabled(grad), _lora_on(lora):
-        model(inputs_embeds=gist, attention_mask=full_mask, position_ids=gist_positions, past_key_values=cache,
+        model(inputs_embeds=gist, attention_mask=full_mask, position_ids=gist_positions, **{CACHE_KWARG: cache},
               use_cache=True, **kwargs)
     # keep only the gist entries
     kept = _new_cache(model)
@@ -153,7 +154,7 @@ def continuation_logits(model, cache, ids: torch.Tensor, attention_mask: torch.T
         attention_mask = torch.ones_like(ids)
     mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
     positions = (k + torch.arange(length, device=ids.device)).unsqueeze(0).expand(batch, -1)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache},
                  use_cache=True).logits
 
 

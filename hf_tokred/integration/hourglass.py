@@ -22,7 +22,7 @@ A batch whose every real token ends its own segment runs the dense layers unchan
 KV cache: a segment grows as tokens arrive, so the pooled layers' keys of earlier steps change, and a KV cache of
 them would be wrong. While the reduction is attached, a call that does not say ``use_cache`` runs without a cache,
 ``generate()`` recomputes the sequence at every step (``use_cache=False``: exact, and what the paper does), and an
-explicit ``use_cache=True`` or ``past_key_values`` is a :class:`~hf_tokred.errors.TokenReductionError`.
+explicit ``use_cache=True`` or a cache is a :class:`~hf_tokred.errors.TokenReductionError`.
 
 Example:
     >>> import hf_tokred, torch
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import STOCK_IMPLEMENTATIONS, mask_keep, mask_like
+from ..compat import CACHE_KWARGS, cache_in
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
 from ..methods.nlp.token_pooling import (
     MODULE_NAME,
@@ -60,7 +61,7 @@ from .wiring import MODULES_ATTR, register_wiring
 
 HOURGLASS_ATTR = "_hf_tokred_hourglass"
 # Layer arguments the pooled layers get in pooled form; any other per-token tensor is refused.
-_HANDLED = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "past_key_values", "use_cache")
+_HANDLED = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", *CACHE_KWARGS, "use_cache")
 _NO_CACHE = ("token_pooling: the pooled middle layers cannot use a KV cache (a segment grows as tokens arrive, so "
              "their keys for earlier tokens change); call the model with use_cache=False (the default while the "
              "reduction is attached) -- generate() then recomputes the sequence at every step, exactly -- or "
@@ -147,7 +148,7 @@ class Hourglass:
     # -- the pass ----------------------------------------------------------------------------
 
     def _start(self, module, args, kwargs):
-        if kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None:
+        if kwargs.get("use_cache") is True or cache_in(kwargs) is not None:
             raise TokenReductionError(_NO_CACHE)
         if "use_cache" in kwargs or "use_cache" in _parameters(module):
             kwargs["use_cache"] = False  # the model's default (config.use_cache) would build a cache
@@ -168,7 +169,7 @@ class Hourglass:
         if state is None:
             raise TokenReductionError("token_pooling: a pooled decoder layer ran outside its model's forward; call the "
                                       f"model ({type(self.base).__name__} or the model holding it)")
-        if kwargs.get("past_key_values") is not None:
+        if cache_in(kwargs) is not None:
             raise TokenReductionError(_NO_CACHE)
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length = hidden.shape[:2]
@@ -291,7 +292,7 @@ def _parameters(module) -> set:
 
 
 def _generate_without_cache(self, *args, **kwargs):
-    if kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None:
+    if kwargs.get("use_cache") is True or cache_in(kwargs) is not None:
         raise TokenReductionError(_NO_CACHE)
     for name in ("assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(name) is not None:

@@ -44,6 +44,7 @@ import contextlib
 
 import torch
 
+from ..compat import CACHE_KWARG
 from ..errors import TokenReductionError, UnsupportedModelError
 from ..methods.lm.icae import MODULE_NAME, ICAEConfig, encoder_inputs
 from .transformers import install_prefix_slicing
@@ -150,7 +151,7 @@ def encode_chunk(model, parts, ids: torch.Tensor, mask: torch.Tensor, form: str 
     # its keys, which then sit at the slots' positions in the decoder
     positions = positions - positions[:, -m:-m + 1] + first_slot
     cache = DynamicCache(config=model.config)
-    model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    model.base_model(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, **{CACHE_KWARG: cache},
                      use_cache=True)
     return [(layer.keys[:, :, -m:], layer.values[:, :, -m:]) for layer in cache.layers]
 
@@ -203,7 +204,7 @@ def slots_cache(model, slots):
     batch, count, _ = slots.shape
     positions = torch.arange(count, device=slots.device).unsqueeze(0).expand(batch, -1)
     model.base_model(inputs_embeds=slots.to(model.get_input_embeddings().weight.dtype), position_ids=positions,
-                     past_key_values=cache, use_cache=True)
+                     **{CACHE_KWARG: cache}, use_cache=True)
     return cache
 
 
@@ -233,7 +234,7 @@ def reconstruct(model, ctx: CompressedContext, max_new_tokens: int) -> torch.Ten
     with torch.no_grad():
         for i in range(max_new_tokens):
             positions = torch.full((batch, 1), start + i, device=step.device, dtype=torch.long)
-            logits = model(inputs_embeds=step, position_ids=positions, past_key_values=cache, use_cache=True).logits
+            logits = model(inputs_embeds=step, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True).logits
             token = logits[:, -1].argmax(-1)
             out.append(token)
             step = embedding(token).unsqueeze(1)
@@ -271,7 +272,7 @@ def decoder_loss(model, slots, targets: torch.Tensor, *, autoencode: bool):
     else:
         inputs = torch.cat(ae + [embedding(targets[:, :-1])], 1)
         positions = count + torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(batch, -1)
-        logits = model(inputs_embeds=inputs, position_ids=positions, past_key_values=slots_cache(model, slots),
+        logits = model(inputs_embeds=inputs, position_ids=positions, **{CACHE_KWARG: slots_cache(model, slots)},
                        use_cache=True).logits
         if not autoencode:
             targets = targets[:, 1:]

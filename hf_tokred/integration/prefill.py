@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import STOCK_IMPLEMENTATIONS, AttentionObserver, add_observer, mask_keep, mask_like, remove_observer
+from ..compat import CACHE_KWARGS, cache_in
 from ..errors import TokenReductionError, UnsupportedModelError
 from ..kv.cache import ReducingLayer, TokenReductionCache
 from ..kv.layers import CHUNKED_ATTENTION, kv_layer_types
@@ -57,7 +58,7 @@ AUX_HIDDEN, AUX_POSITIONS, AUX_POSITION_IDS, AUX_VALID = "lazyllm_hidden", "lazy
 # Per-token layer arguments gathered to the kept tokens (anything else shaped like the sequence is refused).
 # Set on a cache that is not a TokenReductionCache once a prompt was pruned into it.
 _PARTIAL = "_hf_tokred_pruned_prompt"
-_HANDLED = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "past_key_values")
+_HANDLED = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", *CACHE_KWARGS)
 
 
 @dataclass
@@ -166,7 +167,7 @@ class LazyPrefill:
         self._states.pop(threading.get_ident(), None)
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length = hidden.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past > 0 and getattr(cache, _PARTIAL, False):
             raise TokenReductionError(

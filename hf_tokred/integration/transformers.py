@@ -9,8 +9,8 @@ reduction; every other model goes straight to the original methods.
   ``token_reduction_config.json``; learned parts go to ``token_reduction.safetensors``.
 * When a KV policy is attached, ``model.generate`` (an instance attribute, the same mechanism
   transformers uses for Hub ``custom_generate``) builds a fresh :class:`TokenReductionCache` for each
-  call unless ``past_key_values`` is passed. A cache serves one ``generate`` call: a second one is an
-  error (it would silently continue from the first call's tokens).
+  call unless a cache is passed (``past_key_values``; ``cache`` from transformers 5.24). A cache serves one
+  ``generate`` call: a second one is an error (it would silently continue from the first call's tokens).
 * ``PretrainedConfig.from_dict`` is wrapped too: ``AutoModel*.from_pretrained`` and ``pipeline()`` hand a
   ``token_reduction=`` argument to ``AutoConfig``, which may keep it on the config; it is kept there as a
   :class:`~hf_tokred.integration.wiring.UserRequest`, so that it serializes and is never taken for the
@@ -30,6 +30,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import REDUCED_IMPLEMENTATIONS, STOCK_IMPLEMENTATIONS
+from ..compat import CACHE_KWARG, cache_in, with_cache
 from ..config import CONFIG_NAME, WEIGHTS_NAME, TokenReductionConfig
 from ..errors import ConfigError, MissingFileError, SideCarError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import TokenReductionCache, partial_prompt_reducer
@@ -318,7 +319,7 @@ def install_generate(model, applied) -> None:
 
 
 def _record_input_ids(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(cache, TokenReductionCache) and isinstance(input_ids, torch.Tensor):
         cache.record_input_ids(input_ids)
@@ -381,7 +382,7 @@ def compress_context(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
             raise TokenReductionError(f"compress_context: attach the {context.method} reduction first (hf_tokred.apply)")
         return context_compressor(context.wiring_key)(model, applied.config.get("context"), input_ids, attention_mask)
     cache = build_cache(model, config)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, CACHE_KWARG: cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # only the cache is wanted
     with torch.no_grad():
@@ -399,7 +400,7 @@ def _generate_with_reduction(self, *args, **kwargs):
     label = "+".join(c.method for c in (prefill, policy, storage) if c is not None)
     generation_config = kwargs.get("generation_config") or self.generation_config
     use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     if label and cache is None and use_cache is not False:
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation is not None:
@@ -409,9 +410,10 @@ def _generate_with_reduction(self, *args, **kwargs):
                 f"{label}: cache_implementation={implementation!r} (a generate() argument or set in the model's "
                 "generation_config): a model with a KV or prefill reduction builds its own cache "
                 "(a TokenReductionCache) for every generate() call, so it cannot use another cache implementation; "
-                "to decode densely, call hf_tokred.remove(model) or pass past_key_values=transformers.DynamicCache()"
+                f"to decode densely, call hf_tokred.remove(model) or pass {CACHE_KWARG}=transformers.DynamicCache()"
             )
-        cache = kwargs["past_key_values"] = TokenReductionCache(self, policy, storage)
+        cache = TokenReductionCache(self, policy, storage)
+        with_cache(kwargs, cache)
     if not isinstance(cache, TokenReductionCache):
         return type(self).generate(self, *args, **kwargs)
     assisted = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
@@ -419,7 +421,7 @@ def _generate_with_reduction(self, *args, **kwargs):
         raise TokenReductionError(
             f"{cache.label}: assisted decoding takes back rejected draft tokens (Cache.crop), and this cache "
             f"evicts or compresses while decoding, so it cannot; a policy that compresses the prompt once "
-            f"({', '.join(prompt_once_policies())}) works with it, or pass past_key_values=transformers.DynamicCache() "
+            f"({', '.join(prompt_once_policies())}) works with it, or pass {CACHE_KWARG}=transformers.DynamicCache() "
             "to decode densely"
         )
     if getattr(cache, _CONSUMED, False):
@@ -477,7 +479,7 @@ def skip_cached_prefix_once(model, cache):
     cache). Asked twice for one cache before that pass (two reductions that both wrap assisted decoding), it slices
     once.
 
-    transformers' assisted decoding (5.2x) feeds its first forward pass the whole ``input_ids``, even when the
+    transformers' assisted decoding (5.23-5.25) feeds its first forward pass the whole ``input_ids``, even when the
     cache passed to ``generate()`` already holds a prefix of them (a reused system prompt, a
     :func:`compress_context` cache); plain ``generate()`` slices that prefix off first. Fed again, the prefix's
     entries would sit in the cache twice (a ``DynamicCache``) or on top of its compressed copy (a
@@ -498,7 +500,7 @@ def skip_cached_prefix_once(model, cache):
         ids, held = kwargs.get("input_ids"), cache.get_seq_length()
         mask = kwargs.get("attention_mask")
         full = mask is None or (mask.dim() == 2 and ids is not None and mask.shape[-1] == ids.shape[-1])
-        if kwargs.get("past_key_values") is not cache or args or ids is None or not held or ids.shape[-1] <= held \
+        if cache_in(kwargs) is not cache or args or ids is None or not held or ids.shape[-1] <= held \
                 or not full:
             return None
         kwargs = {**kwargs, "input_ids": ids[:, held:]}
@@ -526,7 +528,7 @@ def skip_cached_prefix_of_call(model, model_kwargs) -> None:
     Example:
         >>> skip_cached_prefix_of_call(model, {"past_key_values": cache})   # doctest: +SKIP
     """
-    cache = (model_kwargs or {}).get("past_key_values")
+    cache = cache_in(model_kwargs)
     if cache is not None and cache.get_seq_length():
         skip_cached_prefix_once(model, cache)
 

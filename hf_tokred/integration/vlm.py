@@ -35,6 +35,7 @@ import threading
 import torch
 
 from ..attention import AttentionObserver, add_observer, mask_keep, remove_observer
+from ..compat import cache_in
 from ..errors import ConfigError, TokenReductionError, UnsupportedModelError
 from ..kv.cache import ReducingLayer
 from ..methods.prompt.lazyllm import select_kept
@@ -357,7 +358,7 @@ class VisualPrefill(LazyPrefill):
             state.memory["records"].append(KeepRecord(self.decode_at, keep, rows, self.config.decode_target))
             state.soft_masks.append((self.decode_at, torch.where(rows, keep, torch.ones_like(keep))))
             return None
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if state is None and hidden.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
             modules = self.learned_module()
             with torch.no_grad():

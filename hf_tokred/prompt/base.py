@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compat import CACHE_KWARG, output_cache
 from ..config import TokenReductionConfig, param
 from ..errors import ConfigError, MissingDependencyError, MissingFileError
 
@@ -454,9 +455,9 @@ class ConditionalScorer:
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache,
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), **{CACHE_KWARG: self.cache},
                              use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[0].float()
 
     def _restart(self, ids: list[int]) -> None:

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..compat import CACHE_KWARG
 from ..errors import ConfigError
 
 TRAINING_STATE = "gist_training.json"
@@ -397,7 +398,7 @@ def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens:
                 tail, tail_mask = _left_pad([e["tail"] for e in chunk], pad)
                 inputs = torch.cat([ctx.prefix_ids, tail.to(device)], -1)
                 full_mask = torch.cat([torch.ones_like(ctx.prefix_ids), tail_mask.to(device)], -1)
-                out = model.generate(inputs, attention_mask=full_mask, past_key_values=ctx.fresh_cache(), **kwargs)
+                out = model.generate(inputs, attention_mask=full_mask, **{CACHE_KWARG: ctx.fresh_cache()}, **kwargs)
             else:
                 rows = [(e["context"] if mode == "full" else []) + e["tail"] for e in chunk]
                 inputs, full_mask = (t.to(device) for t in _left_pad(rows, pad))

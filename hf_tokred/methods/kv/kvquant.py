@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...compat import CACHE_KWARG
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError
 from ...kv.storage import (
@@ -518,7 +519,7 @@ def calibrate(model, texts, tokenizer=None, *, max_length: int = 2048, max_token
     device = next(model.parameters()).device
     for ids in _token_batches(texts, tokenizer, max_length):
         cache = DynamicCache()  # no config: every layer keeps all its keys, sliding-window layers too
-        model(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=ids.to(device), **{CACHE_KWARG: cache}, use_cache=True)
         for layer in layers:
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
             batch, heads, slots, _ = keys.shape

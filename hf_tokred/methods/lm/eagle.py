@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...compat import CACHE_KWARG
 from ...config import TokenReductionConfig, param, register_method
 from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
 
@@ -184,16 +185,16 @@ class EagleHead(nn.Module):
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_embeddings, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None) -> torch.Tensor:
+                cache=None) -> torch.Tensor:
         """Predicted next features ``(batch, n, h)`` from features ``f_i`` and embeddings of ``x_{i+1}`` (same shape).
 
         ``position_embeddings`` are the target rotary module's ``(cos, sin)`` at the positions; ``attention_mask``
-        a boolean ``(batch, 1, n, kv)`` mask (True: attend) or None (causal, no cache); ``past_key_values`` the
+        a boolean ``(batch, 1, n, kv)`` mask (True: attend) or None (causal, no cache); ``cache`` the
         draft's own one-layer cache.
         """
         x = self.fc(torch.cat([features, token_embeds.to(features.dtype)], dim=-1))
-        out = self.layer(x, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                         use_cache=past_key_values is not None, position_embeddings=position_embeddings)
+        out = self.layer(x, attention_mask=attention_mask, position_ids=position_ids, **{CACHE_KWARG: cache},
+                         use_cache=cache is not None, position_embeddings=position_embeddings)
         return out[0] if isinstance(out, tuple) else out
 
     def draft_weight(self, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -279,7 +280,7 @@ def unrolled_features(head: EagleHead, features: torch.Tensor, token_embeds: tor
     cache, outs, length = DynamicCache(), [], features.shape[1]
     for d in range(1, depth + 1):
         inputs = features if d == 1 else torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)
-        outs.append(head(inputs, token_embeds, position_embeddings, position_ids=position_ids, past_key_values=cache,
+        outs.append(head(inputs, token_embeds, position_embeddings, position_ids=position_ids, cache=cache,
                          attention_mask=unroll_mask(length, d, features.device)))
     return outs
 
