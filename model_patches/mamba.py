@@ -1,9 +1,10 @@
 """State-space models (kind ``"ssm"``): transformers' Mamba and Mamba-2.
 
 Their blocks (``layers``) each hold one ``mixer`` (the selective-scan layer) behind a pre-norm residual; a block
-is called as ``block(hidden_states, cache_params=..., attention_mask=...)`` (``cache=`` from transformers 5.24) and the model has no attention, so
-the adapters say ``uses_attention_interface=False`` (``apply`` leaves the attention implementation alone). The
-``ssm_prune`` wiring (``hf_tokred.integration.ssm``) reads nothing else from them.
+is called as ``block(hidden_states, cache_params=..., attention_mask=...)`` (``cache=`` from transformers 5.24)
+and the model has no attention, so the adapters say ``uses_attention_interface=False`` (``apply`` leaves the
+attention implementation alone). The ``ssm_prune`` wiring (``hf_tokred.integration.ssm``) reads nothing else from
+them.
 
 Example:
     >>> from transformers import MambaConfig, MambaModel

@@ -10,8 +10,8 @@ Plain torch hooks on the blocks (``adapter.blocks(model)``), recorded in ``appli
 * a forward hook on the last block puts the kept tokens' outputs back among the carried states of the pruned
   tokens, so the final norm and the LM head see the full sequence.
 
-A block called with a cache (``cache_params``; ``cache`` from transformers 5.24) updates the cache's state with the kept tokens' scan, which is
-what the later decoding steps continue from.
+A block called with a cache (``cache_params``; ``cache`` from transformers 5.24) updates the cache's state with
+the kept tokens' scan, which is what the later decoding steps continue from.
 
 Example:
     >>> import hf_tokred, torch
