@@ -51,7 +51,8 @@ def parse_setting(text: str) -> dict:
 
 
 def build_model(num_layers: int = 24, hidden_size: int = 768, seed: int = 0):
-    """A random-weight ``MambaForCausalLM`` of mamba-130m's shape (or narrower / shallower), in eval mode, without gradients.
+    """A random-weight ``MambaForCausalLM`` of mamba-130m's shape (or narrower / shallower), in eval mode, without
+    gradients.
 
     Example:
         >>> build_model(num_layers=2, hidden_size=64).config.num_hidden_layers
