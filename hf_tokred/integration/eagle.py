@@ -105,8 +105,7 @@ def eagle_assistant(model) -> EagleHead:
 
 
 def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
-                             assistant_model=None, target_tokenizer=None, assistant_tokenizer=None, previous=None):
-    original = previous or types.MethodType(type(self)._get_candidate_generator, self)
+                             assistant_model=None, target_tokenizer=None, assistant_tokenizer=None, *, previous):
     applied = get_applied(self)
     modules = self._modules.get(MODULES_ATTR)
     head = modules[MODULE_NAME] if applied is not None and modules is not None and MODULE_NAME in modules else None
@@ -114,7 +113,7 @@ def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, 
         if isinstance(assistant_model, EagleHead):
             raise TokenReductionError("eagle: this draft head belongs to another model; pass "
                                       "assistant_model=eagle_assistant(model) of the model that generates")
-        return original(generation_config=generation_config, input_ids=input_ids, inputs_tensor=inputs_tensor,
+        return previous(generation_config=generation_config, input_ids=input_ids, inputs_tensor=inputs_tensor,
                         logits_processor=logits_processor, model_kwargs=model_kwargs, assistant_model=assistant_model,
                         target_tokenizer=target_tokenizer, assistant_tokenizer=assistant_tokenizer)
     if input_ids.shape[0] != 1:

@@ -31,12 +31,12 @@ accepts a child with the model's probability ``p`` of its token (never more than
 no draft distribution (lookup chains and beam-search nodes have none) and keeps the seeded sequence.
 
 With ``prompt_lookup_num_tokens=N`` a round whose context ends in ``lookup_min_match`` tokens that occurred earlier
-verifies the N tokens that followed them instead (a chain, as with the assistant). Batch 1, over transformers' ``DynamicCache`` of full-attention layers or the
-``TokenReductionCache`` of a KV policy that compresses the prompt once (``snapkv``, ``pyramidkv``, ``fastgen``:
-the prompt is compressed in the first forward pass, each round's tree appended and its rejected nodes dropped
-again, so the output is that policy's own plain output). Beam search, a batch of more rows, a cache that evicts
-or compresses while decoding, and sliding-window layers raise :class:`~hf_tokred.errors.TokenReductionError` before
-the first forward pass.
+verifies the N tokens that followed them instead (a chain, as with the assistant). Batch 1, over transformers'
+``DynamicCache`` of full-attention layers or the ``TokenReductionCache`` of a KV policy that compresses the prompt
+once (``snapkv``, ``pyramidkv``, ``fastgen``: the prompt is compressed in the first forward pass, each round's tree
+appended and its rejected nodes dropped again, so the output is that policy's own plain output). Beam search, a
+batch of more rows, a cache that evicts or compresses while decoding, and sliding-window layers raise
+:class:`~hf_tokred.errors.TokenReductionError` before the first forward pass.
 """
 
 from __future__ import annotations

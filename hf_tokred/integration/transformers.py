@@ -434,7 +434,7 @@ def _generate_with_reduction(self, *args, **kwargs):
     seen = cache.get_seq_length()
     previous = self.__dict__.get(_CANDIDATES)
     if assisted and seen == 0:
-        self.__dict__[_CANDIDATES] = functools.partial(_prompt_before_drafts, self, previous)
+        self.__dict__[_CANDIDATES] = functools.partial(_prompt_before_drafts, _factory_in_place(self))
     prefix = skip_cached_prefix_once(self, cache) if assisted and seen else None
     try:
         return type(self).generate(self, *args, **kwargs)
@@ -442,10 +442,7 @@ def _generate_with_reduction(self, *args, **kwargs):
         if prefix is not None:
             prefix.remove()
         if assisted and seen == 0:
-            if previous is None:
-                self.__dict__.pop(_CANDIDATES, None)
-            else:
-                self.__dict__[_CANDIDATES] = previous
+            _restore_factory(self, previous)
         if cache.get_seq_length() != seen:  # a call that failed before feeding any token leaves it reusable
             setattr(cache, _CONSUMED, True)
 
@@ -453,12 +450,25 @@ def _generate_with_reduction(self, *args, **kwargs):
 _CANDIDATES = "_get_candidate_generator"
 
 
-def _prompt_before_drafts(model, previous, *args, **kwargs):
+def _factory_in_place(model):
+    """The candidate-generator factory assisted decoding would call now: the instance-level one a reduction
+    installed, else the class's (bound to ``model``)."""
+    return model.__dict__.get(_CANDIDATES) or types.MethodType(type(model)._get_candidate_generator, model)
+
+
+def _restore_factory(model, previous) -> None:
+    """Put back the instance-level factory ``previous`` (None: there was none, the class's applies again)."""
+    if previous is None:
+        model.__dict__.pop(_CANDIDATES, None)
+    else:
+        model.__dict__[_CANDIDATES] = previous
+
+
+def _prompt_before_drafts(build, *args, **kwargs):
     """The model's candidate generator, made to propose nothing in its first round, so the first forward pass
     of assisted decoding carries the prompt alone, as plain ``generate()`` feeds it. A policy that compresses the
     prompt scores it in that pass: draft tokens fed with it (prompt lookup finds some in the prompt) would change
-    what it keeps and could not be taken back exactly."""
-    build = previous if previous is not None else types.MethodType(type(model)._get_candidate_generator, model)
+    what it keeps and could not be taken back exactly. ``build`` is the factory in place before."""
     generator = build(*args, **kwargs)
     drafting = generator.get_candidates
     rounds = 0
@@ -538,22 +548,16 @@ _PENDING_SLICE = "_hf_tokred_pending_prefix_slice"  # on a cache: the handle of 
 
 def wrap_candidate_factory(model, applied, wrap) -> None:
     """Replace ``model``'s instance-level ``_get_candidate_generator`` (what transformers' assisted decoding asks
-    for its drafter) by ``wrap(previous)``: ``previous`` is the instance-level factory in place (another reduction's),
-    or None for the class's. Undone with the reduction.
+    for its drafter) by ``wrap(previous)``: ``previous`` is the factory in place, another reduction's instance-level
+    one or else the class's (bound to ``model``). Undone with the reduction.
 
     Example:
-        >>> wrap_candidate_factory(model, applied, lambda previous: types.MethodType(my_factory, model))  # doctest: +SKIP
+        >>> wrap_candidate_factory(model, applied, lambda previous: types.MethodType(my_factory, model))
+        ... # doctest: +SKIP
     """
     previous = model.__dict__.get(_CANDIDATES)
-    model.__dict__[_CANDIDATES] = wrap(previous)
-
-    def undo():
-        if previous is None:
-            model.__dict__.pop(_CANDIDATES, None)
-        else:
-            model.__dict__[_CANDIDATES] = previous
-
-    applied.add_undo(undo)
+    model.__dict__[_CANDIDATES] = wrap(_factory_in_place(model))
+    applied.add_undo(lambda: _restore_factory(model, previous))
 
 
 def install_prefix_slicing(model, applied) -> None:
@@ -569,8 +573,7 @@ def install_prefix_slicing(model, applied) -> None:
 
     def wrap(previous):
         def get_candidate_generator(self, *args, **kwargs):
-            build = previous if previous is not None else types.MethodType(type(self)._get_candidate_generator, self)
-            generator = build(*args, **kwargs)
+            generator = previous(*args, **kwargs)
             skip_cached_prefix_of_call(self, kwargs.get("model_kwargs", args[4] if len(args) > 4 else None))
             return generator
 
