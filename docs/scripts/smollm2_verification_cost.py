@@ -3,10 +3,12 @@ over k new tokens after a 300-token KV cache, relative to k = 1 (one greedy deco
 
 Speculative decoding pays off when the tokens gained per verification exceed the cost of verifying k drafted
 tokens (k + 1 positions) plus drafting them; on a GPU a pass over a few tokens costs about one step, here it does
-not. Median of 12 repetitions per k, a fresh cache each time.
+not. Median of 12 repetitions per k, a fresh cache each time. ``--packed``: the model's linear weights packed for
+oneDNN first (:func:`hf_tokred.integration.cpu_linear.pack_linear_weights`; one-token steps keep PyTorch's path).
 
-    python docs/scripts/smollm2_verification_cost.py
+    python docs/scripts/smollm2_verification_cost.py [--packed]
 """
+import sys
 import time
 
 import torch
@@ -16,6 +18,10 @@ from hf_tokred.embedded import load_smollm2
 
 torch.set_num_threads(1)
 model, _ = load_smollm2()
+if "--packed" in sys.argv[1:]:
+    from hf_tokred.integration.cpu_linear import pack_linear_weights
+
+    pack_linear_weights(model)
 context = torch.randint(100, 40000, (1, 300), generator=torch.Generator().manual_seed(0))
 base = None
 print("new tokens  forward ms  vs one token")

@@ -27,6 +27,12 @@ six run again over that policy's cache keeping ``--keep`` of the prompt (the red
 drafting; rejected drafts and tree nodes are dropped from it again), and those rows are checked against the
 policy's own plain output.
 
+With ``--pack-weights`` the model's linear weights are packed for oneDNN first
+(:func:`hf_tokred.integration.cpu_linear.pack_linear_weights` with ``min_rows=1``): every pass of every row, the
+greedy steps included, runs oneDNN's kernels, so the speed-ups compare like with like. On a CPU this is what makes
+a pass over a few drafted tokens cost about one decoding step (PyTorch's default MKL path repacks the weights on
+every call over 2-8 rows); outputs are compared with greedy decoding on the same packed model.
+
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
 the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
 1.0 for greedy; the mean accepted draft tokens plus the target's own token) and whether every output is identical
@@ -72,6 +78,9 @@ def add_command(subparsers) -> None:
                         help="also decode over this KV policy's cache (snapkv, pyramidkv or fastgen)")
     parser.add_argument("--keep", type=float, default=0.5, metavar="F",
                         help="fraction of the prompt the --policy keeps (default: 0.5)")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="pack the linear weights for oneDNN (CPU) first; every row, greedy included, runs on "
+                             "the packed model")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run)
@@ -129,10 +138,10 @@ def policy_config(policy: str, keep: float, tokenizer=None):
 
 def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int = 256, progress: bool = True,
               policy: str | None = None, keep: float = 0.5, tree_tokens: int | None = None,
-              temperature: float = 0.0) -> dict:
+              temperature: float = 0.0, pack_weights: bool = False) -> dict:
     """The figures of ``hf-tokred learned-lm eagle`` as a dict (with ``policy``: also over that KV policy's cache;
     ``tree_tokens``: the tree rows' nodes per verification, default the reduction's; ``temperature`` > 0: every
-    row samples, seeded per prompt).
+    row samples, seeded per prompt; ``pack_weights``: every row on the model with oneDNN-packed linear weights).
 
     Example:
         >>> result = run_bench(samples=2, max_new_tokens=64, policy="snapkv", keep=0.25)      # doctest: +SKIP
@@ -155,6 +164,10 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
         raise MissingFileError(f"{weights} holds no trained EAGLE head (token_reduction.safetensors); train one first "
                                "with `hf-tokred train eagle` or pass --weights DIR")
     model = AutoModelForCausalLM.from_pretrained(weights).eval()
+    if pack_weights:
+        from ..integration.cpu_linear import pack_linear_weights
+
+        pack_linear_weights(model, min_rows=1)
     tokenizer = AutoTokenizer.from_pretrained(weights)
     kv = policy_config(policy, keep, tokenizer) if policy is not None else None
     budget = {}
@@ -179,6 +192,8 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
         # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
         hf_tokred.remove(model)
         hf_tokred.apply(model, hf_tokred.compose(reduction, kv), weights_from=weights)
+        if pack_weights:  # the re-attached head's layers too
+            pack_linear_weights(model, min_rows=1)
         reduction = model.config.token_reduction
         rows = decoding_rows(model, f" + {policy}@{keep:g}", tree_tokens, plain)
         totals.update(_decode_all(model, prompts, common, rows, progress))
@@ -191,7 +206,8 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
                              "identical": total["identical"], "decode_tokens": total["tokens"],
                              "reference": total["reference"]}
     return {"samples": samples, "max_new_tokens": max_new_tokens, "weights": weights, "budget": budget,
-            "reduction": reduction, "tree_tokens": tree_tokens, "temperature": temperature, "rows": result_rows,
+            "reduction": reduction, "tree_tokens": tree_tokens, "temperature": temperature,
+            "pack_weights": pack_weights, "rows": result_rows,
             "note": "timings on a shared CPU are indicative only; token counts are exact"}
 
 
@@ -279,7 +295,7 @@ def run(args) -> int:
 
     result = run_bench(args.weights, args.samples, args.max_new_tokens, progress=not args.no_progress,
                        policy=args.policy, keep=args.keep, tree_tokens=args.tree_tokens,
-                       temperature=args.temperature)
+                       temperature=args.temperature, pack_weights=args.pack_weights)
     budget = result["budget"]
     if budget:
         extra = f", training-time test over {budget['unroll']} steps" if budget["unroll"] > 1 else ""
@@ -290,7 +306,8 @@ def run(args) -> int:
     decoding = f"sampling at temperature {result['temperature']:g} (seeded per prompt)" if result["temperature"] \
         else "greedy"
     print(f"SmolLM2-135M-Instruct, {result['samples']} held-out prompts, batch 1, {decoding}, up to "
-          f"{result['max_new_tokens']} new tokens, eagle tree: {result['tree_tokens']} nodes per verification "
+          f"{result['max_new_tokens']} new tokens, eagle tree: {result['tree_tokens']} nodes per verification"
+          f"{', linear weights packed for oneDNN' if result['pack_weights'] else ''} "
           "(timings on a shared CPU are indicative)")
     print(format_result(result))
     if args.json:

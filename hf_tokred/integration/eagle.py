@@ -59,6 +59,7 @@ from ..methods.lm.eagle import (
     signature_matches,
     tree_mask,
 )
+from .cpu_linear import linear_as
 from .transformers import skip_cached_prefix_of_call, wrap_candidate_factory
 from .wiring import MODULES_ATTR, get_applied, register_wiring
 
@@ -150,7 +151,8 @@ class EagleCandidateGenerator(CandidateGenerator):
         self.model, self.head, self.reducer = model, head, reducer
         self.embed = model.get_input_embeddings()
         self.rotary = model.__dict__["_hf_tokred_eagle_rotary"]
-        self.weight, self.bias = head.draft_weight(model.get_output_embeddings())
+        # the LM head over the draft vocabulary, packed for oneDNN where the model's is (cpu_linear)
+        self.draft_lm_head = linear_as(model.get_output_embeddings(), *head.draft_weight(model.get_output_embeddings()))
         self.vocab_ids = head.vocab_ids if head.vocab_ids.numel() else None
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.do_sample = bool(generation_config.do_sample)
@@ -174,8 +176,7 @@ class EagleCandidateGenerator(CandidateGenerator):
                          cache=self.cache)[0]
 
     def _logits(self, features):
-        logits = torch.nn.functional.linear(features, self.weight, self.bias).float()
-        return logits
+        return self.draft_lm_head(features).float()
 
     def _ids(self, columns):
         return self.vocab_ids[columns] if self.vocab_ids is not None else columns
