@@ -163,3 +163,18 @@ def test_linear_as_packs_a_draft_head_as_the_reference_is_packed():
     with torch.no_grad():
         torch.testing.assert_close(draft(x), nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         assert torch.equal(draft(x[:1]), plain(x[:1]))  # below min_rows: PyTorch's own path
+
+
+def test_a_packed_model_cast_to_another_dtype_or_given_new_weights_follows_them():
+    model = make_tiny_llama()
+    pack_linear_weights(model)
+    prompt = _prompt(7)
+    with torch.no_grad():
+        model.to(torch.bfloat16)
+        unpacked = unpack_linear_weights(copy.deepcopy(model))
+        assert torch.equal(model(prompt).logits, unpacked(prompt).logits)  # bf16: PyTorch's path throughout
+        model.to(torch.float32)
+        layer = model.model.layers[0].mlp.down_proj
+        layer.weight.data = torch.randn_like(layer.weight)
+        x = torch.randn(4, layer.in_features)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)

@@ -34,26 +34,31 @@ class PackedLinear(nn.Linear):
     object, same parameters) and :func:`unpack_linear_weights` turns them back."""
 
     _packed: torch.Tensor
-    _packed_version: int
+    _packed_version: tuple[int, int]
     _min_rows: int
+
+    def _weight_version(self) -> tuple[int, int]:
+        # changes when the weight is written in place (_version) or its data replaced (.to(), .data =)
+        return self.weight.data_ptr(), self.weight._version
 
     def _pack(self) -> None:
         self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-        self._packed_version = self.weight._version
+        self._packed_version = self._weight_version()
 
     def __getstate__(self):
         # oneDNN's packed tensor cannot be copied or pickled: a copy (deepcopy) packs its own on first use.
         state = dict(self.__dict__)
         state.pop("_packed", None)
-        state["_packed_version"] = -1
+        state["_packed_version"] = (0, -1)
         return state
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.numel() // max(self.in_features, 1)
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
-        if rows < self._min_rows or needs_grad or input.dtype != self.weight.dtype or input.device.type != "cpu":
+        if (rows < self._min_rows or needs_grad or self.weight.dtype != torch.float32
+                or input.dtype != torch.float32 or input.device.type != "cpu"):
             return F.linear(input, self.weight, self.bias)
-        if self.weight._version != self._packed_version:  # the weight changed in place since it was packed
+        if self._weight_version() != self._packed_version:  # the weight changed since it was packed
             self._pack()
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(input, self._packed, bias, "none", [], "")
