@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_tokred
 from hf_tokred import eagle_tree_decoding
-from hf_tokred.errors import UnsupportedModelError
+from hf_tokred.errors import ConfigError, UnsupportedModelError
 from hf_tokred.integration.cpu_linear import PackedLinear, linear_as, pack_linear_weights, unpack_linear_weights
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -139,12 +139,13 @@ def test_layers_in_another_dtype_are_left_alone_and_bad_input_is_refused():
     assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].mlp.up_proj) is PackedLinear
     with pytest.raises(UnsupportedModelError, match="no fp32 nn.Linear"):
         pack_linear_weights(make_tiny_llama().to(torch.bfloat16))
-    with pytest.raises(UnsupportedModelError, match="min_rows"):
+    with pytest.raises(ConfigError, match="min_rows") as err:
         pack_linear_weights(make_tiny_llama(), min_rows=0)
+    assert err.value.field == "min_rows"
     with pytest.raises(UnsupportedModelError, match="torch.nn.Module"):
         pack_linear_weights("a model name")
     untouched = make_tiny_llama()
-    with pytest.raises(UnsupportedModelError):
+    with pytest.raises(ConfigError):
         pack_linear_weights(untouched, min_rows=True)
     assert _linear_types(untouched) == {nn.Linear}
 

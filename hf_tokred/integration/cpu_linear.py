@@ -2,8 +2,8 @@
 
 Speculative decoding (EAGLE, prompt lookup) pays off when one forward pass over k drafted tokens costs about one
 decoding step. On a GPU it does; on a CPU with PyTorch's default fp32 path it need not: ``nn.Linear`` goes to
-MKL's GEMM, which for 2-8 rows repacks the whole weight matrix on every call, so a pass over 2-3 tokens of
-SmolLM2-135M cost 1.8-2.2 decoding steps on this project's AMD EPYC cores (``docs/learned_lm.md``). oneDNN with
+MKL's GEMM, which on this project's AMD EPYC cores took 2-3x its one-row time for 2-8 rows, so a pass over 2-8
+tokens of SmolLM2-135M cost 1.5-2.2 decoding steps (``docs/learned_lm.md``). oneDNN with
 the weights reordered once into its blocked layout (what IPEX's ``optimize`` and ``torch.compile`` with freezing do
 on a CPU) runs such a pass for little more than one step.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 MIN_ROWS = 2  # calls over fewer rows (a single decoding step) keep PyTorch's own path
 
@@ -71,7 +71,8 @@ def pack_linear_weights(model: nn.Module, min_rows: int = MIN_ROWS) -> nn.Module
     Single-token decoding steps keep PyTorch's own kernels (bit-identical outputs); multi-token passes (prefill,
     speculative verification) get oneDNN's, which on a CPU cost little more for a few rows than for one. Layers in
     another dtype or on another device are left as they are; a model with no fp32 CPU linear layer, or a PyTorch
-    built without oneDNN, raises :class:`~hf_tokred.errors.UnsupportedModelError` and is left untouched.
+    built without oneDNN, raises :class:`~hf_tokred.errors.UnsupportedModelError`, a bad ``min_rows``
+    :class:`~hf_tokred.errors.ConfigError`, and the model is left untouched.
 
     Example:
         >>> import hf_tokred
@@ -83,7 +84,7 @@ def pack_linear_weights(model: nn.Module, min_rows: int = MIN_ROWS) -> nn.Module
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"pack_linear_weights: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise UnsupportedModelError(f"min_rows: expected an integer >= 1, got {min_rows!r}")
+        raise ConfigError(f"min_rows: expected an integer >= 1, got {min_rows!r}", field="min_rows")
     if not torch.backends.mkldnn.is_available():
         raise UnsupportedModelError("pack_linear_weights: this PyTorch build has no oneDNN (mkldnn) support")
     layers = [module for module in model.modules() if type(module) in (nn.Linear, PackedLinear)
