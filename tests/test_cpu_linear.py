@@ -72,6 +72,9 @@ def test_eagle_chain_tree_and_lookup_on_the_packed_model_give_its_greedy_output(
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
     pack_linear_weights(model, min_rows=min_rows)
     assert type(model.hf_tokred_modules["eagle"].fc) is PackedLinear  # the draft head's layers are packed too
+    packed_once = model.lm_head._packed
+    pack_linear_weights(model, min_rows=min_rows)  # again (the bench does, after re-attaching a head): not repacked
+    assert model.lm_head._packed is packed_once
     head = hf_tokred.eagle_assistant(model)
     for n in (5, 17):
         prompt = _prompt(n, seed=n)

@@ -30,8 +30,8 @@ policy's own plain output.
 With ``--pack-weights`` the model's linear weights are packed for oneDNN first
 (:func:`hf_tokred.integration.cpu_linear.pack_linear_weights` with ``min_rows=1``): every pass of every row, the
 greedy steps included, runs oneDNN's kernels, so the speed-ups compare like with like. On a CPU this is what makes
-a pass over a few drafted tokens cost about one decoding step (PyTorch's default MKL path repacks the weights on
-every call over 2-8 rows); outputs are compared with greedy decoding on the same packed model.
+a pass over a few drafted tokens cost about one decoding step (PyTorch's default MKL path took 2-3x its one-row
+time for 2-8 rows on this project's CPU); outputs are compared with greedy decoding on the same packed model.
 
 Reported per row: decode tokens/s (new tokens after the first, over the time after the prefill forward pass),
 the speed-up over greedy, new tokens per verification (decode tokens per target forward pass after the prefill:
@@ -192,7 +192,7 @@ def run_bench(weights: str | None = None, samples: int = 8, max_new_tokens: int 
         # The same head over the policy's cache: the model re-applied with both (head weights from the folder).
         hf_tokred.remove(model)
         hf_tokred.apply(model, hf_tokred.compose(reduction, kv), weights_from=weights)
-        if pack_weights:  # the re-attached head's layers too
+        if pack_weights:  # the re-attached head's layers (the model's are packed already)
             pack_linear_weights(model, min_rows=1)
         reduction = model.config.token_reduction
         rows = decoding_rows(model, f" + {policy}@{keep:g}", tree_tokens, plain)

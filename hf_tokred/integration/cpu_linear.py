@@ -93,9 +93,10 @@ def pack_linear_weights(model: nn.Module, min_rows: int = MIN_ROWS) -> nn.Module
         raise UnsupportedModelError(f"pack_linear_weights: {type(model).__name__} has no fp32 nn.Linear layer on "
                                     "the CPU to pack")
     for layer in layers:
-        layer.__class__ = PackedLinear
+        if type(layer) is nn.Linear:  # a layer packed already keeps its packed weight (repacked when it changes)
+            layer.__class__ = PackedLinear
+            layer._pack()
         layer._min_rows = min_rows
-        layer._pack()
     return model
 
 

@@ -151,10 +151,11 @@ class EagleCandidateGenerator(CandidateGenerator):
         self.model, self.head, self.reducer = model, head, reducer
         self.embed = model.get_input_embeddings()
         self.rotary = model.__dict__["_hf_tokred_eagle_rotary"]
+        lm_head = model.get_output_embeddings()
         # the LM head over the draft vocabulary, packed for oneDNN where the model's is (cpu_linear)
-        self.draft_lm_head = linear_as(model.get_output_embeddings(), *head.draft_weight(model.get_output_embeddings()))
+        self.draft_lm_head = linear_as(lm_head, *head.draft_weight(lm_head))
         self.vocab_ids = head.vocab_ids if head.vocab_ids.numel() else None
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = lm_head.weight.shape[0]
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
