@@ -13,6 +13,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTFo
 
 import hf_tokred
 from hf_tokred.config import param, register_method
+from hf_tokred.errors import TokenReductionError
 from hf_tokred.integration.encoders import STATE_ATTR, token_counts, token_sizes
 from hf_tokred.methods.encoder.atc import agglomerative_clusters
 from hf_tokred.methods.encoder.ats import inverse_transform_sample
@@ -23,6 +24,7 @@ from hf_tokred.methods.encoder.base import (
     SoftMask,
     keep_counts,
     keep_top,
+    squeeze,
 )
 from hf_tokred.methods.encoder.tome import bipartite_soft_matching
 from hf_tokred.methods.encoder.tps import squeeze_slots
@@ -230,6 +232,18 @@ def test_tps_squeezes_pruned_tokens_into_their_most_similar_kept_token():
     assert (slot[0, [2, 6, 7]] != 0).all()  # the protected CLS never hosts
     y, size = Reduction.from_slots(slot, weight).apply(hidden, torch.ones(1, 8, 1))
     assert size.sum() == 8 and y.shape == (1, 4, 16)
+
+
+def test_squeezed_slots_are_anchored_by_their_kept_token():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]])
+    kept = torch.tensor([[False, False, True, True]])  # tokens 0 and 1 fold into the later tokens 2 and 3
+    r = squeeze(hidden, kept, protected=0)
+    assert r.keep.tolist() == [[2, 3]] and r.slot_of().tolist() == [[0, 1, 0, 1]]
+    assert Reduction.from_slots(r.slot_of()).keep.tolist() == [[0, 1]]  # without anchors: the first member
+    y, size = r.apply(hidden, torch.ones(1, 4, 1))
+    assert size.flatten().tolist() == [2.0, 2.0] and y.shape == (1, 2, 2)
+    with pytest.raises(TokenReductionError, match="not both"):
+        keep_top(torch.rand(1, 4), torch.tensor([2]), 0, fuse_rest=torch.ones(1, 4), squeeze_into=hidden)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,29 @@ def test_threshold_keeps_exactly_the_probable_tokens_and_batch_equals_rows(image
             torch.testing.assert_close(out[row][real], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("select", ["top_k", "threshold"])
+def test_squeeze_keeps_the_same_tokens_and_carries_the_dropped_ones(images, select):
+    model = make_vit()
+    # one stage: a later stage would see the squeezed states and may choose differently
+    setting = {"method": "ia_red2", "keep_rate": 0.5, "select": select, "layers": [1]}
+    hf_tokred.apply(model, setting)
+    randomize(model)
+    state = nets_of(model).state_dict()
+    with torch.no_grad():
+        dropped_out = model(pixel_values=images).last_hidden_state
+        dropped_counts, dropped_kept = token_counts(model), kept_tokens(model)
+        hf_tokred.apply(model, {**setting, "squeeze": True})
+        nets_of(model).load_state_dict(state)
+        out = model(pixel_values=images).last_hidden_state
+        assert token_counts(model) == dropped_counts and torch.equal(kept_tokens(model), dropped_kept)
+        assert (token_sizes(model).sum(dim=1) == 65).all()  # every token is carried by a kept one
+        assert not torch.allclose(out, dropped_out)
+        real = token_sizes(model) > 0
+        for row in range(3):
+            alone = model(pixel_values=images[row:row + 1]).last_hidden_state[0]
+            torch.testing.assert_close(out[row][real[row]], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_padded_bert_batch_equals_each_row_alone():
     model = make_bert()
     hf_tokred.apply(model, {"method": "ia_red2", "keep_rate": 0.6, "layers": [1, 3], "select": "top_k"})

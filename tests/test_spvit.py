@@ -15,7 +15,8 @@ from transformers import AutoModel
 
 import hf_tokred
 from hf_tokred import ConfigError, TokenReductionConfig, TokenReductionError
-from hf_tokred.integration.encoders import source_map, token_counts, token_sizes
+from hf_tokred.integration.encoders import STATE_ATTR, source_map, token_counts, token_sizes
+from hf_tokred.methods.encoder.base import squeeze_slots
 from hf_tokred.methods.encoder.spvit import StageDecision, TokenSelectors, budget_loss, cost_fraction, stage_decisions
 from hf_tokred.recipes.spvit import add_train_command, spvit_loss, train_spvit
 
@@ -41,7 +42,8 @@ def test_config_fields_and_errors():
     assert (cfg.selector_dim, cfg.package, cfg.learned, cfg.paper) == (96, True, True, "2112.13890")
     assert TokenReductionConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     for bad, name in [({"keep_rate": 0.0}, "keep_rate"), ({"selector_dim": 2}, "selector_dim"),
-                      ({"gumbel_tau": 0.0}, "gumbel_tau"), ({"layers": [1, 1]}, "layers")]:
+                      ({"gumbel_tau": 0.0}, "gumbel_tau"), ({"layers": [1, 1]}, "layers"),
+                      ({"squeeze": True, "package": False}, "squeeze")]:
         with pytest.raises(ConfigError) as err:
             TokenReductionConfig(method="spvit", **bad)
         assert err.value.field == name
@@ -85,9 +87,38 @@ def test_keep_top_and_package_counts_sizes_and_batch_equals_rows(images):
     assert token_counts(model) == [65, 33, 33, 33]
 
 
-def test_padded_bert_batch_equals_each_row_alone():
+def test_squeeze_folds_each_pruned_token_into_its_most_similar_kept_token(images):
+    model = make_vit()
+    setting = {"method": "spvit", "keep_rate": 0.5, "layers": [1], "selector_dim": 16}
+    hf_tokred.apply(model, setting)
+    randomize(model)
+    state = model.hf_tokred_modules.state_dict()
+    with torch.no_grad():
+        model(pixel_values=images)
+        packaged_anchors = model.__dict__[STATE_ATTR].anchor.clone()
+        hf_tokred.apply(model, {**setting, "squeeze": True})
+        model.hf_tokred_modules.load_state_dict(state)
+        out = model(pixel_values=images).last_hidden_state
+        assert token_counts(model) == [65, 33, 33, 33]  # CLS + 32 kept, no package token
+        anchors = model.__dict__[STATE_ATTR].anchor
+        assert torch.equal(anchors, packaged_anchors[:, :33])  # the same tokens kept, each anchoring its own slot
+        origin = source_map(model)
+        assert (origin.sum(dim=1) == 1).all() and (token_sizes(model).sum(dim=1) == 65).all()
+        hf_tokred.remove(model)
+        dense_in = model(pixel_values=images, output_hidden_states=True).hidden_states[1]  # block 1's input
+        kept = torch.zeros(3, 65, dtype=torch.bool).scatter_(1, anchors, True)
+        expected, _ = squeeze_slots(dense_in, kept, protected=1)
+        assert torch.equal(origin.int().argmax(dim=1), expected)
+        hf_tokred.apply(model, {**setting, "squeeze": True})
+        model.hf_tokred_modules.load_state_dict(state)
+        rows = torch.cat([model(pixel_values=images[i:i + 1]).last_hidden_state for i in range(3)])
+    torch.testing.assert_close(rows, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_padded_bert_batch_equals_each_row_alone(squeeze):
     model = make_bert()
-    hf_tokred.apply(model, {"method": "spvit", "keep_rate": 0.6, "layers": [1], "selector_dim": 16})
+    hf_tokred.apply(model, {"method": "spvit", "keep_rate": 0.6, "layers": [1], "selector_dim": 16, "squeeze": squeeze})
     randomize(model)
     batch = padded_batch()
     with torch.no_grad():
@@ -96,7 +127,8 @@ def test_padded_bert_batch_equals_each_row_alone():
         for row, length in enumerate((30, 17, 9)):
             alone = model(input_ids=batch["input_ids"][row:row + 1, :length]).last_hidden_state[0]
             real = sizes[row] > 0
-            assert alone.shape[0] == int(real.sum()) == 1 + -(-3 * (length - 1) // 5) + 1  # CLS, kept, package
+            # CLS, kept, and the package token unless the pruned tokens were squeezed into the kept ones
+            assert alone.shape[0] == int(real.sum()) == 1 + -(-3 * (length - 1) // 5) + (not squeeze)
             assert sizes[row].sum() == length
             torch.testing.assert_close(out[row][real], alone, rtol=1e-5, atol=1e-5)
 

@@ -377,30 +377,37 @@ class Reduction:
     # -- builders -------------------------------------------------------------------------------
 
     @classmethod
-    def from_slots(cls, slot: torch.Tensor, weight: torch.Tensor | None = None) -> Reduction:
+    def from_slots(cls, slot: torch.Tensor, weight: torch.Tensor | None = None,
+                   anchors: torch.Tensor | None = None) -> Reduction:
         """Build a reduction from the slot of every input token (``(B, N)`` long, -1 = dropped).
 
         Slot ids must be ``0..M_b-1`` per row, in output order; ``M`` is the largest; rows with fewer slots
-        get filler slots. Each slot's anchor is its first member. ``weight`` ``(B, N)`` are value weights.
+        get filler slots. Each slot's anchor is its first member, or with ``anchors`` (``(B, N)`` bool) its
+        first member marked there (a slot with none marked falls back to its first member), so that a token
+        folded into a kept token takes the kept token's position. ``weight`` ``(B, N)`` are value weights.
 
         Example:
             >>> import torch
             >>> r = Reduction.from_slots(torch.tensor([[0, 1, 1, -1, 2]]))
             >>> r.keep.tolist(), r.src.tolist(), r.dst.tolist()
             ([[0, 1, 4]], [[2]], [[1]])
+            >>> Reduction.from_slots(torch.tensor([[0, 1, 1]]), anchors=torch.tensor([[True, False, True]])).keep.tolist()
+            [[0, 2]]
         """
         batch, n = slot.shape
         device = slot.device
         m = int(slot.max().item()) + 1 if slot.numel() else 0
         m = max(m, 1)
         position = torch.arange(n, device=device).expand(batch, n)
-        first = torch.full((batch, m + 1), n, dtype=torch.long, device=device)
-        first = first.scatter_reduce(1, torch.where(slot >= 0, slot, m), position, reduce="amin", include_self=True)
+        # The smallest rank in a slot anchors it; unmarked members rank after every marked one.
+        rank = position if anchors is None else torch.where(anchors, position, position + n)
+        first = torch.full((batch, m + 1), 2 * n, dtype=torch.long, device=device)
+        first = first.scatter_reduce(1, torch.where(slot >= 0, slot, m), rank, reduce="amin", include_self=True)
         first = first[:, :m]
-        slot_valid = first < n
-        keep = torch.where(slot_valid, first, 0)
+        slot_valid = first < 2 * n
+        keep = torch.where(slot_valid, first % n, 0)
         is_anchor = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
-        is_anchor.scatter_(1, torch.where(slot_valid, first, n), True)
+        is_anchor.scatter_(1, torch.where(slot_valid, keep, n), True)
         is_src = (slot >= 0) & ~is_anchor[:, :n]
         counts = is_src.sum(dim=1)
         r = int(counts.max().item()) if batch else 0
@@ -503,12 +510,14 @@ def top_mask(score: torch.Tensor, counts: torch.Tensor, protected: int,
 
 
 def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: torch.Tensor | None = None,
-             fuse_rest: torch.Tensor | None = None) -> Reduction:
+             fuse_rest: torch.Tensor | None = None, squeeze_into: torch.Tensor | None = None) -> Reduction:
     """Keep the protected tokens and, per row, the ``counts[b]`` unprotected real tokens of highest ``score``.
 
     Kept tokens stay in their input order. With ``fuse_rest`` (``(B, N)`` value weights, e.g. EViT's CLS
     attention) the other real tokens of each row are fused into one extra slot after the kept ones (a
-    weighted average), instead of being dropped. Rows that keep fewer tokens get filler slots at the end.
+    weighted average), instead of being dropped. With ``squeeze_into`` (the hidden states ``(B, N, D)``) each
+    of them is instead folded into its most similar kept token (:func:`squeeze_slots`, TPS). Rows that keep
+    fewer tokens get filler slots at the end.
 
     Example:
         >>> import torch
@@ -517,7 +526,11 @@ def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: t
         >>> r.keep.tolist(), r.slot_of().tolist()
         ([[0, 2, 4, 1]], [[0, 3, 1, 3, 2]])
     """
+    if fuse_rest is not None and squeeze_into is not None:
+        raise TokenReductionError("keep_top: pass fuse_rest or squeeze_into, not both")
     kept = top_mask(score, counts, protected, valid)
+    if squeeze_into is not None:
+        return squeeze(squeeze_into, kept, protected, valid)
     if fuse_rest is not None:
         slot = torch.where(kept, kept.long().cumsum(dim=1) - 1, -1)
         rest = ~kept if valid is None else valid & ~kept  # protected tokens are always kept
@@ -525,6 +538,46 @@ def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: t
         slot = torch.where(rest, fused_slot.expand_as(slot), slot)
         return Reduction.from_slots(slot, fuse_rest.float() if bool(rest.any()) else None)
     return Reduction.from_keep_mask(kept)
+
+
+def squeeze_slots(hidden: torch.Tensor, kept: torch.Tensor, protected: int,
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots for TPS's squeezing (arXiv 2304.10716): kept tokens keep their own (in input order), pruned real tokens go to their host's.
+
+    Returns ``(slot, weight)``: ``slot`` ``(B, N)`` (-1 for padding) and the value weights ``(B, N)``
+    (1 for kept tokens, ``exp(cos - 1)`` for squeezed ones).
+
+    Example:
+        >>> import torch
+        >>> slot, weight = squeeze_slots(torch.eye(3)[None], torch.tensor([[True, True, False]]), protected=0)
+        >>> slot.tolist(), [round(w, 3) for w in weight[0].tolist()]
+        ([[0, 1, 0]], [1.0, 1.0, 0.368])
+    """
+    hosts = kept.clone()
+    hosts[:, :protected] = False
+    similarity = cosine_scores(hidden, hidden).masked_fill(~hosts[:, None, :], -torch.inf)
+    best, host = similarity.max(dim=2)
+    own_slot = kept.long().cumsum(dim=1) - 1
+    real = torch.ones_like(kept) if valid is None else valid
+    pruned = real & ~kept
+    slot = torch.where(kept, own_slot, torch.where(pruned, own_slot.gather(1, host), -1))
+    weight = torch.where(pruned, torch.exp(best.clamp(-1.0, 1.0) - 1.0), 1.0)
+    return slot, weight
+
+
+def squeeze(hidden: torch.Tensor, kept: torch.Tensor, protected: int,
+            valid: torch.Tensor | None = None) -> Reduction:
+    """Keep the tokens where ``kept`` ``(B, N)`` is True and fold every other real token into its most similar kept
+    one (TPS's squeezing, :func:`squeeze_slots`; no gradient through the choice); kept tokens anchor their slots.
+
+    Example:
+        >>> import torch
+        >>> r = squeeze(torch.eye(3)[None], torch.tensor([[False, True, True]]), protected=0)
+        >>> r.keep.tolist(), r.slot_of().tolist()
+        ([[1, 2]], [[0, 0, 1]])
+    """
+    slot, weight = squeeze_slots(hidden.detach(), kept, protected, valid)
+    return Reduction.from_slots(slot, weight, anchors=kept)
 
 
 def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -569,6 +622,8 @@ __all__ = [
     "Reduction",
     "ReductionContext",
     "SoftMask",
+    "squeeze",
+    "squeeze_slots",
     "cosine_scores",
     "keep_counts",
     "keep_top",

@@ -30,6 +30,10 @@ Where we depart from the paper:
 * The interpreter is narrower than the paper's (``interpreter_dim``, default 64 channels split into ``heads``), so
   that its FLOPs stay small on small encoders; protected tokens (CLS, registers) are always kept and at least one
   token stays in every row. ``select="top_k"`` is our addition.
+* ``squeeze=True`` (ours, off by default) folds each dropped token into its most similar kept token instead of
+  discarding it (TPS's squeezing, Wei et al., CVPR'23, arXiv 2304.10716, which applies to any pruner's decision;
+  :func:`~hf_tokred.methods.encoder.base.squeeze`). The same tokens are kept, so the masks and the FLOPs do not
+  change; the interpreters and their training are unchanged.
 
 Example:
     >>> from hf_tokred import TokenReductionConfig
@@ -48,7 +52,7 @@ from torch import nn
 
 from ...config import param, register_method
 from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
-from .base import SELECTS, KeepRateConfig, Reduction, SoftMask, beside_block, keep_counts, keep_top
+from .base import SELECTS, KeepRateConfig, Reduction, SoftMask, beside_block, keep_counts, keep_top, squeeze
 from .dynamicvit import _hidden_size
 
 MODULE_NAME = "ia_red2"
@@ -151,6 +155,7 @@ class IARed2Config(KeepRateConfig):
         threshold: keep probability above which a token is kept with ``select="threshold"``.
         interpreter_dim: width of the interpreter (split into ``heads``).
         heads: heads of the multi-head interpreter.
+        squeeze: fold each dropped token into its most similar kept token (TPS's squeezing; not the paper).
         restore_length, prop_attn: as for every encoder reducer.
 
     Example:
@@ -169,6 +174,7 @@ class IARed2Config(KeepRateConfig):
                              help="keep probability above which a token is kept (select='threshold')")
     interpreter_dim: int = param(64, int, low=1, help="width of the multi-head interpreter")
     heads: int = param(4, int, low=1, help="heads of the multi-head interpreter")
+    squeeze: bool = param(False, bool, help="fold each dropped token into its most similar kept token (TPS)")
 
     def validate(self) -> None:
         super().validate()
@@ -206,7 +212,8 @@ class IARed2Config(KeepRateConfig):
             probability = torch.sigmoid(nets[stage](ctx.hidden)[0].float())
         _note(record, ctx.state, probability, real, candidates)
         if self.select == "top_k":
-            reduction = keep_top(probability, keep_counts(ctx.real_counts(), ctx.amount), ctx.protected, ctx.valid)
+            reduction = keep_top(probability, keep_counts(ctx.real_counts(), ctx.amount), ctx.protected, ctx.valid,
+                                 squeeze_into=ctx.hidden if self.squeeze else None)
             record.kept = _kept_inputs(ctx.state, reduction)
             return reduction
         kept = real & ~(candidates & (probability <= self.threshold))
@@ -219,7 +226,8 @@ class IARed2Config(KeepRateConfig):
         if bool((kept == real).all()):
             record.kept = _kept_inputs(ctx.state, None)
             return None
-        reduction = Reduction.from_keep_mask(kept)
+        reduction = (squeeze(ctx.hidden, kept, ctx.protected, ctx.valid) if self.squeeze
+                     else Reduction.from_keep_mask(kept))
         record.kept = _kept_inputs(ctx.state, reduction)
         return reduction
 

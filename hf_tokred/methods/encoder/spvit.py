@@ -30,6 +30,10 @@ Where we depart from the paper:
   narrow width (``selector_dim``), started at the stage's keep rate; the paper's selector also scores tokens from
   their features with a global context term, trained with the backbone.
 * Stages sit before their block (``reduce_at = "input"``); counts are per row, so padded BERT batches work.
+* ``squeeze=True`` (ours, off by default) replaces the one package token with TPS's squeezing (Wei et al., CVPR'23,
+  arXiv 2304.10716, which applies to any pruner's decision): each pruned token folds into its most similar kept
+  token (:func:`~hf_tokred.methods.encoder.base.squeeze_slots`), so the stage keeps ``ceil(keep_rate * n)`` tokens
+  and no package token. The selectors and their training are unchanged.
 
 Example:
     >>> from hf_tokred import TokenReductionConfig
@@ -46,7 +50,7 @@ import torch
 from torch import nn
 
 from ...config import param, register_method
-from ...errors import TokenReductionError, UnsupportedModelError
+from ...errors import ConfigError, TokenReductionError, UnsupportedModelError
 from .base import KeepRateConfig, SoftMask, beside_block, keep_counts, keep_top
 from .dynamicvit import TokenPredictor
 
@@ -144,6 +148,7 @@ class SPViTConfig(KeepRateConfig):
         layers: blocks before which a stage prunes (default: depth 1/4, 1/2, 3/4).
         selector_dim: width of the selector MLPs (narrow: the selectors' FLOPs count too).
         package: package the pruned tokens into one token (the paper); False drops them.
+        squeeze: fold each pruned token into its most similar kept token instead (TPS's squeezing; not the paper).
         gumbel_tau: temperature of the Gumbel-softmax decisions in training.
         restore_length, prop_attn: as for every encoder reducer (``prop_attn=True`` makes the package token weigh
             as the tokens it holds as a key).
@@ -161,7 +166,15 @@ class SPViTConfig(KeepRateConfig):
 
     selector_dim: int = param(96, int, low=4, help="width of the token selector MLPs")
     package: bool = param(True, bool, help="package the pruned tokens of each stage into one token (the paper)")
+    squeeze: bool = param(False, bool, help="fold each pruned token into its most similar kept token (TPS) instead "
+                                            "of one package token")
     gumbel_tau: float = param(1.0, float, low=0.0, low_open=True, help="Gumbel-softmax temperature in training")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.squeeze and not self.package:
+            raise ConfigError("squeeze: squeezing keeps the pruned tokens' information, package=False drops it; "
+                              "set package=True (the default) with squeeze=True", field="squeeze")
 
     def learned_modules(self, model, adapter) -> dict[str, nn.Module]:
         """The token selectors, one per stage, on the device and dtype of the blocks.
@@ -199,8 +212,11 @@ class SPViTConfig(KeepRateConfig):
         with torch.no_grad():
             log_probs = selector(ctx.hidden, real.to(ctx.hidden.dtype))
         score = log_probs[..., 1] - log_probs[..., 0]
+        counts = keep_counts(ctx.real_counts(), ctx.amount)
+        if self.squeeze:
+            return keep_top(score, counts, ctx.protected, ctx.valid, squeeze_into=ctx.hidden)
         package = log_probs[..., 1].exp() if self.package else None
-        return keep_top(score, keep_counts(ctx.real_counts(), ctx.amount), ctx.protected, ctx.valid, package)
+        return keep_top(score, counts, ctx.protected, ctx.valid, package)
 
 
 def stage_decisions(model) -> list[StageDecision]:

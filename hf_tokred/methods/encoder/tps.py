@@ -30,10 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ...config import register_method
-from .base import KeepRateConfig, Reduction, ReductionContext, cosine_scores, keep_counts, rank_unprotected
+from .base import KeepRateConfig, Reduction, ReductionContext, keep_counts, keep_top, squeeze_slots
 
 
 @register_method("tps")
@@ -74,42 +72,7 @@ class TPSConfig(KeepRateConfig):
         kept_counts = keep_counts(counts, ctx.amount)
         if bool((kept_counts == counts).all()):
             return None
-        n = ctx.num_tokens
-        ranked = rank_unprotected(ctx.cls_attention, ctx.protected, ctx.valid)
-        order = ranked.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(n, device=order.device).expand(ctx.batch_size, n))
-        kept = rank < (ctx.protected + kept_counts)[:, None]
-        if ctx.valid is not None:
-            kept &= ctx.valid
-        kept[:, : ctx.protected] = True
-        slot, weight = squeeze_slots(ctx.hidden.detach(), kept, ctx.protected, ctx.valid)
-        return Reduction.from_slots(slot, weight)
+        return keep_top(ctx.cls_attention, kept_counts, ctx.protected, ctx.valid, squeeze_into=ctx.hidden)
 
 
-def squeeze_slots(hidden: torch.Tensor, kept: torch.Tensor, protected: int,
-                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots for TPS: kept tokens keep their own (in input order), pruned real tokens go to their host's.
-
-    Returns ``(slot, weight)``: ``slot`` ``(B, N)`` (-1 for padding) and the value weights ``(B, N)``
-    (1 for kept tokens, ``exp(cos - 1)`` for squeezed ones).
-
-    Example:
-        >>> import torch
-        >>> slot, weight = squeeze_slots(torch.eye(3)[None], torch.tensor([[True, True, False]]), protected=0)
-        >>> slot.tolist(), [round(w, 3) for w in weight[0].tolist()]
-        ([[0, 1, 0]], [1.0, 1.0, 0.368])
-    """
-    hosts = kept.clone()
-    hosts[:, :protected] = False
-    similarity = cosine_scores(hidden, hidden).masked_fill(~hosts[:, None, :], -torch.inf)
-    best, host = similarity.max(dim=2)
-    own_slot = kept.long().cumsum(dim=1) - 1
-    real = torch.ones_like(kept) if valid is None else valid
-    pruned = real & ~kept
-    slot = torch.where(kept, own_slot, torch.where(pruned, own_slot.gather(1, host), -1))
-    weight = torch.where(pruned, torch.exp(best.clamp(-1.0, 1.0) - 1.0), 1.0)
-    return slot, weight
-
-
-__all__ = ["TPSConfig", "squeeze_slots"]
+__all__ = ["TPSConfig", "squeeze_slots"]  # squeeze_slots lives in base (SPViT squeezes too)
