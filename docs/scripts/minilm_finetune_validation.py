@@ -10,12 +10,14 @@ Nothing here touches the benchmark's 192 held-out texts: validation = stdlib tex
 392..2091 (1,700); the first 208 training texts (13 batches) are also scored, to see how far the fine-tune overfits.
 
     python docs/scripts/minilm_finetune_validation.py METHOD TOKEN_WEIGHT [--steps N] [--setting JSON]
-        [--lr LR] [--frozen PREFIX,...]
+        [--lr LR] [--frozen PREFIX,...] [--mix A,B,...]
 
 METHOD is ``evo_vit`` (800 backbone steps by default, the 30.0 % schedule), ``spvit`` (400 selector steps, then
 700 backbone steps; ``keep_rate=0.55``) or ``ia_red2`` (150 interpreter steps, then 700; ``keep_rate=0.55``).
 ``--lr`` is the backbone's learning rate (1e-4, the recipes'); ``--frozen`` keeps the parameters whose names start
-with one of the prefixes out of the fine-tune (e.g. ``embeddings.``). Example (one thread, about 30 min):
+with one of the prefixes out of the fine-tune (e.g. ``embeddings.``); ``--mix`` also scores the backbone interpolated
+between the dense and the fine-tuned weights (WiSE-FT, Wortsman et al., arXiv 2109.01903: ``(1 - a) * dense + a *
+fine-tuned`` for each ``a``; the learned parts stay as trained). Example (one thread, about 30 min):
 ``python docs/scripts/minilm_finetune_validation.py evo_vit 0.3``.
 """
 
@@ -85,8 +87,26 @@ def fine_tune(model, teacher, batches, token_weight: float, steps: int, lr: floa
               lr_schedule="linear", shuffle=True, seed=0, log_every=0, log=print, label="", digits=5)
 
 
+def mixed_backbones(student, dense, mixes: list[float]):
+    """Yield each ``a`` of ``mixes`` with the student's backbone set to ``(1 - a) * dense + a * fine-tuned`` (WiSE-FT);
+    the fine-tuned weights are restored at the end."""
+    reference = dict(dense.named_parameters())
+    tuned = {name: p.detach().clone() for name, p in student.named_parameters() if name in reference}
+    params = dict(student.named_parameters())
+    try:
+        for mix in mixes:
+            with torch.no_grad():
+                for name, weight in tuned.items():
+                    params[name].copy_(weight if mix == 1.0 else torch.lerp(reference[name].detach(), weight, mix))
+            yield mix
+    finally:
+        with torch.no_grad():
+            for name, weight in tuned.items():
+                params[name].copy_(weight)
+
+
 def main(method: str, token_weight: float, steps: int | None, setting: dict | None, lr: float,
-         frozen: tuple[str, ...]) -> None:
+         frozen: tuple[str, ...], mixes: list[float]) -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_minilm()
     validation = text_batches(tokenizer, stdlib_texts(tokenizer, VALIDATION[1], skip=VALIDATION[0]), 16)
@@ -104,12 +124,14 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
     fine_tune(student, model, training, token_weight, steps or (800 if method == "evo_vit" else 700), lr, frozen)
     record = {"method": method, "setting": setting, "token_weight": token_weight, "lr": lr, "frozen": list(frozen),
               "train_s": round(time.perf_counter() - start)}
-    for name, texts in (("validation", validation), ("training", seen)):
-        reference, dense_flops = references[name]
-        embeddings, flops = embed_with_flops(student, texts, reduced=True)
-        record[name] = {"saved": round(1 - flops / dense_flops, 4),
-                        **{k: round(v, 4) for k, v in cosine_stats(embeddings, reference).items()}}
-    print(json.dumps(record), flush=True)
+    for mix in mixed_backbones(student, model, mixes):
+        record["mix"] = mix
+        for name, texts in (("validation", validation), ("training", seen)):
+            reference, dense_flops = references[name]
+            embeddings, flops = embed_with_flops(student, texts, reduced=True)
+            record[name] = {"saved": round(1 - flops / dense_flops, 4),
+                            **{k: round(v, 4) for k, v in cosine_stats(embeddings, reference).items()}}
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
@@ -120,5 +142,6 @@ if __name__ == "__main__":
     parser.add_argument("--setting", type=json.loads)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--frozen", type=lambda text: tuple(filter(None, text.split(","))), default=())
+    parser.add_argument("--mix", type=lambda text: [float(a) for a in text.split(",")], default=[1.0])
     args = parser.parse_args()
-    main(args.method, args.token_weight, args.steps, args.setting, args.lr, args.frozen)
+    main(args.method, args.token_weight, args.steps, args.setting, args.lr, args.frozen, args.mix)

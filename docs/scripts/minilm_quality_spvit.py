@@ -2,11 +2,17 @@
 hard keep+package (phase 2, fine_tune_reduced); held-out cosine to dense on the benchmark's 192 evaluation texts.
 
     python docs/scripts/minilm_quality_spvit.py KEEP_RATES SELECTOR_STEPS TRAIN_TEXTS FINETUNE_STEPS [CONFIG_JSON]
+        [--lr LR] [--mix A,B,...]
+
+``--lr`` is the backbone's learning rate in phase 2 (1e-4); ``--mix`` also scores the backbone interpolated between the
+dense and the fine-tuned weights (WiSE-FT; ``minilm_finetune_validation.py``).
 """
+import argparse
 import copy
 import json
-import sys
 import time
+
+from minilm_finetune_validation import mixed_backbones
 
 import hf_tokred
 from hf_tokred.bench.encoders import DEFAULT_BATCH, cosine_stats, embed_with_flops, stdlib_texts, text_batches
@@ -14,9 +20,16 @@ from hf_tokred.embedded import load_minilm
 from hf_tokred.recipes.spvit import train_spvit
 from hf_tokred.training import fine_tune_reduced
 
-keeps = [float(x) for x in sys.argv[1].split(",")]
-steps, train_texts, ft_steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # more config fields, e.g. '{"prop_attn": true}'
+parser = argparse.ArgumentParser()
+parser.add_argument("keeps", type=lambda text: [float(x) for x in text.split(",")])
+parser.add_argument("steps", type=int)
+parser.add_argument("train_texts", type=int)
+parser.add_argument("ft_steps", type=int)
+parser.add_argument("extra", nargs="?", type=json.loads, default={})  # more config fields, e.g. '{"prop_attn": true}'
+parser.add_argument("--lr", type=float, default=1e-4)
+parser.add_argument("--mix", type=lambda text: [float(a) for a in text.split(",")], default=[1.0])
+args = parser.parse_args()
+keeps, steps, train_texts, ft_steps, extra = args.keeps, args.steps, args.train_texts, args.ft_steps, args.extra
 model, tok = load_minilm()
 batches = text_batches(tok, stdlib_texts(tok, 192), DEFAULT_BATCH)
 train = text_batches(tok, stdlib_texts(tok, train_texts, skip=192), DEFAULT_BATCH)
@@ -33,8 +46,11 @@ for keep in keeps:
                       "cos": cosine_stats(emb, ref), "train_s": round(t1, 1), "loss": [losses[0], sum(losses[-20:]) / 20]}), flush=True)
     if ft_steps:
         t = time.perf_counter()
-        fine_tune_reduced(target, train, teacher=model, steps=ft_steps, lr=1e-4, log_every=50)
-        emb, fl = embed_with_flops(target, batches, reduced=True)
-        print(json.dumps({"keep": keep, "phase": 2, "finetune_steps": ft_steps, "saved": round(1 - fl / dense_flops, 4),
-                          "cos": cosine_stats(emb, ref), "train_s": round(time.perf_counter() - t, 1)}), flush=True)
+        fine_tune_reduced(target, train, teacher=model, steps=ft_steps, lr=args.lr, log_every=50)
+        train_s = round(time.perf_counter() - t, 1)
+        for mix in mixed_backbones(target, model, args.mix):
+            emb, fl = embed_with_flops(target, batches, reduced=True)
+            print(json.dumps({"keep": keep, "phase": 2, "finetune_steps": ft_steps, "lr": args.lr, "mix": mix,
+                              "saved": round(1 - fl / dense_flops, 4), "cos": cosine_stats(emb, ref),
+                              "train_s": train_s}), flush=True)
     hf_tokred.remove(target)
