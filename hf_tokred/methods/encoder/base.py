@@ -542,7 +542,8 @@ def keep_top(score: torch.Tensor, counts: torch.Tensor, protected: int, valid: t
 
 def squeeze_slots(hidden: torch.Tensor, kept: torch.Tensor, protected: int,
                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots for TPS's squeezing (arXiv 2304.10716): kept tokens keep their own (in input order), pruned real tokens go to their host's.
+    """Slots for TPS's squeezing (arXiv 2304.10716): kept tokens keep their own (in input order), pruned real
+    tokens go to their host's, the most similar kept token (cosine of ``hidden``; protected tokens never host).
 
     Returns ``(slot, weight)``: ``slot`` ``(B, N)`` (-1 for padding) and the value weights ``(B, N)``
     (1 for kept tokens, ``exp(cos - 1)`` for squeezed ones).

@@ -32,7 +32,7 @@ Where we depart from the paper:
 * Stages sit before their block (``reduce_at = "input"``); counts are per row, so padded BERT batches work.
 * ``squeeze=True`` (ours, off by default) replaces the one package token with TPS's squeezing (Wei et al., CVPR'23,
   arXiv 2304.10716, which applies to any pruner's decision): each pruned token folds into its most similar kept
-  token (:func:`~hf_tokred.methods.encoder.base.squeeze_slots`), so the stage keeps ``ceil(keep_rate * n)`` tokens
+  token (:func:`~hf_tokred.methods.encoder.base.squeeze`), so the stage keeps ``ceil(keep_rate * n)`` tokens
   and no package token. The selectors and their training are unchanged.
 
 Example:
