@@ -263,7 +263,7 @@ def test_gradient_checkpointing_replays_the_same_positions(name, pixels):
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         hf_tokred.apply(model, {"method": "tome", "r": 5})
         out = _out(model, _inputs(name, pixels))
         (out * token_sizes(model)[..., None]).square().sum().backward()

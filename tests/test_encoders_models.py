@@ -387,7 +387,7 @@ def test_gradient_checkpointing_on_a_pre_norm_model_matches(method, pixels):
     for checkpointing in (False, True):
         model = _make(ViTModel, ViTConfig(**VISION)).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         hf_tokred.apply(model, METHODS[method][0])
         out = model(pixel_values=pixels).last_hidden_state
         (out * token_sizes(model)[..., None]).square().sum().backward()

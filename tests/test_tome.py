@@ -485,7 +485,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         hf_tokred.apply(model, TokenReductionConfig(method="tome", r=3))
         out = model(ids, attention_mask=mask).last_hidden_state
         (out * token_sizes(model)[..., None]).sum().backward()
