@@ -30,6 +30,7 @@ import torch
 
 import hf_tokred
 from hf_tokred.bench.encoders import cosine_stats, embed_with_flops, stdlib_texts, text_batches
+from hf_tokred.cli import _fractions
 from hf_tokred.embedded import load_minilm
 from hf_tokred.integration.encoders import source_map, unmerge
 from hf_tokred.recipes.ia_red2 import train_ia_red2
@@ -87,12 +88,12 @@ def fine_tune(model, teacher, batches, token_weight: float, steps: int, lr: floa
               lr_schedule="linear", shuffle=True, seed=0, log_every=0, log=print, label="", digits=5)
 
 
-def mixed_backbones(student, dense, mixes: list[float]):
+def mixed_backbones(student, dense, mixes: tuple[float, ...]):
     """Yield each ``a`` of ``mixes`` with the student's backbone set to ``(1 - a) * dense + a * fine-tuned`` (WiSE-FT);
     the fine-tuned weights are restored at the end."""
     reference = dict(dense.named_parameters())
-    tuned = {name: p.detach().clone() for name, p in student.named_parameters() if name in reference}
     params = dict(student.named_parameters())
+    tuned = {name: p.detach().clone() for name, p in params.items() if name in reference}
     try:
         for mix in mixes:
             with torch.no_grad():
@@ -106,7 +107,7 @@ def mixed_backbones(student, dense, mixes: list[float]):
 
 
 def main(method: str, token_weight: float, steps: int | None, setting: dict | None, lr: float,
-         frozen: tuple[str, ...], mixes: list[float]) -> None:
+         frozen: tuple[str, ...], mixes: tuple[float, ...]) -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_minilm()
     validation = text_batches(tokenizer, stdlib_texts(tokenizer, VALIDATION[1], skip=VALIDATION[0]), 16)
@@ -142,6 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--setting", type=json.loads)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--frozen", type=lambda text: tuple(filter(None, text.split(","))), default=())
-    parser.add_argument("--mix", type=lambda text: [float(a) for a in text.split(",")], default=[1.0])
+    parser.add_argument("--mix", type=_fractions, default=(1.0,))
     args = parser.parse_args()
     main(args.method, args.token_weight, args.steps, args.setting, args.lr, args.frozen, args.mix)

@@ -16,18 +16,19 @@ from minilm_finetune_validation import mixed_backbones
 
 import hf_tokred
 from hf_tokred.bench.encoders import DEFAULT_BATCH, cosine_stats, embed_with_flops, stdlib_texts, text_batches
+from hf_tokred.cli import _fractions
 from hf_tokred.embedded import load_minilm
 from hf_tokred.recipes.spvit import train_spvit
 from hf_tokred.training import fine_tune_reduced
 
 parser = argparse.ArgumentParser()
-parser.add_argument("keeps", type=lambda text: [float(x) for x in text.split(",")])
+parser.add_argument("keeps", type=_fractions)
 parser.add_argument("steps", type=int)
 parser.add_argument("train_texts", type=int)
 parser.add_argument("ft_steps", type=int)
 parser.add_argument("extra", nargs="?", type=json.loads, default={})  # more config fields, e.g. '{"prop_attn": true}'
 parser.add_argument("--lr", type=float, default=1e-4)
-parser.add_argument("--mix", type=lambda text: [float(a) for a in text.split(",")], default=[1.0])
+parser.add_argument("--mix", type=_fractions, default=(1.0,))
 args = parser.parse_args()
 keeps, steps, train_texts, ft_steps, extra = args.keeps, args.steps, args.train_texts, args.ft_steps, args.extra
 model, tok = load_minilm()
