@@ -281,6 +281,24 @@ def test_rouge_l():
     assert recipe.mean_rouge_l([[1, 2], [3]], [[1, 2], [4]]) == 0.5
 
 
+def test_answers_are_greedy_or_drawn_reproducibly_from_a_seed():
+    model = _trained_model()
+    data = [{"context": c, "tail": [5, 6], "answer": []} for c in _rows(9, 12, 7, seed=3)]
+    kwargs = {"max_new_tokens": 6, "batch_size": 2}
+    greedy = recipe.gist_answers(model, data, **kwargs)
+    assert recipe.gist_answers(model, data, seed=5, **kwargs) == greedy  # the seed matters only when sampling
+    state = torch.random.get_rng_state()
+    drawn = recipe.gist_answers(model, data, temperature=1.5, top_p=1.0, seed=1, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left as it was
+    assert recipe.gist_answers(model, data, temperature=1.5, top_p=1.0, seed=1, **kwargs) == drawn
+    assert recipe.gist_answers(model, data, temperature=1.5, top_p=1.0, seed=2, **kwargs) != drawn
+    assert drawn != greedy and all(len(row) == 6 for row in drawn)
+    for field, bad in (("temperature", {"temperature": -0.5}), ("top_p", {"top_p": 0.0}), ("mode", {"mode": "half"})):
+        with pytest.raises(ConfigError) as excinfo:
+            recipe.gist_answers(model, data, **bad, **kwargs)
+        assert excinfo.value.field == field
+
+
 def test_train_gist_lowers_the_loss_saves_and_resumes(tmp_path):
     from conftest import make_tiny_tokenizer
 
@@ -309,6 +327,7 @@ def test_train_gist_lowers_the_loss_saves_and_resumes(tmp_path):
 
 
 def test_cli_parses_train_and_bench():
+    from hf_tokred.bench.lm_gist import run_bench
     from hf_tokred.cli import build_parser
 
     parser = build_parser()
@@ -318,6 +337,12 @@ def test_cli_parses_train_and_bench():
     bench = parser.parse_args(["learned-lm", "gist", "--samples", "5", "--weights", "w"])
     assert (bench.samples, bench.weights) == (5, "w")
     assert exit_code(["learned-lm", "gist", "--weights", "/nonexistent/gist"]) == 1
+    sampled = parser.parse_args(["learned-lm", "gist", "--temperature", "0.2", "--draws", "2"])
+    assert (sampled.temperature, sampled.top_p, sampled.draws) == (0.2, 0.9, 2)
+    assert bench.temperature == 0.0  # greedy unless asked
+    assert exit_code(["learned-lm", "gist", "--top-p", "0"]) == 2
+    with pytest.raises(ConfigError, match="draws"):
+        run_bench("/nonexistent/gist", temperature=0.2, draws=1)
 
 
 # ---------------------------------------------------------------------------------------------

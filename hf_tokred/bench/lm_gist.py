@@ -7,11 +7,14 @@ is shared with training). References: the dense model's greedy answers to the fu
 
 Reported:
 
-* ROUGE-L (F1 of the longest common token subsequence) of the greedy answers against the dense answers, with the
-  prompt given as: the full prompt (the reference itself: 1.0 under greedy decoding), the trained gist tokens (the
-  user turn compressed into ``num_gist`` cache entries, the assistant header after them), a fresh untrained gist
-  (same shape, no training) and no prompt at all (the assistant header only), the last two as floors; the ratio of
-  the gist figure to the full prompt's is the issue's target (>= 0.8);
+* ROUGE-L (F1 of the longest common token subsequence) of the answers against the dense answers, with the
+  prompt given as: the full prompt (the reference itself), the trained gist tokens (the user turn compressed into
+  ``num_gist`` cache entries, the assistant header after them), a fresh untrained gist (same shape, no training)
+  and no prompt at all (the assistant header only), the last two as floors; the ratio of the gist figure to the
+  full prompt's is the issue's target (>= 0.8). Greedy decoding by default, where the full prompt against itself is
+  1.0 by construction; with ``--temperature T`` every answer is sampled (``--top-p``, ``--draws`` independent draws
+  per prompt and way of giving it, each from its own seed) and every figure is the mean ROUGE-L between independent
+  draws, so "the full prompt against itself" is two dense draws against each other;
 * KV bytes of the reused prompt per row: the gist cache (``num_gist`` entries per layer) against the full prompt's
   cache (its length in entries);
 * time to first token at batch 1: a question asked through a reused gist cache (a copy of the cache + the assistant
@@ -39,13 +42,19 @@ def add_command(subparsers) -> None:
     """
     import argparse
 
-    from ..cli import _positive_int
+    from ..cli import _float_in, _positive_int
 
     parser = subparsers.add_parser("gist", help="gist tokens: ROUGE-L against the dense answers, KV bytes, TTFT",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", metavar="DIR", default=None,
                         help="folder saved by `hf-tokred train gist` (default: ~/.cache/hf_tokred/smollm2-gist)")
     parser.add_argument("--samples", type=_positive_int, default=32, help="held-out prompts (default: 32)")
+    parser.add_argument("--temperature", type=_float_in(0.0, 10.0), default=0.0,
+                        help="sample the answers at this temperature (default: 0, greedy)")
+    parser.add_argument("--top-p", type=_float_in(1e-6, 1.0), default=0.9, help="nucleus of the sampled answers "
+                        "(default: 0.9; with --temperature 0.2 the model card's setting)")
+    parser.add_argument("--draws", type=_positive_int, default=3,
+                        help="sampled answers per prompt and way of giving it (default: 3; needs >= 2)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run)
@@ -57,12 +66,14 @@ def default_weights() -> str:
     return os.path.join(cache_dir(), "smollm2-gist")
 
 
-def run_bench(weights: str | None = None, samples: int = 32, progress: bool = True) -> dict:
-    """The figures of ``hf-tokred learned-lm gist`` as a dict.
+def run_bench(weights: str | None = None, samples: int = 32, progress: bool = True, *, temperature: float = 0.0,
+              top_p: float = 0.9, draws: int = 3) -> dict:
+    """The figures of ``hf-tokred learned-lm gist`` as a dict (greedy, or sampled with ``temperature`` > 0).
 
     Example:
         >>> result = run_bench(samples=8)                                                    # doctest: +SKIP
         >>> result["rouge_l"]["gist"] / result["rouge_l"]["full prompt"]                     # doctest: +SKIP
+        >>> sampled = run_bench(samples=8, temperature=0.2, top_p=0.9, draws=3)              # doctest: +SKIP
     """
     import torch
 
@@ -70,10 +81,12 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
 
     from ..cli import _log
     from ..embedded import load_smollm2
-    from ..errors import MissingFileError
+    from ..errors import ConfigError, MissingFileError
     from ..integration.wiring import get_applied
     from ..recipes.gist import MAX_NEW_TOKENS, TARGET_TOKENS, TRAINING_STATE, gist_answers, gist_data, mean_rouge_l
 
+    if temperature > 0 and (not isinstance(draws, int) or draws < 2):
+        raise ConfigError(f"draws: sampled answers need at least 2 draws per prompt, got {draws!r}", field="draws")
     weights = os.path.abspath(os.path.expanduser(weights or default_weights()))
     if not os.path.isfile(os.path.join(weights, "token_reduction.safetensors")):
         raise MissingFileError(f"{weights} holds no trained gist tokens (token_reduction.safetensors); train them "
@@ -98,21 +111,38 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     _log(f"gist bench: dense answers to {samples} held-out prompts (cached after the first run)")
     data = gist_data(model, tokenizer, "heldout", samples, target_tokens=TARGET_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
                      progress=progress)
-    references = [e["answer"] for e in data]
-    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos, "pad": pad, "progress": progress}
-    rouge = {"full prompt": 1.0}
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos, "pad": pad, "progress": progress,
+              "temperature": temperature, "top_p": top_p}
+    sampled = temperature > 0
+    seeds = iter(range(10_000))  # every draw of every way of giving the prompt has a seed of its own
+
+    def answers(mode: str) -> list[list[list[int]]]:
+        return [gist_answers(model, data, mode=mode, seed=next(seeds), **kwargs) for _ in range(draws if sampled else 1)]
+
+    def against_dense(drawn: list[list[list[int]]]) -> float:
+        # every draw against every dense draw (greedy: the one answer against the one dense answer)
+        return statistics.mean(mean_rouge_l(a, r) for a in drawn for r in references)
+
+    if sampled:
+        _log(f"gist bench: {draws} dense draws per prompt (temperature {temperature}, top-p {top_p})")
+        references = answers("full")
+        rouge = {"full prompt": statistics.mean(mean_rouge_l(references[i], references[j])
+                                                for i in range(draws) for j in range(i + 1, draws))}
+    else:
+        references = [[e["answer"] for e in data]]
+        rouge = {"full prompt": 1.0}
     _log("gist bench: no prompt (the assistant header only)")
-    rouge["no prompt"] = mean_rouge_l(gist_answers(model, data, mode="none", **kwargs), references)
+    rouge["no prompt"] = against_dense(answers("none"))
     fresh = {k: v for k, v in saved.items()}
     hf_tokred.apply(model, fresh)  # fresh gist embeddings and LoRA: no training
     _log("gist bench: fresh (untrained) gist tokens")
-    rouge["fresh gist"] = mean_rouge_l(gist_answers(model, data, mode="gist", **kwargs), references)
+    rouge["fresh gist"] = against_dense(answers("gist"))
     hf_tokred.remove(model)
     hf_tokred.apply(model, saved, weights_from=weights)
     num_gist = get_applied(model).config.get("context").num_gist
     _log(f"gist bench: trained gist tokens ({num_gist})")
-    gisted = gist_answers(model, data, mode="gist", **kwargs)
-    rouge["gist"] = mean_rouge_l(gisted, references)
+    gisted = answers("gist")
+    rouge["gist"] = against_dense(gisted)
 
     # KV bytes and time to first token of one reused prompt (batch 1)
     example = data[0]
@@ -154,14 +184,15 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         "method": "gist", "model": "SmolLM2-135M-Instruct (embedded, fp32)", "weights": weights,
         "num_gist": num_gist, "samples": len(data), "prompt_tokens": round(prompt_tokens, 1),
         "max_new_tokens": MAX_NEW_TOKENS, "budget": budget,
+        "decoding": ({"temperature": temperature, "top_p": top_p, "draws": draws} if sampled else "greedy"),
         "rouge_l": {k: round(v, 4) for k, v in rouge.items()}, "gist_vs_full": round(ratio, 4),
         "target_met": ratio >= 0.8,
         "kv_bytes": {"gist": gist_bytes, "full prompt": full_bytes, "gist_entries": ctx.entries,
                      "full_entries": int(full.shape[1])},
         "ttft_seconds": {"reused gist": round(t_gist, 4), "full prompt": round(t_full, 4),
                          "compress once": round(compress_seconds, 4)},
-        "examples": [{"prompt": data[i]["prompt"][:200], "dense": tokenizer.decode(references[i]),
-                      "gist": tokenizer.decode(gisted[i])} for i in range(min(2, len(data)))],
+        "examples": [{"prompt": data[i]["prompt"][:200], "dense": tokenizer.decode(references[0][i]),
+                      "gist": tokenizer.decode(gisted[0][i])} for i in range(min(2, len(data)))],
     }
 
 
@@ -184,15 +215,23 @@ def run(args) -> int:
     """Run the benchmark and print its table (``--json``: also write the results)."""
     from ..cli import format_table
 
-    result = run_bench(args.weights, args.samples, progress=not args.no_progress)
+    result = run_bench(args.weights, args.samples, progress=not args.no_progress, temperature=args.temperature,
+                       top_p=args.top_p, draws=args.draws)
     rouge, kv, ttft, budget = result["rouge_l"], result["kv_bytes"], result["ttft_seconds"], result["budget"]
     if budget:
         print(f"gist tokens: k = {result['num_gist']}, trained {budget['steps']} steps of {budget['batch_size']} on "
               f"{budget['examples']} prompts (loss {budget['first_loss']} -> {budget['final_loss']}, "
               f"{budget['train_seconds']} s on a shared CPU)")
-    print(f"{result['samples']} held-out prompts of {result['prompt_tokens']} tokens, greedy answers of up to "
+    decoding = result["decoding"]
+    if decoding == "greedy":
+        how, reference = "greedy answers", "full prompt (reference)"
+    else:
+        how = (f"answers sampled at temperature {decoding['temperature']}, top-p {decoding['top_p']} "
+               f"({decoding['draws']} independent draws each; every figure a mean over pairs of draws)")
+        reference = "full prompt (another draw)"
+    print(f"{result['samples']} held-out prompts of {result['prompt_tokens']} tokens, {how} of up to "
           f"{result['max_new_tokens']} tokens, ROUGE-L against the dense model's answers to the full prompt")
-    rows = [["full prompt (reference)", f"{rouge['full prompt']:.3f}", str(kv["full_entries"]), f"{kv['full prompt']:,}",
+    rows = [[reference, f"{rouge['full prompt']:.3f}", str(kv["full_entries"]), f"{kv['full prompt']:,}",
              f"{ttft['full prompt'] * 1000:.0f}"],
             [f"gist, {result['num_gist']} tokens (trained)", f"{rouge['gist']:.3f}", str(kv["gist_entries"]),
              f"{kv['gist']:,}", f"{ttft['reused gist'] * 1000:.0f}"],

@@ -370,14 +370,20 @@ Without hf_tokred the same folder loads as the plain base model.
 
 
 def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens: int = MAX_NEW_TOKENS,
-                 eos_token_id=None, pad: int = 0, batch_size: int = 8, progress: bool = False) -> list[list[int]]:
-    """Greedy answers (new token ids, up to the end token) to ``data`` with the prompt given as ``mode``:
+                 eos_token_id=None, pad: int = 0, batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, progress: bool = False) -> list[list[int]]:
+    """Answers (new token ids, up to the end token) to ``data`` with the prompt given as ``mode``:
 
     ``"gist"``: the context compressed by ``hf_tokred.compress_context`` (the attached gist reduction), then the tail;
     ``"full"``: the whole chat prompt (dense); ``"none"``: the tail only (no prompt at all, a floor).
 
+    Greedy with ``temperature=0`` (the default); otherwise sampled with ``temperature`` and ``top_p`` (and
+    ``generate``'s other defaults), each batch drawn from ``seed`` (the same seed and batches give the same answers;
+    the global RNG is restored).
+
     Example:
         >>> answers = gist_answers(model, data, mode="gist")                               # doctest: +SKIP
+        >>> drawn = gist_answers(model, data, mode="full", temperature=0.2, top_p=0.9, seed=1)   # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -385,13 +391,20 @@ def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens:
 
     if mode not in ("gist", "full", "none"):
         raise ConfigError(f"mode: expected 'gist', 'full' or 'none', got {mode!r}", field="mode")
+    if not 0.0 <= temperature <= 10.0:
+        raise ConfigError(f"temperature: expected 0 (greedy) to 10, got {temperature!r}", field="temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p: expected a value in (0, 1], got {top_p!r}", field="top_p")
     device = model.get_input_embeddings().weight.device
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos_token_id,
+              "do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
     out_rows: list[list[int]] = []
     for begin in tqdm(range(0, len(data), batch_size), desc=f"answers ({mode})", disable=not progress):
         chunk = data[begin:begin + batch_size]
-        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-                  "eos_token_id": eos_token_id}
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + begin)
             if mode == "gist":
                 ids, mask = _left_pad([e["context"] for e in chunk], pad)
                 ctx = hf_tokred.compress_context(model, ids.to(device), mask.to(device))
