@@ -24,6 +24,7 @@ Reported:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -114,7 +115,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos, "pad": pad, "progress": progress,
               "temperature": temperature, "top_p": top_p}
     sampled = temperature > 0
-    seeds = iter(range(10_000))  # every draw of every way of giving the prompt has a seed of its own
+    seeds = itertools.count()  # every draw of every way of giving the prompt has a seed of its own
 
     def answers(mode: str) -> list[list[list[int]]]:
         return [gist_answers(model, data, mode=mode, seed=next(seeds), **kwargs) for _ in range(draws if sampled else 1)]
