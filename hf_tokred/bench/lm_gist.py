@@ -3,7 +3,7 @@
 Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the gist tokens ``hf-tokred train gist`` saved
 (``--weights``, default ``~/.cache/hf_tokred/smollm2-gist``). Data: held-out chat requests about ~200-token passages of
 the standard library's documentation (:func:`hf_tokred.recipes.gist.gist_prompts`, split ``"heldout"``: no paragraph
-is shared with training). References: the dense model's greedy answers to the full prompts (cached).
+is shared with training). References: the dense model's answers to the full prompts (greedy, cached; or sampled).
 
 Reported:
 
