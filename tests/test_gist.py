@@ -326,6 +326,24 @@ def test_train_gist_lowers_the_loss_saves_and_resumes(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_train_gist_takes_every_training_prompt_by_default(monkeypatch):
+    from conftest import make_tiny_tokenizer
+
+    asked = {}
+
+    def fake_data(model, tokenizer, split, count, **kwargs):
+        asked.update(split=split, count=count)
+        return [{"context": c, "tail": [5], "answer": a} for c, a in zip(_rows(6, 7, seed=1), _rows(3, 4, seed=2))]
+
+    monkeypatch.setattr(recipe, "gist_prompts", lambda tokenizer, split, **kwargs: [f"prompt {i}" for i in range(7)])
+    monkeypatch.setattr(recipe, "gist_data", fake_data)
+    recipe.train_gist(make_tiny_llama(), make_tiny_tokenizer(), num_gist=2, rank=4, steps=1, progress=False)
+    assert asked == {"split": "train", "count": 7}
+    recipe.train_gist(make_tiny_llama(), make_tiny_tokenizer(), num_gist=2, rank=4, steps=1, train_prompts=3,
+                      progress=False)
+    assert asked == {"split": "train", "count": 3}
+
+
 def test_cli_parses_train_and_bench():
     from hf_tokred.bench.lm_gist import run_bench
     from hf_tokred.cli import build_parser
@@ -333,6 +351,8 @@ def test_cli_parses_train_and_bench():
     parser = build_parser()
     args = parser.parse_args(["train", "gist", "--num-gist", "4", "--steps", "3"])
     assert (args.num_gist, args.steps, args.batch_size) == (4, 3, 4)
+    defaults = parser.parse_args(["train", "gist"])
+    assert (defaults.steps, defaults.prompts) == (330, None)  # 2.5 passes over every training prompt
     assert exit_code(["train", "gist", "--num-gist", "0"]) == 2
     bench = parser.parse_args(["learned-lm", "gist", "--samples", "5", "--weights", "w"])
     assert (bench.samples, bench.weights) == (5, "w")
