@@ -382,7 +382,7 @@ def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens:
 
     Greedy with ``temperature=0`` (the default); otherwise sampled with ``temperature`` and ``top_p`` (and
     ``generate``'s other defaults), each batch drawn from ``seed`` (the same seed and batches give the same answers;
-    the global RNG is restored).
+    the global RNG, and the CUDA one of the model's device, is restored).
 
     Example:
         >>> answers = gist_answers(model, data, mode="gist")                               # doctest: +SKIP
@@ -406,7 +406,7 @@ def gist_answers(model, data: list[dict], *, mode: str = "gist", max_new_tokens:
     out_rows: list[list[int]] = []
     for begin in tqdm(range(0, len(data), batch_size), desc=f"answers ({mode})", disable=not progress):
         chunk = data[begin:begin + batch_size]
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1_000_003 + begin)
             if mode == "gist":
                 ids, mask = _left_pad([e["context"] for e in chunk], pad)
