@@ -329,19 +329,24 @@ def test_train_gist_lowers_the_loss_saves_and_resumes(tmp_path):
 def test_train_gist_takes_every_training_prompt_by_default(monkeypatch):
     from conftest import make_tiny_tokenizer
 
-    asked = {}
+    real_gist_data, used = recipe.gist_data, []
 
-    def fake_data(model, tokenizer, split, count, **kwargs):
-        asked.update(split=split, count=count)
-        return [{"context": c, "tail": [5], "answer": a} for c, a in zip(_rows(6, 7, seed=1), _rows(3, 4, seed=2))]
+    def recorded_gist_data(*args, **kwargs):
+        data = real_gist_data(*args, **kwargs)
+        used.append([row["prompt"] for row in data])
+        return data
 
     monkeypatch.setattr(recipe, "gist_prompts", lambda tokenizer, split, **kwargs: [f"prompt {i}" for i in range(7)])
-    monkeypatch.setattr(recipe, "gist_data", fake_data)
-    recipe.train_gist(make_tiny_llama(), make_tiny_tokenizer(), num_gist=2, rank=4, steps=1, progress=False)
-    assert asked == {"split": "train", "count": 7}
-    recipe.train_gist(make_tiny_llama(), make_tiny_tokenizer(), num_gist=2, rank=4, steps=1, train_prompts=3,
-                      progress=False)
-    assert asked == {"split": "train", "count": 3}
+    monkeypatch.setattr("hf_tokred.recipes.lm_data.dense_generations",
+                        lambda model, tokenizer, prompts, **kwargs: [[7, 8]] * len(prompts))
+    monkeypatch.setattr(recipe, "split_prompt", lambda tokenizer, prompt: ([3, 4, 5, 6], [5]))  # no chat template
+    monkeypatch.setattr(recipe, "gist_data", recorded_gist_data)
+    tokenizer = make_tiny_tokenizer()
+    recipe.train_gist(make_tiny_llama(), tokenizer, num_gist=2, rank=4, steps=1, progress=False)
+    recipe.train_gist(make_tiny_llama(), tokenizer, num_gist=2, rank=4, steps=1, train_prompts=3, progress=False)
+    assert used == [[f"prompt {i}" for i in range(7)], [f"prompt {i}" for i in range(3)]]
+    with pytest.raises(ConfigError, match="count: expected 1..7"):
+        recipe.gist_data(None, tokenizer, "train", 8)
 
 
 def test_cli_parses_train_and_bench():

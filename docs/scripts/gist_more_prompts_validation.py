@@ -17,14 +17,13 @@ import time
 import torch
 
 from hf_tokred.embedded import load_smollm2
-from hf_tokred.recipes.gist import gist_answers, gist_data, gist_loss, gist_prompts, mean_rouge_l, train_gist
+from hf_tokred.recipes.gist import gist_answers, gist_data, gist_loss, mean_rouge_l, train_gist
 
 variant = sys.argv[1] if len(sys.argv) > 1 else ""
 if variant not in ("all", "128"):
     raise SystemExit("usage: gist_more_prompts_validation.py all|128")
 model, tokenizer = load_smollm2()
-count = 160 if variant == "128" else len(gist_prompts(tokenizer, "train"))
-data = gist_data(model, tokenizer, "train", count, progress=False)
+data = gist_data(model, tokenizer, "train", 160 if variant == "128" else None, progress=False)
 train, validation = data[:128] + data[160:], data[128:160]
 steps = round(len(train) * 2.5 / 4)
 start = time.time()

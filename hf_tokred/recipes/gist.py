@@ -124,10 +124,10 @@ def answers_cache(split: str, chunk: int, target_tokens: int, max_new_tokens: in
                         f"gist-{split}-{target_tokens}-{max_new_tokens}-{seed}-{chunk * ANSWER_CHUNK}.json")
 
 
-def gist_data(model, tokenizer, split: str, count: int, *, target_tokens: int = TARGET_TOKENS,
+def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_tokens: int = TARGET_TOKENS,
               max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, progress: bool = True) -> list[dict]:
-    """``count`` examples of ``split``: ``context`` and ``tail`` ids (:func:`split_prompt`) and ``answer`` ids (the dense
-    model's greedy answer; ``model`` must be dense when a cache file is missing).
+    """The first ``count`` examples of ``split`` (None: all of them): ``context`` and ``tail`` ids (:func:`split_prompt`)
+    and ``answer`` ids (the dense model's greedy answer; ``model`` must be dense when a cache file is missing).
 
     The answers are generated and cached :data:`ANSWER_CHUNK` prompts at a time (one JSON file each), so an
     interrupted run keeps what it finished and a larger ``count`` only generates the new prompts' answers.
@@ -140,6 +140,8 @@ def gist_data(model, tokenizer, split: str, count: int, *, target_tokens: int = 
     from .lm_data import dense_generations
 
     every = gist_prompts(tokenizer, split, target_tokens=target_tokens, seed=seed)
+    if count is None:
+        count = len(every)
     if not isinstance(count, int) or not 1 <= count <= len(every):
         raise ConfigError(f"count: expected 1..{len(every)} ({split} has {len(every)} gist prompts), got {count!r}",
                           field="count")
@@ -256,8 +258,6 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
     rng_state = torch.random.get_rng_state()
     try:
         if data is None:
-            if train_prompts is None:
-                train_prompts = len(gist_prompts(tokenizer, "train", target_tokens=target_tokens, seed=seed))
             data = gist_data(model, tokenizer, "train", train_prompts, target_tokens=target_tokens,
                              max_new_tokens=max_new_tokens, seed=seed, progress=progress)
         if not data:
