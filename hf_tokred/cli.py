@@ -232,14 +232,14 @@ def _format_params(cfg) -> str:
 
 def _cmd_methods(args) -> int:
     import hf_tokred
-    from hf_tokred.docs_table import format_models, method_rows, methods_markdown
+    from hf_tokred.docs_table import format_models, format_paper, method_rows, methods_markdown
     from hf_tokred.model_patches import registered_adapters
 
     if args.markdown:
         print(methods_markdown(), end="")
         return 0
     # The rows come from the registry (hf_tokred.docs_table), as docs/methods.md's table does, so the two agree.
-    rows = [[r["key"], r["stage"], format_models(r["models"]), r["status"], f"arXiv {r['paper']}" if r["paper"] else "-"]
+    rows = [[r["key"], r["stage"], format_models(r["models"]), r["status"], format_paper(r["paper"])]
             for r in method_rows()]
     print(format_table(["method", "stage", "models", "status", "paper"], rows))
     fields = []

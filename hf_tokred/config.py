@@ -332,7 +332,7 @@ class TokenReductionConfig:
     across fields. Class attributes describe the method: ``stage`` (where it acts, one of
     :data:`STAGES`), ``wiring`` (the wiring function that attaches it, when it is not the stage's own),
     ``model_kinds`` (adapter kinds it supports, see ``hf_tokred.model_patches``),
-    ``learned`` (has trainable parts), ``paper`` (arXiv id) and ``status``.
+    ``learned`` (has trainable parts), ``paper`` (arXiv id; the venue for a paper with no preprint) and ``status``.
 
     Example:
         >>> from hf_tokred import TokenReductionConfig

@@ -102,7 +102,7 @@ def _models(cls) -> dict[str, list[str]] | None:
 
 
 def method_rows() -> list[dict]:
-    """One dict per registered method, sorted by key: ``key``, ``title``, ``paper`` (arXiv id or ``""``),
+    """One dict per registered method, sorted by key: ``key``, ``title``, ``paper`` (arXiv id, a venue for a paper with no preprint, or ``""``),
     ``stage`` (with when a KV policy evicts, and ``learned`` for methods with trained/calibrated parts),
     ``models`` (kind -> adapter names, or None: those of its parts), ``status``, ``figures`` (docs link or ``""``).
 
@@ -131,6 +131,21 @@ def method_rows() -> list[dict]:
             "figures": FIGURES.get(key) or FIGURES.get(cls.wiring) or FIGURES.get(cls.stage, ""),
         })
     return rows
+
+
+def format_paper(paper: str, link: bool = False) -> str:
+    """A method's ``paper`` for a table: ``arXiv ID`` (a markdown link with ``link``) for an arXiv id, the reference
+    as written for a paper with no preprint (a venue), ``-`` for none.
+
+    Example:
+        >>> format_paper("2210.09461"), format_paper("FreqTS (AAAI 2025)"), format_paper("")
+        ('arXiv 2210.09461', 'FreqTS (AAAI 2025)', '-')
+    """
+    if not paper:
+        return "-"
+    if re.fullmatch(r"\d{4}\.\d{4,5}", paper):
+        return f"[{paper}](https://arxiv.org/abs/{paper})" if link else f"arXiv {paper}"
+    return paper
 
 
 def format_models(models: dict[str, list[str]] | None, code: bool = False) -> str:
@@ -165,9 +180,7 @@ def methods_markdown() -> str:
     lines += ["", "| key | method | paper | stage | architectures (adapters) | status | figures |",
               "|---|---|---|---|---|---|---|"]
     for row in method_rows():
-        paper = row["paper"] or "—"
-        if re.fullmatch(r"\d{4}\.\d{4,5}", paper):  # an arXiv id (else a venue, e.g. a paper with no preprint)
-            paper = f"[{paper}](https://arxiv.org/abs/{paper})"
+        paper = format_paper(row["paper"], link=True) if row["paper"] else "—"
         lines.append(f"| `{row['key']}` | {row['title']} | {paper} | {row['stage']} | "
                      f"{format_models(row['models'], code=True)} | {row['status']} | {row['figures'] or '—'} |")
     lines += ["", "Adapters: the architectures each model kind covers (`hf_tokred.model_patches`).", "",

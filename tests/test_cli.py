@@ -42,7 +42,9 @@ def test_methods_lists_streamingllm_with_decoders(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("streamingllm "))
-    assert "kv_policy" in row and "decoder: any decoder" in row and "2309.17453" in row
+    assert "kv_policy" in row and "decoder: any decoder" in row and row.endswith("arXiv 2309.17453")
+    freqts = next(line for line in out.splitlines() if line.startswith("freqts "))
+    assert freqts.endswith(" FreqTS (AAAI 2025)")  # no preprint: the venue as written, not "arXiv FreqTS ..."
     assert "streamingllm: keep, max_tokens, sink_tokens, window" in out
 
 

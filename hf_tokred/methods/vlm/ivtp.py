@@ -1,5 +1,6 @@
-"""IVTP (Huang et al., "IVTP: Instruction-guided Visual Token Pruning for Large Vision-Language Models", ECCV 2024,
-doi:10.1007/978-3-031-72643-9_13; no arXiv version).
+"""IVTP: instruction-guided visual token pruning for large vision-language models (Huang et al., "IVTP:
+Instruction-guided Visual Token Pruning for Large Vision-Language Models", ECCV 2024, doi:10.1007/978-3-031-72643-9_13;
+no arXiv version).
 
 Inside the language model, instruction-guided and group-wise: visual tokens are scored by the attention the
 instruction pays them, accumulated over the ``rollout_layers`` decoder layers up to the pruning layer with
@@ -72,7 +73,7 @@ class IVTPConfig(InLLMConfig):
         ([(7, 0.25)], [6, 7])
     """
 
-    paper: ClassVar[str] = ""  # ECCV 2024, doi:10.1007/978-3-031-72643-9_13 (not on arXiv)
+    paper: ClassVar[str] = "IVTP (ECCV 2024)"  # doi:10.1007/978-3-031-72643-9_13 (not on arXiv)
     status: ClassVar[str] = "experimental"
     layer_field: ClassVar[str] = "layer"
 
