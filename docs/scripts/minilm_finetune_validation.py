@@ -106,8 +106,9 @@ def mixed_backbones(student, dense, mixes: tuple[float, ...]):
                 params[name].copy_(weight)
 
 
-def main(method: str, token_weight: float, steps: int | None, setting: dict | None, lr: float,
-         frozen: tuple[str, ...], mixes: tuple[float, ...]) -> None:
+def validation_split():
+    """MiniLM (one thread) and its batches of 16 texts: validation, training, the first 208 training texts (``seen``),
+    and the dense embeddings and FLOPs of ``validation`` and ``seen`` (``references``, keyed by those names)."""
     torch.set_num_threads(1)
     model, tokenizer = load_minilm()
     validation = text_batches(tokenizer, stdlib_texts(tokenizer, VALIDATION[1], skip=VALIDATION[0]), 16)
@@ -115,6 +116,12 @@ def main(method: str, token_weight: float, steps: int | None, setting: dict | No
     seen = training[: VALIDATION[1] // 16 + 1]
     references = {name: embed_with_flops(model, texts, reduced=False) for name, texts in
                   (("validation", validation), ("training", seen))}
+    return model, validation, training, seen, references
+
+
+def main(method: str, token_weight: float, steps: int | None, setting: dict | None, lr: float,
+         frozen: tuple[str, ...], mixes: tuple[float, ...]) -> None:
+    model, validation, training, seen, references = validation_split()
     setting = setting or SETTINGS[method]
     student = copy.deepcopy(model)
     hf_tokred.apply(student, {"method": method, **setting})
