@@ -347,6 +347,9 @@ def test_train_gist_takes_every_training_prompt_by_default(monkeypatch):
     assert used == [[f"prompt {i}" for i in range(7)], [f"prompt {i}" for i in range(3)]]
     with pytest.raises(ConfigError, match="count: expected 1..7"):
         recipe.gist_data(None, tokenizer, "train", 8)
+    with pytest.raises(ConfigError, match=r"train_prompts: expected 1..7 \(train has 7 gist prompts\), got 8") as error:
+        recipe.train_gist(make_tiny_llama(), tokenizer, num_gist=2, rank=4, steps=1, train_prompts=8, progress=False)
+    assert error.value.field == "train_prompts"
 
 
 def test_cli_parses_train_and_bench():

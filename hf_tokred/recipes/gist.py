@@ -258,8 +258,13 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
     rng_state = torch.random.get_rng_state()
     try:
         if data is None:
-            data = gist_data(model, tokenizer, "train", train_prompts, target_tokens=target_tokens,
-                             max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+            try:
+                data = gist_data(model, tokenizer, "train", train_prompts, target_tokens=target_tokens,
+                                 max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+            except ConfigError as error:  # gist_data's `count` is this function's `train_prompts`
+                if error.field != "count":
+                    raise
+                raise ConfigError("train_prompts" + str(error).removeprefix("count"), field="train_prompts") from None
         if not data:
             raise ConfigError("data: expected at least one training example", field="data")
         cfg = _attach(model, reduction, num_gist, rank, alpha, target_modules)
