@@ -102,9 +102,10 @@ def _models(cls) -> dict[str, list[str]] | None:
 
 
 def method_rows() -> list[dict]:
-    """One dict per registered method, sorted by key: ``key``, ``title``, ``paper`` (arXiv id, a venue for a paper with no preprint, or ``""``),
-    ``stage`` (with when a KV policy evicts, and ``learned`` for methods with trained/calibrated parts),
-    ``models`` (kind -> adapter names, or None: those of its parts), ``status``, ``figures`` (docs link or ``""``).
+    """One dict per registered method, sorted by key: ``key``, ``title``, ``paper`` (arXiv id, a venue for a paper
+    with no preprint, or ``""``), ``stage`` (with when a KV policy evicts, and ``learned`` for methods with
+    trained/calibrated parts), ``models`` (kind -> adapter names, or None: those of its parts), ``status``,
+    ``figures`` (docs link or ``""``).
 
     Example:
         >>> rows = {r["key"]: r for r in method_rows()}

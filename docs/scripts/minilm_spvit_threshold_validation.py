@@ -10,7 +10,7 @@ count saves there; the validation texts are then scored at that threshold, besid
 Nothing here touches the benchmark's 192 held-out texts: validation = stdlib texts 192..391, training = texts
 392..2091 (the split of ``minilm_finetune_validation.py``).
 
-    python docs/scripts/minilm_spvit_threshold_validation.py [PHASE1_STEPS PHASE2_STEPS]   # 400 700: one thread, ~40 min
+    python docs/scripts/minilm_spvit_threshold_validation.py [PHASE1_STEPS PHASE2_STEPS]  # 400 700: 1 thread, 40 min
 """
 
 import copy

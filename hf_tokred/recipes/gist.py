@@ -126,8 +126,9 @@ def answers_cache(split: str, chunk: int, target_tokens: int, max_new_tokens: in
 
 def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_tokens: int = TARGET_TOKENS,
               max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, progress: bool = True) -> list[dict]:
-    """The first ``count`` examples of ``split`` (None: all of them): ``context`` and ``tail`` ids (:func:`split_prompt`)
-    and ``answer`` ids (the dense model's greedy answer; ``model`` must be dense when a cache file is missing).
+    """The first ``count`` examples of ``split`` (None: all of them): ``context`` and ``tail`` ids
+    (:func:`split_prompt`) and ``answer`` ids (the dense model's greedy answer; ``model`` must be dense when a cache
+    file is missing).
 
     The answers are generated and cached :data:`ANSWER_CHUNK` prompts at a time (one JSON file each), so an
     interrupted run keeps what it finished and a larger ``count`` only generates the new prompts' answers.
