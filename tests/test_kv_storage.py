@@ -268,6 +268,32 @@ def test_kivi_key_outliers_skip_the_sink_and_follow_eviction():
     assert torch.equal(moved_k[0], full_k[1]) and torch.equal(moved_k[3], full_k[0])
 
 
+def test_kivi_outliers_written_by_range_equal_the_per_slot_lookup_and_chunking():
+    # each step writes a range's outliers by position; eviction looks them up slot by slot: the same keys, before
+    # and after a ragged eviction, whole or in chunks that cut key groups
+    torch.manual_seed(12)
+    keys, values = torch.randn(2, 3, 700, 64), torch.randn(2, 3, 700, 64)
+    keys[:, :, 70] = 20 * keys[:, :, 70].sign()
+    small = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_outliers=2, chunk_tokens=24)
+    large = KIVIStore(bits=2, group_size=32, residual=64, sink_tokens=1, key_outliers=2, chunk_tokens=4096)
+    for store in (small, large):
+        _fill(store, keys, values, 650)
+    # more than 255 quantized slots after it: an evicted outlier's NO_OUTLIER position must not land on one
+    index = torch.stack([torch.randperm(700)[:500].sort().values for _ in range(6)]).reshape(2, 3, 500)
+    for evicted in (False, True):
+        if evicted:
+            small.gather(index)
+            large.gather(index)
+        quantized = small.quantized_length
+        slots = torch.arange(quantized).expand(2, 3, quantized)
+        per_slot = small._dequantize_keys(slots)
+        assert torch.equal(small._dequantize_keys(slots, outliers_in_range=(0, quantized)), per_slot)
+        assert torch.equal(small._dequantize_keys(slots[..., 40:100], outliers_in_range=(40, 100)), per_slot[..., 40:100, :])
+        empty = keys[:, :, :0]
+        assert torch.equal(small.append(empty, empty)[0], large.append(empty, empty)[0])
+    assert bool((small.key_outlier_pos == NO_OUTLIER).any())  # the eviction dropped some outliers
+
+
 def test_kivi_key_outliers_are_checked():
     for kwargs in ({"key_outliers": -1}, {"key_outliers": 32}, {"key_outliers": 4, "key_group_size": 4},
                    {"key_outliers": 1, "key_group_size": 256}):

@@ -118,6 +118,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     width = packed.shape[-1]
+    if 8 % bits == 0:  # whole codes per byte, code i at bits (i % per_byte) * bits of byte i // per_byte
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], width * 8 // bits)
     runs = packed.reshape(*packed.shape[:-1], width // bits, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (runs << byte_shifts).sum(-1, keepdim=True)
@@ -403,8 +406,12 @@ def _gather_slots(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Ten
     """``tensor[b, h, index[b, h, k], ...]`` for a ``(B, H, S, ...)`` tensor."""
     if tensor is None:
         return None
-    expanded = index.reshape(*index.shape, *([1] * (tensor.dim() - 3))).expand(*index.shape, *tensor.shape[3:])
-    return tensor.gather(2, expanded)
+    # One row lookup per slot over the flattened (B * H * S, ...) tensor: gather() would need the index expanded to
+    # every element of the trailing dimensions, which costs more than the copy itself.
+    batch, heads, length = tensor.shape[:3]
+    offsets = torch.arange(batch * heads, device=index.device).reshape(batch, heads, 1) * length
+    rows = tensor.reshape(batch * heads * length, *tensor.shape[3:]).index_select(0, (index + offsets).reshape(-1))
+    return rows.reshape(*index.shape, *tensor.shape[3:])
 
 
 class DenseStore(KVStore):

@@ -331,14 +331,21 @@ class KIVIStore(KVStore):
 
     # -- dequantization ----------------------------------------------------------------------
 
-    def _dequantize_keys(self, slots: torch.Tensor) -> torch.Tensor:
-        """Keys of quantized ``slots`` ``(B, H, n)`` in the compute dtype."""
+    def _dequantize_keys(self, slots: torch.Tensor, outliers_in_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Keys of quantized ``slots`` ``(B, H, n)`` in the compute dtype.
+
+        The exact outliers are looked up slot by slot (any ``slots``: eviction moves a few), or, when ``slots`` are
+        the range ``outliers_in_range = (start, end)`` of every row and head (each decoding step), written into the
+        range by position: the same values, without gathering every outlier of a group for each of its slots.
+        """
         codes = unpack_codes(_gather_slots(self.key_codes, slots), self.bits)
         group = _group_of_slots(self.key_counts, slots)
         scale = _gather_slots(self.key_scale, group)
         zero = _gather_slots(self.key_zero, group)
         keys = dequantize_uniform(codes, scale, zero, torch.float32)
-        if self.key_outlier_pos is not None:
+        if self.key_outlier_pos is not None and outliers_in_range is not None:
+            self._put_outliers(keys, *outliers_in_range)
+        elif self.key_outlier_pos is not None:
             start = self.key_counts.cumsum(-1) - self.key_counts
             offset = (slots - _gather_slots(start, group))[..., None, None]  # each slot's position in its group
             hit = _gather_slots(self.key_outlier_pos, group).long() == offset  # (B, H, n, key_outliers, D)
@@ -348,6 +355,16 @@ class KIVIStore(KVStore):
             keys = self.rotary.rotate(keys, self._positions_of(slots))
         return keys.to(self.dtype)
 
+    def _put_outliers(self, keys: torch.Tensor, start: int, end: int) -> None:
+        """Write the exact outliers of slots ``start..end-1`` into their dequantized ``keys`` ``(B, H, end - start, D)``."""
+        counts = self.key_counts.long()
+        position = self.key_outlier_pos.long()  # (B, H, groups, key_outliers, D); NO_OUTLIER once evicted
+        slot = (counts.cumsum(-1) - counts)[..., None, None] + position
+        # an evicted outlier's NO_OUTLIER is past its group's end (groups hold at most NO_OUTLIER tokens)
+        inside = (position < counts[..., None, None]) & (slot >= start) & (slot < end)
+        b, h, g, o, d = inside.nonzero(as_tuple=True)
+        keys[b, h, slot[b, h, g, o, d] - start, d] = self.key_outlier_values[b, h, g, o, d].float()
+
     def _positions_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Token positions ``(B, H, n)`` of ``slots`` (the slot index until an eviction stored them)."""
         return slots if self.positions is None else self.positions.gather(2, slots).long()
@@ -355,7 +372,7 @@ class KIVIStore(KVStore):
     def _dequantize_key_range(self, start: int, end: int) -> torch.Tensor:
         batch, heads = self.key_codes.shape[:2]
         slots = torch.arange(start, end, device=self.key_codes.device).expand(batch, heads, end - start)
-        return self._dequantize_keys(slots)
+        return self._dequantize_keys(slots, outliers_in_range=(start, end))
 
     def _dequantize_values(self, codes_packed, scale, zero) -> torch.Tensor:
         codes = unpack_codes(codes_packed, self.bits)
