@@ -399,12 +399,13 @@ class KIVIStore(KVStore):
                 chunk_k = self._dequantize_key_range(start, end)
                 chunk_v = self._dequantize_values(self.value_codes[:, :, start:end], self.value_scale[:, :, start:end],
                                                   self.value_zero[:, :, start:end])
-                # unpacking goes through int64 words (8 bytes per code) and float32 products; outliers
-                # gather (position int64, hit mask, value) per slot and outlier
-                outlier_scratch = chunk_k.numel() * self.key_outliers * (8 + 1 + 2)
+                # unpacking: shifted and masked bytes (1, 2 and 4 bits) or int64 words (8 bytes per code), then
+                # float32 products; outliers: each one's position and slot (int64) and whether it is in the chunk
+                unpack_bytes = 2 if 8 % self.bits == 0 else 8
+                outlier_scratch = 0 if self.key_outlier_pos is None else self.key_outlier_pos.numel() * (8 + 8 + 1)
                 rotation_scratch = 0 if self.rotary is None else chunk_k.numel() * 4 * 4  # cos, sin, two products
-                scratch = max(scratch, tensor_bytes(chunk_k, chunk_v) + chunk_k.numel() * 2 * (8 + 4) + outlier_scratch
-                              + rotation_scratch)
+                scratch = max(scratch, tensor_bytes(chunk_k, chunk_v) + chunk_k.numel() * 2 * (unpack_bytes + 4)
+                              + outlier_scratch + rotation_scratch)
                 out_keys[:, :, start:end] = chunk_k
                 out_values[:, :, start:end] = chunk_v
                 del chunk_k, chunk_v
