@@ -145,6 +145,18 @@ def test_format_table_aligns():
     assert format_table(["a", "b"], [["xx", "1"]], right={1}).splitlines() == ["a   b", "--  -", "xx  1"]
 
 
+def test_where_faster_says_when_the_crossing_is_past_the_context_window():
+    from hf_tokred.bench.demo import where_faster
+
+    assert "from about 4913 tokens" in where_faster("tova-50", 4913, 1047, 4096, window=8192)
+    assert "between the two lengths" in where_faster("tova-50", 2000, 1047, 4096, window=8192)
+    beyond = where_faster("tova-50", 183467, 1047, 4096, window=8192)
+    assert beyond.startswith("tova-50: not faster than dense at 1047 or 4096 tokens") and "8192-token" in beyond
+    assert "from about 183467 tokens" in where_faster("tova-50", 183467, 1047, 4096)  # window unknown
+    assert "at both 1047 and 4096" in where_faster("x", 0, 1047, 4096)
+    assert "saves memory" in where_faster("x", None, 1047, 4096)
+
+
 def test_crossing_length_of_two_lines():
     # dense 40 -> 130 ms/token from 1k to 4k tokens, reduced 50 -> 80: equal at 1.5k
     assert crossing_length((1000, 40.0), (4000, 130.0), (1000, 50.0), (4000, 80.0)) == 1500
@@ -184,7 +196,7 @@ def test_demo_end_to_end(tmp_path_factory, monkeypatch, capsys):
     assert dense["prefill_s"] > 0 and policy["decode_s"] > 0
     assert dense["accuracy"] >= 0.5  # the full-cache model finds most keys at ~1k tokens
     assert [row["label"] for row in record["speed"]] == ["dense", *labels]
-    assert set(record["faster_from"]) == set(labels)
+    assert set(record["faster_from"]) == set(labels) and record["context_window"] == 8192
 
 
 def test_demo_with_one_method(tmp_path, monkeypatch, capsys):

@@ -128,8 +128,9 @@ def run_demo(model, tokenizer, runs, *, samples: int = DEFAULT_SAMPLES, seed: in
 
     ``runs`` is a list of ``(label, config)``. Returns a JSON-ready record: ``passkey`` (dense and one
     result per label, as :func:`hf_tokred.bench.passkey.run_passkey` returns), ``speed`` (rows of
-    :func:`hf_tokred.bench.kv.run_speed`, dense first) and ``faster_from`` (label -> estimated context
-    length from which the run decodes faster than dense, None when it does not within the measured trend).
+    :func:`hf_tokred.bench.kv.run_speed`, dense first), ``faster_from`` (label -> estimated context
+    length from which the run decodes faster than dense, None when it does not within the measured trend) and
+    ``context_window`` (the model's ``max_position_embeddings``, or None).
 
     Example:
         >>> from hf_tokred.embedded import load_smollm2
@@ -145,7 +146,9 @@ def run_demo(model, tokenizer, runs, *, samples: int = DEFAULT_SAMPLES, seed: in
     passkey = {"dense": run_passkey(model, tokenizer, passkey_samples, progress=progress, desc="dense")}
     for label, cfg in runs:
         passkey[label] = run_passkey(model, tokenizer, passkey_samples, config=cfg, progress=progress, desc=label)
-    record = {"passkey": passkey, "speed": [], "faster_from": {}}
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    record = {"passkey": passkey, "speed": [], "faster_from": {},
+              "context_window": window if isinstance(window, int) else None}
     if speed_context <= 0:
         return record
     bar = None
@@ -225,17 +228,34 @@ def format_demo(record: dict, runs, *, seed: int, threads: int) -> str:
             "",
         ]
         short = dense["mean_prompt_tokens"]
-        for label, length in record["faster_from"].items():
-            if length == 0:
-                lines.append(f"{label}: decodes faster than dense at both {short:.0f} and {context} tokens.")
-            elif length is None:
-                lines.append(f"{label}: not faster than dense at {short:.0f} or {context} tokens, and its decode "
-                             "time grows at least as fast as dense's: it saves memory, not time, here.")
-            else:
-                where = "between the two lengths" if length <= context else "beyond the measured lengths"
-                lines.append(f"{label}: decodes faster than dense from about {length} tokens of context "
-                             f"(estimated from the two lengths; {where}).")
+        lines += [where_faster(label, length, short, context, record.get("context_window"))
+                  for label, length in record["faster_from"].items()]
     return "\n".join(lines)
+
+
+def where_faster(label: str, length: int | None, short: float, context: int, window: int | None = None) -> str:
+    """The demo's line on where a run decodes faster than dense: ``length`` from :func:`crossing_length` (0: at both
+    measured lengths, None: not ahead), ``short`` and ``context`` the two measured lengths, ``window`` the model's
+    context window (a crossing past it is out of reach).
+
+    Example:
+        >>> where_faster("tova-50", 4913, 1047, 4096)[:57]
+        'tova-50: decodes faster than dense from about 4913 tokens'
+        >>> where_faster("tova-50", 183467, 1047, 4096, window=8192)[:60]
+        'tova-50: not faster than dense at 1047 or 4096 tokens; the t'
+    """
+    if length == 0:
+        return f"{label}: decodes faster than dense at both {short:.0f} and {context} tokens."
+    if length is None:
+        return (f"{label}: not faster than dense at {short:.0f} or {context} tokens, and its decode time grows at "
+                "least as fast as dense's: it saves memory, not time, here.")
+    if window is not None and length > window:
+        return (f"{label}: not faster than dense at {short:.0f} or {context} tokens; the two lines would cross only "
+                f"at about {length} tokens, past the model's {window}-token context window: it saves memory, not "
+                "time, here.")
+    where = "between the two lengths" if length <= context else "beyond the measured lengths"
+    return (f"{label}: decodes faster than dense from about {length} tokens of context (estimated from the two "
+            f"lengths; {where}).")
 
 
 def _cmd_demo(args) -> int:
