@@ -356,7 +356,8 @@ class KIVIStore(KVStore):
         return keys.to(self.dtype)
 
     def _put_outliers(self, keys: torch.Tensor, start: int, end: int) -> None:
-        """Write the exact outliers of slots ``start..end-1`` into their dequantized ``keys`` ``(B, H, end - start, D)``."""
+        """Write the exact outliers of slots ``start..end-1`` into their dequantized ``keys`` ``(B, H, end - start,
+        D)``."""
         counts = self.key_counts.long()
         position = self.key_outlier_pos.long()  # (B, H, groups, key_outliers, D); NO_OUTLIER once evicted
         slot = (counts.cumsum(-1) - counts)[..., None, None] + position
