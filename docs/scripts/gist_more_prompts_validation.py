@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python docs/scripts/gist_more_prompts_validation.py all    # prompts 0..127 and 160.. (494)
     OMP_NUM_THREADS=1 python docs/scripts/gist_more_prompts_validation.py 128    # the recipe's prompts 0..127
 
-The recipe trains 80 steps of 4 on 128 prompts (2.5 passes); the reader-LoRA run (gist_reader_lora_validation.py)
-fitted those 128 and did worse on prompts it had not seen, so the question is whether more prompts generalise.
+Until 2026-12-07 the recipe trained 80 steps of 4 on 128 prompts (2.5 passes; this run made it every prompt, 330
+steps); the reader-LoRA run (gist_reader_lora_validation.py) fitted those 128 and did worse on prompts it had not
+seen, so the question is whether more prompts generalise.
 Both variants train with the recipe's settings for 2.5 passes over their prompts and are measured on training-split
 prompts 128..159, which neither trains on (as the other validation scripts): the cross-entropy of the dense answers
 through the gist cache and the ROUGE-L of greedy answers against the dense answers. Prints one JSON line.

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from hf_tokred.embedded import load_smollm2
-from hf_tokred.recipes.gist import gist_answers, gist_data, mean_rouge_l, split_prompt
+from hf_tokred.recipes.gist import gist_answers, gist_data, mean_rouge_l, prompt_rows
 from hf_tokred.recipes.lm_data import REQUESTS
 
 SAMPLES = int(sys.argv[1]) if len(sys.argv) > 1 else 32
@@ -44,14 +44,6 @@ def template_and_text(prompt: str) -> tuple[int, str]:
     raise ValueError(f"no request template matches {prompt[:60]!r}")
 
 
-def as_data(tokenizer, prompts: list[str]) -> list[dict]:
-    rows = []
-    for prompt in prompts:
-        context, tail = split_prompt(tokenizer, prompt)
-        rows.append({"prompt": prompt, "context": context, "tail": tail})
-    return rows
-
-
 model, tokenizer = load_smollm2()
 data = gist_data(model, tokenizer, "heldout", SAMPLES, progress=False)
 references = [e["answer"] for e in data]
@@ -67,9 +59,9 @@ results = {"samples": len(data)}
 results["same prompt, float32 (the reference)"] = mean_rouge_l(gist_answers(model, data, mode="full", **kwargs),
                                                                 references)
 results["one request word reworded"] = mean_rouge_l(
-    gist_answers(model, as_data(tokenizer, reworded), mode="full", **kwargs), references)
+    gist_answers(model, prompt_rows(tokenizer, reworded), mode="full", **kwargs), references)
 results["last 10% of the passage dropped"] = mean_rouge_l(
-    gist_answers(model, as_data(tokenizer, shortened), mode="full", **kwargs), references)
+    gist_answers(model, prompt_rows(tokenizer, shortened), mode="full", **kwargs), references)
 model.to(torch.bfloat16)
 results["same prompt, bfloat16 weights"] = mean_rouge_l(gist_answers(model, data, mode="full", **kwargs), references)
 for name, value in results.items():

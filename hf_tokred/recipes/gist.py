@@ -152,11 +152,26 @@ def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_
         answers += dense_generations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      cache_file=answers_cache(split, chunk, target_tokens, max_new_tokens, seed),
                                      progress=progress)
-    data = []
-    for prompt, answer in zip(every[:count], answers):
-        context, tail = split_prompt(tokenizer, prompt)
-        data.append({"prompt": prompt, "context": context, "tail": tail, "answer": [int(t) for t in answer]})
+    data = prompt_rows(tokenizer, every[:count])
+    for row, answer in zip(data, answers):
+        row["answer"] = [int(t) for t in answer]
     return data
+
+
+def prompt_rows(tokenizer, prompts: list[str]) -> list[dict]:
+    """One row per prompt for :func:`gist_answers`: the ``prompt`` and its ``context`` and ``tail`` ids
+    (:func:`split_prompt`); :func:`gist_data` adds the dense ``answer``.
+
+    Example:
+        >>> rows = prompt_rows(tokenizer, ["Summarize: ..."])                               # doctest: +SKIP
+        >>> sorted(rows[0])                                                                 # doctest: +SKIP
+        ['context', 'prompt', 'tail']
+    """
+    rows = []
+    for prompt in prompts:
+        context, tail = split_prompt(tokenizer, prompt)
+        rows.append({"prompt": prompt, "context": context, "tail": tail})
+    return rows
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +237,9 @@ def _fingerprint(data: list[dict], **settings) -> dict:
 def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=None, num_gist: int = 8, rank: int = 8,
                alpha: float = 16.0, target_modules=(), steps: int = 330, batch_size: int = 4, lr: float = 4e-3,
                embedding_lr: float = 2e-2, lr_schedule: str = "cosine", max_grad_norm: float = 1.0,
-               train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS, max_new_tokens: int = MAX_NEW_TOKENS,
-               seed: int = 0, output_dir=None, resume: bool = True, save_every: int = 10, progress: bool = True):
+               train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS,
+               max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, output_dir=None, resume: bool = True,
+               save_every: int = 10, progress: bool = True):
     """Train the gist embeddings and the LoRA on ``model`` (a causal LM; returned with the reduction attached).
 
     The reduction: the gist one already attached, else ``reduction``, else a fresh one with ``num_gist``, ``rank``,
