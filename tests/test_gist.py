@@ -369,6 +369,11 @@ def test_cli_parses_train_and_bench():
     assert (sampled.temperature, sampled.top_p, sampled.draws) == (0.2, 0.9, 2)
     assert bench.temperature == 0.0  # greedy unless asked
     assert exit_code(["learned-lm", "gist", "--top-p", "0"]) == 2
+    assert bench.prompt_kind is None  # the kind the weights were trained on
+    assert parser.parse_args(["learned-lm", "gist", "--prompt-kind", "system"]).prompt_kind == "system"
+    assert parser.parse_args(["train", "gist", "--prompt-kind", "system"]).prompt_kind == "system"
+    assert defaults.prompt_kind == "request"
+    assert exit_code(["train", "gist", "--prompt-kind", "instruction"]) == 2
     with pytest.raises(ConfigError, match="draws"):
         run_bench("/nonexistent/gist", temperature=0.2, draws=1)
 
@@ -398,6 +403,35 @@ def test_smollm2_prompts_are_about_200_tokens_and_compress_to_8_entries():
     assert all(layer.keys.shape[2] == 8 for layer in ctx.cache.layers) and len(ctx.cache.layers) == 30
     with torch.no_grad():
         assert torch.equal(model(ids[:, :40]).logits, dense)
+
+
+def test_smollm2_system_prompts_compress_the_system_turn_and_leave_the_user_passage():
+    from transformers import AutoTokenizer
+
+    from hf_tokred.embedded import smollm2_path
+    from hf_tokred.recipes.lm_data import SYSTEM_RULES, chat_ids, system_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    chats = recipe.gist_prompts(tokenizer, "heldout", 4, kind="system")
+    assert chats == recipe.gist_prompts(tokenizer, "heldout", 4, kind="system")
+    for chat in chats:
+        context, tail = recipe.split_prompt(tokenizer, chat)
+        assert context + tail == list(chat_ids(tokenizer, chat))
+        assert tokenizer.decode(context).startswith("<|im_start|>system\nYou are ")
+        assert tokenizer.decode(tail) == f"<|im_start|>user\n{chat[1]['content']}<|im_end|>\n<|im_start|>assistant\n"
+        # rules are added while the system turn fits 200 tokens: at most one rule (< 25 tokens) short of it
+        assert 200 - 25 < len(context) <= 200, len(context)
+    assert max(len(tokenizer(f"\n14. {rule}")["input_ids"]) for rule in SYSTEM_RULES) < 25
+    # the splits share no passage and no system prompt; the default draws twelve rules
+    train, heldout = system_prompts("train"), system_prompts("heldout")
+    for role in ("system", "user"):
+        assert not {c[0 if role == "system" else 1]["content"] for c in train} & {
+            c[0 if role == "system" else 1]["content"] for c in heldout}
+    assert all(len(c[0]["content"].splitlines()) == 13 for c in heldout[:5])
+    assert system_prompts("heldout", 3, seed=1) != system_prompts("heldout", 3)
+    with pytest.raises(ConfigError, match="kind: expected one of request, system") as error:
+        recipe.gist_prompts(tokenizer, "heldout", 3, kind="instruction")
+    assert error.value.field == "kind"
 
 
 def test_assisted_decoding_continues_the_gist_cache_as_plain_generate_does():

@@ -1,16 +1,21 @@
 """``hf-tokred learned-lm gist``: answers through 8 gist tokens against the dense model's, KV bytes and time to first token.
 
 Model: the embedded SmolLM2-135M-Instruct (fp32, CPU) with the gist tokens ``hf-tokred train gist`` saved
-(``--weights``, default ``~/.cache/hf_tokred/smollm2-gist``). Data: held-out chat requests about ~200-token passages of
-the standard library's documentation (:func:`hf_tokred.recipes.gist.gist_prompts`, split ``"heldout"``: no paragraph
-is shared with training). References: the dense model's answers to the full prompts (greedy, cached; or sampled).
+(``--weights``, default ``~/.cache/hf_tokred/smollm2-gist``). Data (:func:`hf_tokred.recipes.gist.gist_prompts`, split
+``"heldout"``: no paragraph is shared with training), of the kind the gist tokens were trained on (``--prompt-kind``):
+``request``, chat requests about ~200-token passages of the standard library's documentation, the whole user turn
+compressed; ``system``, ~200-token system prompts (a role, a task, house rules) compressed, each followed by a user
+passage of 20-90 words, uncompressed (the paper's setting). References: the dense model's answers to the full
+prompts (greedy, cached; or sampled).
 
 Reported:
 
 * ROUGE-L (F1 of the longest common token subsequence) of the answers against the dense answers, with the
   prompt given as: the full prompt (the reference itself), the trained gist tokens (the user turn compressed into
   ``num_gist`` cache entries, the assistant header after them), a fresh untrained gist (same shape, no training)
-  and no prompt at all (the assistant header only), the last two as floors; the ratio of the gist figure to the
+  and no prompt at all (what follows the gist tokens only: the assistant header, or the user's passage and the
+  header), the last two as floors, and for ``system`` another held-out system prompt in the place of each one
+  (what any system prompt of the family gives); the ratio of the gist figure to the
   full prompt's is the issue's target (>= 0.8). Greedy decoding by default, where the full prompt against itself is
   1.0 by construction; with ``--temperature T`` every answer is sampled (``--top-p``, ``--draws`` independent draws
   per prompt and way of giving it, each from its own seed) and every figure is the mean ROUGE-L between independent
@@ -44,12 +49,15 @@ def add_command(subparsers) -> None:
     import argparse
 
     from ..cli import _float_in, _positive_int
+    from ..recipes.gist import PROMPT_KINDS
 
     parser = subparsers.add_parser("gist", help="gist tokens: ROUGE-L against the dense answers, KV bytes, TTFT",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", metavar="DIR", default=None,
                         help="folder saved by `hf-tokred train gist` (default: ~/.cache/hf_tokred/smollm2-gist)")
     parser.add_argument("--samples", type=_positive_int, default=32, help="held-out prompts (default: 32)")
+    parser.add_argument("--prompt-kind", choices=PROMPT_KINDS, default=None,
+                        help="held-out prompts of this kind (default: the kind the weights were trained on)")
     parser.add_argument("--temperature", type=_float_in(0.0, 10.0), default=0.0,
                         help="sample the answers at this temperature (default: 0, greedy)")
     parser.add_argument("--top-p", type=_float_in(1e-6, 1.0), default=0.9, help="nucleus of the sampled answers "
@@ -68,8 +76,9 @@ def default_weights() -> str:
 
 
 def run_bench(weights: str | None = None, samples: int = 32, progress: bool = True, *, temperature: float = 0.0,
-              top_p: float = 0.9, draws: int = 3) -> dict:
-    """The figures of ``hf-tokred learned-lm gist`` as a dict (greedy, or sampled with ``temperature`` > 0).
+              top_p: float = 0.9, draws: int = 3, prompt_kind: str | None = None) -> dict:
+    """The figures of ``hf-tokred learned-lm gist`` as a dict (greedy, or sampled with ``temperature`` > 0), on
+    held-out prompts of ``prompt_kind`` (default: the kind the weights were trained on, else ``"request"``).
 
     Example:
         >>> result = run_bench(samples=8)                                                    # doctest: +SKIP
@@ -84,7 +93,15 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     from ..embedded import load_smollm2
     from ..errors import ConfigError, MissingFileError
     from ..integration.wiring import get_applied
-    from ..recipes.gist import MAX_NEW_TOKENS, TARGET_TOKENS, TRAINING_STATE, gist_answers, gist_data, mean_rouge_l
+    from ..recipes.gist import (
+        MAX_NEW_TOKENS,
+        PROMPT_KINDS,
+        TARGET_TOKENS,
+        TRAINING_STATE,
+        gist_answers,
+        gist_data,
+        mean_rouge_l,
+    )
 
     if temperature > 0 and (not isinstance(draws, int) or draws < 2):
         raise ConfigError(f"draws: sampled answers need at least 2 draws per prompt, got {draws!r}", field="draws")
@@ -96,7 +113,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         saved = json.load(fh).get("token_reduction")
     if not saved or saved.get("method") != "gist":
         raise MissingFileError(f"{weights}/config.json holds no gist reduction")
-    budget = {}
+    budget, state = {}, {}
     state_file = os.path.join(weights, TRAINING_STATE)
     if os.path.isfile(state_file):
         with open(state_file, encoding="utf-8") as fh:
@@ -107,18 +124,21 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
                   "train_seconds": state.get("seconds"),
                   "final_loss": round(sum(state["losses"][-10:]) / max(len(state["losses"][-10:]), 1), 4),
                   "first_loss": round(sum(state["losses"][:10]) / max(len(state["losses"][:10]), 1), 4)}
+    kind = prompt_kind or state.get("prompt_kind") or "request"
+    if kind not in PROMPT_KINDS:
+        raise ConfigError(f"prompt_kind: expected one of {', '.join(PROMPT_KINDS)}, got {kind!r}", field="prompt_kind")
     model, tokenizer = load_smollm2()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    _log(f"gist bench: dense answers to {samples} held-out prompts (cached after the first run)")
+    _log(f"gist bench: dense answers to {samples} held-out {kind} prompts (cached after the first run)")
     data = gist_data(model, tokenizer, "heldout", samples, target_tokens=TARGET_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
-                     progress=progress)
+                     kind=kind, progress=progress)
     kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": eos, "pad": pad, "progress": progress,
               "temperature": temperature, "top_p": top_p}
     sampled = temperature > 0
     seeds = itertools.count()  # every draw of every way of giving the prompt has a seed of its own
 
-    def answers(mode: str) -> list[list[list[int]]]:
-        return [gist_answers(model, data, mode=mode, seed=next(seeds), **kwargs) for _ in range(draws if sampled else 1)]
+    def answers(mode: str, rows: list[dict] = data) -> list[list[list[int]]]:
+        return [gist_answers(model, rows, mode=mode, seed=next(seeds), **kwargs) for _ in range(draws if sampled else 1)]
 
     def against_dense(drawn: list[list[list[int]]]) -> float:
         # every draw against every dense draw (greedy: the one answer against the one dense answer)
@@ -132,8 +152,12 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     else:
         references = [[e["answer"] for e in data]]
         rouge = {"full prompt": 1.0}
-    _log("gist bench: no prompt (the assistant header only)")
+    _log("gist bench: no prompt (only what follows the gist tokens)")
     rouge["no prompt"] = against_dense(answers("none"))
+    if kind == "system" and len(data) > 1:
+        _log("gist bench: another held-out system prompt in the place of each one")
+        swapped = [{**row, "context": data[(i + 1) % len(data)]["context"]} for i, row in enumerate(data)]
+        rouge["another system prompt"] = against_dense(answers("full", swapped))
     fresh = {k: v for k, v in saved.items()}
     hf_tokred.apply(model, fresh)  # fresh gist embeddings and LoRA: no training
     _log("gist bench: fresh (untrained) gist tokens")
@@ -183,7 +207,8 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     ratio = rouge["gist"] / rouge["full prompt"]
     return {
         "method": "gist", "model": "SmolLM2-135M-Instruct (embedded, fp32)", "weights": weights,
-        "num_gist": num_gist, "samples": len(data), "prompt_tokens": round(prompt_tokens, 1),
+        "num_gist": num_gist, "samples": len(data), "prompt_kind": kind, "prompt_tokens": round(prompt_tokens, 1),
+        "compressed_tokens": round(statistics.mean(len(e["context"]) for e in data), 1),
         "max_new_tokens": MAX_NEW_TOKENS, "budget": budget,
         "decoding": ({"temperature": temperature, "top_p": top_p, "draws": draws} if sampled else "greedy"),
         "rouge_l": {k: round(v, 4) for k, v in rouge.items()}, "gist_vs_full": round(ratio, 4),
@@ -192,7 +217,8 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
                      "full_entries": int(full.shape[1])},
         "ttft_seconds": {"reused gist": round(t_gist, 4), "full prompt": round(t_full, 4),
                          "compress once": round(compress_seconds, 4)},
-        "examples": [{"prompt": data[i]["prompt"][:200], "dense": tokenizer.decode(references[0][i]),
+        "examples": [{"prompt": tokenizer.decode(data[i]["context"] + data[i]["tail"]),
+                      "dense": tokenizer.decode(references[0][i]),
                       "gist": tokenizer.decode(gisted[0][i])} for i in range(min(2, len(data)))],
     }
 
@@ -217,7 +243,7 @@ def run(args) -> int:
     from ..cli import format_table
 
     result = run_bench(args.weights, args.samples, progress=not args.no_progress, temperature=args.temperature,
-                       top_p=args.top_p, draws=args.draws)
+                       top_p=args.top_p, draws=args.draws, prompt_kind=args.prompt_kind)
     rouge, kv, ttft, budget = result["rouge_l"], result["kv_bytes"], result["ttft_seconds"], result["budget"]
     if budget:
         print(f"gist tokens: k = {result['num_gist']}, trained {budget['steps']} steps of {budget['batch_size']} on "
@@ -230,7 +256,9 @@ def run(args) -> int:
         how = (f"answers sampled at temperature {decoding['temperature']}, top-p {decoding['top_p']} "
                f"({decoding['draws']} independent draws each; every figure a mean over pairs of draws)")
         reference = "full prompt (another draw)"
-    print(f"{result['samples']} held-out prompts of {result['prompt_tokens']} tokens, {how} of up to "
+    what = ("requests" if result["prompt_kind"] == "request" else
+            f"system prompts of {result['compressed_tokens']} tokens, each with a user passage after it")
+    print(f"{result['samples']} held-out {what} ({result['prompt_tokens']} tokens in all), {how} of up to "
           f"{result['max_new_tokens']} tokens, ROUGE-L against the dense model's answers to the full prompt")
     rows = [[reference, f"{rouge['full prompt']:.3f}", str(kv["full_entries"]), f"{kv['full prompt']:,}",
              f"{ttft['full prompt'] * 1000:.0f}"],
@@ -238,6 +266,8 @@ def run(args) -> int:
              f"{kv['gist']:,}", f"{ttft['reused gist'] * 1000:.0f}"],
             ["gist, fresh (untrained)", f"{rouge['fresh gist']:.3f}", str(kv["gist_entries"]), f"{kv['gist']:,}", "-"],
             ["no prompt", f"{rouge['no prompt']:.3f}", "0", "0", "-"]]
+    if "another system prompt" in rouge:
+        rows.append(["another system prompt", f"{rouge['another system prompt']:.3f}", "-", "-", "-"])
     print(format_table(["prompt given as", "ROUGE-L", "KV entries", "KV bytes", "TTFT ms"], rows, right={1, 2, 3, 4}))
     print(f"gist / full prompt ROUGE-L: {result['gist_vs_full']:.3f} (target >= 0.8: "
           f"{'met' if result['target_met'] else 'missed'}); compressing a prompt once: "

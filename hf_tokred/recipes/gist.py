@@ -39,6 +39,10 @@ from ..errors import ConfigError
 TRAINING_STATE = "gist_training.json"
 TARGET_TOKENS = 200
 MAX_NEW_TOKENS = 64
+# What the gist tokens compress: "request", the user's whole request about a passage (the answer is read from the
+# gist tokens alone); "system", a system prompt (role, task, house rules) reused across calls, the user's passage
+# after the gist tokens, uncompressed (the paper's setting: an instruction compressed, its input not).
+PROMPT_KINDS = ("request", "system")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,15 +50,17 @@ MAX_NEW_TOKENS = 64
 # ---------------------------------------------------------------------------------------------
 
 
-def _chat_without_header(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False,
-                                        tokenize=True, return_dict=True)["input_ids"]
+def _turn_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                        return_dict=True)["input_ids"]
     return [int(i) for i in ids]
 
 
-def split_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
-    """``(context, tail)`` of the chat prompt ``chat_ids(tokenizer, prompt)``: the user turn (compressed into the gist
-    tokens) and the assistant header after it (fed after the gist cache, uncompressed).
+def split_prompt(tokenizer, prompt: str | list[dict]) -> tuple[list[int], list[int]]:
+    """``(context, tail)`` of the chat prompt ``chat_ids(tokenizer, prompt)``: what the gist tokens compress and what
+    is fed after the gist cache, uncompressed. A request (a string): its user turn, then the assistant header. A chat
+    (a list of messages, :func:`hf_tokred.recipes.lm_data.system_prompts`): every message but the last (the system
+    prompt), then the last message and the assistant header.
 
     Example:
         >>> context, tail = split_prompt(tokenizer, "Hello")                   # doctest: +SKIP
@@ -64,7 +70,8 @@ def split_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     from .lm_data import chat_ids
 
     full = [int(i) for i in chat_ids(tokenizer, prompt)]
-    context = _chat_without_header(tokenizer, prompt)
+    # a request: its user turn (with any system turn the template adds); a chat: every message but the last
+    context = _turn_ids(tokenizer, [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt[:-1])
     if full[:len(context)] != context or len(full) == len(context):
         # a template whose generation prompt is not a plain suffix: keep the last token uncompressed
         return full[:-1], full[-1:]
@@ -72,22 +79,35 @@ def split_prompt(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
 
 
 def gist_prompts(tokenizer, split: str = "train", count: int | None = None, *, target_tokens: int = TARGET_TOKENS,
-                 seed: int = 0) -> list[str]:
-    """Chat requests about passages sized so the chat prompt is about ``target_tokens`` tokens (within 5%).
+                 seed: int = 0, kind: str = "request") -> list[str] | list[list[dict]]:
+    """The prompts whose compressed part is about ``target_tokens`` tokens, of one ``kind`` (:data:`PROMPT_KINDS`).
 
-    Consecutive paragraphs of ``lm_texts(split)`` are joined until the passage is long enough, then trimmed at a
-    word boundary; a request template is drawn (seeded) for each passage; the prompts are shuffled with ``seed`` and
-    the first ``count`` kept.
+    ``"request"``: chat requests about passages, the whole chat prompt within 5% of ``target_tokens``. Consecutive
+    paragraphs of ``lm_texts(split)`` are joined until the passage is long enough, then trimmed at a word boundary;
+    a request template is drawn (seeded) for each passage; the prompts are shuffled with ``seed``.
+    ``"system"``: chats of a system prompt and a user passage (:func:`hf_tokred.recipes.lm_data.system_prompts`),
+    house rules added while the system turn stays within ``target_tokens`` (so it falls short of it by less than one
+    rule, under 25 tokens). The first ``count`` are kept.
 
     Example:
         >>> prompts = gist_prompts(tokenizer, "heldout", 4)                                # doctest: +SKIP
         >>> [len(chat_ids(tokenizer, p)) for p in prompts]                                  # doctest: +SKIP
         [199, 201, 198, 200]
+        >>> chats = gist_prompts(tokenizer, "heldout", 4, kind="system")                   # doctest: +SKIP
+        >>> [len(split_prompt(tokenizer, c)[0]) for c in chats]                             # doctest: +SKIP
+        [196, 192, 199, 190]
     """
-    from .lm_data import REQUESTS, chat_ids, lm_texts
+    from .lm_data import REQUESTS, chat_ids, lm_texts, system_prompts
 
     if not isinstance(target_tokens, int) or target_tokens < 64:
         raise ConfigError(f"target_tokens: expected an int >= 64, got {target_tokens!r}", field="target_tokens")
+    if kind not in PROMPT_KINDS:
+        raise ConfigError(f"kind: expected one of {', '.join(PROMPT_KINDS)}, got {kind!r}", field="kind")
+    if kind == "system":
+        def fits(system: str) -> bool:
+            return len(_turn_ids(tokenizer, [{"role": "system", "content": system}])) <= target_tokens
+
+        return system_prompts(split, count, seed=seed, fits=fits)
     rng = random.Random(seed)
     overhead = len(chat_ids(tokenizer, REQUESTS[-1].format(text="")))
     budget = target_tokens - overhead
@@ -115,20 +135,23 @@ def gist_prompts(tokenizer, split: str = "train", count: int | None = None, *, t
 ANSWER_CHUNK = 32  # prompts per cache file of dense answers (a longer list reuses the files of a shorter one)
 
 
-def answers_cache(split: str, chunk: int, target_tokens: int, max_new_tokens: int, seed: int) -> str:
+def answers_cache(split: str, chunk: int, target_tokens: int, max_new_tokens: int, seed: int,
+                  kind: str = "request") -> str:
     """The JSON file caching the dense model's answers to the ``chunk``-th run of :data:`ANSWER_CHUNK` gist prompts
-    of ``split`` (under ``hf_tokred``'s cache)."""
+    of ``split`` and ``kind`` (under ``hf_tokred``'s cache)."""
     from ..embedded import cache_dir
 
+    name = "gist" if kind == "request" else f"gist-{kind}"
     return os.path.join(cache_dir(), "lm_data",
-                        f"gist-{split}-{target_tokens}-{max_new_tokens}-{seed}-{chunk * ANSWER_CHUNK}.json")
+                        f"{name}-{split}-{target_tokens}-{max_new_tokens}-{seed}-{chunk * ANSWER_CHUNK}.json")
 
 
 def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_tokens: int = TARGET_TOKENS,
-              max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, progress: bool = True) -> list[dict]:
-    """The first ``count`` examples of ``split`` (None: all of them): ``context`` and ``tail`` ids
-    (:func:`split_prompt`) and ``answer`` ids (the dense model's greedy answer; ``model`` must be dense when a cache
-    file is missing).
+              max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, kind: str = "request",
+              progress: bool = True) -> list[dict]:
+    """The first ``count`` examples of ``split`` and ``kind`` (:func:`gist_prompts`; None: all of them): ``context``
+    and ``tail`` ids (:func:`split_prompt`) and ``answer`` ids (the dense model's greedy answer; ``model`` must be
+    dense when a cache file is missing).
 
     The answers are generated and cached :data:`ANSWER_CHUNK` prompts at a time (one JSON file each), so an
     interrupted run keeps what it finished and a larger ``count`` only generates the new prompts' answers.
@@ -140,7 +163,7 @@ def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_
     """
     from .lm_data import dense_generations
 
-    every = gist_prompts(tokenizer, split, target_tokens=target_tokens, seed=seed)
+    every = gist_prompts(tokenizer, split, target_tokens=target_tokens, seed=seed, kind=kind)
     if count is None:
         count = len(every)
     if not isinstance(count, int) or not 1 <= count <= len(every):
@@ -150,7 +173,7 @@ def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_
     for chunk in range((count + ANSWER_CHUNK - 1) // ANSWER_CHUNK):
         prompts = every[chunk * ANSWER_CHUNK:(chunk + 1) * ANSWER_CHUNK]
         answers += dense_generations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     cache_file=answers_cache(split, chunk, target_tokens, max_new_tokens, seed),
+                                     cache_file=answers_cache(split, chunk, target_tokens, max_new_tokens, seed, kind),
                                      progress=progress)
     data = prompt_rows(tokenizer, every[:count])
     for row, answer in zip(data, answers):
@@ -158,7 +181,7 @@ def gist_data(model, tokenizer, split: str, count: int | None = None, *, target_
     return data
 
 
-def prompt_rows(tokenizer, prompts: list[str]) -> list[dict]:
+def prompt_rows(tokenizer, prompts: list[str] | list[list[dict]]) -> list[dict]:
     """One row per prompt for :func:`gist_answers`: the ``prompt`` and its ``context`` and ``tail`` ids
     (:func:`split_prompt`); :func:`gist_data` adds the dense ``answer``.
 
@@ -237,16 +260,16 @@ def _fingerprint(data: list[dict], **settings) -> dict:
 def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=None, num_gist: int = 8, rank: int = 8,
                alpha: float = 16.0, target_modules=(), steps: int = 330, batch_size: int = 4, lr: float = 4e-3,
                embedding_lr: float = 2e-2, lr_schedule: str = "cosine", max_grad_norm: float = 1.0,
-               train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS,
+               train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS, prompt_kind: str = "request",
                max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, output_dir=None, resume: bool = True,
                save_every: int = 10, progress: bool = True):
     """Train the gist embeddings and the LoRA on ``model`` (a causal LM; returned with the reduction attached).
 
     The reduction: the gist one already attached, else ``reduction``, else a fresh one with ``num_gist``, ``rank``,
     ``alpha`` and ``target_modules``. The data: ``data`` (from :func:`gist_data`), else ``train_prompts`` prompts (all
-    of the training split by default: 526 on Python 3.11, 2.5 passes in the default 330 steps of 4) of
-    about ``target_tokens`` tokens with the dense model's greedy answers (``max_new_tokens``, cached; ``model`` must
-    then be dense when called).
+    of the training split by default: 526 requests on Python 3.11, 2.5 passes in the default 330 steps of 4) of
+    ``prompt_kind`` (:data:`PROMPT_KINDS`) whose compressed part is about ``target_tokens`` tokens, with the dense
+    model's greedy answers (``max_new_tokens``, cached; ``model`` must then be dense when called).
 
     The loop: only the gist embeddings and the LoRA train, AdamW (``embedding_lr`` for the embeddings, ``lr`` for the
     LoRA) with a ``lr_schedule`` decay, batches of ``batch_size`` drawn in a fresh seeded order every pass, loss
@@ -274,10 +297,12 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             raise ConfigError(f"{name}: invalid value {value!r}", field=name)
     rng_state = torch.random.get_rng_state()
     try:
+        built_kind = None  # the kind of prompts built here (the model card says what given data held)
         if data is None:
+            built_kind = prompt_kind
             try:
                 data = gist_data(model, tokenizer, "train", train_prompts, target_tokens=target_tokens,
-                                 max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+                                 max_new_tokens=max_new_tokens, seed=seed, kind=prompt_kind, progress=progress)
             except ConfigError as error:  # gist_data's `count` is this function's `train_prompts`
                 if error.field != "count":
                     raise
@@ -300,6 +325,7 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                                    batch_size=batch_size, seed=seed, lr_schedule=lr_schedule,
                                    max_grad_norm=max_grad_norm)
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "examples": len(data),
+                 "prompt_kind": built_kind,
                  "prompt_tokens": round(sum(len(e["context"]) + len(e["tail"]) for e in data) / len(data), 1),
                  "answer_tokens": round(sum(len(e["answer"]) for e in data) / len(data), 1), "seconds": 0.0}
         torch.manual_seed(seed)
@@ -332,6 +358,12 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
         torch.random.set_rng_state(rng_state)
     model.train_losses = list(state["losses"])
     return model
+
+
+DATA_DESCRIPTIONS = {
+    "request": "chat requests about standard-library documentation passages, the user turn compressed",
+    "system": "system prompts (a role, a task, house rules) compressed, each followed by a user passage",
+}
 
 
 def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | None = None) -> None:
@@ -374,7 +406,7 @@ Without hf_tokred the same folder loads as the plain base model.
 
 ## Training
 
-- data: {state["examples"]} chat requests about standard-library documentation passages
+- data: {state["examples"]} {DATA_DESCRIPTIONS.get(state.get("prompt_kind"), "examples given to `train_gist`")}
   (`hf_tokred.recipes.gist.gist_prompts`, prompts of {state["prompt_tokens"]} tokens on average), targets the dense
   model's own greedy answers ({state["answer_tokens"]} tokens on average)
 - loss: cross-entropy of the answer read through the gist cache
@@ -474,6 +506,9 @@ examples:
   hf-tokred train gist                          330 steps of 4 on every training prompt (526): ~10 min for the dense
                                                 answers (cached) and ~25 min of training on one core
   hf-tokred train gist --num-gist 4 --steps 20 --output ./gist4
+  hf-tokred train gist --prompt-kind system --prompts 640 --steps 400 --output ./gist-system
+                                                system prompts (role, task, house rules) compressed, the user's
+                                                passage after the gist tokens (the paper's setting)
 """
 
 
@@ -496,7 +531,11 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--embedding-lr", type=_float_in(1e-7, 1.0), default=2e-2,
                        help="gist embeddings' learning rate (default: 2e-2)")
     train.add_argument("--prompts", type=_positive_int, default=None,
-                       help="training prompts (default: all of the training split, 526 on Python 3.11)")
+                       help="training prompts (default: all of the training split: 526 requests or 1,438 system "
+                       "prompts on Python 3.11)")
+    train.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="request",
+                       help="what the gist tokens compress: 'request' (default), the user's request about a passage; "
+                       "'system', a system prompt of house rules, the user's passage after the gist tokens")
     train.set_defaults(handler=run)
 
 
@@ -509,10 +548,10 @@ def run(args) -> int:
     model, tokenizer = load_smollm2()
     output = recipe_output(args, "smollm2-gist")
     _log(f"gist: {args.steps} steps of {args.batch_size}, {args.num_gist} gist tokens, "
-         f"{args.prompts or 'all'} training prompts")
+         f"{args.prompts or 'all'} training prompts ({args.prompt_kind})")
     train_gist(model, tokenizer, num_gist=args.num_gist, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-               embedding_lr=args.embedding_lr, train_prompts=args.prompts, seed=args.seed, output_dir=output,
-               progress=not args.no_progress)
+               embedding_lr=args.embedding_lr, train_prompts=args.prompts, prompt_kind=args.prompt_kind,
+               seed=args.seed, output_dir=output, progress=not args.no_progress)
     losses = model.train_losses
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the gist tokens; "
           f"loss {sum(losses[:5]) / max(len(losses[:5]), 1):.3f} -> {sum(losses[-5:]) / max(len(losses[-5:]), 1):.3f}; "

@@ -8,6 +8,8 @@ every Python installation ships, reproducibly.
 * :func:`token_windows`: the texts of a split as fixed-length windows of token ids (language-modelling batches).
 * :func:`instruction_prompts`: chat requests built from the paragraphs (summarise, explain, answer a question about
   a passage), for methods that learn from the dense model's answers.
+* :func:`system_prompts`: chats of a long system prompt (a role, a task, house rules) and a user passage, for
+  compressing a system prompt that is reused across calls (gist tokens).
 * :func:`dense_generations`: the dense model's own greedy answers to such prompts, cached in a JSON file keyed by
   the model, the prompts and the settings (self-distillation data: EAGLE drafts what the model itself writes).
 
@@ -193,17 +195,115 @@ def instruction_prompts(split: str = "train", count: int | None = None, *, seed:
     return prompts if count is None else prompts[:count]
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """The token ids of ``prompt`` as a user message with the assistant header after it (the model's chat template).
+# The parts of system_prompts: a role, an audience, a task for the user's passage and house rules.
+SYSTEM_ROLES = (
+    "a patient Python tutor for people who have never programmed",
+    "a senior engineer who reviews documentation before it is published",
+    "a technical writer on the Python documentation team",
+    "a friendly teaching assistant in an introductory programming course",
+    "an assistant that prepares study notes for computer science students",
+    "a support agent who answers questions from developers at a software company",
+    "an editor who makes technical text short and clear",
+    "a mentor who helps junior developers understand the standard library",
+    "a quiz writer for an online programming course",
+    "a librarian who catalogues software documentation",
+    "a translator of technical jargon into everyday language",
+    "a careful assistant who never guesses and says when the text does not answer a question",
+)
+SYSTEM_AUDIENCES = (
+    "beginners who know no Python", "experienced developers in a hurry", "students preparing for an exam",
+    "managers who do not write code", "teenagers learning to code", "data scientists who mostly use notebooks",
+    "system administrators who write small scripts", "non-native English speakers",
+)
+SYSTEM_TASKS = (
+    "summarize the passage in two or three sentences",
+    "explain what the passage describes, step by step",
+    "list the key facts of the passage as short bullet points",
+    "write three quiz questions about the passage, each with its answer",
+    "give one short example of how the described feature is used",
+    "rewrite the passage in simpler words",
+    "suggest a title for the passage and explain the choice in one sentence",
+    "point out anything in the passage that a reader could misunderstand",
+    "write a short note that a developer could keep as a reminder",
+    "name the functions, classes or modules the passage mentions and say what each does",
+    "say what problem the described feature solves",
+    "compare what the passage describes with what a beginner might expect",
+)
+SYSTEM_RULES = (
+    "Keep the answer under 80 words.", "Start the answer with the words 'In short'.",
+    "Use bullet points for lists.", "Do not use code blocks.", "End with one practical tip.",
+    "Write in a neutral, formal tone.",
+    "Avoid jargon; when a technical term is needed, define it in a few words.",
+    "Mention the name of the module or object first.", "Never invent facts that are not in the passage.",
+    "Use British spelling.", "Address the reader as 'you'.", "Use numbered steps where order matters.",
+    "Do not repeat the question.", "Put the most important point first.",
+    "Use short sentences of at most fifteen words.", "Give an analogy from everyday life.",
+    "Avoid the passive voice.", "If the passage mentions a default value, state it.",
+    "If something is deprecated, say so clearly.", "Finish with a one-sentence summary.",
+    "Do not use exclamation marks.", "Use plain text only, without Markdown headings.",
+    "Write at most three paragraphs.", "Include one example input and its result when possible.",
+    "Use the word 'Note' to flag warnings.", "Mention one common mistake.",
+    "Keep a positive tone even when pointing out limits.", "Write for someone reading on a phone: keep it compact.",
+    "Quote at most one short phrase from the passage.", "Do not mention that you are an AI.",
+    "Prefer concrete examples over abstract descriptions.", "Use the present tense.",
+    "Spell out abbreviations the first time they appear.", "When unsure, say what the passage does not tell.",
+    "Refer to Python versions only if the passage does.", "Group related facts together.",
+    "Begin with a one-line overview before the details.", "Close by suggesting what to read next.",
+    "Use headings only if the answer has more than two parts.",
+)
+
+
+def system_prompts(split: str = "train", count: int | None = None, *, seed: int = 0, fits=None) -> list[list[dict]]:
+    """Chats of a system prompt and a user passage: ``[{"role": "system", ...}, {"role": "user", ...}]``.
+
+    The system prompt has a role, an audience, a task for the passage the user will send, and house rules, each
+    drawn from fixed lists (:data:`SYSTEM_ROLES`, :data:`SYSTEM_AUDIENCES`, :data:`SYSTEM_TASKS`,
+    :data:`SYSTEM_RULES`); rules are added in a drawn order while ``fits(system_prompt)`` holds (default: twelve
+    rules). The user message is a paragraph of ``lm_texts(split)`` of 20-90 words. Everything is drawn from
+    ``(split, seed)``, so the two splits share no passage and draw their system prompts independently. One chat
+    per passage (about 1,440 in ``"train"`` and 370 in ``"heldout"`` on Python 3.11); the first ``count`` are kept.
+
+    Example:
+        >>> from hf_tokred.recipes.lm_data import system_prompts
+        >>> chats = system_prompts("heldout", 3)
+        >>> chats == system_prompts("heldout", 3), [m["role"] for m in chats[0]]
+        (True, ['system', 'user'])
+    """
+    _check_split(split)
+    rng = random.Random(f"{split}:{seed}")
+    passages = [t for t in lm_texts(split) if 20 <= len(t.split()) <= 90]
+    rng.shuffle(passages)
+    chats = []
+    for passage in passages[:count]:
+        head = (f"You are {rng.choice(SYSTEM_ROLES)}. Your readers are {rng.choice(SYSTEM_AUDIENCES)}. The user will "
+                f"send you a passage of Python documentation. Your task: {rng.choice(SYSTEM_TASKS)}. Follow these "
+                "house rules:")
+        rules = rng.sample(SYSTEM_RULES, len(SYSTEM_RULES))
+        system, taken = head, 0
+        while taken < len(rules):
+            longer = system + f"\n{taken + 1}. {rules[taken]}"
+            if (fits is None and taken == 12) or (fits is not None and not fits(longer)):
+                break
+            system, taken = longer, taken + 1
+        chats.append([{"role": "system", "content": system}, {"role": "user", "content": passage}])
+    return chats
+
+
+def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """The token ids of ``prompt`` with the assistant header after it (the model's chat template): a string is one
+    user message, a list is the chat's messages (``{"role": ..., "content": ...}``).
 
     Example:
         >>> ids = chat_ids(tokenizer, "Hello")                                           # doctest: +SKIP
+        >>> ids = chat_ids(tokenizer, [{"role": "system", "content": "Be brief."},
+        ...                            {"role": "user", "content": "Hello"}])            # doctest: +SKIP
     """
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
 
 
-def dense_generations(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8,
+def dense_generations(model, tokenizer, prompts: list[str] | list[list[dict]], *, max_new_tokens: int = 128, batch_size: int = 8,
                       cache_file: str | None = None, progress: bool = True) -> list[list[int]]:
     """The dense model's greedy answers (new token ids) to ``prompts`` as chat messages, cached in ``cache_file``.
 
