@@ -20,10 +20,10 @@ Reported:
   1.0 by construction; with ``--temperature T`` every answer is sampled (``--top-p``, ``--draws`` independent draws
   per prompt and way of giving it, each from its own seed) and every figure is the mean ROUGE-L between independent
   draws, so "the full prompt against itself" is two dense draws against each other;
-* KV bytes of the reused prompt per row: the gist cache (``num_gist`` entries per layer) against the full prompt's
-  cache (its length in entries);
-* time to first token at batch 1: a question asked through a reused gist cache (a copy of the cache + the assistant
-  header + one decoding step) against the full prompt (prefill + one step), median of a few repeats. Timings on a
+* KV bytes of the reused prompt in one row: the gist cache (``num_gist`` entries per layer) against the cache of
+  the part it replaces (the user turn, or the system turn; its length in entries);
+* time to first token at batch 1: a question asked through a reused gist cache (a copy of the cache + what follows
+  it + one decoding step) against the full prompt (prefill + one step), median of a few repeats. Timings on a
   shared CPU are indicative only.
 """
 
@@ -193,7 +193,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
 
     dense_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(full, **{CACHE_KWARG: dense_cache}, use_cache=True)
+        model(context, **{CACHE_KWARG: dense_cache}, use_cache=True)  # the part the gist tokens replace
     full_bytes = _cache_bytes(dense_cache)
     t_full = _median_seconds(ttft_full)
     hf_tokred.apply(model, saved, weights_from=weights)
@@ -214,7 +214,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         "rouge_l": {k: round(v, 4) for k, v in rouge.items()}, "gist_vs_full": round(ratio, 4),
         "target_met": ratio >= 0.8,
         "kv_bytes": {"gist": gist_bytes, "full prompt": full_bytes, "gist_entries": ctx.entries,
-                     "full_entries": int(full.shape[1])},
+                     "full_entries": int(context.shape[1])},
         "ttft_seconds": {"reused gist": round(t_gist, 4), "full prompt": round(t_full, 4),
                          "compress once": round(compress_seconds, 4)},
         "examples": [{"prompt": tokenizer.decode(data[i]["context"] + data[i]["tail"]),
