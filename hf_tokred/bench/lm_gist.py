@@ -11,8 +11,8 @@ prompts (greedy, cached; or sampled).
 Reported:
 
 * ROUGE-L (F1 of the longest common token subsequence) of the answers against the dense answers, with the
-  prompt given as: the full prompt (the reference itself), the trained gist tokens (the user turn compressed into
-  ``num_gist`` cache entries, the assistant header after them), a fresh untrained gist (same shape, no training)
+  prompt given as: the full prompt (the reference itself), the trained gist tokens (the user turn or the system
+  turn compressed into ``num_gist`` cache entries, the rest after them), a fresh untrained gist (same shape, no training)
   and no prompt at all (what follows the gist tokens only: the assistant header, or the user's passage and the
   header), the last two as floors, and for ``system`` another held-out system prompt in the place of each one
   (what any system prompt of the family gives); the ratio of the gist figure to the
@@ -138,7 +138,8 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     seeds = itertools.count()  # every draw of every way of giving the prompt has a seed of its own
 
     def answers(mode: str, rows: list[dict] = data) -> list[list[list[int]]]:
-        return [gist_answers(model, rows, mode=mode, seed=next(seeds), **kwargs) for _ in range(draws if sampled else 1)]
+        return [gist_answers(model, rows, mode=mode, seed=next(seeds), **kwargs)
+                for _ in range(draws if sampled else 1)]
 
     def against_dense(drawn: list[list[list[int]]]) -> float:
         # every draw against every dense draw (greedy: the one answer against the one dense answer)

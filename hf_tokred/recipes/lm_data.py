@@ -278,13 +278,12 @@ def system_prompts(split: str = "train", count: int | None = None, *, seed: int 
         head = (f"You are {rng.choice(SYSTEM_ROLES)}. Your readers are {rng.choice(SYSTEM_AUDIENCES)}. The user will "
                 f"send you a passage of Python documentation. Your task: {rng.choice(SYSTEM_TASKS)}. Follow these "
                 "house rules:")
-        rules = rng.sample(SYSTEM_RULES, len(SYSTEM_RULES))
-        system, taken = head, 0
-        while taken < len(rules):
-            longer = system + f"\n{taken + 1}. {rules[taken]}"
-            if (fits is None and taken == 12) or (fits is not None and not fits(longer)):
+        system = head
+        for number, rule in enumerate(rng.sample(SYSTEM_RULES, len(SYSTEM_RULES)), 1):
+            longer = f"{system}\n{number}. {rule}"
+            if (fits is None and number > 12) or (fits is not None and not fits(longer)):
                 break
-            system, taken = longer, taken + 1
+            system = longer
         chats.append([{"role": "system", "content": system}, {"role": "user", "content": passage}])
     return chats
 
@@ -303,8 +302,8 @@ def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
-def dense_generations(model, tokenizer, prompts: list[str] | list[list[dict]], *, max_new_tokens: int = 128, batch_size: int = 8,
-                      cache_file: str | None = None, progress: bool = True) -> list[list[int]]:
+def dense_generations(model, tokenizer, prompts: list[str] | list[list[dict]], *, max_new_tokens: int = 128,
+                      batch_size: int = 8, cache_file: str | None = None, progress: bool = True) -> list[list[int]]:
     """The dense model's greedy answers (new token ids) to ``prompts`` as chat messages, cached in ``cache_file``.
 
     Generation runs left-padded in batches of ``batch_size`` without any reduction attached (a model with one
