@@ -424,9 +424,8 @@ def test_smollm2_system_prompts_compress_the_system_turn_and_leave_the_user_pass
     assert max(len(tokenizer(f"\n14. {rule}")["input_ids"]) for rule in SYSTEM_RULES) < 25
     # the splits share no passage and no system prompt; the default draws twelve rules
     train, heldout = system_prompts("train"), system_prompts("heldout")
-    for role in ("system", "user"):
-        assert not {c[0 if role == "system" else 1]["content"] for c in train} & {
-            c[0 if role == "system" else 1]["content"] for c in heldout}
+    for turn in (0, 1):  # the system prompt, the user's passage
+        assert not {chat[turn]["content"] for chat in train} & {chat[turn]["content"] for chat in heldout}
     assert all(len(c[0]["content"].splitlines()) == 13 for c in heldout[:5])
     assert system_prompts("heldout", 3, seed=1) != system_prompts("heldout", 3)
     with pytest.raises(ConfigError, match="kind: expected one of request, system") as error:
