@@ -11,20 +11,20 @@ against 3 dense draws of the full prompt, and greedy answers against the dense g
 """
 
 import json
-import re
 import statistics
 
 import torch
 
 from hf_tokred.embedded import load_smollm2
 from hf_tokred.recipes.gist import MAX_NEW_TOKENS, gist_answers, gist_prompts, mean_rouge_l, prompt_rows
+from hf_tokred.recipes.lm_data import SYSTEM_TASKS
 
 SAMPLES, DRAWS = 32, 3
-TASK = re.compile(r"Your task: (.*?)\. Follow these house rules:")
 
 
 def task(chat: list[dict]) -> str:
-    return TASK.search(chat[0]["content"]).group(1)
+    """The task of ``SYSTEM_TASKS`` that the chat's system prompt was drawn with."""
+    return next(t for t in SYSTEM_TASKS if f"Your task: {t}." in chat[0]["content"])
 
 
 def with_system(chat: list[dict], text: str) -> list[dict]:
