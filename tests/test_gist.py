@@ -326,6 +326,70 @@ def test_train_gist_lowers_the_loss_saves_and_resumes(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_task_probe_adds_its_weighted_loss_through_the_same_cache_and_is_trained(tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    contexts, answers = _rows(10, 8, 12, 9, seed=11), _rows(5, 6, 4, 5, seed=12)
+    probes = _rows(3, 4, 3, 5, seed=13)
+    data = [{"context": c, "tail": [5], "answer": a, "probe_tail": [6, 7], "probe_answer": p}
+            for c, a, p in zip(contexts, answers, probes)]
+    model = _trained_model()
+    plain = recipe.gist_loss(model, data[:2], pad=0)
+    parts: dict = {}
+    probed = recipe.gist_loss(model, data[:2], pad=0, probe_weight=0.5, parts=parts)
+    # the answer term is untouched by the probe read beside it on a copy of the same cache
+    assert parts["answer"] == plain.item() and parts["probe"] > 0
+    assert probed.item() == pytest.approx(plain.item() + 0.5 * parts["probe"], rel=1e-6)
+    alone = recipe.gist_loss(model, [{**e, "answer": e["probe_answer"], "tail": e["probe_tail"]} for e in data[:2]],
+                             pad=0)
+    assert parts["probe"] == pytest.approx(alone.item(), rel=1e-6)
+    tokenizer = make_tiny_tokenizer()
+    out = tmp_path / "gist"
+    trained = make_tiny_llama()
+    recipe.train_gist(trained, tokenizer, data=data, num_gist=2, rank=4, steps=4, batch_size=2, probe_weight=0.5,
+                      output_dir=out, progress=False)
+    state = json.loads((out / recipe.TRAINING_STATE).read_text())
+    assert state["fingerprint"]["probe_weight"] == 0.5 and len(state["answer_losses"]) == 4
+    assert all(total > answer for total, answer in zip(state["losses"], state["answer_losses"]))
+    assert "0.5 x the cross-entropy of the system prompt's task" in (out / "README.md").read_text()
+    for bad_data, weight in ((data, -1.0), ([{k: e[k] for k in ("context", "tail", "answer")} for e in data], 0.5)):
+        untouched = make_tiny_llama()
+        with pytest.raises(ConfigError) as error:
+            recipe.train_gist(untouched, tokenizer, data=bad_data, num_gist=2, rank=4, steps=1, probe_weight=weight,
+                              progress=False)
+        assert error.value.field == "probe_weight" and not hasattr(untouched, "hf_tokred_modules")
+
+
+def test_bench_counts_the_tasks_named_through_the_full_prompt_and_the_gist(monkeypatch):
+    from hf_tokred.bench.lm_gist import _task_named
+    from hf_tokred.recipes.lm_data import SYSTEM_TASKS
+
+    chats = [[{"role": "system", "content": f"You are x. Your task: {task}. Follow these house rules:"},
+              {"role": "user", "content": "passage"}] for task in SYSTEM_TASKS[:3]]
+    data = [{"prompt": c, "context": [3, 4], "tail": [5], "answer": [6], "probe_tail": [7, 8]} for c in chats]
+    data.append({"prompt": "a request", "context": [3], "tail": [5], "answer": [6]})  # no probe: not asked
+    replies = {"full": [f"My task: {t}." for t in SYSTEM_TASKS[:3]],  # all three named
+               "gist": [f"My task: {SYSTEM_TASKS[0]}.", f"My task: {SYSTEM_TASKS[0]}.", "I do not know."]}
+    seen = []
+
+    class Decoder:  # reply [i] of the last mode asked decodes to replies[mode][i]
+        mode = None
+
+        def decode(self, reply):
+            return replies[self.mode][reply[0]]
+
+    decoder = Decoder()
+
+    def answers(model, rows, *, mode, **kwargs):
+        seen.append((mode, [row["tail"] for row in rows]))
+        decoder.mode = mode
+        return [[i] for i in range(len(rows))]
+
+    monkeypatch.setattr(recipe, "gist_answers", answers)
+    assert _task_named(None, decoder, data) == {"of": 3, "full prompt": 3, "gist": 1}
+    assert seen == [("full", [[7, 8]] * 3), ("gist", [[7, 8]] * 3)]  # asked after the prompt, in its place
+
+
 def test_train_gist_takes_every_training_prompt_by_default(monkeypatch):
     from conftest import make_tiny_tokenizer
 
@@ -374,6 +438,9 @@ def test_cli_parses_train_and_bench():
     assert parser.parse_args(["train", "gist", "--prompt-kind", "system"]).prompt_kind == "system"
     assert defaults.prompt_kind == "request"
     assert exit_code(["train", "gist", "--prompt-kind", "instruction"]) == 2
+    assert defaults.task_probe == 0.0  # off unless asked
+    assert parser.parse_args(["train", "gist", "--task-probe", "1"]).task_probe == 1.0
+    assert exit_code(["train", "gist", "--task-probe", "-1"]) == 2
     with pytest.raises(ConfigError, match="draws"):
         run_bench("/nonexistent/gist", temperature=0.2, draws=1)
 
@@ -409,7 +476,7 @@ def test_smollm2_system_prompts_compress_the_system_turn_and_leave_the_user_pass
     from transformers import AutoTokenizer
 
     from hf_tokred.embedded import smollm2_path
-    from hf_tokred.recipes.lm_data import SYSTEM_RULES, chat_ids, system_prompts
+    from hf_tokred.recipes.lm_data import SYSTEM_RULES, chat_ids, system_prompts, system_task
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     chats = recipe.gist_prompts(tokenizer, "heldout", 4, kind="system")
@@ -427,6 +494,15 @@ def test_smollm2_system_prompts_compress_the_system_turn_and_leave_the_user_pass
     for turn in (0, 1):  # the system prompt, the user's passage
         assert not {chat[turn]["content"] for chat in train} & {chat[turn]["content"] for chat in heldout}
     assert all(len(c[0]["content"].splitlines()) == 13 for c in heldout[:5])
+    # the task probe: a question after the system turn, the task it was drawn with as the answer
+    for chat in chats:
+        probe = recipe.task_probe(tokenizer, chat)
+        assert tokenizer.decode(probe["probe_tail"]) == (f"<|im_start|>user\n{recipe.TASK_QUESTION}<|im_end|>\n"
+                                                         "<|im_start|>assistant\n")
+        assert tokenizer.decode(probe["probe_answer"]) == f"My task: {system_task(chat)}.<|im_end|>\n"
+    assert all(system_task(chat) is not None for chat in heldout)
+    assert recipe.task_probe(tokenizer, "Summarize this.") == {}
+    assert recipe.task_probe(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]) == {}
     assert system_prompts("heldout", 3, seed=1) != system_prompts("heldout", 3)
     with pytest.raises(ConfigError, match="kind: expected one of request, system") as error:
         recipe.gist_prompts(tokenizer, "heldout", 3, kind="instruction")

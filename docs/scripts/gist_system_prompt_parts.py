@@ -17,14 +17,9 @@ import torch
 
 from hf_tokred.embedded import load_smollm2
 from hf_tokred.recipes.gist import MAX_NEW_TOKENS, gist_answers, gist_prompts, mean_rouge_l, prompt_rows
-from hf_tokred.recipes.lm_data import SYSTEM_TASKS
+from hf_tokred.recipes.lm_data import system_task
 
 SAMPLES, DRAWS = 32, 3
-
-
-def task(chat: list[dict]) -> str:
-    """The task of ``SYSTEM_TASKS`` that the chat's system prompt was drawn with."""
-    return next(t for t in SYSTEM_TASKS if f"Your task: {t}." in chat[0]["content"])
 
 
 def with_system(chat: list[dict], text: str) -> list[dict]:
@@ -38,14 +33,14 @@ def main() -> None:
     chats = pool[:SAMPLES]
     same_task = []
     for chat in chats:
-        other = next(p for p in pool[SAMPLES:] if task(p) == task(chat))
+        other = next(p for p in pool[SAMPLES:] if system_task(p) == system_task(chat))
         same_task.append(with_system(chat, other[0]["content"]))
     variants = {
         "another system prompt (the next chat's)": [with_system(c, chats[(i + 1) % SAMPLES][0]["content"])
                                                     for i, c in enumerate(chats)],
         "another system prompt, same task": same_task,
         "first line only (role, audience, task)": [with_system(c, c[0]["content"].split("\n", 1)[0]) for c in chats],
-        "task only": [with_system(c, f"Your task: {task(c)}.") for c in chats],
+        "task only": [with_system(c, f"Your task: {system_task(c)}.") for c in chats],
     }
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     seeds = iter(range(1000))

@@ -169,6 +169,10 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     _log(f"gist bench: trained gist tokens ({num_gist})")
     gisted = answers("gist")
     rouge["gist"] = against_dense(gisted)
+    task_named = {}
+    if kind == "system" and not sampled:
+        _log("gist bench: each system prompt's task asked for, through the full prompt and through the gist tokens")
+        task_named = _task_named(model, tokenizer, data, eos_token_id=eos, pad=pad, progress=progress)
 
     # KV bytes and time to first token of one reused prompt (batch 1)
     example = data[0]
@@ -218,10 +222,27 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
                      "full_entries": int(context.shape[1])},
         "ttft_seconds": {"reused gist": round(t_gist, 4), "full prompt": round(t_full, 4),
                          "compress once": round(compress_seconds, 4)},
+        "task_named": task_named,
         "examples": [{"prompt": tokenizer.decode(data[i]["context"] + data[i]["tail"]),
                       "dense": tokenizer.decode(references[0][i]),
                       "gist": tokenizer.decode(gisted[0][i])} for i in range(min(2, len(data)))],
     }
+
+
+def _task_named(model, tokenizer, data: list[dict], **kwargs) -> dict:
+    """How many system prompts' tasks the model names when asked for them after the prompt (the task probe of
+    :func:`hf_tokred.recipes.gist.task_probe`, greedy), with the prompt given in full and as the gist tokens: whether
+    the gist cache carries the part of a system prompt the answers depend on most."""
+    from ..recipes.gist import gist_answers
+    from ..recipes.lm_data import system_task
+
+    asked = [{**row, "tail": row["probe_tail"]} for row in data if "probe_tail" in row]
+    tasks = [system_task(row["prompt"]) for row in asked]
+    named = {"of": len(asked)}
+    for label, mode in (("full prompt", "full"), ("gist", "gist")):
+        replies = gist_answers(model, asked, mode=mode, max_new_tokens=32, **kwargs)
+        named[label] = sum(task in tokenizer.decode(reply) for task, reply in zip(tasks, replies))
+    return named
 
 
 def _cache_bytes(cache) -> int:
@@ -273,6 +294,10 @@ def run(args) -> int:
     print(f"gist / full prompt ROUGE-L: {result['gist_vs_full']:.3f} (target >= 0.8: "
           f"{'met' if result['target_met'] else 'missed'}); compressing a prompt once: "
           f"{ttft['compress once'] * 1000:.0f} ms (timings on a shared CPU are indicative)")
+    named = result["task_named"]
+    if named:
+        print(f"asked for its task after the system prompt, the model names it: full prompt {named['full prompt']} / "
+              f"{named['of']}, gist tokens {named['gist']} / {named['of']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

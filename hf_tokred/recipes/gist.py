@@ -193,8 +193,39 @@ def prompt_rows(tokenizer, prompts: list[str] | list[list[dict]]) -> list[dict]:
     rows = []
     for prompt in prompts:
         context, tail = split_prompt(tokenizer, prompt)
-        rows.append({"prompt": prompt, "context": context, "tail": tail})
+        rows.append({"prompt": prompt, "context": context, "tail": tail, **task_probe(tokenizer, prompt)})
     return rows
+
+
+TASK_QUESTION = "Before you start: what task did the system prompt give you?"
+
+
+def task_probe(tokenizer, prompt: str | list[dict]) -> dict:
+    """The task probe of a system-prompt chat (:func:`hf_tokred.recipes.lm_data.system_prompts`): ``probe_tail``, the
+    ids after the system turn of a user turn asking for the task (:data:`TASK_QUESTION`) and the assistant header, and
+    ``probe_answer``, the assistant turn naming the task the system prompt was drawn with. Read through the gist cache,
+    it is :func:`gist_loss`'s second target (``probe_weight``): it asks the gist tokens for the part of the system
+    prompt the answers depend on most. Empty for a request or a chat whose task is not one of
+    :data:`~hf_tokred.recipes.lm_data.SYSTEM_TASKS`.
+
+    Example:
+        >>> from hf_tokred.recipes.lm_data import system_prompts
+        >>> probe = task_probe(tokenizer, system_prompts("heldout", 1)[0])                   # doctest: +SKIP
+        >>> tokenizer.decode(probe["probe_answer"])                                           # doctest: +SKIP
+        'My task: write three quiz questions about the passage, each with its answer.<|im_end|>\n'
+    """
+    from .lm_data import system_task
+
+    task = None if isinstance(prompt, str) else system_task(prompt)
+    if task is None:
+        return {}
+    system = prompt[:-1]
+    question = [*system, {"role": "user", "content": TASK_QUESTION}]
+    context, tail = split_prompt(tokenizer, question)
+    full = _turn_ids(tokenizer, [*question, {"role": "assistant", "content": f"My task: {task}."}])
+    if full[:len(context) + len(tail)] != context + tail:  # a template that rewrites earlier turns: no probe
+        return {}
+    return {"probe_tail": tail, "probe_answer": full[len(context) + len(tail):]}
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,26 +259,55 @@ def _attach(model, reduction, num_gist, rank, alpha, target_modules):
     return get_applied(model).config.get("context")
 
 
-def gist_loss(model, batch: list[dict], pad: int) -> torch.Tensor:
+def _read_loss(model, cache, rows: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
+    """Mean cross-entropy of each row's target read after ``cache`` and the row's tail (``(tail, target)`` pairs)."""
+    from ..integration.gist import continuation_logits
+    from .token_dropping import collate
+
+    device = model.get_input_embeddings().weight.device
+    cont, cont_mask = collate([tail + target for tail, target in rows], pad)  # right-padded
+    labels = torch.full(cont.shape, -100, dtype=torch.long)
+    for i, (tail, target) in enumerate(rows):
+        labels[i, len(tail):len(tail) + len(target)] = torch.tensor(target)
+    logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+
+
+def _reader_copy(cache):
+    """A second reader of ``cache``: the same entries (graph kept), appended to separately (``DynamicLayer.update``
+    replaces its tensors, so the copies share the gist entries and nothing else)."""
+    import copy
+
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
+
+
+def gist_loss(model, batch: list[dict], pad: int, probe_weight: float = 0.0, parts: dict | None = None) -> torch.Tensor:
     """Mean cross-entropy of the answers of ``batch`` read through their gist caches (the tail's last token
-    predicts the answer's first): the training loss, through the same :func:`gist_cache` as inference.
+    predicts the answer's first): the training loss, through the same :func:`gist_cache` as inference. With
+    ``probe_weight`` > 0, plus that weight times the cross-entropy of each row's task probe (:func:`task_probe`)
+    read through the same gist cache. ``parts`` (a dict) receives the two terms' values, ``"answer"`` and ``"probe"``.
 
     Example:
         >>> loss = gist_loss(model, data[:4], tokenizer.pad_token_id)                     # doctest: +SKIP
     """
-    from ..integration.gist import continuation_logits, gist_cache
-    from .token_dropping import collate
+    from ..integration.gist import gist_cache
 
     device = model.get_input_embeddings().weight.device
     ids, mask = _left_pad([e["context"] for e in batch], pad)
     cache = gist_cache(model, ids.to(device), mask.to(device), grad=True)
-    cont, cont_mask = collate([e["tail"] + e["answer"] for e in batch], pad)  # right-padded
-    labels = torch.full(cont.shape, -100, dtype=torch.long)
-    for i, e in enumerate(batch):
-        labels[i, len(e["tail"]):len(e["tail"]) + len(e["answer"])] = torch.tensor(e["answer"])
-    logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+    probe_cache = _reader_copy(cache) if probe_weight else None
+    loss = _read_loss(model, cache, [(e["tail"], e["answer"]) for e in batch], pad)
+    if parts is not None:
+        parts["answer"] = loss.item()
+    if probe_weight:
+        probe = _read_loss(model, probe_cache, [(e["probe_tail"], e["probe_answer"]) for e in batch], pad)
+        if parts is not None:
+            parts["probe"] = probe.item()
+        loss = loss + probe_weight * probe
+    return loss
 
 
 def _fingerprint(data: list[dict], **settings) -> dict:
@@ -261,15 +321,16 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                alpha: float = 16.0, target_modules=(), steps: int = 330, batch_size: int = 4, lr: float = 4e-3,
                embedding_lr: float = 2e-2, lr_schedule: str = "cosine", max_grad_norm: float = 1.0,
                train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS, prompt_kind: str = "request",
-               max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, output_dir=None, resume: bool = True,
-               save_every: int = 10, progress: bool = True):
+               max_new_tokens: int = MAX_NEW_TOKENS, probe_weight: float = 0.0, seed: int = 0, output_dir=None,
+               resume: bool = True, save_every: int = 10, progress: bool = True):
     """Train the gist embeddings and the LoRA on ``model`` (a causal LM; returned with the reduction attached).
 
     The reduction: the gist one already attached, else ``reduction``, else a fresh one with ``num_gist``, ``rank``,
     ``alpha`` and ``target_modules``. The data: ``data`` (from :func:`gist_data`), else ``train_prompts`` prompts (all
     of the training split by default: 526 requests on Python 3.11, 2.5 passes in the default 330 steps of 4) of
     ``prompt_kind`` (:data:`PROMPT_KINDS`) whose compressed part is about ``target_tokens`` tokens, with the dense
-    model's greedy answers (``max_new_tokens``, cached; ``model`` must then be dense when called).
+    model's greedy answers (``max_new_tokens``, cached; ``model`` must then be dense when called). ``probe_weight`` >
+    0 adds each example's task probe (:func:`task_probe`; system-prompt chats only) to the loss with that weight.
 
     The loop: only the gist embeddings and the LoRA train, AdamW (``embedding_lr`` for the embeddings, ``lr`` for the
     LoRA) with a ``lr_schedule`` decay, batches of ``batch_size`` drawn in a fresh seeded order every pass, loss
@@ -292,7 +353,8 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                             ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
                             ("lr", lr, lr > 0), ("embedding_lr", embedding_lr, embedding_lr > 0),
                             ("save_every", save_every, isinstance(save_every, int) and save_every >= 1),
-                            ("lr_schedule", lr_schedule, lr_schedule in LR_SCHEDULES)):
+                            ("lr_schedule", lr_schedule, lr_schedule in LR_SCHEDULES),
+                            ("probe_weight", probe_weight, isinstance(probe_weight, (int, float)) and probe_weight >= 0)):
         if not ok:
             raise ConfigError(f"{name}: invalid value {value!r}", field=name)
     rng_state = torch.random.get_rng_state()
@@ -309,6 +371,9 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                 raise ConfigError("train_prompts" + str(error).removeprefix("count"), field="train_prompts") from None
         if not data:
             raise ConfigError("data: expected at least one training example", field="data")
+        if probe_weight and not all("probe_tail" in e and "probe_answer" in e for e in data):
+            raise ConfigError("probe_weight: every example needs a task probe ('probe_tail' and 'probe_answer', "
+                              "which gist_data adds to system-prompt chats); use 0 for other data", field="probe_weight")
         cfg = _attach(model, reduction, num_gist, rank, alpha, target_modules)
         holder = model._modules[MODULES_ATTR]
         embeddings, lora = holder[EMBEDDINGS_NAME], holder[LORA_NAME]
@@ -321,13 +386,15 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW([{"params": params[:1], "lr": embedding_lr, "base": embedding_lr},
                                        {"params": params[1:], "lr": lr, "base": lr}], weight_decay=0.0)
+        probed = {"probe_weight": probe_weight} if probe_weight else {}  # earlier runs' fingerprints stay valid
         fingerprint = _fingerprint(data, reduction=cfg.to_dict(), lr=lr, embedding_lr=embedding_lr,
                                    batch_size=batch_size, seed=seed, lr_schedule=lr_schedule,
-                                   max_grad_norm=max_grad_norm)
+                                   max_grad_norm=max_grad_norm, **probed)
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "examples": len(data),
                  "prompt_kind": built_kind,
                  "prompt_tokens": round(sum(len(e["context"]) + len(e["tail"]) for e in data) / len(data), 1),
-                 "answer_tokens": round(sum(len(e["answer"]) for e in data) / len(data), 1), "seconds": 0.0}
+                 "answer_tokens": round(sum(len(e["answer"]) for e in data) / len(data), 1), "seconds": 0.0,
+                 **probed}
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, holder, optimizer, params, state)
         order = _batch_order(len(data), steps * batch_size, True, torch.Generator().manual_seed(seed))
@@ -340,7 +407,10 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             batch = [data[i] for i in order[step * batch_size:(step + 1) * batch_size]]
             for group in optimizer.param_groups:
                 group["lr"] = group["base"] * lr_factor(lr_schedule, step, steps)
-            loss = gist_loss(model, batch, pad)
+            parts: dict = {}
+            loss = gist_loss(model, batch, pad, probe_weight, parts)
+            if probe_weight:  # the answers' own loss, beside the total in "losses"
+                state.setdefault("answer_losses", []).append(round(parts["answer"], 6))
             _resumable_step(loss, optimizer, params, state, bar, checkpoint, holder, save_every, steps,
                             max_grad_norm=max_grad_norm)
             if checkpoint is not None and state["step"] % save_every == 0:
@@ -374,6 +444,10 @@ def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | N
     first = sum(losses[:10]) / max(len(losses[:10]), 1)
     final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
     fp = state["fingerprint"]
+    probe_line = ""
+    if fp.get("probe_weight"):
+        probe_line = (f", plus {fp['probe_weight']} x the cross-entropy of the system prompt's task asked for through "
+                      "the same cache (`task_probe`)")
     figures = ""
     if results:
         figures = "\n## Held-out figures (`hf-tokred learned-lm gist`)\n\n| | value |\n|---|---|\n" + "\n".join(
@@ -409,7 +483,7 @@ Without hf_tokred the same folder loads as the plain base model.
 - data: {state["examples"]} {DATA_DESCRIPTIONS.get(state.get("prompt_kind"), "examples given to `train_gist`")}
   (`hf_tokred.recipes.gist.gist_prompts`, prompts of {state["prompt_tokens"]} tokens on average), targets the dense
   model's own greedy answers ({state["answer_tokens"]} tokens on average)
-- loss: cross-entropy of the answer read through the gist cache
+- loss: cross-entropy of the answer read through the gist cache{probe_line}
 - steps: {state["step"]}, batch size {fp["batch_size"]}, learning rate {fp["lr"]} (LoRA) / {fp["embedding_lr"]}
   (embeddings), {fp["lr_schedule"]}, seed {fp["seed"]}; {state.get("seconds", 0)} s of training on a shared CPU
 - training loss: first 10 steps {first:.4f}, last 10 steps {final:.4f}
@@ -509,6 +583,8 @@ examples:
   hf-tokred train gist --prompt-kind system --prompts 640 --steps 400 --output ./gist-system
                                                 system prompts (role, task, house rules) compressed, the user's
                                                 passage after the gist tokens (the paper's setting)
+  hf-tokred train gist --prompt-kind system --prompts 640 --steps 400 --task-probe 1 --output ./gist-system-task
+                                                the same, the gist tokens also asked for the system prompt's task
 """
 
 
@@ -533,6 +609,9 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--prompts", type=_positive_int, default=None,
                        help="training prompts (default: all of the training split: 526 requests or 1,438 system "
                        "prompts on Python 3.11)")
+    train.add_argument("--task-probe", type=_float_in(0.0, 100.0), default=0.0, metavar="WEIGHT",
+                       help="with --prompt-kind system: also train the gist tokens to name the system prompt's task "
+                       "when asked through their cache, this weight times that loss (default: 0, off)")
     train.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="request",
                        help="what the gist tokens compress: 'request' (default), the user's request about a passage; "
                        "'system', a system prompt of house rules, the user's passage after the gist tokens")
@@ -551,7 +630,7 @@ def run(args) -> int:
          f"{args.prompts or 'all'} training prompts ({args.prompt_kind})")
     train_gist(model, tokenizer, num_gist=args.num_gist, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                embedding_lr=args.embedding_lr, train_prompts=args.prompts, prompt_kind=args.prompt_kind,
-               seed=args.seed, output_dir=output, progress=not args.no_progress)
+               probe_weight=args.task_probe, seed=args.seed, output_dir=output, progress=not args.no_progress)
     losses = model.train_losses
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the gist tokens; "
           f"loss {sum(losses[:5]) / max(len(losses[:5]), 1):.3f} -> {sum(losses[-5:]) / max(len(losses[-5:]), 1):.3f}; "
@@ -560,4 +639,4 @@ def run(args) -> int:
 
 
 __all__ = ["answers_cache", "gist_answers", "gist_data", "gist_loss", "gist_prompts",
-           "mean_rouge_l", "split_prompt", "train_gist", "write_model_card"]
+           "mean_rouge_l", "split_prompt", "task_probe", "train_gist", "write_model_card"]

@@ -288,6 +288,18 @@ def system_prompts(split: str = "train", count: int | None = None, *, seed: int 
     return chats
 
 
+def system_task(chat: list[dict]) -> str | None:
+    """The task of :data:`SYSTEM_TASKS` that a chat of :func:`system_prompts` was drawn with (None: no such task).
+
+    Example:
+        >>> from hf_tokred.recipes.lm_data import SYSTEM_TASKS, system_prompts, system_task
+        >>> system_task(system_prompts("heldout", 1)[0]) in SYSTEM_TASKS
+        True
+    """
+    system = chat[0].get("content", "") if chat and chat[0].get("role") == "system" else ""
+    return next((task for task in SYSTEM_TASKS if f"Your task: {task}." in system), None)
+
+
 def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """The token ids of ``prompt`` with the assistant header after it (the model's chat template): a string is one
     user message, a list is the chat's messages (``{"role": ..., "content": ...}``).
