@@ -351,7 +351,8 @@ def test_task_probe_adds_its_weighted_loss_through_the_same_cache_and_is_trained
     state = json.loads((out / recipe.TRAINING_STATE).read_text())
     assert state["fingerprint"]["probe_weight"] == 0.5 and len(state["answer_losses"]) == 4
     assert all(total > answer for total, answer in zip(state["losses"], state["answer_losses"]))
-    assert "0.5 x the cross-entropy of the system prompt's task" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "0.5 x the cross-entropy of the system prompt's task" in card and "the answers' term alone" in card
     for bad_data, weight in ((data, -1.0), ([{k: e[k] for k in ("context", "tail", "answer")} for e in data], 0.5)):
         untouched = make_tiny_llama()
         with pytest.raises(ConfigError) as error:
@@ -368,7 +369,8 @@ def test_bench_counts_the_tasks_named_through_the_full_prompt_and_the_gist(monke
               {"role": "user", "content": "passage"}] for task in SYSTEM_TASKS[:3]]
     data = [{"prompt": c, "context": [3, 4], "tail": [5], "answer": [6], "probe_tail": [7, 8]} for c in chats]
     data.append({"prompt": "a request", "context": [3], "tail": [5], "answer": [6]})  # no probe: not asked
-    replies = {"full": [f"My task: {t}." for t in SYSTEM_TASKS[:3]],  # all three named
+    replies = {"full": [f"My task: {t}." for t in SYSTEM_TASKS[:2]]  # all three named, the third in other words
+               + [f"The system asked me to {SYSTEM_TASKS[2].replace('list', 'write down')}."],
                "gist": [f"My task: {SYSTEM_TASKS[0]}.", f"My task: {SYSTEM_TASKS[0]}.", "I do not know."]}
     seen = []
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import statistics
 import time
 
@@ -123,7 +124,8 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
                   "lr": fp["lr"], "embedding_lr": fp["embedding_lr"], "seed": fp["seed"],
                   "train_seconds": state.get("seconds"),
                   "final_loss": round(sum(state["losses"][-10:]) / max(len(state["losses"][-10:]), 1), 4),
-                  "first_loss": round(sum(state["losses"][:10]) / max(len(state["losses"][:10]), 1), 4)}
+                  "first_loss": round(sum(state["losses"][:10]) / max(len(state["losses"][:10]), 1), 4),
+                  "probe_weight": fp.get("probe_weight", 0.0)}
     kind = prompt_kind or state.get("prompt_kind") or "request"
     if kind not in PROMPT_KINDS:
         raise ConfigError(f"prompt_kind: expected one of {', '.join(PROMPT_KINDS)}, got {kind!r}", field="prompt_kind")
@@ -232,16 +234,28 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
 def _task_named(model, tokenizer, data: list[dict], **kwargs) -> dict:
     """How many system prompts' tasks the model names when asked for them after the prompt (the task probe of
     :func:`hf_tokred.recipes.gist.task_probe`, greedy), with the prompt given in full and as the gist tokens: whether
-    the gist cache carries the part of a system prompt the answers depend on most."""
+    the gist cache carries the part of a system prompt the answers depend on most. A reply names the task when, of
+    the :data:`~hf_tokred.recipes.lm_data.SYSTEM_TASKS`, the prompt's own is the one nearest to it (word-level
+    ROUGE-L, above 0), so the dense model's paraphrases ("The system asked me to ...") count as the gist tokens'
+    trained form ("My task: ...") does."""
+    from ..methods.lm.gist import rouge_l
     from ..recipes.gist import gist_answers
-    from ..recipes.lm_data import system_task
+    from ..recipes.lm_data import SYSTEM_TASKS, system_task
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z]+", text.lower())
+
+    def nearest(reply: str) -> str | None:
+        scores = [rouge_l(words(reply), words(task)) for task in SYSTEM_TASKS]
+        best = max(scores)
+        return SYSTEM_TASKS[scores.index(best)] if best > 0 else None
 
     asked = [{**row, "tail": row["probe_tail"]} for row in data if "probe_tail" in row]
     tasks = [system_task(row["prompt"]) for row in asked]
     named = {"of": len(asked)}
     for label, mode in (("full prompt", "full"), ("gist", "gist")):
         replies = gist_answers(model, asked, mode=mode, max_new_tokens=32, **kwargs)
-        named[label] = sum(task in tokenizer.decode(reply) for task, reply in zip(tasks, replies))
+        named[label] = sum(nearest(tokenizer.decode(reply)) == task for task, reply in zip(tasks, replies))
     return named
 
 
@@ -270,7 +284,8 @@ def run(args) -> int:
     if budget:
         print(f"gist tokens: k = {result['num_gist']}, trained {budget['steps']} steps of {budget['batch_size']} on "
               f"{budget['examples']} prompts (loss {budget['first_loss']} -> {budget['final_loss']}, "
-              f"{budget['train_seconds']} s on a shared CPU)")
+              f"{budget['train_seconds']} s on a shared CPU" + (f"; with the task probe, weight {budget['probe_weight']}"
+                                                              if budget["probe_weight"] else "") + ")")
     decoding = result["decoding"]
     if decoding == "greedy":
         how, reference = "greedy answers", "full prompt (reference)"
@@ -296,8 +311,8 @@ def run(args) -> int:
           f"{ttft['compress once'] * 1000:.0f} ms (timings on a shared CPU are indicative)")
     named = result["task_named"]
     if named:
-        print(f"asked for its task after the system prompt, the model names it: full prompt {named['full prompt']} / "
-              f"{named['of']}, gist tokens {named['gist']} / {named['of']}")
+        print(f"asked for its task after the system prompt, the model names it (the nearest of the 12 tasks): full "
+              f"prompt {named['full prompt']} / {named['of']}, gist tokens {named['gist']} / {named['of']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

@@ -444,10 +444,13 @@ def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | N
     first = sum(losses[:10]) / max(len(losses[:10]), 1)
     final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
     fp = state["fingerprint"]
-    probe_line = ""
+    probe_line = answer_line = ""
     if fp.get("probe_weight"):
         probe_line = (f", plus {fp['probe_weight']} x the cross-entropy of the system prompt's task asked for through "
                       "the same cache (`task_probe`)")
+        answers = state.get("answer_losses", [])
+        answer_line = (f" (the answers' term alone: {sum(answers[:10]) / max(len(answers[:10]), 1):.4f} -> "
+                       f"{sum(answers[-10:]) / max(len(answers[-10:]), 1):.4f})")
     figures = ""
     if results:
         figures = "\n## Held-out figures (`hf-tokred learned-lm gist`)\n\n| | value |\n|---|---|\n" + "\n".join(
@@ -486,7 +489,7 @@ Without hf_tokred the same folder loads as the plain base model.
 - loss: cross-entropy of the answer read through the gist cache{probe_line}
 - steps: {state["step"]}, batch size {fp["batch_size"]}, learning rate {fp["lr"]} (LoRA) / {fp["embedding_lr"]}
   (embeddings), {fp["lr_schedule"]}, seed {fp["seed"]}; {state.get("seconds", 0)} s of training on a shared CPU
-- training loss: first 10 steps {first:.4f}, last 10 steps {final:.4f}
+- training loss: first 10 steps {first:.4f}, last 10 steps {final:.4f}{answer_line}
 - data fingerprint (SHA-256): `{fp["data_sha256"]}`
 {figures}
 `checkpoint/` (optimizer state, for resuming) is not needed for inference.
