@@ -24,7 +24,10 @@ Reported:
   the part it replaces (the user turn, or the system turn; its length in entries);
 * time to first token at batch 1: a question asked through a reused gist cache (a copy of the cache + what follows
   it + one decoding step) against the full prompt (prefill + one step), median of a few repeats. Timings on a
-  shared CPU are indicative only.
+  shared CPU are indicative only;
+* for ``system``, greedy: how many held-out system prompts' tasks the model names when asked for them after the full
+  prompt and after the gist tokens (whether the gist cache carries the task, the part of a system prompt the answers
+  depend on most).
 """
 
 from __future__ import annotations
