@@ -104,6 +104,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         TRAINING_STATE,
         gist_answers,
         gist_data,
+        mean_ends,
         mean_rouge_l,
     )
 
@@ -123,11 +124,11 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         with open(state_file, encoding="utf-8") as fh:
             state = json.load(fh)
         fp = state["fingerprint"]
+        first_loss, final_loss = mean_ends(state["losses"])
         budget = {"steps": state["step"], "batch_size": fp["batch_size"], "examples": state["examples"],
                   "lr": fp["lr"], "embedding_lr": fp["embedding_lr"], "seed": fp["seed"],
                   "train_seconds": state.get("seconds"),
-                  "final_loss": round(sum(state["losses"][-10:]) / max(len(state["losses"][-10:]), 1), 4),
-                  "first_loss": round(sum(state["losses"][:10]) / max(len(state["losses"][:10]), 1), 4),
+                  "final_loss": round(final_loss, 4), "first_loss": round(first_loss, 4),
                   "probe_weight": fp.get("probe_weight", 0.0)}
     kind = prompt_kind or state.get("prompt_kind") or "request"
     if kind not in PROMPT_KINDS:

@@ -436,21 +436,30 @@ DATA_DESCRIPTIONS = {
 }
 
 
+def mean_ends(losses: list[float], count: int = 10) -> tuple[float, float]:
+    """The mean of the first ``count`` and of the last ``count`` of ``losses`` (0.0 for none): a training run's loss
+    at its start and its end, as the model card and the bench report them.
+
+    Example:
+        >>> mean_ends([4.0, 2.0, 1.0, 0.5], 2)
+        (3.0, 0.75)
+    """
+    return (sum(losses[:count]) / max(len(losses[:count]), 1), sum(losses[-count:]) / max(len(losses[-count:]), 1))
+
+
 def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | None = None) -> None:
     """Write ``README.md`` of a trained gist folder: training data, steps, seed and (``results``) measured figures."""
     base = getattr(model, "name_or_path", "") or type(model).__name__
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
     losses = state["losses"]
-    first = sum(losses[:10]) / max(len(losses[:10]), 1)
-    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    first, final = mean_ends(losses)
     fp = state["fingerprint"]
     probe_line = answer_line = ""
     if fp.get("probe_weight"):
         probe_line = (f", plus {fp['probe_weight']} x the cross-entropy of the system prompt's task asked for through "
                       "the same cache (`task_probe`)")
-        answers = state.get("answer_losses", [])
-        answer_line = (f" (the answers' term alone: {sum(answers[:10]) / max(len(answers[:10]), 1):.4f} -> "
-                       f"{sum(answers[-10:]) / max(len(answers[-10:]), 1):.4f})")
+        answer_first, answer_final = mean_ends(state.get("answer_losses", []))
+        answer_line = f" (the answers' term alone: {answer_first:.4f} -> {answer_final:.4f})"
     figures = ""
     if results:
         figures = "\n## Held-out figures (`hf-tokred learned-lm gist`)\n\n| | value |\n|---|---|\n" + "\n".join(
@@ -634,10 +643,9 @@ def run(args) -> int:
     train_gist(model, tokenizer, num_gist=args.num_gist, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                embedding_lr=args.embedding_lr, train_prompts=args.prompts, prompt_kind=args.prompt_kind,
                probe_weight=args.task_probe, seed=args.seed, output_dir=output, progress=not args.no_progress)
-    losses = model.train_losses
+    first, final = mean_ends(model.train_losses, 5)
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the gist tokens; "
-          f"loss {sum(losses[:5]) / max(len(losses[:5]), 1):.3f} -> {sum(losses[-5:]) / max(len(losses[-5:]), 1):.3f}; "
-          "measure with `hf-tokred learned-lm gist`")
+          f"loss {first:.3f} -> {final:.3f}; measure with `hf-tokred learned-lm gist`")
     return 0
 
 
