@@ -49,6 +49,7 @@ from transformers import Trainer
 
 from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR, get_applied
+from .recipes import mean_ends
 
 # The learned sequence reducers the shared helpers below serve, with the config the error message suggests.
 _SEQUENCE_EXAMPLES = {"dynamicvit": "{'method': 'dynamicvit', 'keep_rate': 0.7}",
@@ -869,7 +870,7 @@ def _load_checkpoint(folder: str, model, optimizer, params: list) -> None:
 def _model_card(name: str, state: dict, sources: list[str]) -> str:
     fp = state["fingerprint"]
     losses = state["losses"]
-    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    final = mean_ends(losses)[1]
     import re
 
     label_lines = "\n".join(f"  - {s}" for s in sources) or "  - supplied by the caller"

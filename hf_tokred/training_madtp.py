@@ -28,6 +28,7 @@ import torch
 
 from .errors import ConfigError, TokenReductionError
 from .integration.wiring import MODULES_ATTR
+from .recipes import mean_ends
 from .training import (
     _batch_order,
     _check_loop,
@@ -193,14 +194,13 @@ def _model_card(model, reducer, state: dict) -> str:
                                     if state["losses"] else None})
     fp = state["fingerprint"]
     losses = state["losses"]
-    tail = losses[-10:]
     return str(card) + f"""
 ## Training (hf_tokred.training_madtp.train_madtp)
 
 - trained: the MADTP heads only (MAG alignment tokens and projections, DTP keep-ratio heads); the backbone is frozen
 - teacher: the same model run densely; loss = KL on the output logits + pooled-vision cosine + ratio + alignment
 - steps: {state["step"]}, learning rate {fp["lr"]} ({fp["lr_schedule"]}), seed {fp["seed"]}, {fp["batch_count"]} batches
-- final training loss (mean of the last {len(tail)} steps): {sum(tail) / max(len(tail), 1):.5f}
+- final training loss (mean of the last {min(len(losses), 10)} steps): {mean_ends(losses)[1]:.5f}
 - data fingerprint: `{fp["data_sha256"]}`
 """
 

@@ -97,6 +97,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
     from ..embedded import load_smollm2
     from ..errors import ConfigError, MissingFileError
     from ..integration.wiring import get_applied
+    from ..recipes import mean_ends
     from ..recipes.gist import (
         MAX_NEW_TOKENS,
         PROMPT_KINDS,
@@ -104,7 +105,6 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
         TRAINING_STATE,
         gist_answers,
         gist_data,
-        mean_ends,
         mean_rouge_l,
     )
 

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from ..recipes import mean_ends
+
 
 def add_bench_arguments(parser) -> None:
     """The settings of ``hf-tokred nlp-bench token_dropping``.
@@ -180,7 +182,7 @@ def run_bench(args) -> dict:
         seconds = time.perf_counter() - t0
         times = model.step_seconds[min(3, len(model.step_seconds) - 1):]  # after warm-up
         runs[name] = {"model": model, "train_seconds": seconds, "step_median_s": statistics.median(times),
-                      "final_train_loss": sum(model.train_losses[-10:]) / len(model.train_losses[-10:]),
+                      "final_train_loss": mean_ends(model.train_losses)[1],
                       "kept_fraction": model.kept_fraction}
     sample = tokenize_chunks(train_texts, tokenizer, args.max_length)[: args.batch_size]
     _log(f"token_dropping bench: {args.repeats} interleaved timing rounds")

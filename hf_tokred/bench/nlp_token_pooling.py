@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from ..recipes import mean_ends
+
 DEFAULTS = {"steps": 200, "layers": 8, "hidden_size": 128, "seq_len": 128, "batch_size": 8, "eval_windows": 96}
 
 
@@ -138,7 +140,7 @@ def run_bench(args) -> dict:
         row = results[name]
         row["heldout_bpb"] = bits_per_byte(model, heldout, seq_len=args.seq_len, batch_size=args.batch_size,
                                            max_windows=args.eval_windows)
-        row["final_train_loss"] = sum(model.train_state["lm_losses"][-10:]) / len(model.train_state["lm_losses"][-10:])
+        row["final_train_loss"] = mean_ends(model.train_state["lm_losses"])[1]
         row["forward_gflops"] = _forward_flops(model, probe) / 1e9
         row["forward_seconds"] = _forward_seconds(model, probe)
     depth = results["vanilla, equal depth"] if "vanilla, equal depth" in results else results["vanilla, equal compute"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import time
 
+from ..recipes import mean_ends
+
 
 def add_bench_arguments(parser) -> None:
     """The benchmark's settings (the dispatcher adds ``--json``).
@@ -96,7 +98,7 @@ def run_bench(args) -> dict:
         runs[name] = {"ratio": ratio, "accuracy": result["accuracy"], "mean_tokens": round(result["mean_tokens"], 2),
                       "train_seconds": round(time.perf_counter() - t0 - data_seconds - result["seconds"], 1),
                       "data_seconds": round(data_seconds, 1), "eval_seconds": result["seconds"],
-                      "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+                      "final_loss": round(mean_ends(losses)[1], 4),
                       "examples": [{"question": p.question, "answer": p.answer, "output": o}
                                    for p, o in zip(heldout[:3], result["outputs"][:3])]}
         hf_tokred.remove(model)

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..recipes import mean_ends
+
 IN_LLM = ("fastv", "sparsevlm", "ivtp")
 BEFORE_LLM = ("visionzip", "prumerge", "turbo")
 METHODS = IN_LLM + BEFORE_LLM
@@ -616,7 +618,7 @@ def run_quality(model=None, tokenizer=None, *, methods=METHODS, keeps=DEFAULT_KE
             trained = train_on_captions(model, tokenizer, cfg, samples=train_samples, steps=train_steps,
                                         progress=progress)
             training = {"steps": train_steps, "samples": train_samples, "seconds": trained["seconds"],
-                        "final_loss": sum(trained["losses"][-5:]) / len(trained["losses"][-5:])}
+                        "final_loss": mean_ends(trained["losses"], 5)[1]}
         log(f"quality: {label} ...")
         real_tower = getattr(cfg, "insertion", "") == "before_llm"
         per_sample = []

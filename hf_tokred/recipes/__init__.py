@@ -20,6 +20,17 @@ CORPUS_HELP = ("training text, paragraphs separated by blank lines (default: the
                "the standard library, training split)")
 
 
+def mean_ends(losses: list[float], count: int = 10) -> tuple[float, float]:
+    """The mean of the first ``count`` and of the last ``count`` of ``losses`` (0.0 for none): a training run's loss
+    at its start and its end, as the recipes' model cards, summaries and benches report them.
+
+    Example:
+        >>> mean_ends([4.0, 2.0, 1.0, 0.5], 2)
+        (3.0, 0.75)
+    """
+    return (sum(losses[:count]) / max(len(losses[:count]), 1), sum(losses[-count:]) / max(len(losses[-count:]), 1))
+
+
 def add_recipe_parser(subparsers, name: str, *, help: str, description: str, output: str, steps: int,
                       corpus: bool = True) -> argparse.ArgumentParser:
     """Add ``hf-tokred train NAME`` with the options every recipe shares and return its parser for the method's own.

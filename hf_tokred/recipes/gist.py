@@ -35,6 +35,7 @@ import torch
 
 from ..compat import CACHE_KWARG
 from ..errors import ConfigError
+from . import mean_ends
 
 TRAINING_STATE = "gist_training.json"
 TARGET_TOKENS = 200
@@ -434,17 +435,6 @@ DATA_DESCRIPTIONS = {
     "request": "chat requests about standard-library documentation passages, the user turn compressed",
     "system": "system prompts (a role, a task, house rules) compressed, each followed by a user passage",
 }
-
-
-def mean_ends(losses: list[float], count: int = 10) -> tuple[float, float]:
-    """The mean of the first ``count`` and of the last ``count`` of ``losses`` (0.0 for none): a training run's loss
-    at its start and its end, as the model card and the bench report them.
-
-    Example:
-        >>> mean_ends([4.0, 2.0, 1.0, 0.5], 2)
-        (3.0, 0.75)
-    """
-    return (sum(losses[:count]) / max(len(losses[:count]), 1), sum(losses[-count:]) / max(len(losses[-count:]), 1))
 
 
 def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | None = None) -> None:

@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, TokenReductionError
+from . import mean_ends
 
 STATE_NAME = "token_dropping_training.json"
 MASK_RATE = 0.15
@@ -259,7 +260,7 @@ def _fingerprint(chunks: list[list[int]], **settings) -> dict:
 def _model_card(name: str, state: dict, easiest: list[str]) -> str:
     fp = state["fingerprint"]
     losses = state["losses"]
-    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    final = mean_ends(losses)[1]
     dropping = fp["dropping"]
     how = (f"Token Dropping (Hou et al., arXiv 2203.13240): blocks {fp['drop_layer']} .. {fp['restore_layer'] - 1} "
            f"saw only the hard tokens (keep {fp['keep']} of the droppable tokens, ranked by the running MLM loss of "
@@ -499,7 +500,7 @@ def run(args) -> int:
     _log(f"token_dropping: {len(texts)} paragraphs, {args.steps} steps at keep {args.keep}")
     model = train_token_dropping(None, texts, keep=args.keep, steps=args.steps, seed=args.seed, output_dir=output,
                                  keep_reduction=args.keep_reduction, progress=not args.no_progress)
-    print(f"saved to {output}: final loss {sum(model.train_losses[-10:]) / len(model.train_losses[-10:]):.4f}, "
+    print(f"saved to {output}: final loss {mean_ends(model.train_losses)[1]:.4f}, "
           f"{model.kept_fraction:.1%} of the tokens in the middle blocks; load it with "
           f"AutoModelForMaskedLM.from_pretrained({output!r})")
     return 0

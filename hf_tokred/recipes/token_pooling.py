@@ -24,6 +24,7 @@ from ..methods.nlp.token_pooling import (
     BYTE_WHITESPACE_IDS,
     TokenPoolingConfig,
 )
+from . import mean_ends
 
 STATE_NAME = "token_pooling_training.json"
 BOUNDARY_CHOICES = ("whitespace", "learned", "none")
@@ -129,7 +130,7 @@ def bits_per_byte(model, texts: list[str], *, seq_len: int = 256, batch_size: in
 def _card(state: dict, reduction) -> str:
     fp = state["fingerprint"]
     losses = state["lm_losses"]
-    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    final = mean_ends(losses)[1]
     what = ("an unpooled byte-level decoder (the baseline of Dynamic Token Pooling)" if reduction is None else
             f"a byte-level hourglass decoder, Dynamic Token Pooling (Nawrot et al., arXiv 2211.09761): layers "
             f"{reduction['pre_layers']} full resolution, then pooled segments ({reduction['boundaries']} boundaries), "

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, TokenReductionError
+from . import mean_ends
 
 SYSTEM_PROMPT = "Solve the math problem step by step."
 ANSWER_PREFIX = "The answer is"
@@ -515,7 +516,7 @@ def _model_card(model, cfg, state: dict, method: str) -> str:
     base = getattr(model, "name_or_path", "") or type(model).__name__
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None
     losses = state["losses"]
-    final = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    final = mean_ends(losses)[1]
     fp = state["fingerprint"]
     rows = "\n".join(f"| {r['ratio']} | {r['examples']} | {r['achieved']:.3f} |" for r in state["compression"])
     return f"""---
