@@ -361,6 +361,47 @@ def test_task_probe_adds_its_weighted_loss_through_the_same_cache_and_is_trained
         assert error.value.field == "probe_weight" and not hasattr(untouched, "hf_tokred_modules")
 
 
+def test_distillation_reads_the_dense_distributions_and_its_top_1_is_the_greedy_cross_entropy(tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    model = _trained_model()
+    contexts = _rows(10, 8, 12, seed=21)
+    with torch.no_grad():  # the dense model's greedy answers (plain generate stays dense with the gist attached)
+        answers = [model.generate(torch.tensor([c + [5]]), max_new_tokens=5, do_sample=False)[0, -5:].tolist()
+                   for c in contexts]
+    data = [{"context": c, "tail": [5], "answer": a} for c, a in zip(contexts, answers)]
+    batched = recipe.teacher_distributions(model, data, 8, pad=0, batch_size=3)
+    for row, (ids, probs) in zip(data, batched):
+        alone_ids, alone_probs = recipe.teacher_distributions(model, [row], 8, pad=0)[0]
+        assert ids.shape == probs.shape == (5, 8) and torch.equal(ids, alone_ids)
+        torch.testing.assert_close(probs, alone_probs)  # right padding changes nothing
+        torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+        assert ids[:, 0].tolist() == row["answer"]  # the most likely token at each position is the greedy one
+    # a one-token teacher at the greedy ids is the cross-entropy of the greedy answers
+    top1 = [{**e, "teacher": t} for e, t in zip(data, recipe.teacher_distributions(model, data, 1, pad=0))]
+    plain = recipe.gist_loss(model, top1, pad=0)
+    assert recipe.gist_loss(model, top1, pad=0, distill=True).item() == pytest.approx(plain.item(), rel=1e-5)
+    wide = [{**e, "teacher": t} for e, t in zip(data, batched)]
+    assert 0 < recipe.gist_loss(model, wide, pad=0, distill=True).item() != pytest.approx(plain.item(), rel=1e-3)
+    tokenizer = make_tiny_tokenizer()
+    out = tmp_path / "gist"
+    trained = make_tiny_llama()
+    recipe.train_gist(trained, tokenizer, data=data, num_gist=2, rank=4, steps=6, batch_size=3, distill_top=8,
+                      lr=1e-2, embedding_lr=5e-2, output_dir=out, progress=False)
+    state = json.loads((out / recipe.TRAINING_STATE).read_text())
+    assert state["fingerprint"]["distill_top"] == 8 and len(state["losses"]) == 6
+    assert all(loss > 0 for loss in state["losses"]) and sum(state["losses"][-2:]) < sum(state["losses"][:2])
+    assert "KL divergence from the dense model's next-token distributions" in (out / "README.md").read_text()
+    assert "teacher" not in data[0]  # the caller's rows are left as they were
+    vocab = trained.config.vocab_size
+    for bad in (-1, 1.5, True, vocab + 1):
+        untouched = make_tiny_llama()
+        with pytest.raises(ConfigError, match=f"distill_top: expected an int from 0 .off. to the vocabulary size {vocab}") as error:
+            recipe.train_gist(untouched, tokenizer, data=data, num_gist=2, rank=4, steps=1, distill_top=bad,
+                              progress=False)
+        assert error.value.field == "distill_top" and not hasattr(untouched, "hf_tokred_modules")
+
+
 def test_bench_counts_the_tasks_named_through_the_full_prompt_and_the_gist(monkeypatch):
     from hf_tokred.bench.lm_gist import _task_named
     from hf_tokred.recipes.lm_data import SYSTEM_TASKS
@@ -443,6 +484,9 @@ def test_cli_parses_train_and_bench():
     assert defaults.task_probe == 0.0  # off unless asked
     assert parser.parse_args(["train", "gist", "--task-probe", "1"]).task_probe == 1.0
     assert exit_code(["train", "gist", "--task-probe", "-1"]) == 2
+    assert defaults.distill_top is None  # the greedy answers' cross-entropy unless asked
+    assert parser.parse_args(["train", "gist", "--distill-top", "32"]).distill_top == 32
+    assert exit_code(["train", "gist", "--distill-top", "0"]) == 2
     with pytest.raises(ConfigError, match="draws"):
         run_bench("/nonexistent/gist", temperature=0.2, draws=1)
 

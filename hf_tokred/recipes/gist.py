@@ -260,19 +260,61 @@ def _attach(model, reduction, num_gist, rank, alpha, target_modules):
     return get_applied(model).config.get("context")
 
 
-def _read_loss(model, cache, rows: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
-    """Mean cross-entropy of each row's target read after ``cache`` and the row's tail (``(tail, target)`` pairs)."""
+def _read_loss(model, cache, rows: list[tuple[list[int], list[int]]], pad: int,
+               teachers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Mean loss per target token of each row's target read after ``cache`` and the row's tail (``(tail, target)``
+    pairs): the cross-entropy of the target ids, or with ``teachers`` (one ``(ids, probs)`` per row,
+    :func:`teacher_distributions`) the KL divergence from each position's teacher distribution."""
     from ..integration.gist import continuation_logits
     from .token_dropping import collate
 
     device = model.get_input_embeddings().weight.device
     cont, cont_mask = collate([tail + target for tail, target in rows], pad)  # right-padded
+    logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))[:, :-1].float()
+    if teachers is not None:  # position len(tail) - 1 + j predicts the target's j-th token
+        log_probs = logits.log_softmax(-1)
+        total = logits.new_zeros(())
+        for i, ((tail, target), (ids, probs)) in enumerate(zip(rows, teachers)):
+            read = log_probs[i, len(tail) - 1:len(tail) - 1 + len(target)].gather(-1, ids.to(device))
+            probs = probs.to(device)
+            total = total + (torch.xlogy(probs, probs) - probs * read).sum()
+        return total / sum(len(target) for _, target in rows)
     labels = torch.full(cont.shape, -100, dtype=torch.long)
     for i, (tail, target) in enumerate(rows):
         labels[i, len(tail):len(tail) + len(target)] = torch.tensor(target)
-    logits = continuation_logits(model, cache, cont.to(device), cont_mask.to(device))
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+                                             ignore_index=-100)
+
+
+def teacher_distributions(model, data: list[dict], top: int, pad: int, *, batch_size: int = 8,
+                          progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The dense model's next-token distribution at every answer position of each row of ``data``, reading the whole
+    prompt (``context + tail + answer``, no gist): its ``top`` most likely ids and their probabilities renormalised to
+    sum to 1, one ``(ids, probs)`` pair of ``(len(answer), top)`` tensors per row. :func:`gist_loss` with
+    ``distill=True`` trains the gist-read model towards them (context distillation). ``model`` may carry the gist
+    reduction: its plain forward is the dense model's.
+
+    Example:
+        >>> ids, probs = teacher_distributions(model, data[:1], 32, tokenizer.pad_token_id)[0]   # doctest: +SKIP
+        >>> ids.shape == (len(data[0]["answer"]), 32)                                              # doctest: +SKIP
+        True
+    """
+    from tqdm.auto import tqdm
+
+    from .token_dropping import collate
+
+    device = model.get_input_embeddings().weight.device
+    teachers = []
+    for begin in tqdm(range(0, len(data), batch_size), desc="dense distributions", disable=not progress):
+        chunk = data[begin:begin + batch_size]
+        ids, mask = collate([e["context"] + e["tail"] + e["answer"] for e in chunk], pad)  # right-padded
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for i, e in enumerate(chunk):
+            start = len(e["context"]) + len(e["tail"]) - 1
+            best = logits[i, start:start + len(e["answer"])].softmax(-1).topk(top, dim=-1)
+            teachers.append((best.indices.cpu(), (best.values / best.values.sum(-1, keepdim=True)).cpu()))
+    return teachers
 
 
 def _reader_copy(cache):
@@ -285,11 +327,14 @@ def _reader_copy(cache):
     return twin
 
 
-def gist_loss(model, batch: list[dict], pad: int, probe_weight: float = 0.0, parts: dict | None = None) -> torch.Tensor:
+def gist_loss(model, batch: list[dict], pad: int, probe_weight: float = 0.0, parts: dict | None = None,
+              distill: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the answers of ``batch`` read through their gist caches (the tail's last token
     predicts the answer's first): the training loss, through the same :func:`gist_cache` as inference. With
-    ``probe_weight`` > 0, plus that weight times the cross-entropy of each row's task probe (:func:`task_probe`)
-    read through the same gist cache. ``parts`` (a dict) receives the two terms' values, ``"answer"`` and ``"probe"``.
+    ``distill``, the mean KL divergence from each row's ``teacher`` distributions (:func:`teacher_distributions`)
+    instead. With ``probe_weight`` > 0, plus that weight times the cross-entropy of each row's task probe
+    (:func:`task_probe`) read through the same gist cache. ``parts`` (a dict) receives the two terms' values,
+    ``"answer"`` and ``"probe"``.
 
     Example:
         >>> loss = gist_loss(model, data[:4], tokenizer.pad_token_id)                     # doctest: +SKIP
@@ -300,7 +345,8 @@ def gist_loss(model, batch: list[dict], pad: int, probe_weight: float = 0.0, par
     ids, mask = _left_pad([e["context"] for e in batch], pad)
     cache = gist_cache(model, ids.to(device), mask.to(device), grad=True)
     probe_cache = _reader_copy(cache) if probe_weight else None
-    loss = _read_loss(model, cache, [(e["tail"], e["answer"]) for e in batch], pad)
+    loss = _read_loss(model, cache, [(e["tail"], e["answer"]) for e in batch], pad,
+                      [e["teacher"] for e in batch] if distill else None)
     if parts is not None:
         parts["answer"] = loss.item()
     if probe_weight:
@@ -322,8 +368,8 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                alpha: float = 16.0, target_modules=(), steps: int = 330, batch_size: int = 4, lr: float = 4e-3,
                embedding_lr: float = 2e-2, lr_schedule: str = "cosine", max_grad_norm: float = 1.0,
                train_prompts: int | None = None, target_tokens: int = TARGET_TOKENS, prompt_kind: str = "request",
-               max_new_tokens: int = MAX_NEW_TOKENS, probe_weight: float = 0.0, seed: int = 0, output_dir=None,
-               resume: bool = True, save_every: int = 10, progress: bool = True):
+               max_new_tokens: int = MAX_NEW_TOKENS, probe_weight: float = 0.0, distill_top: int = 0, seed: int = 0,
+               output_dir=None, resume: bool = True, save_every: int = 10, progress: bool = True):
     """Train the gist embeddings and the LoRA on ``model`` (a causal LM; returned with the reduction attached).
 
     The reduction: the gist one already attached, else ``reduction``, else a fresh one with ``num_gist``, ``rank``,
@@ -332,6 +378,10 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
     ``prompt_kind`` (:data:`PROMPT_KINDS`) whose compressed part is about ``target_tokens`` tokens, with the dense
     model's greedy answers (``max_new_tokens``, cached; ``model`` must then be dense when called). ``probe_weight`` >
     0 adds each example's task probe (:func:`task_probe`; system-prompt chats only) to the loss with that weight.
+    ``distill_top`` > 0 trains towards the dense model's next-token distributions given the full prompt (their
+    ``distill_top`` most likely tokens, :func:`teacher_distributions`, computed once before training) by their KL
+    divergence, instead of the greedy answers' cross-entropy (context distillation; 0, the default: the paper's
+    cross-entropy).
 
     The loop: only the gist embeddings and the LoRA train, AdamW (``embedding_lr`` for the embeddings, ``lr`` for the
     LoRA) with a ``lr_schedule`` decay, batches of ``batch_size`` drawn in a fresh seeded order every pass, loss
@@ -358,6 +408,10 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
                             ("probe_weight", probe_weight, isinstance(probe_weight, (int, float)) and probe_weight >= 0)):
         if not ok:
             raise ConfigError(f"{name}: invalid value {value!r}", field=name)
+    vocab = model.config.get_text_config().vocab_size
+    if not isinstance(distill_top, int) or isinstance(distill_top, bool) or not 0 <= distill_top <= vocab:
+        raise ConfigError(f"distill_top: expected an int from 0 (off) to the vocabulary size {vocab}, got "
+                          f"{distill_top!r}", field="distill_top")
     rng_state = torch.random.get_rng_state()
     try:
         built_kind = None  # the kind of prompts built here (the model card says what given data held)
@@ -375,6 +429,10 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
         if probe_weight and not all("probe_tail" in e and "probe_answer" in e for e in data):
             raise ConfigError("probe_weight: every example needs a task probe ('probe_tail' and 'probe_answer', "
                               "which gist_data adds to system-prompt chats); use 0 for other data", field="probe_weight")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if distill_top:  # the dense model's distributions (its plain forward stays dense with a gist attached)
+            data = [{**e, "teacher": t} for e, t in
+                    zip(data, teacher_distributions(model, data, distill_top, pad, progress=progress))]
         cfg = _attach(model, reduction, num_gist, rank, alpha, target_modules)
         holder = model._modules[MODULES_ATTR]
         embeddings, lora = holder[EMBEDDINGS_NAME], holder[LORA_NAME]
@@ -387,19 +445,19 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW([{"params": params[:1], "lr": embedding_lr, "base": embedding_lr},
                                        {"params": params[1:], "lr": lr, "base": lr}], weight_decay=0.0)
-        probed = {"probe_weight": probe_weight} if probe_weight else {}  # earlier runs' fingerprints stay valid
+        # earlier runs' fingerprints stay valid: the options enter only when used
+        options = {name: value for name, value in (("probe_weight", probe_weight), ("distill_top", distill_top)) if value}
         fingerprint = _fingerprint(data, reduction=cfg.to_dict(), lr=lr, embedding_lr=embedding_lr,
                                    batch_size=batch_size, seed=seed, lr_schedule=lr_schedule,
-                                   max_grad_norm=max_grad_norm, **probed)
+                                   max_grad_norm=max_grad_norm, **options)
         state = {"step": 0, "losses": [], "fingerprint": fingerprint, "examples": len(data),
                  "prompt_kind": built_kind,
                  "prompt_tokens": round(sum(len(e["context"]) + len(e["tail"]) for e in data) / len(data), 1),
                  "answer_tokens": round(sum(len(e["answer"]) for e in data) / len(data), 1), "seconds": 0.0,
-                 **probed}
+                 **options}
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, holder, optimizer, params, state)
         order = _batch_order(len(data), steps * batch_size, True, torch.Generator().manual_seed(seed))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         was_training = model.training
         model.eval()
         bar = tqdm(total=steps, initial=min(state["step"], steps), desc="train gist", disable=not progress)
@@ -409,7 +467,7 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
             for group in optimizer.param_groups:
                 group["lr"] = group["base"] * lr_factor(lr_schedule, step, steps)
             parts: dict = {}
-            loss = gist_loss(model, batch, pad, probe_weight, parts)
+            loss = gist_loss(model, batch, pad, probe_weight, parts, distill=bool(distill_top))
             if probe_weight:  # the answers' own loss, beside the total in "losses"
                 state.setdefault("answer_losses", []).append(round(parts["answer"], 6))
             _resumable_step(loss, optimizer, params, state, bar, checkpoint, holder, save_every, steps,
@@ -445,6 +503,11 @@ def write_model_card(output_dir: str, model, cfg, state: dict, results: dict | N
     first, final = mean_ends(losses)
     fp = state["fingerprint"]
     probe_line = answer_line = ""
+    loss_line = "cross-entropy of the answer read through the gist cache"
+    if fp.get("distill_top"):
+        loss_line = ("KL divergence from the dense model's next-token distributions given the full prompt (its top "
+                     f"{fp['distill_top']} tokens, renormalised) to the model's reading the gist cache, at every answer "
+                     "position (context distillation)")
     if fp.get("probe_weight"):
         probe_line = (f", plus {fp['probe_weight']} x the cross-entropy of the system prompt's task asked for through "
                       "the same cache (`task_probe`)")
@@ -485,7 +548,7 @@ Without hf_tokred the same folder loads as the plain base model.
 - data: {state["examples"]} {DATA_DESCRIPTIONS.get(state.get("prompt_kind"), "examples given to `train_gist`")}
   (`hf_tokred.recipes.gist.gist_prompts`, prompts of {state["prompt_tokens"]} tokens on average), targets the dense
   model's own greedy answers ({state["answer_tokens"]} tokens on average)
-- loss: cross-entropy of the answer read through the gist cache{probe_line}
+- loss: {loss_line}{probe_line}
 - steps: {state["step"]}, batch size {fp["batch_size"]}, learning rate {fp["lr"]} (LoRA) / {fp["embedding_lr"]}
   (embeddings), {fp["lr_schedule"]}, seed {fp["seed"]}; {state.get("seconds", 0)} s of training on a shared CPU
 - training loss: first 10 steps {first:.4f}, last 10 steps {final:.4f}{answer_line}
@@ -587,6 +650,9 @@ examples:
                                                 passage after the gist tokens (the paper's setting)
   hf-tokred train gist --prompt-kind system --prompts 640 --steps 400 --task-probe 1 --output ./gist-system-task
                                                 the same, the gist tokens also asked for the system prompt's task
+  hf-tokred train gist --prompt-kind system --prompts 640 --steps 400 --distill-top 32 --output ./gist-system-kl
+                                                the same, trained towards the dense model's distributions (its top
+                                                32 tokens) rather than its greedy answers
 """
 
 
@@ -614,6 +680,9 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--task-probe", type=_float_in(0.0, 100.0), default=0.0, metavar="WEIGHT",
                        help="with --prompt-kind system: also train the gist tokens to name the system prompt's task "
                        "when asked through their cache, this weight times that loss (default: 0, off)")
+    train.add_argument("--distill-top", type=_positive_int, default=None, metavar="N",
+                       help="train towards the dense model's next-token distributions given the full prompt (its top "
+                       "N tokens, KL divergence) instead of its greedy answers (default: off)")
     train.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="request",
                        help="what the gist tokens compress: 'request' (default), the user's request about a passage; "
                        "'system', a system prompt of house rules, the user's passage after the gist tokens")
@@ -632,7 +701,8 @@ def run(args) -> int:
          f"{args.prompts or 'all'} training prompts ({args.prompt_kind})")
     train_gist(model, tokenizer, num_gist=args.num_gist, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                embedding_lr=args.embedding_lr, train_prompts=args.prompts, prompt_kind=args.prompt_kind,
-               probe_weight=args.task_probe, seed=args.seed, output_dir=output, progress=not args.no_progress)
+               probe_weight=args.task_probe, distill_top=args.distill_top or 0, seed=args.seed, output_dir=output,
+               progress=not args.no_progress)
     first, final = mean_ends(model.train_losses, 5)
     print(f"saved to {output}: AutoModelForCausalLM.from_pretrained({output!r}) re-attaches the gist tokens; "
           f"loss {first:.3f} -> {final:.3f}; measure with `hf-tokred learned-lm gist`")
@@ -640,4 +710,4 @@ def run(args) -> int:
 
 
 __all__ = ["answers_cache", "gist_answers", "gist_data", "gist_loss", "gist_prompts",
-           "mean_rouge_l", "split_prompt", "task_probe", "train_gist", "write_model_card"]
+           "mean_rouge_l", "split_prompt", "task_probe", "teacher_distributions", "train_gist", "write_model_card"]
