@@ -129,7 +129,7 @@ def run_bench(weights: str | None = None, samples: int = 32, progress: bool = Tr
                   "lr": fp["lr"], "embedding_lr": fp["embedding_lr"], "seed": fp["seed"],
                   "train_seconds": state.get("seconds"),
                   "final_loss": round(final_loss, 4), "first_loss": round(first_loss, 4),
-                  "probe_weight": fp.get("probe_weight", 0.0)}
+                  "probe_weight": fp.get("probe_weight", 0.0), "distill_top": fp.get("distill_top", 0)}
     kind = prompt_kind or state.get("prompt_kind") or "request"
     if kind not in PROMPT_KINDS:
         raise ConfigError(f"prompt_kind: expected one of {', '.join(PROMPT_KINDS)}, got {kind!r}", field="prompt_kind")
@@ -288,8 +288,10 @@ def run(args) -> int:
     if budget:
         print(f"gist tokens: k = {result['num_gist']}, trained {budget['steps']} steps of {budget['batch_size']} on "
               f"{budget['examples']} prompts (loss {budget['first_loss']} -> {budget['final_loss']}, "
-              f"{budget['train_seconds']} s on a shared CPU" + (f"; with the task probe, weight {budget['probe_weight']}"
-                                                              if budget["probe_weight"] else "") + ")")
+              f"{budget['train_seconds']} s on a shared CPU"
+              + (f"; KL divergence from the dense distributions, top {budget['distill_top']}"
+                 if budget["distill_top"] else "")
+              + (f"; with the task probe, weight {budget['probe_weight']}" if budget["probe_weight"] else "") + ")")
     decoding = result["decoding"]
     if decoding == "greedy":
         how, reference = "greedy answers", "full prompt (reference)"
