@@ -393,6 +393,13 @@ def test_distillation_reads_the_dense_distributions_and_its_top_1_is_the_greedy_
     assert all(loss > 0 for loss in state["losses"]) and sum(state["losses"][-2:]) < sum(state["losses"][:2])
     assert "KL divergence from the dense model's next-token distributions" in (out / "README.md").read_text()
     assert "teacher" not in data[0]  # the caller's rows are left as they were
+    # a finished run resumed trains nothing, so it reads no dense distributions either
+    resumed = make_tiny_llama()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe, "teacher_distributions", lambda *args, **kwargs: pytest.fail("distributions re-read"))
+        recipe.train_gist(resumed, tokenizer, data=data, num_gist=2, rank=4, steps=6, batch_size=3, distill_top=8,
+                          lr=1e-2, embedding_lr=5e-2, output_dir=out, progress=False)
+    assert resumed.train_losses == state["losses"]
     vocab = trained.config.vocab_size
     for bad in (-1, 1.5, True, vocab + 1):
         untouched = make_tiny_llama()

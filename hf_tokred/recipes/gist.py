@@ -429,10 +429,6 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
         if probe_weight and not all("probe_tail" in e and "probe_answer" in e for e in data):
             raise ConfigError("probe_weight: every example needs a task probe ('probe_tail' and 'probe_answer', "
                               "which gist_data adds to system-prompt chats); use 0 for other data", field="probe_weight")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if distill_top:  # the dense model's distributions (its plain forward stays dense with a gist attached)
-            data = [{**e, "teacher": t} for e, t in
-                    zip(data, teacher_distributions(model, data, distill_top, pad, progress=progress))]
         cfg = _attach(model, reduction, num_gist, rank, alpha, target_modules)
         holder = model._modules[MODULES_ATTR]
         embeddings, lora = holder[EMBEDDINGS_NAME], holder[LORA_NAME]
@@ -458,8 +454,13 @@ def train_gist(model, tokenizer, *, data: list[dict] | None = None, reduction=No
         torch.manual_seed(seed)
         output_dir, checkpoint = _prepare_checkpoint(output_dir, resume, holder, optimizer, params, state)
         order = _batch_order(len(data), steps * batch_size, True, torch.Generator().manual_seed(seed))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         was_training = model.training
         model.eval()
+        if distill_top and state["step"] < steps:  # only when steps remain (a finished run resumed needs none)
+            # the dense model's distributions: its plain forward stays dense with the gist attached
+            data = [{**e, "teacher": t} for e, t in
+                    zip(data, teacher_distributions(model, data, distill_top, pad, progress=progress))]
         bar = tqdm(total=steps, initial=min(state["step"], steps), desc="train gist", disable=not progress)
         start = time.perf_counter()
         for step in range(state["step"], steps):
